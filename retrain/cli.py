@@ -1,0 +1,98 @@
+"""Command line: flags + YAML -> one Config -> pipeline.run. The only place that parses argv.
+
+    python -m retrain --image_dir flower_photos [--config run.yaml] [flags]
+
+Precedence: Config defaults < the YAML file < flags given on the command line.
+Usage errors and bad input print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from retrain import config as config_lib
+from retrain.errors import RetrainError
+
+HELP = {
+    "image_dir": "folder with one sub-folder of images per class",
+    "bottleneck_dir": "folder of the HDF5 bottleneck caches, one file per backbone",
+    "architecture": "frozen backbone: efficientnet_lite0 (default), efficientnet_lite1, "
+                    "efficientnet_lite2, inception_v3, resnet50, mobilenet_v2",
+    "backbone_weights": "local weights file for a Keras-application backbone (offline use)",
+    "bottleneck_dtype": "storage type of cached vectors: float16 or float32",
+    "extraction_batch_size": "images per forward pass when filling the cache",
+    "cache_only": "build or update the bottleneck cache, then stop",
+    "output_dir": "folder for everything a run writes",
+    "output_graph": "where to save the exported model (default OUTPUT_DIR/model.keras)",
+    "output_labels": "where to save the labels (default OUTPUT_DIR/labels.txt)",
+    "summaries_dir": "TensorBoard log folder (default OUTPUT_DIR/summaries)",
+    "how_many_training_steps": "most optimizer steps for the new layer (early stopping may end sooner)",
+    "learning_rate": "learning rate of the new layer",
+    "train_batch_size": "bottlenecks per training step",
+    "validation_batch_size": "bottlenecks per validation pass, -1 for the whole validation set",
+    "test_batch_size": "bottlenecks per test batch, -1 for the whole test set",
+    "eval_step_interval": "training steps between validation passes",
+    "testing_percentage": "percentage of images in the test bucket",
+    "validation_percentage": "percentage of images in the validation bucket",
+    "print_misclassified_test_images": "print the test images the model gets wrong",
+    "seed": "random seed of the training run",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Config field; defaults stay None so YAML values are not masked."""
+    parser = argparse.ArgumentParser(
+        prog="python -m retrain",
+        description="Train a new softmax layer on a frozen ImageNet backbone "
+                    "from a folder of labelled photos.",
+        argument_default=None,
+    )
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML file of settings (flags given here override it)")
+    defaults = config_lib.Config()
+    for field in fields(config_lib.Config):
+        default = getattr(defaults, field.name)
+        flag = f"--{field.name}"
+        if field.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=HELP[field.name])
+            continue
+        kind = {"int": int, "float": float}.get(field.type.removeprefix("Optional[").removesuffix("]"), str)
+        parser.add_argument(flag, type=kind, metavar=field.name.upper(),
+                            help=f"{HELP[field.name]} (default: {default})")
+    return parser
+
+
+def resolve_config(argv: list[str] | None = None) -> config_lib.Config:
+    """Parse argv and merge defaults < YAML < flags into a validated Config."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    settings: dict = {}
+    config_path = args.pop("config")
+    if config_path:
+        settings.update(config_lib.load_yaml(config_path))
+    settings.update({key: value for key, value in args.items() if value is not None})
+    config = config_lib.Config(**settings)
+    config_lib.validate(config)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m retrain` and the `retrain` console script."""
+    try:
+        config = resolve_config(argv)
+        from retrain import pipeline  # deferred: importing TensorFlow takes seconds
+
+        pipeline.run(config)
+    except RetrainError as exc:
+        print(f"retrain: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("retrain: interrupted; the bottleneck cache keeps what was extracted.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
