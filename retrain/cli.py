@@ -14,6 +14,7 @@ from dataclasses import fields
 
 from retrain import config as config_lib
 from retrain.errors import RetrainError
+from retrain.quiet_tensorflow import import_tensorflow
 
 HELP = {
     "image_dir": "folder with one sub-folder of images per class",
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m retrain` and the `retrain` console script."""
     try:
         config = resolve_config(argv)
+        import_tensorflow()
         from retrain import pipeline  # deferred: importing TensorFlow takes seconds
 
         pipeline.run(config)

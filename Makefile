@@ -1,0 +1,50 @@
+# retrain: make demo | make test | make cache IMAGE_DIR=... | make train IMAGE_DIR=... | make label IMAGE=...
+# Every target creates the virtual environment .venv first if it is missing.
+
+PYTHON_SYSTEM ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+
+IMAGE_DIR ?= examples/digits
+BOTTLENECK_DIR ?= cache
+OUTPUT_DIR ?= output
+ARCHITECTURE ?= efficientnet_lite0
+IMAGE ?= examples/digits/3/digit_0003.png
+DEMO_OUTPUT := output/digits
+
+.PHONY: venv demo test cache train label clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PYTHON) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	touch $@
+
+examples/digits/.written: examples/make_digits.py | venv
+	$(PYTHON) examples/make_digits.py examples/digits
+	touch $@
+
+demo: venv examples/digits/.written
+	$(PYTHON) -m retrain --config examples/digits.yaml
+	$(PYTHON) -m retrain.label_image --graph $(DEMO_OUTPUT)/model.keras \
+	    --labels $(DEMO_OUTPUT)/labels.txt --image examples/digits/3/digit_0003.png
+
+test: venv
+	$(PYTHON) -m pytest
+
+cache: venv
+	$(PYTHON) -m retrain --image_dir $(IMAGE_DIR) --bottleneck_dir $(BOTTLENECK_DIR) \
+	    --architecture $(ARCHITECTURE) --cache_only
+
+train: venv
+	$(PYTHON) -m retrain --image_dir $(IMAGE_DIR) --bottleneck_dir $(BOTTLENECK_DIR) \
+	    --architecture $(ARCHITECTURE) --output_dir $(OUTPUT_DIR)
+
+label: venv
+	$(PYTHON) -m retrain.label_image --graph $(OUTPUT_DIR)/model.keras \
+	    --labels $(OUTPUT_DIR)/labels.txt --image $(IMAGE)
+
+clean:
+	rm -rf output examples/digits

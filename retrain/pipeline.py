@@ -1,0 +1,148 @@
+"""One run from a folder of photos to an exported classifier.
+
+    discover -> bottleneck cache -> train the new softmax layer -> evaluate -> export
+
+`run(config)` is the library's orchestrating function: the command line only
+builds the Config and calls it, and a notebook can do the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrain import backbones, images
+from retrain.cache import BottleneckCache, CacheReport
+from retrain.config import Config, save_yaml
+from retrain.errors import RetrainError
+
+log = logging.getLogger(__name__)
+
+BUCKETS = ("training", "validation", "testing")
+
+
+@dataclass
+class RunResult:
+    """What a run produced; `evaluation` and paths are None for --cache_only."""
+
+    image_list: images.ImageList
+    cache_report: CacheReport
+    evaluation: object = None
+    model_path: Path | None = None
+    labels_path: Path | None = None
+
+
+def run(config: Config) -> RunResult:
+    """Build or reuse the cache, train the head, evaluate on the test bucket, export."""
+    spec = backbones.get(config.architecture)
+    image_list = images.discover(config.image_dir, config.testing_percentage,
+                                 config.validation_percentage)
+    check_classes(image_list)
+
+    cache = BottleneckCache(config.bottleneck_dir, spec.name,
+                            weights_file=config.backbone_weights, dtype=config.bottleneck_dtype)
+    cache_report = cache.update(image_list, batch_size=config.extraction_batch_size)
+    skipped = list(image_list.skipped) + list(cache_report.failed)
+    result = RunResult(image_list, cache_report)
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_skipped(skipped, out_dir / "skipped_images.txt")
+    print(f"Bottleneck cache {cache_report.path}: {cache_report.extracted} extracted, "
+          f"{cache_report.reused} reused, {len(skipped)} skipped.")
+    if config.cache_only:
+        return result
+
+    failed = {path for path, _ in cache_report.failed}
+    usable = [e for e in image_list.entries if e.relative_path not in failed]
+    by_bucket = {name: [e for e in usable if e.split_bucket == name] for name in BUCKETS}
+    check_training_classes(image_list.class_names, by_bucket["training"], config)
+
+    from retrain import export, report, train  # deferred: these import TensorFlow
+
+    arrays = {name: bucket_arrays(cache, entries) for name, entries in by_bucket.items()}
+    outputs = config.resolved_outputs()
+    save_yaml(config, out_dir / "settings.yaml")
+    trained = train.train_head(
+        *arrays["training"], *arrays["validation"], len(image_list.class_names),
+        how_many_training_steps=config.how_many_training_steps,
+        learning_rate=config.learning_rate,
+        train_batch_size=config.train_batch_size,
+        validation_batch_size=config.validation_batch_size,
+        eval_step_interval=config.eval_step_interval,
+        seed=config.seed,
+        summaries_dir=str(outputs["summaries_dir"]),
+    )
+
+    test_entries = by_bucket["testing"]
+    test_x, test_y = arrays["testing"]
+    if test_entries:
+        batch = len(test_x) if config.test_batch_size == -1 else config.test_batch_size
+        probabilities = trained.head.predict(test_x, batch_size=batch, verbose=0)
+        evaluation = report.evaluate(probabilities, test_y, image_list.class_names)
+        misclassified = report.misclassified(probabilities, test_entries, image_list.class_names)
+        report.write_report(evaluation, out_dir, misclassified)
+        print(report.summary(evaluation))
+        if config.print_misclassified_test_images:
+            report.print_misclassified(misclassified)
+        result.evaluation = evaluation
+    else:
+        log.warning("The test bucket is empty (testing_percentage=%s): no test accuracy.",
+                    config.testing_percentage)
+
+    backbone = backbones.load(spec.name, include_top=False, weights_file=config.backbone_weights)
+    classifier = export.build_classifier(backbone, trained.head, spec.input_size)
+    export.save_classifier(classifier, outputs["output_graph"])
+    export.write_labels(image_list.class_names, outputs["output_labels"])
+    result.model_path, result.labels_path = outputs["output_graph"], outputs["output_labels"]
+    print(f"Saved model {result.model_path} and labels {result.labels_path}.")
+    return result
+
+
+def check_classes(image_list: images.ImageList) -> None:
+    """At least two classes, each with at least one image that discovery accepted."""
+    names = image_list.class_names
+    if len(names) < 2:
+        raise RetrainError(
+            f"Need at least two classes (sub-folders with images) in {image_list.image_dir}; "
+            f"found {len(names)}: {names}. Add one sub-folder of images per class."
+        )
+    counts = {name: 0 for name in names}
+    for entry in image_list.entries:
+        counts[entry.label] += 1
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise RetrainError(
+            f"Class folders with no usable images in {image_list.image_dir}: {empty}. "
+            "Add images (JPEG, PNG, BMP, GIF, WebP) or remove the folders."
+        )
+
+
+def check_training_classes(class_names, training_entries, config: Config) -> None:
+    """Every class needs a training image after the split and after failed decodes."""
+    present = {entry.label for entry in training_entries}
+    missing = [name for name in class_names if name not in present]
+    if missing:
+        raise RetrainError(
+            f"Classes with no training image after the split: {missing}. Add images to them "
+            "or lower --testing_percentage / --validation_percentage "
+            f"(now {config.testing_percentage} / {config.validation_percentage})."
+        )
+
+
+def bucket_arrays(cache: BottleneckCache, entries) -> tuple[np.ndarray, np.ndarray]:
+    """Bottlenecks float32 [n, feature_dim] and labels int64 [n] of some cache entries."""
+    labels = np.array([entry.label_index for entry in entries], dtype=np.int64)
+    return cache.read(entries), labels
+
+
+def write_skipped(skipped, path: Path) -> None:
+    """List every image the run could not use, one `path<TAB>reason` line each."""
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    path.write_text("".join(f"{rel}\t{reason}\n" for rel, reason in skipped), encoding="utf-8")
+    print(f"{len(skipped)} images skipped; listed in {path}", file=sys.stderr)

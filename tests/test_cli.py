@@ -1,0 +1,136 @@
+"""Command line and settings: precedence, unknown keys, bad values, bad folders."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from retrain import cli
+from retrain.config import Config, save_yaml
+
+
+def write_image(path, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+
+
+def run_main(capsys, *argv):
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_defaults_then_yaml_then_flags(tmp_path):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("image_dir: photos\nlearning_rate: 0.5\ntrain_batch_size: 7\n")
+    config = cli.resolve_config(["--config", str(settings), "--learning_rate", "0.25"])
+    assert config.image_dir == "photos"
+    assert config.learning_rate == 0.25  # flag beats YAML
+    assert config.train_batch_size == 7  # YAML beats default
+    assert config.validation_percentage == Config().validation_percentage
+
+
+def test_saved_settings_load_back_identically(tmp_path):
+    config = cli.resolve_config(["--image_dir", "photos", "--seed", "3", "--cache_only"])
+    save_yaml(config, tmp_path / "settings.yaml")
+    again = cli.resolve_config(["--config", str(tmp_path / "settings.yaml")])
+    assert again == config
+
+
+def test_unknown_yaml_key_is_an_error_naming_it(tmp_path, capsys):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("image_dir: photos\nlearning_rte: 0.5\n")
+    status, _, err = run_main(capsys, "--config", str(settings))
+    assert status == 2
+    assert "learning_rte" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("learning_rate: fast\n", "learning_rate"),
+    ("- a\n- b\n", "mapping"),
+    ("image_dir: [unclosed\n", "not valid YAML"),
+])
+def test_bad_yaml_values(tmp_path, capsys, text, fragment):
+    settings = tmp_path / "run.yaml"
+    settings.write_text(text)
+    status, _, err = run_main(capsys, "--config", str(settings))
+    assert status == 2 and fragment in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    status, _, err = run_main(capsys, "--config", str(tmp_path / "absent.yaml"))
+    assert status == 2 and "absent.yaml" in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "--image_dir is required"),
+    (["--image_dir", "x", "--learning_rate", "-1"], "learning_rate=-1"),
+    (["--image_dir", "x", "--how_many_training_steps", "0"], "how_many_training_steps=0"),
+    (["--image_dir", "x", "--testing_percentage", "60", "--validation_percentage", "40"],
+     "testing_percentage=60"),
+    (["--image_dir", "x", "--validation_batch_size", "0"], "validation_batch_size=0"),
+    (["--image_dir", "x", "--bottleneck_dtype", "int8"], "bottleneck_dtype=int8"),
+])
+def test_bad_values_exit_2_naming_the_value(capsys, argv, fragment):
+    status, _, err = run_main(capsys, *argv)
+    assert status == 2
+    assert fragment in err
+    assert err.count("\n") == 1  # one line
+
+
+@pytest.mark.parametrize("argv", [["--image_dir"], ["--learning_rate", "abc"], ["--no_such_flag"]])
+def test_argparse_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(argv)
+    assert raised.value.code == 2
+
+
+def test_missing_image_dir(tmp_path, capsys):
+    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "nowhere"))
+    assert status == 2 and "nowhere" in err
+
+
+def test_one_class_is_not_enough(tmp_path, capsys):
+    write_image(tmp_path / "photos" / "cats" / "a.png")
+    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "photos"),
+                              "--bottleneck_dir", str(tmp_path / "cache"))
+    assert status == 2 and "two classes" in err
+
+
+def test_class_without_usable_images(tmp_path, capsys):
+    write_image(tmp_path / "photos" / "cats" / "a.png")
+    notes = tmp_path / "photos" / "dogs" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("not an image")
+    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "photos"),
+                              "--bottleneck_dir", str(tmp_path / "cache"))
+    assert status == 2 and "dogs" in err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*.h5"))
+
+
+def test_unknown_architecture_lists_the_known_ones(tmp_path, capsys):
+    write_image(tmp_path / "photos" / "a" / "1.png")
+    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "photos"),
+                              "--architecture", "alexnet")
+    assert status == 2 and "alexnet" in err and "efficientnet_lite0" in err
+
+
+def test_real_process_exits_2_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "retrain", "--image_dir", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "nowhere" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["--help"])
+    assert raised.value.code == 0
+    out = capsys.readouterr().out
+    for name in yaml.safe_load(yaml.safe_dump(Config().__dict__)):
+        assert f"--{name}" in out
