@@ -1,0 +1,396 @@
+"""Images: discovery of a class-per-folder tree, the hash split, decode, resize.
+
+``discover`` lists ``image_dir/<class>/**/<image>`` and gives every image a
+split bucket and a cache key that depend only on its path relative to
+``image_dir``, so moving the folder, copying it to another machine or adding
+images never moves an existing image between buckets.
+
+``decode_rgb`` and ``resize_to_input`` are the one way pixels are made, for
+extraction and for inference alike, so a model sees the same pixels in both.
+"""
+
+import dataclasses
+import hashlib
+import io
+import logging
+import numbers
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from retrain.errors import RetrainError
+from retrain.quiet_tensorflow import import_tensorflow
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+_FORMAT_NAMES = "JPEG, PNG, GIF, BMP or WebP"
+BUCKETS = ("training", "validation", "testing")
+
+# Alpha is composited onto this colour: transparent areas of logos and
+# cut-outs are usually shown on white, and a fixed colour keeps the pixels the
+# same in extraction and inference.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+# Files and folders that tools leave in photo folders; hidden names (".*")
+# are ignored as well.
+IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+
+_NOHASH = re.compile(r"_nohash_.*$")
+_SPLIT_RESOLUTION = 2**27
+_SNIFF_BYTES = 16
+
+# Formats people put in photo folders that we refuse, named so the user knows
+# what to convert: (offset, magic bytes, name).
+_KNOWN_UNSUPPORTED = (
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (4, b"ftypavif", "AVIF"),
+    (0, b"%PDF", "PDF"),
+    (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+)
+
+
+class ImageDecodeError(RetrainError):
+    """An image file that cannot be turned into RGB pixels.
+
+    ``path`` names the file and ``reason`` says why, in words a user can act on.
+    """
+
+    def __init__(self, path, reason):
+        super().__init__(f"Cannot decode image {path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEntry:
+    """One image: where it is, its class, its split bucket and its cache key."""
+
+    relative_path: str
+    label: str
+    label_index: int
+    split_bucket: str
+    key: str
+
+
+@dataclasses.dataclass
+class ImageList:
+    """The images found under ``image_dir``, sorted by class then path.
+
+    ``skipped`` lists files inside class folders that are not images of a
+    supported format, as (relative path, reason).
+    """
+
+    image_dir: Path
+    class_names: list
+    entries: list
+    skipped: list = dataclasses.field(default_factory=list)
+
+    def bucket(self, name):
+        """The entries of split bucket ``name``: training, validation or testing."""
+        if name not in BUCKETS:
+            raise RetrainError(
+                f"Unknown split bucket; expected one of {', '.join(BUCKETS)}. "
+                f"Received: name={name!r}"
+            )
+        return [entry for entry in self.entries if entry.split_bucket == name]
+
+
+def _hash_name(relative_path):
+    # NFC so that a name written by macOS (decomposed accents) hashes like the
+    # same name written on Linux or Windows.
+    normal = unicodedata.normalize("NFC", relative_path)
+    return normal.encode("utf-8", "surrogateescape")
+
+
+def cache_key(relative_path):
+    """The cache key of an image: sha256 hex digest of its relative posix path."""
+    return hashlib.sha256(_hash_name(relative_path)).hexdigest()
+
+
+def split_percentage(relative_path):
+    """Where an image falls in [0, 100) for the split.
+
+    Any ``_nohash_...`` suffix of the file name is dropped first, so
+    ``x_nohash_1.jpg`` and ``x_nohash_2.jpg`` always fall together.
+    """
+    folder, _, name = relative_path.rpartition("/")
+    grouped = f"{folder}/{_NOHASH.sub('', name)}" if folder else _NOHASH.sub("", name)
+    digest = int(hashlib.sha256(_hash_name(grouped)).hexdigest(), 16)
+    return (digest % _SPLIT_RESOLUTION) * 100.0 / _SPLIT_RESOLUTION
+
+
+def split_bucket(relative_path, testing_percentage=10.0, validation_percentage=10.0):
+    """The split bucket ("training", "validation" or "testing") of one image."""
+    percentage = split_percentage(relative_path)
+    if percentage < testing_percentage:
+        return "testing"
+    if percentage < testing_percentage + validation_percentage:
+        return "validation"
+    return "training"
+
+
+def _check_percentages(testing_percentage, validation_percentage):
+    for name, value in (
+        ("testing_percentage", testing_percentage),
+        ("validation_percentage", validation_percentage),
+    ):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not 0 <= value < 100
+        ):
+            raise RetrainError(
+                f"{name} must be a number in [0, 100). Received: {name}={value!r}"
+            )
+    if testing_percentage + validation_percentage >= 100:
+        raise RetrainError(
+            "testing_percentage + validation_percentage must be below 100 so that "
+            "some images are left for training. Received: "
+            f"testing_percentage={testing_percentage}, "
+            f"validation_percentage={validation_percentage}"
+        )
+
+
+def sniff_format(head):
+    """The supported format of a file from its first bytes, or None.
+
+    ``head``: the first 16 (or more) bytes of the file.
+    """
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _rejection(path):
+    """Why ``path`` is not a supported image, or None when it is one."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(_SNIFF_BYTES)
+    except FileNotFoundError:
+        return "cannot read: broken symbolic link"
+    except OSError as error:
+        return f"cannot read: {error.strerror or error}"
+    if not head:
+        return "empty file"
+    if sniff_format(head):
+        return None
+    for offset, magic, name in _KNOWN_UNSUPPORTED:
+        if head[offset : offset + len(magic)] == magic:
+            return f"unsupported format ({name}); convert it to JPEG or PNG"
+    return (
+        f"unsupported format (content starts with {head[:8]!r}; "
+        f"accepted: {_FORMAT_NAMES})"
+    )
+
+
+def _is_ignored(name):
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def _class_files(class_dir, seen_dirs):
+    """Files below ``class_dir`` (following links, each folder once), sorted."""
+    files = []
+    for folder, dirnames, filenames in os.walk(
+        class_dir, followlinks=True, onerror=_warn_unreadable
+    ):
+        kept = []
+        for name in sorted(dirnames):
+            if _is_ignored(name):
+                continue
+            identity = _dir_identity(os.path.join(folder, name))
+            if identity in seen_dirs:
+                logger.warning(
+                    "ignoring folder %s: it links to a folder already scanned",
+                    os.path.join(folder, name),
+                )
+                continue
+            seen_dirs.add(identity)
+            kept.append(name)
+        dirnames[:] = kept
+        files.extend(
+            os.path.join(folder, name) for name in filenames if not _is_ignored(name)
+        )
+    return sorted(files)
+
+
+def _warn_unreadable(error):
+    logger.warning("ignoring folder %s: %s", error.filename, error.strerror)
+
+
+def _dir_identity(path):
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
+    """Lists the images of ``image_dir``, one sub-folder per class.
+
+    Classes are the sorted names of the non-hidden sub-folders; images in
+    nested folders belong to the class of their top folder. A file is accepted
+    by its content (JPEG, PNG, GIF, BMP, WebP), whatever its extension;
+    other files in class folders go to ``ImageList.skipped`` with the reason.
+    Files directly in ``image_dir`` are ignored with one warning.
+
+    Raises RetrainError for a missing folder, a folder without class folders,
+    or bad percentages.
+    """
+    _check_percentages(testing_percentage, validation_percentage)
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise RetrainError(
+            "image_dir must be an existing folder with one sub-folder per class. "
+            f"Received: image_dir={image_dir}"
+        )
+    class_names, loose_files = [], []
+    for child in sorted(os.listdir(root)):
+        if _is_ignored(child):
+            continue
+        (class_names if (root / child).is_dir() else loose_files).append(child)
+    if not class_names:
+        raise RetrainError(
+            "image_dir has no class folders; put the images of each class in its "
+            "own sub-folder, e.g. image_dir/daisy/1.jpg. "
+            f"Received: image_dir={image_dir}"
+        )
+    if loose_files:
+        logger.warning(
+            "ignoring %d file(s) directly in %s (images must be in a class "
+            "sub-folder): %s",
+            len(loose_files),
+            image_dir,
+            ", ".join(loose_files[:5]) + (", ..." if len(loose_files) > 5 else ""),
+        )
+    entries, skipped = [], []
+    seen_dirs = {_dir_identity(root / name) for name in class_names}
+    for label_index, label in enumerate(class_names):
+        for path in _class_files(root / label, seen_dirs):
+            relative_path = Path(path).relative_to(root).as_posix()
+            reason = _rejection(path)
+            if reason:
+                skipped.append((relative_path, reason))
+                continue
+            entries.append(
+                ImageEntry(
+                    relative_path=relative_path,
+                    label=label,
+                    label_index=label_index,
+                    split_bucket=split_bucket(
+                        relative_path, testing_percentage, validation_percentage
+                    ),
+                    key=cache_key(relative_path),
+                )
+            )
+    return ImageList(root, class_names, entries, skipped)
+
+
+def _to_rgb(image):
+    """Any Pillow mode of the supported formats -> an RGB image, 8 bits."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # convert("RGB") clips 16-bit values at 255 instead of scaling them.
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    ):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_rgb(path, target_size=None, *, content=None):
+    """Decodes an image file into RGB pixels.
+
+    Applies the EXIF orientation, takes the first frame of animations,
+    scales 16-bit images to 8 bits, converts grayscale, palette and CMYK to
+    RGB and composites alpha onto white (``ALPHA_BACKGROUND``).
+
+    Args:
+      path: the image file (str or Path).
+      target_size: the square side the pixels will be resized to, or None.
+        When given, a JPEG is decoded at the smallest libjpeg scale (1/2, 1/4,
+        1/8) whose sides are all at least ``target_size``; this is several
+        times faster for camera photos and changes the pixels slightly, so
+        every caller that feeds the same model must pass the same value.
+      content: the file's bytes when the caller has read them already;
+        ``path`` then only names the file in errors.
+
+    Returns:
+      np.ndarray uint8 [height, width, 3], values in [0, 255].
+
+    Raises:
+      ImageDecodeError naming the file and the reason.
+    """
+    try:
+        if content is None:
+            content = Path(path).read_bytes()
+        if not content:
+            raise ImageDecodeError(path, "empty file")
+        with Image.open(io.BytesIO(content), formats=SUPPORTED_FORMATS) as image:
+            if target_size and image.format == "JPEG":
+                image.draft(None, (target_size, target_size))
+            image.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            return np.asarray(rgb, dtype=np.uint8).copy()
+    except ImageDecodeError:
+        raise
+    except Image.UnidentifiedImageError:
+        format = sniff_format(content[:_SNIFF_BYTES])
+        reason = f"damaged {format} file" if format else f"not a {_FORMAT_NAMES} image"
+        raise ImageDecodeError(path, reason) from None
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(path, f"image too large ({error})") from None
+    except OSError as error:
+        raise ImageDecodeError(path, f"unreadable or truncated ({error})") from None
+    # Pillow's decoders raise many types (SyntaxError, ValueError, EOFError,
+    # struct.error, ...) on damaged files; one damaged file must not stop a run.
+    except Exception as error:  # noqa: BLE001
+        raise ImageDecodeError(
+            path, f"damaged image ({type(error).__name__}: {error})"
+        ) from None
+
+
+def resize_to_input(image, size):
+    """Resizes pixels to ``size`` x ``size`` exactly as the exported model does.
+
+    The op is the one ``keras.layers.Resizing(size, size,
+    interpolation="bilinear", antialias=True)`` runs on the TensorFlow
+    backend: a float32 cast, then ``tf.image.resize`` bilinear with
+    antialiasing. The aspect ratio is squashed, not cropped.
+
+    Args:
+      image: uint8 or float [height, width, 3] (or [batch, height, width, 3])
+        RGB values in [0, 255]; numpy or a tf.Tensor.
+      size: int, the backbone's input side.
+
+    Returns:
+      float32 [size, size, 3] values in [0, 255]: np.ndarray when called
+      eagerly, a tf.Tensor inside tf.function / tf.data.
+    """
+    if not isinstance(size, int) or size < 1:
+        raise RetrainError(f"size must be a positive int. Received: size={size!r}")
+    # Imported here: discovery and decoding must not pay for (or print) the
+    # TensorFlow start-up.
+    tf = import_tensorflow()
+    resized = tf.image.resize(
+        tf.cast(image, tf.float32), (size, size), method="bilinear", antialias=True
+    )
+    return resized.numpy() if tf.executing_eagerly() else resized
