@@ -1,0 +1,128 @@
+"""The deployable classifier: resizing + backbone + trained head in one Keras file.
+
+`build_classifier` chains a Resizing layer (the op extraction used, see
+`retrain.images.resize_to_input`), the backbone (which normalises pixels
+inside itself) and the head, so the saved model takes plain RGB images of any
+size and no caller can preprocess them wrongly. `labels.txt` lists the class
+names in output order, one per line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from retrain.errors import RetrainError
+from retrain.quiet_tensorflow import import_tensorflow
+
+import_tensorflow()
+import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
+
+
+def build_classifier(backbone: keras.Model, head: keras.Model, input_size: int) -> keras.Model:
+    """Chains resizing, backbone and head into one model.
+
+    Args:
+      backbone: float32 [batch, input_size, input_size, 3] RGB in [0, 255] ->
+        float32 [batch, feature_dim] bottlenecks.
+      head: float32 [batch, feature_dim] -> float32 [batch, num_classes].
+      input_size: the backbone's square input side.
+
+    Returns:
+      keras.Model: float32 [batch, height, width, 3] RGB in [0, 255], any
+      height and width (one size per batch) -> float32 [batch, num_classes]
+      class probabilities.
+    """
+    images = keras.Input((None, None, 3), dtype="float32", name="image")
+    resized = keras.layers.Resizing(input_size, input_size, interpolation="bilinear",
+                                    antialias=True, name="resize")(images)
+    probabilities = head(backbone(resized))
+    return keras.Model(images, probabilities, name="retrained_classifier")
+
+
+def input_size(model: keras.Model) -> int:
+    """The square side a classifier from `build_classifier` resizes images to."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Resizing):
+            return int(layer.height)
+    raise RetrainError(f"Model {model.name} has no Resizing layer: it was not made by retrain's export.")
+
+
+def save_classifier(model: keras.Model, path) -> Path:
+    """Writes the model to `path` (must end in .keras) atomically; returns the path.
+
+    A crash mid-write leaves any previous file at `path` intact.
+    """
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise RetrainError(f"The model file name must end in .keras. Received: path={path}")
+    with _atomic_target(path) as temporary:
+        model.save(temporary)
+    return path
+
+
+def load_classifier(path) -> keras.Model:
+    """Loads a model written by `save_classifier`, without compiling it.
+
+    Raises:
+      RetrainError naming the file if it is missing or not a loadable model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RetrainError(f"Model file not found: {path}. Pass the .keras file written by a "
+                           f"retrain run (default output/model.keras). Received: graph={path}")
+    # Registers the backbones' layers, if any are custom, before deserialising.
+    import retrain.backbones  # noqa: F401
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001  (zip, HDF5, JSON and Keras errors all mean "unusable")
+        raise RetrainError(f"Cannot load model {path}: {type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else 'no details'}. "
+                           "Re-export it with a retrain run.") from None
+
+
+def write_labels(class_names: list[str], path) -> Path:
+    """Writes class names, one per line in output order (UTF-8), atomically."""
+    bad = [name for name in class_names if not name or "\n" in name or "\r" in name]
+    if bad or not class_names:
+        raise RetrainError(f"Class names must be non-empty single-line strings. Received: {class_names!r}")
+    path = Path(path)
+    with _atomic_target(path) as temporary:
+        Path(temporary).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    return path
+
+
+def read_labels(path) -> list[str]:
+    """The class names of a labels file, in output order."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise RetrainError(f"Cannot read labels file {path}: {reason}. Pass the labels.txt written "
+                           f"with the model. Received: labels={path}") from None
+    names = text.splitlines()
+    if not names or not all(names):
+        raise RetrainError(f"Labels file {path} must list one class name per line, with no blank "
+                           f"lines. Received {len(names)} lines.")
+    return names
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path):
+    """Yields a temporary path beside `path`; on success it replaces `path`, on error it vanishes.
+
+    The temporary name keeps the suffix (Keras insists on .keras) and gets the
+    default permissions, unlike a mkstemp file.
+    """
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield str(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise RetrainError(f"Cannot write {path}: {error.strerror or error}.") from None
+    finally:
+        temporary.unlink(missing_ok=True)

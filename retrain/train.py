@@ -1,0 +1,260 @@
+"""Training the new softmax layer on cached bottleneck vectors.
+
+The head is one Dense layer with a softmax, trained with Adam on shuffled
+mini-batches of bottlenecks. Every `eval_step_interval` steps it is scored on
+the validation vectors; training stops when the validation loss has not
+improved for a while, and the weights of the best evaluation are kept.
+
+The head is built from built-in Keras layers only, so the exported model needs
+no custom objects to load.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from retrain.errors import RetrainError
+from retrain.quiet_tensorflow import import_tensorflow
+
+tf = import_tensorflow()
+import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
+from tensorflow.core.framework import summary_pb2  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# Defaults chosen by measurement against scikit-learn's LogisticRegression on
+# Lite0 bottlenecks of the digits demo and flowers128 (see tests/README or
+# the training helper's report); they match or beat it on test accuracy.
+HOW_MANY_TRAINING_STEPS = 4000
+LEARNING_RATE = 0.01
+TRAIN_BATCH_SIZE = 100
+VALIDATION_BATCH_SIZE = -1
+EVAL_STEP_INTERVAL = 10
+# L2 penalty on the kernel, per training example: the same penalty as
+# LogisticRegression(C=1), whose summed loss carries 0.5 * ||W||^2.
+L2_PER_EXAMPLE = 0.5
+# Early stopping waits this many training steps (at least 5 evaluations)
+# without a lower validation loss.
+PATIENCE_STEPS = 500
+
+
+@dataclass
+class TrainResult:
+    """A trained head and how training went.
+
+    head: keras.Model, float32 [batch, feature_dim] bottlenecks ->
+        float32 [batch, num_classes] class probabilities (rows sum to 1).
+    history: one dict per evaluation: step, loss, accuracy (training, averaged
+        over the steps since the previous evaluation), val_loss, val_accuracy
+        (None without a validation set).
+    best_step: the step whose weights the head holds.
+    stopped_early: True if early stopping ended training before the step budget.
+    """
+
+    head: keras.Model
+    history: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    stopped_early: bool = False
+
+
+def build_head(feature_dim: int, num_classes: int, l2: float = 0.0) -> keras.Model:
+    """The new layer: float32 [batch, feature_dim] -> float32 [batch, num_classes] probabilities."""
+    regularizer = keras.regularizers.L2(l2) if l2 > 0 else None
+    return keras.Sequential(
+        [
+            keras.Input((feature_dim,), name="bottleneck"),
+            keras.layers.Dense(num_classes, activation="softmax",
+                               kernel_regularizer=regularizer, name="final_result"),
+        ],
+        name="head",
+    )
+
+
+def train_head(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    num_classes: int,
+    *,
+    how_many_training_steps: int = HOW_MANY_TRAINING_STEPS,
+    learning_rate: float = LEARNING_RATE,
+    train_batch_size: int = TRAIN_BATCH_SIZE,
+    validation_batch_size: int = VALIDATION_BATCH_SIZE,
+    eval_step_interval: int = EVAL_STEP_INTERVAL,
+    seed: int = 0,
+    summaries_dir: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Trains a softmax layer on bottlenecks, with early stopping on validation loss.
+
+    Args:
+      train_x: float32 [n, feature_dim] training bottlenecks.
+      train_y: int [n] class indices in [0, num_classes).
+      val_x, val_y: the same for validation; may be empty (n = 0), which
+        turns early stopping off (a warning says so).
+      num_classes: number of output classes.
+      how_many_training_steps: most optimizer steps. Training runs in whole
+        intervals of `eval_step_interval` steps, so the budget is rounded up to
+        a multiple of it.
+      learning_rate: Adam's learning rate.
+      train_batch_size: bottlenecks per step.
+      validation_batch_size: validation bottlenecks scored at each evaluation;
+        -1 = all of them. A positive value scores a random sample of that size,
+        drawn once (with `seed`) so that evaluations are comparable.
+      eval_step_interval: steps between evaluations.
+      seed: makes shuffling and initial weights reproducible.
+      summaries_dir: if set, TensorBoard scalars go to summaries_dir/train and
+        summaries_dir/validation, against the step number.
+      progress: show a progress bar on stderr.
+
+    Returns:
+      TrainResult whose head holds the weights of the best evaluation.
+
+    Raises:
+      RetrainError for inconsistent shapes, labels out of range or bad settings.
+    """
+    train_x, train_y = _check_arrays("train", train_x, train_y, num_classes, allow_empty=False)
+    val_x, val_y = _check_arrays("val", val_x, val_y, num_classes, allow_empty=True)
+    if val_x.shape[1:] != train_x.shape[1:] and len(val_x):
+        raise RetrainError(
+            "Validation bottlenecks must have as many features as training ones. "
+            f"Received: train_x.shape={train_x.shape}, val_x.shape={val_x.shape}"
+        )
+    _check_settings(how_many_training_steps=how_many_training_steps,
+                    train_batch_size=train_batch_size, eval_step_interval=eval_step_interval,
+                    learning_rate=learning_rate, validation_batch_size=validation_batch_size)
+
+    keras.utils.set_random_seed(seed)
+    interval = min(eval_step_interval, how_many_training_steps)
+    evaluations = math.ceil(how_many_training_steps / interval)
+    head = build_head(train_x.shape[1], num_classes, l2=L2_PER_EXAMPLE / len(train_x))
+    # Running `interval` steps per call keeps Python out of the inner loop;
+    # evaluation then dominates, and it is one pass over cached vectors.
+    head.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                 loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                 steps_per_execution=interval)
+    training = (tf.data.Dataset.from_tensor_slices((train_x, train_y))
+                .shuffle(len(train_x), seed=seed, reshuffle_each_iteration=True)
+                .repeat().batch(train_batch_size).prefetch(2))
+
+    log_callback = EvaluationLog(interval, evaluations * interval, summaries_dir, progress)
+    callbacks = [log_callback]
+    validation = None
+    early_stopping = None
+    if len(val_x):
+        val_x, val_y = _validation_sample(val_x, val_y, validation_batch_size, seed)
+        validation = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(4096).cache()
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=max(5, math.ceil(PATIENCE_STEPS / interval)),
+            restore_best_weights=True)
+        callbacks.append(early_stopping)
+    else:
+        log.warning("The validation set is empty: no early stopping, training runs all %d steps "
+                    "and keeps the last weights. Raise validation_percentage to enable it.",
+                    evaluations * interval)
+
+    try:
+        head.fit(training, steps_per_epoch=interval, epochs=evaluations,
+                 validation_data=validation, callbacks=callbacks, shuffle=False, verbose=0)
+    finally:
+        log_callback.close()
+
+    history = log_callback.history
+    if early_stopping is None:
+        return TrainResult(head, history, best_step=history[-1]["step"], stopped_early=False)
+    return TrainResult(head, history,
+                       best_step=history[early_stopping.best_epoch]["step"],
+                       stopped_early=early_stopping.stopped_epoch > 0)
+
+
+# tf.summary.scalar lives in the tensorboard package, which TensorFlow 2.21 no
+# longer installs; a plain summary tagged for the scalars plugin is what it
+# writes, and TensorBoard shows it the same way.
+SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
+
+
+class EvaluationLog(keras.callbacks.Callback):
+    """Records each evaluation against its step; mirrors it to TensorBoard and a progress bar."""
+
+    def __init__(self, interval: int, total_steps: int, summaries_dir: str | None, progress: bool):
+        super().__init__()
+        self.interval = interval
+        self.history: list[dict] = []
+        self.writers = {}
+        if summaries_dir:
+            self.writers = {name: tf.summary.create_file_writer(f"{summaries_dir}/{name}")
+                            for name in ("train", "validation")}
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="Training", unit="step", leave=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        entry = {"step": (epoch + 1) * self.interval}
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            entry[key] = float(logs[key]) if key in logs else None
+        self.history.append(entry)
+        for name, prefix in (("train", ""), ("validation", "val_")):
+            writer = self.writers.get(name)
+            if writer is None or entry[prefix + "loss"] is None:
+                continue
+            with writer.as_default(step=entry["step"]):
+                for tag in ("loss", "accuracy"):
+                    tf.summary.write(tag, float(entry[prefix + tag]), metadata=SCALAR_METADATA)
+        if self.bar is not None:
+            self.bar.update(self.interval)
+            if entry["val_loss"] is not None:
+                self.bar.set_postfix(val_loss=f"{entry['val_loss']:.4f}",
+                                     val_accuracy=f"{entry['val_accuracy']:.3f}", refresh=False)
+
+    def close(self):
+        for writer in self.writers.values():
+            writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_arrays(name, x, y, num_classes, allow_empty):
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y)
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+        raise RetrainError(
+            f"{name}_x must be [n, feature_dim] and {name}_y [n]. "
+            f"Received: {name}_x.shape={x.shape}, {name}_y.shape={y.shape}"
+        )
+    if not len(x) and not allow_empty:
+        raise RetrainError(f"No {name}ing bottlenecks: add images. Received: {name}_x.shape={x.shape}")
+    if len(y) and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes):
+        raise RetrainError(
+            f"{name}_y must hold class indices in [0, {num_classes}). "
+            f"Received: dtype={y.dtype}, range=[{y.min()}, {y.max()}]"
+        )
+    if not np.isfinite(x).all():
+        raise RetrainError(f"{name}_x holds NaN or infinite values; rebuild the bottleneck cache.")
+    return x, y.astype(np.int64)
+
+
+def _check_settings(**settings):
+    for name in ("how_many_training_steps", "train_batch_size", "eval_step_interval"):
+        if settings[name] < 1:
+            raise RetrainError(f"{name} must be at least 1. Received: {name}={settings[name]}")
+    if not settings["learning_rate"] > 0:
+        raise RetrainError(f"learning_rate must be positive. Received: learning_rate={settings['learning_rate']}")
+    if settings["validation_batch_size"] == 0 or settings["validation_batch_size"] < -1:
+        raise RetrainError("validation_batch_size must be positive, or -1 for the whole set. "
+                           f"Received: validation_batch_size={settings['validation_batch_size']}")
+
+
+def _validation_sample(val_x, val_y, size, seed):
+    if size == -1 or size >= len(val_x):
+        return val_x, val_y
+    chosen = np.random.default_rng(seed).choice(len(val_x), size, replace=False)
+    return val_x[chosen], val_y[chosen]
