@@ -64,7 +64,9 @@ def _rebuild_tensor_v2(storage, offset, size, stride, *_requires_grad_and_hooks)
     return _TensorRef(storage, offset, tuple(size), tuple(stride))
 
 
-class _StateDictUnpickler(pickle.Unpickler):
+# The pure-Python unpickler: the C one keeps its memo in an array as long as
+# the largest memo index, so one corrupted BINPUT byte allocates gigabytes.
+class _StateDictUnpickler(pickle._Unpickler):
     def __init__(self, file, path):
         super().__init__(file)
         self._path = path
