@@ -9,9 +9,11 @@ Usage errors and bad input print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import fields
 
+from retrain import backbones
 from retrain import config as config_lib
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
@@ -19,8 +21,7 @@ from retrain.quiet_tensorflow import import_tensorflow
 HELP = {
     "image_dir": "folder with one sub-folder of images per class",
     "bottleneck_dir": "folder of the HDF5 bottleneck caches, one file per backbone",
-    "architecture": "frozen backbone: efficientnet_lite0 (default), efficientnet_lite1, "
-                    "efficientnet_lite2, inception_v3, resnet50, mobilenet_v2",
+    "architecture": f"frozen ImageNet backbone, one of: {', '.join(backbones.names())}",
     "backbone_weights": "local weights file for a Keras-application backbone (offline use)",
     "bottleneck_dtype": "storage type of cached vectors: float16 or float32",
     "extraction_batch_size": "images per forward pass when filling the cache",
@@ -81,6 +82,7 @@ def resolve_config(argv: list[str] | None = None) -> config_lib.Config:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m retrain` and the `retrain` console script."""
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
         config = resolve_config(argv)
         import_tensorflow()
