@@ -245,7 +245,8 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
     Classes are the sorted names of the non-hidden sub-folders; images in
     nested folders belong to the class of their top folder. A file is accepted
     by its content (JPEG, PNG, GIF, BMP, WebP), whatever its extension;
-    other files in class folders go to ``ImageList.skipped`` with the reason.
+    other files in class folders go to ``ImageList.skipped`` with the reason
+    and one warning line each.
     Files directly in ``image_dir`` are ignored with one warning.
 
     Raises RetrainError for a missing folder, a folder without class folders,
@@ -297,6 +298,8 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
                     key=cache_key(relative_path),
                 )
             )
+    for relative_path, reason in skipped:
+        logger.warning("skipped %s: %s", relative_path, reason)
     return ImageList(root, class_names, entries, skipped)
 
 

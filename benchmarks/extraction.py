@@ -1,0 +1,119 @@
+"""Bottleneck extraction speed next to the backbone's forward-only speed.
+
+    python benchmarks/extraction.py [--images 400] [--batch_size 32] [--runs 3]
+
+Over a sample of real photos (../shared/data/caltech101 by default) it prints,
+in one process on one machine:
+
+* cache build: ``BottleneckCache.update`` into an empty temporary cache, wall
+  clock including building the backbone (what a user waits for);
+* pipeline: ``extract.bottleneck_batches`` with the backbone already built
+  (read, hash, decode, resize, forward), steady state;
+* forward only: the same backbone on pre-decoded, pre-resized arrays;
+* their ratio, and the peak resident memory of the cache builds.
+
+Each figure is the median over ``--runs`` runs.
+"""
+
+import argparse
+import dataclasses
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retrain import backbones, extract, images
+from retrain.cache import BottleneckCache
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "caltech101"
+
+
+def sample(image_dir, count):
+    """An ImageList of ``count`` images spread evenly over all classes."""
+    found = images.discover(image_dir)
+    step = max(1, len(found.entries) // count)
+    return dataclasses.replace(found, entries=found.entries[::step][:count], skipped=[])
+
+
+def timed(function):
+    start = time.perf_counter()
+    result = function()
+    return time.perf_counter() - start, result
+
+
+def cache_build(image_list, backbone, batch_size):
+    with tempfile.TemporaryDirectory() as folder:
+        cache = BottleneckCache(folder, backbone)
+        seconds, report = timed(lambda: cache.update(image_list, batch_size, progress=False))
+    return len(image_list.entries) / seconds, report
+
+
+def pipeline(paths, model, input_size, batch_size):
+    """Images/s of the extraction pipeline after its first batch (warm-up)."""
+    batches = extract.bottleneck_batches(paths, model, input_size, batch_size)
+    warm = len(next(batches))
+    seconds, done = timed(lambda: sum(len(batch) for batch in batches))
+    return done / seconds if done else warm / seconds
+
+
+def forward_only(arrays, model, batch_size):
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: model(x, training=False))
+    batches = [tf.constant(arrays[i : i + batch_size])
+               for i in range(0, len(arrays) - batch_size + 1, batch_size)]
+    forward(batches[0])
+    seconds, _ = timed(lambda: [forward(batch).numpy() for batch in batches])
+    return len(batches) * batch_size / seconds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="folder with one sub-folder per class (searched recursively)")
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--backbone", default=backbones.DEFAULT_BACKBONE)
+    args = parser.parse_args(argv)
+    image_dir = args.data / "train" if (args.data / "train").is_dir() else args.data
+    if not image_dir.is_dir():
+        print(f"No photos to benchmark: {args.data} is absent. Pass --data FOLDER "
+              "(one sub-folder per class).", file=sys.stderr)
+        return 1
+
+    image_list = sample(image_dir, args.images)
+    spec = backbones.get(args.backbone)
+    print(f"{len(image_list.entries)} photos from {image_dir}, backbone {spec.name}, "
+          f"batch {args.batch_size}, median of {args.runs} runs")
+
+    builds = [cache_build(image_list, spec.name, args.batch_size) for _ in range(args.runs)]
+    # Before the forward-only test holds every image in memory at once.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model = backbones.load(spec.name)
+    paths = [image_list.image_dir / e.relative_path for e in image_list.entries]
+    rates = [pipeline(paths, model, spec.input_size, args.batch_size)
+             for _ in range(args.runs)]
+    arrays = np.stack([
+        images.resize_to_input(images.decode_rgb(path, spec.input_size), spec.input_size)
+        for path in paths
+    ])
+    forward = [forward_only(arrays, model, args.batch_size) for _ in range(args.runs)]
+
+    failed = len(builds[0][1].failed)
+    print(f"cache build (incl. building the backbone): "
+          f"{statistics.median(r for r, _ in builds):7.1f} images/s ({failed} failed)")
+    print(f"extraction pipeline, backbone built:       {statistics.median(rates):7.1f} images/s")
+    print(f"backbone forward only, pre-decoded:        {statistics.median(forward):7.1f} images/s")
+    print(f"pipeline / forward only:                   "
+          f"{statistics.median(rates) / statistics.median(forward):7.2f}")
+    print(f"peak resident memory during the cache builds: {peak:4.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

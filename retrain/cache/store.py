@@ -1,0 +1,418 @@
+"""The bottleneck cache on disk: one HDF5 file, a journal, crash-safe writes.
+
+A SIGKILL or a power cut in the middle of an HDF5 write can leave a file that
+no longer opens, so the main file ``<name>.h5`` is never written in place:
+
+* extraction appends each finished batch to the journal folder
+  ``<name>.h5.journal/`` as one small ``.npz`` file, written to a temporary
+  name, fsynced and renamed (a journal file is whole or absent);
+* ``fold`` writes the main rows plus the journal into ``<name>.h5.tmp-<pid>``,
+  fsyncs it, renames it over ``<name>.h5`` and only then deletes the journal.
+
+A kill at any instant leaves the old main file or the new one, plus journal
+files that the next ``fold`` merges again; a key is stored once, the newest
+record winning, so nothing is duplicated. Callers hold the cache lock.
+
+Layout of the main file (``FORMAT_VERSION`` 1), one row per image:
+``images/key`` S64 (sha256 hex of the relative path), ``images/relative_path``
+(utf-8), ``images/size`` and ``images/mtime_ns`` int64, ``images/sha256`` S64
+(content digest), ``images/bottleneck`` [rows, feature_dim] in the cache dtype;
+``failed/*`` the same for images that could not be decoded, with ``reason``
+instead of digest and bottleneck. File attributes hold the backbone name,
+fingerprint, feature_dim, dtype and format version, checked on every open.
+"""
+
+import dataclasses
+import datetime
+import logging
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_BLOCK_ROWS = 4096
+_TEXT = h5py.string_dtype("utf-8")
+_JOURNAL_FIELDS = ("key", "relative_path", "size", "mtime_ns", "sha256", "bottleneck")
+_FAILED_FIELDS = ("key", "relative_path", "size", "mtime_ns", "reason")
+# The SIGKILL fault test sets this to "<point>" or "<point>:<count>" to park
+# the process at a named point, so it can kill it exactly there.
+PAUSE_VARIABLE = "RETRAIN_CACHE_PAUSE_AT"
+
+
+class UnreadableCache(Exception):
+    """A cache or journal file that cannot be used; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheIdentity:
+    """What a cache file must have been built with to be used."""
+
+    backbone: str
+    fingerprint: str
+    feature_dim: int
+    dtype: str
+
+    def attributes(self):
+        return {
+            "format_version": FORMAT_VERSION,
+            "backbone": self.backbone,
+            "fingerprint": self.fingerprint,
+            "feature_dim": self.feature_dim,
+            "dtype": self.dtype,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """An image that could not be decoded, remembered until the file changes."""
+
+    relative_path: str
+    size: int
+    mtime_ns: int
+    reason: str
+
+
+@dataclasses.dataclass
+class Records:
+    """One batch of cache records: images with bottlenecks, and failures.
+
+    ``bottleneck`` is [len(key), feature_dim] in the cache dtype; the other
+    fields are lists of equal length (str for key, relative_path, sha256).
+    """
+
+    key: list = dataclasses.field(default_factory=list)
+    relative_path: list = dataclasses.field(default_factory=list)
+    size: list = dataclasses.field(default_factory=list)
+    mtime_ns: list = dataclasses.field(default_factory=list)
+    sha256: list = dataclasses.field(default_factory=list)
+    bottleneck: list = dataclasses.field(default_factory=list)
+    failures: dict = dataclasses.field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.key) + len(self.failures)
+
+
+def pause_point(name, count=None, marker=None):
+    """Parks the process forever at ``name`` when the fault test asks for it."""
+    wanted = os.environ.get(PAUSE_VARIABLE)
+    if wanted and wanted == (name if count is None else f"{name}:{count}"):
+        if marker is not None:
+            Path(marker).touch()
+        while True:
+            time.sleep(60)
+
+
+def _fsync_dir(folder):
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _text(value):
+    # Names that are not valid UTF-8 (possible on Linux) are kept readable.
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class CacheFile:
+    """The main cache file, opened for reading: index in memory, vectors on disk.
+
+    ``keys`` (S64 [rows]), ``size``, ``mtime_ns`` (int64 [rows]) and
+    ``sha256`` (S64 [rows]) describe each row's file; ``rows`` maps the str
+    key -> row number; ``failures`` maps str key -> Failure. Raises
+    UnreadableCache for anything that is not a complete file of this identity.
+    """
+
+    def __init__(self, path, identity):
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+        except Exception as error:  # h5py raises OSError, ValueError, KeyError...
+            raise UnreadableCache(f"not a readable HDF5 file ({error})") from None
+        try:
+            self._check(identity)
+            images = self._file["images"]
+            self.keys = images["key"][()]
+            self.size = images["size"][()]
+            self.mtime_ns = images["mtime_ns"][()]
+            self.sha256 = images["sha256"][()]
+            self.rows = {key.decode(): row for row, key in enumerate(self.keys)}
+            failed = self._file["failed"]
+            self.failures = {
+                key.decode(): Failure(path.decode(), int(size), int(mtime), reason.decode())
+                for key, path, size, mtime, reason in zip(
+                    *(failed[name][()] for name in _FAILED_FIELDS)
+                )
+            }
+        except Exception as error:
+            self.close()
+            if isinstance(error, UnreadableCache):
+                raise
+            raise UnreadableCache(f"damaged contents ({type(error).__name__}: {error})") from None
+
+    def _check(self, identity):
+        found = {name: self._file.attrs.get(name) for name in identity.attributes()}
+        found = {k: v.decode() if isinstance(v, bytes) else v for k, v in found.items()}
+        if found != identity.attributes():
+            raise UnreadableCache(f"built for {found}, expected {identity.attributes()}")
+        images = self._file["images"]
+        lengths = {images[name].shape[0] for name in _JOURNAL_FIELDS}
+        if len(lengths) != 1 or images["bottleneck"].shape[1:] != (identity.feature_dim,):
+            raise UnreadableCache("datasets of unequal length or wrong width")
+
+    def __len__(self):
+        return len(self.keys)
+
+    def bottlenecks(self, rows):
+        """float32 [len(rows), feature_dim] for the given row numbers, in order."""
+        dataset = self._file["images/bottleneck"]
+        rows = np.asarray(rows, dtype=np.int64)
+        result = np.empty((len(rows), dataset.shape[1]), np.float32)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        start = 0
+        # Contiguous slices of at most _BLOCK_ROWS: h5py point selections are
+        # slow, and reading everything at once would need all of it in memory.
+        while start < len(order):
+            first = sorted_rows[start]
+            stop = int(np.searchsorted(sorted_rows, first + _BLOCK_ROWS))
+            block = dataset[first : sorted_rows[stop - 1] + 1]
+            result[order[start:stop]] = block[sorted_rows[start:stop] - first]
+            start = stop
+        return result
+
+    def blocks(self, keep):
+        """The fields of the rows where ``keep`` (bool [rows]) is set, in blocks."""
+        images = self._file["images"]
+        for start in range(0, len(keep), _BLOCK_ROWS):
+            mask = keep[start : start + _BLOCK_ROWS]
+            if mask.any():
+                yield {
+                    name: images[name][start : start + len(mask)][mask]
+                    for name in _JOURNAL_FIELDS
+                }
+
+    def close(self):
+        self._file.close()
+
+
+def open_or_set_aside(path, identity):
+    """The main cache file, or None when absent or set aside as unreadable.
+
+    An unreadable file is renamed to ``<name>.corrupt-<UTC time>`` with one
+    warning naming both paths, so the caller rebuilds it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return CacheFile(path, identity)
+    except UnreadableCache as error:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        os.replace(path, aside)
+        logger.warning(
+            "bottleneck cache %s cannot be used (%s); moved it to %s and rebuilding",
+            path, error, aside,
+        )
+        return None
+
+
+class Journal:
+    """The folder of not-yet-folded batches next to the main file."""
+
+    def __init__(self, main_path, identity):
+        self.folder = Path(f"{main_path}.journal")
+        self.identity = identity
+        self.written = 0
+
+    def files(self):
+        """Complete journal files, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(self.folder.glob("*.npz"))
+
+    def append(self, records):
+        """Writes one batch atomically (temporary name, fsync, rename)."""
+        if not len(records):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        existing = self.files()
+        number = int(existing[-1].stem) + 1 if existing else 1
+        final = self.folder / f"{number:08d}.npz"
+        temporary = final.with_suffix(".npz.tmp")
+        failed = list(records.failures.items())
+        arrays = {
+            "format_version": np.array(FORMAT_VERSION),
+            "fingerprint": np.array(self.identity.fingerprint.encode()),
+            "key": np.array([k.encode() for k in records.key], dtype="S64"),
+            "relative_path": _bytes(records.relative_path),
+            "size": np.array(records.size, dtype=np.int64),
+            "mtime_ns": np.array(records.mtime_ns, dtype=np.int64),
+            "sha256": np.array([d.encode() for d in records.sha256], dtype="S64"),
+            "bottleneck": np.asarray(records.bottleneck, dtype=self.identity.dtype).reshape(
+                len(records.key), self.identity.feature_dim
+            ),
+            "failed_key": np.array([k.encode() for k, _ in failed], dtype="S64"),
+            "failed_relative_path": _bytes(f.relative_path for _, f in failed),
+            "failed_size": np.array([f.size for _, f in failed], dtype=np.int64),
+            "failed_mtime_ns": np.array([f.mtime_ns for _, f in failed], dtype=np.int64),
+            "failed_reason": _bytes(f.reason for _, f in failed),
+        }
+        with open(temporary, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, final)
+        _fsync_dir(self.folder)
+        self.written += 1
+        pause_point("journal", self.written, marker=f"{self.folder}.paused")
+
+    def load(self, path):
+        """The arrays of one journal file; UnreadableCache if damaged or foreign."""
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+            if (
+                int(arrays["format_version"]) != FORMAT_VERSION
+                or arrays["fingerprint"].item().decode() != self.identity.fingerprint
+                or arrays["bottleneck"].shape != (len(arrays["key"]), self.identity.feature_dim)
+            ):
+                raise UnreadableCache("written for another cache format or backbone")
+            return arrays
+        except UnreadableCache:
+            raise
+        except Exception as error:
+            raise UnreadableCache(f"{type(error).__name__}: {error}") from None
+
+    def clear(self):
+        for path in self.folder.glob("*"):
+            path.unlink()
+        self.folder.rmdir()
+
+
+def _bytes(texts):
+    return np.array([_text(t).encode("utf-8") for t in texts], dtype=bytes)
+
+
+def fold(path, identity):
+    """Merges the journal into the main file; returns the number of records folded.
+
+    Also removes what killed runs left behind (temporary files). The newest
+    record of a key wins; main rows it replaces are dropped.
+    """
+    path = Path(path)
+    journal = Journal(path, identity)
+    for leftover in path.parent.glob(f"{path.name}.tmp-*"):
+        leftover.unlink()
+    for leftover in journal.folder.glob("*.tmp"):
+        leftover.unlink()
+    files = journal.files()
+    if not files:
+        return 0
+    winners, journal_keys = _newest_records(journal, files)
+    main = open_or_set_aside(path, identity)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        _write_main(temporary, identity, main, journal, winners, journal_keys)
+    finally:
+        if main is not None:
+            main.close()
+    pause_point("fold-before-replace", marker=f"{path}.paused")
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+    pause_point("fold-after-replace", marker=f"{path}.paused")
+    journal.clear()
+    return len(journal_keys)
+
+
+def _newest_records(journal, files):
+    """The surviving records, {file: (rows, failed rows)}, and all their keys."""
+    seen, winners = set(), {}
+    for file in reversed(files):
+        try:
+            arrays = journal.load(file)
+        except UnreadableCache as error:
+            logger.warning("discarding damaged journal file %s (%s)", file, error)
+            continue
+        kept = ([], [])
+        for kind, name in enumerate(("key", "failed_key")):
+            for row, key in enumerate(arrays[name]):
+                if key not in seen:
+                    seen.add(key)
+                    kept[kind].append(row)
+        winners[file] = kept
+    return winners, seen
+
+
+def _write_main(temporary, identity, main, journal, winners, journal_keys):
+    """Writes main rows not in the journal, then the journal's winners; fsyncs."""
+    if main is None:
+        main_keep, failures = np.zeros(0, bool), {}
+    else:
+        main_keep = ~np.isin(main.keys, np.array(sorted(journal_keys), dtype="S64"))
+        failures = {
+            k: f for k, f in main.failures.items() if k.encode() not in journal_keys
+        }
+    total = int(main_keep.sum()) + sum(len(rows) for rows, _ in winners.values())
+    with h5py.File(temporary, "w") as out:
+        out.attrs.update(identity.attributes())
+        images = out.create_group("images")
+        datasets = {
+            name: images.create_dataset(name, (total,), dtype)
+            for name, dtype in (
+                ("key", "S64"), ("relative_path", _TEXT), ("size", np.int64),
+                ("mtime_ns", np.int64), ("sha256", "S64"),
+            )
+        }
+        datasets["bottleneck"] = images.create_dataset(
+            "bottleneck", (total, identity.feature_dim), identity.dtype,
+            chunks=(256, identity.feature_dim), maxshape=(None, identity.feature_dim),
+        )
+        blocks = [] if main is None else main.blocks(main_keep)
+        written = 0
+        for block in blocks:
+            written = _write_block(datasets, written, block)
+        for file, (rows, failed) in winners.items():
+            arrays = journal.load(file)
+            written = _write_block(
+                datasets, written, {name: arrays[name][rows] for name in _JOURNAL_FIELDS}
+            )
+            for row in failed:
+                failures[arrays["failed_key"][row].decode()] = Failure(
+                    arrays["failed_relative_path"][row].decode(),
+                    int(arrays["failed_size"][row]),
+                    int(arrays["failed_mtime_ns"][row]),
+                    arrays["failed_reason"][row].decode(),
+                )
+        _write_failures(out.create_group("failed"), failures)
+    with open(temporary, "rb+") as file:
+        os.fsync(file.fileno())
+
+
+def _write_block(datasets, start, block):
+    stop = start + len(block["key"])
+    for name, values in block.items():
+        if name == "relative_path":
+            values = [v.decode() if isinstance(v, bytes) else v for v in values]
+        datasets[name][start:stop] = values
+    return stop
+
+
+def _write_failures(group, failures):
+    keys = sorted(failures)
+    group.create_dataset("key", data=np.array([k.encode() for k in keys], dtype="S64"))
+    group.create_dataset(
+        "relative_path", data=[failures[k].relative_path for k in keys], dtype=_TEXT
+    )
+    group.create_dataset("size", data=np.array([failures[k].size for k in keys], np.int64))
+    group.create_dataset(
+        "mtime_ns", data=np.array([failures[k].mtime_ns for k in keys], np.int64)
+    )
+    group.create_dataset("reason", data=[failures[k].reason for k in keys], dtype=_TEXT)
