@@ -176,8 +176,10 @@ def test_lite0_bottleneck_is_the_input_of_the_imagenet_layer(lite0):
 
 
 def test_lite0_normalises_inside_the_model(lite0):
-    # The model sees pixels in [0, 255]: pre-scaled input gives other vectors.
     pixels = photos(224)[:1]
+    normalised = keras.ops.convert_to_numpy(lite0.get_layer("normalize")(pixels))
+    np.testing.assert_allclose(normalised, (pixels - 127) / 128, atol=1e-6)
+    # So a caller who normalises as well gets other vectors.
     raw = lite0.predict(pixels, verbose=0)
     prescaled = lite0.predict((pixels - 127) / 128, verbose=0)
     assert not np.allclose(raw, prescaled, atol=1e-2)
