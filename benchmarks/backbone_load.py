@@ -70,13 +70,16 @@ def measure(name, repeats, scratch):
 def main():
     lites = list(efficientnet_lite.VARIANTS)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", default=lites[:1], choices=lites)
+    parser.add_argument("names", nargs="*", help=f"any of {lites}; default: {lites[0]}")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    unknown = sorted(set(args.names) - set(lites))
+    if unknown:
+        parser.error(f"not an EfficientNet-Lite backbone: {unknown}; choose from {lites}")
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["RETRAIN_HOME"] = f"{scratch}/warm-up"
         backbones.load(lites[0])  # the first graph in a process pays TF's set-up
-        for name in args.names:
+        for name in args.names or lites[:1]:
             print(f"{name} (median of {args.repeats}):")
             for label, seconds in measure(name, args.repeats, scratch).items():
                 print(f"  {label:<52} {seconds * 1000:7.0f} ms")
