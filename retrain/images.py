@@ -43,6 +43,9 @@ IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _NOHASH = re.compile(r"_nohash_.*$")
 _SPLIT_RESOLUTION = 2**27
 _SNIFF_BYTES = 16
+# JPEG draft decoding keeps this many times the target side, so that the
+# antialiased resize, not libjpeg's DCT scaling, does most of the shrinking.
+_DRAFT_MARGIN = 2
 
 # Formats people put in photo folders that we refuse, named so the user knows
 # what to convert: (offset, magic bytes, name).
@@ -330,9 +333,11 @@ def decode_rgb(path, target_size=None, *, content=None):
       path: the image file (str or Path).
       target_size: the square side the pixels will be resized to, or None.
         When given, a JPEG is decoded at the smallest libjpeg scale (1/2, 1/4,
-        1/8) whose sides are all at least ``target_size``; this is several
-        times faster for camera photos and changes the pixels slightly, so
-        every caller that feeds the same model must pass the same value.
+        1/8) whose sides all stay at least twice ``target_size``: several
+        times faster for camera photos. It changes the pixels slightly (on
+        photos, Lite0 bottlenecks moved by under 5% relative L2; with no
+        2x margin, by up to 12%), so every caller that feeds the same model
+        (extraction, label_image) must pass the same value.
       content: the file's bytes when the caller has read them already;
         ``path`` then only names the file in errors.
 
@@ -349,7 +354,7 @@ def decode_rgb(path, target_size=None, *, content=None):
             raise ImageDecodeError(path, "empty file")
         with Image.open(io.BytesIO(content), formats=SUPPORTED_FORMATS) as image:
             if target_size and image.format == "JPEG":
-                image.draft(None, (target_size, target_size))
+                image.draft(None, (_DRAFT_MARGIN * target_size,) * 2)
             image.load()
             rgb = _to_rgb(ImageOps.exif_transpose(image))
             return np.asarray(rgb, dtype=np.uint8).copy()

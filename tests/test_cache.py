@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data
 
 from retrain import backbones, images
-from retrain.cache import BottleneckCache, store
+from retrain.cache import BottleneckCache, journal
 from retrain.errors import RetrainError
 
 
@@ -178,7 +178,7 @@ def test_unreadable_cache_file_is_moved_aside_and_rebuilt(tmp_path, image_dir, d
     good = cache.read(found.entries)
     content = cache.path.read_bytes()
     damaged = {"truncate": content[: len(content) // 2],
-               "garbage": os.urandom(len(content)), "empty": b""}[damage]
+               "garbage": bytes(len(content)) + b"x", "empty": b""}[damage]
     cache.path.write_bytes(damaged)
     with pytest.raises(RetrainError, match="cannot be read.*update"):
         cache.read(found.entries)
@@ -196,14 +196,14 @@ def test_damaged_journal_file_is_discarded_and_its_images_extracted(tmp_path, im
                                                                     backbone_builds, caplog):
     found = images.discover(image_dir)
     cache = BottleneckCache(tmp_path, "efficientnet_lite0")
-    journal = store.Journal(cache.path, cache.identity)
-    journal.folder.mkdir()
-    (journal.folder / "00000001.npz").write_bytes(b"PK\x03\x04 not a zip")
+    pending = journal.Journal(cache.path, cache.identity)
+    pending.folder.mkdir()
+    (pending.folder / "00000001.npz").write_bytes(b"PK\x03\x04 not a zip")
     with caplog.at_level(logging.WARNING):
         report = cache.update(found, progress=False)
     assert report.extracted == 10
     assert any("discarding damaged journal file" in r.getMessage() for r in caplog.records)
-    assert not journal.folder.exists()
+    assert not pending.folder.exists()
 
 
 BAD_FILES = {
@@ -224,7 +224,7 @@ def write_bad_and_odd_files(folder):
     (folder / "text.jpg").write_text("these are not pixels\n")
     write(pixels, folder / "scan.jpg", format="TIFF")
     (folder / "cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
-    (folder / "garbled.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    (folder / "garbled.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
     write(np.array([[[200, 30, 40]]], np.uint8), folder / "dot.png")
     sixteen = Image.fromarray((np.linspace(0, 65535, 120 * 160).reshape(120, 160)
                                .astype(np.uint16)))

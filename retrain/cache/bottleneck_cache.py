@@ -15,6 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from retrain import backbones, extract
 from retrain.cache import store
+from retrain.cache.journal import Failure, Journal, Records
 from retrain.errors import RetrainError
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class BottleneckCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked():
             store.fold(self.path, self.identity)
-            journal = store.Journal(self.path, self.identity)
+            journal = Journal(self.path, self.identity)
             cache = store.open_or_set_aside(self.path, self.identity)
             try:
                 plan = _plan(image_list, cache, progress)
@@ -196,7 +197,7 @@ class BottleneckCache:
         ) as bar:
             for batch in extract.bottleneck_batches(paths, model, self._spec.input_size,
                                                     batch_size):
-                records = store.Records()
+                records = Records()
                 for position, state, vector in zip(batch.positions, batch.states,
                                                    batch.bottlenecks):
                     _add_row(records, todo[position], state, vector)
@@ -205,7 +206,7 @@ class BottleneckCache:
                     failed.append((entry.relative_path, reason))
                     logger.warning("skipped %s: %s", entry.relative_path, reason)
                     if state is not None:
-                        records.failures[entry.key] = store.Failure(
+                        records.failures[entry.key] = Failure(
                             entry.relative_path, state.size, state.mtime_ns, reason
                         )
                 journal.append(records)
@@ -259,7 +260,7 @@ def _journal_touched(touched, cache, journal):
     for start in range(0, len(touched), _TOUCHED_BATCH):
         batch = touched[start : start + _TOUCHED_BATCH]
         vectors = cache.bottlenecks([row for _, row, _ in batch])
-        records = store.Records()
+        records = Records()
         for (entry, _, state), vector in zip(batch, vectors):
             _add_row(records, entry, state, vector)
         journal.append(records)

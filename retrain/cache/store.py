@@ -26,26 +26,20 @@ import dataclasses
 import datetime
 import logging
 import os
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from retrain.cache.journal import Failure, Journal, UnreadableCache, fsync_dir, pause_point
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _BLOCK_ROWS = 4096
 _TEXT = h5py.string_dtype("utf-8")
-_JOURNAL_FIELDS = ("key", "relative_path", "size", "mtime_ns", "sha256", "bottleneck")
+_ROW_FIELDS = ("key", "relative_path", "size", "mtime_ns", "sha256", "bottleneck")
 _FAILED_FIELDS = ("key", "relative_path", "size", "mtime_ns", "reason")
-# The SIGKILL fault test sets this to "<point>" or "<point>:<count>" to park
-# the process at a named point, so it can kill it exactly there.
-PAUSE_VARIABLE = "RETRAIN_CACHE_PAUSE_AT"
-
-
-class UnreadableCache(Exception):
-    """A cache or journal file that cannot be used; the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,59 +59,6 @@ class CacheIdentity:
             "feature_dim": self.feature_dim,
             "dtype": self.dtype,
         }
-
-
-@dataclasses.dataclass(frozen=True)
-class Failure:
-    """An image that could not be decoded, remembered until the file changes."""
-
-    relative_path: str
-    size: int
-    mtime_ns: int
-    reason: str
-
-
-@dataclasses.dataclass
-class Records:
-    """One batch of cache records: images with bottlenecks, and failures.
-
-    ``bottleneck`` is [len(key), feature_dim] in the cache dtype; the other
-    fields are lists of equal length (str for key, relative_path, sha256).
-    """
-
-    key: list = dataclasses.field(default_factory=list)
-    relative_path: list = dataclasses.field(default_factory=list)
-    size: list = dataclasses.field(default_factory=list)
-    mtime_ns: list = dataclasses.field(default_factory=list)
-    sha256: list = dataclasses.field(default_factory=list)
-    bottleneck: list = dataclasses.field(default_factory=list)
-    failures: dict = dataclasses.field(default_factory=dict)
-
-    def __len__(self):
-        return len(self.key) + len(self.failures)
-
-
-def pause_point(name, count=None, marker=None):
-    """Parks the process forever at ``name`` when the fault test asks for it."""
-    wanted = os.environ.get(PAUSE_VARIABLE)
-    if wanted and wanted == (name if count is None else f"{name}:{count}"):
-        if marker is not None:
-            Path(marker).touch()
-        while True:
-            time.sleep(60)
-
-
-def _fsync_dir(folder):
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _text(value):
-    # Names that are not valid UTF-8 (possible on Linux) are kept readable.
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class CacheFile:
@@ -162,7 +103,7 @@ class CacheFile:
         if found != identity.attributes():
             raise UnreadableCache(f"built for {found}, expected {identity.attributes()}")
         images = self._file["images"]
-        lengths = {images[name].shape[0] for name in _JOURNAL_FIELDS}
+        lengths = {images[name].shape[0] for name in _ROW_FIELDS}
         if len(lengths) != 1 or images["bottleneck"].shape[1:] != (identity.feature_dim,):
             raise UnreadableCache("datasets of unequal length or wrong width")
 
@@ -195,7 +136,7 @@ class CacheFile:
             if mask.any():
                 yield {
                     name: images[name][start : start + len(mask)][mask]
-                    for name in _JOURNAL_FIELDS
+                    for name in _ROW_FIELDS
                 }
 
     def close(self):
@@ -224,85 +165,8 @@ def open_or_set_aside(path, identity):
         return None
 
 
-class Journal:
-    """The folder of not-yet-folded batches next to the main file."""
-
-    def __init__(self, main_path, identity):
-        self.folder = Path(f"{main_path}.journal")
-        self.identity = identity
-        self.written = 0
-
-    def files(self):
-        """Complete journal files, oldest first."""
-        if not self.folder.is_dir():
-            return []
-        return sorted(self.folder.glob("*.npz"))
-
-    def append(self, records):
-        """Writes one batch atomically (temporary name, fsync, rename)."""
-        if not len(records):
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        existing = self.files()
-        number = int(existing[-1].stem) + 1 if existing else 1
-        final = self.folder / f"{number:08d}.npz"
-        temporary = final.with_suffix(".npz.tmp")
-        failed = list(records.failures.items())
-        arrays = {
-            "format_version": np.array(FORMAT_VERSION),
-            "fingerprint": np.array(self.identity.fingerprint.encode()),
-            "key": np.array([k.encode() for k in records.key], dtype="S64"),
-            "relative_path": _bytes(records.relative_path),
-            "size": np.array(records.size, dtype=np.int64),
-            "mtime_ns": np.array(records.mtime_ns, dtype=np.int64),
-            "sha256": np.array([d.encode() for d in records.sha256], dtype="S64"),
-            "bottleneck": np.asarray(records.bottleneck, dtype=self.identity.dtype).reshape(
-                len(records.key), self.identity.feature_dim
-            ),
-            "failed_key": np.array([k.encode() for k, _ in failed], dtype="S64"),
-            "failed_relative_path": _bytes(f.relative_path for _, f in failed),
-            "failed_size": np.array([f.size for _, f in failed], dtype=np.int64),
-            "failed_mtime_ns": np.array([f.mtime_ns for _, f in failed], dtype=np.int64),
-            "failed_reason": _bytes(f.reason for _, f in failed),
-        }
-        with open(temporary, "wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, final)
-        _fsync_dir(self.folder)
-        self.written += 1
-        pause_point("journal", self.written, marker=f"{self.folder}.paused")
-
-    def load(self, path):
-        """The arrays of one journal file; UnreadableCache if damaged or foreign."""
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-            if (
-                int(arrays["format_version"]) != FORMAT_VERSION
-                or arrays["fingerprint"].item().decode() != self.identity.fingerprint
-                or arrays["bottleneck"].shape != (len(arrays["key"]), self.identity.feature_dim)
-            ):
-                raise UnreadableCache("written for another cache format or backbone")
-            return arrays
-        except UnreadableCache:
-            raise
-        except Exception as error:
-            raise UnreadableCache(f"{type(error).__name__}: {error}") from None
-
-    def clear(self):
-        for path in self.folder.glob("*"):
-            path.unlink()
-        self.folder.rmdir()
-
-
-def _bytes(texts):
-    return np.array([_text(t).encode("utf-8") for t in texts], dtype=bytes)
-
-
 def fold(path, identity):
-    """Merges the journal into the main file; returns the number of records folded.
+    """Merges the journal into the main file, if there is a journal.
 
     Also removes what killed runs left behind (temporary files). The newest
     record of a key wins; main rows it replaces are dropped.
@@ -315,7 +179,7 @@ def fold(path, identity):
         leftover.unlink()
     files = journal.files()
     if not files:
-        return 0
+        return
     winners, journal_keys = _newest_records(journal, files)
     main = open_or_set_aside(path, identity)
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -326,10 +190,9 @@ def fold(path, identity):
             main.close()
     pause_point("fold-before-replace", marker=f"{path}.paused")
     os.replace(temporary, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     pause_point("fold-after-replace", marker=f"{path}.paused")
     journal.clear()
-    return len(journal_keys)
 
 
 def _newest_records(journal, files):
@@ -382,7 +245,7 @@ def _write_main(temporary, identity, main, journal, winners, journal_keys):
         for file, (rows, failed) in winners.items():
             arrays = journal.load(file)
             written = _write_block(
-                datasets, written, {name: arrays[name][rows] for name in _JOURNAL_FIELDS}
+                datasets, written, {name: arrays[name][rows] for name in _ROW_FIELDS}
             )
             for row in failed:
                 failures[arrays["failed_key"][row].decode()] = Failure(
