@@ -16,6 +16,7 @@ import logging
 import numbers
 import os
 import re
+import stat
 import unicodedata
 from pathlib import Path
 
@@ -184,6 +185,9 @@ def sniff_format(head):
 def _rejection(path):
     """Why ``path`` is not a supported image, or None when it is one."""
     try:
+        # A FIFO or device in the folder would block or never end a read.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a regular file"
         with open(path, "rb") as file:
             head = file.read(_SNIFF_BYTES)
     except FileNotFoundError:

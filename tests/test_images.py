@@ -121,7 +121,7 @@ def test_missing_or_classless_image_dir(tmp_path):
         images.discover(tmp_path / "flat")
 
 
-def test_symlinks_are_followed_once_without_looping(tmp_path, photo):
+def test_symlinks_are_followed_once_without_looping_nor_blocking(tmp_path, photo):
     outside = tmp_path / "outside"
     save(photo, outside / "x.jpg")
     root = tmp_path / "photos"
@@ -129,9 +129,11 @@ def test_symlinks_are_followed_once_without_looping(tmp_path, photo):
     os.symlink(outside, root / "cats" / "linked")
     os.symlink(root / "cats", root / "cats" / "loop")
     os.symlink(tmp_path / "missing.jpg", root / "cats" / "broken.jpg")
+    os.mkfifo(root / "cats" / "pipe.jpg")
     found = images.discover(root)
     assert [e.relative_path for e in found.entries] == ["cats/a.jpg", "cats/linked/x.jpg"]
-    assert found.skipped == [("cats/broken.jpg", "cannot read: broken symbolic link")]
+    assert found.skipped == [("cats/broken.jpg", "cannot read: broken symbolic link"),
+                             ("cats/pipe.jpg", "not a regular file")]
 
 
 def test_split_does_not_move_when_folder_moves_or_grows(tree, tmp_path, photo):
