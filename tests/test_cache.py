@@ -300,6 +300,10 @@ def test_bad_arguments_are_refused(tmp_path, image_dir):
     cache = BottleneckCache(tmp_path, "efficientnet_lite0")
     with pytest.raises(RetrainError, match="Received: batch_size=0"):
         cache.update(images.discover(image_dir), batch_size=0)
+    (tmp_path / "taken").write_text("a file where the cache folder should be")
+    cache = BottleneckCache(tmp_path / "taken", "efficientnet_lite0")
+    with pytest.raises(RetrainError, match="Cannot write the bottleneck cache .*taken"):
+        cache.update(images.discover(image_dir))
 
 
 def test_held_lock_makes_update_wait_then_give_up(tmp_path, image_dir, capsys):

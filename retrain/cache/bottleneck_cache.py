@@ -103,21 +103,18 @@ class BottleneckCache:
             raise RetrainError(
                 f"batch_size must be a positive int. Received: batch_size={batch_size!r}"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._locked():
-            store.fold(self.path, self.identity)
-            journal = Journal(self.path, self.identity)
-            cache = store.open_or_set_aside(self.path, self.identity)
-            try:
-                plan = _plan(image_list, cache, progress)
-                _journal_touched(plan.touched, cache, journal)
-            finally:
-                if cache is not None:
-                    cache.close()
-            for relative_path, reason in plan.failed:
-                logger.warning("skipped %s: %s", relative_path, reason)
-            extracted, failed = self._extract(image_list, plan.todo, journal, batch_size, progress)
-            store.fold(self.path, self.identity)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                plan, extracted, failed = self._update(image_list, batch_size, progress)
+        except OSError as error:
+            # Disk full, permissions, a file where the folder should be: the
+            # user fixes the folder, so say which one instead of a traceback.
+            raise RetrainError(
+                f"Cannot write the bottleneck cache {self.path}: "
+                f"{error.strerror or error}. Free space or choose another folder. "
+                f"Received: bottleneck_dir={self.path.parent}"
+            ) from error
         failed = plan.failed + failed
         if failed:
             logger.warning("%d image(s) could not be read or decoded and were skipped",
@@ -128,6 +125,23 @@ class BottleneckCache:
             failed=sorted(failed),
             path=self.path,
         )
+
+    def _update(self, image_list, batch_size, progress):
+        """update() under the lock: (plan, extracted count, new failures)."""
+        store.fold(self.path, self.identity)
+        journal = Journal(self.path, self.identity)
+        cache = store.open_or_set_aside(self.path, self.identity)
+        try:
+            plan = _plan(image_list, cache, progress)
+            _journal_touched(plan.touched, cache, journal)
+        finally:
+            if cache is not None:
+                cache.close()
+        for relative_path, reason in plan.failed:
+            logger.warning("skipped %s: %s", relative_path, reason)
+        extracted, failed = self._extract(image_list, plan.todo, journal, batch_size, progress)
+        store.fold(self.path, self.identity)
+        return plan, extracted, failed
 
     def read(self, entries):
         """The cached bottlenecks of ``entries``, float32 [len(entries), feature_dim].

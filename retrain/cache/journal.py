@@ -37,8 +37,9 @@ class Failure:
 class Records:
     """One batch of cache records: images with bottlenecks, and failures.
 
-    ``bottleneck`` is [len(key), feature_dim] in the cache dtype; the other
-    fields are lists of equal length (str for key, relative_path, sha256).
+    The row fields are lists of equal length: str ``key``, ``relative_path``
+    and ``sha256``, int ``size`` and ``mtime_ns``, and ``bottleneck`` one
+    float array [feature_dim] per row. ``failures`` maps key -> Failure.
     """
 
     key: list = dataclasses.field(default_factory=list)
