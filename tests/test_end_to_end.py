@@ -73,7 +73,7 @@ def test_label_image_puts_a_training_image_first(digits_run):
                        "--labels", str(out_dir / "labels.txt"), "--json",
                        "--image", *[str(image_dir / entry.relative_path) for entry in chosen])
     assert done.returncode == 0, done.stderr
-    results = json.loads(done.stdout)
+    results = json.loads(done.stdout)["results"]
     predicted = [result["predictions"][0]["label"] for result in results]
     assert predicted == [entry.label for entry in chosen]
 
