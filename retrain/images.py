@@ -254,7 +254,9 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
     by its content (JPEG, PNG, GIF, BMP, WebP), whatever its extension;
     other files in class folders go to ``ImageList.skipped`` with the reason
     and one warning line each.
-    Files directly in ``image_dir`` are ignored with one warning.
+    Files directly in ``image_dir`` are ignored with one warning. Of two
+    names that differ only in Unicode normalisation (so share a cache key),
+    the second is skipped.
 
     Raises RetrainError for a missing folder, a folder without class folders,
     or bad percentages.
@@ -286,14 +288,24 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
             ", ".join(loose_files[:5]) + (", ..." if len(loose_files) > 5 else ""),
         )
     entries, skipped = [], []
+    path_of_key = {}
     seen_dirs = {_dir_identity(root / name) for name in class_names}
     for label_index, label in enumerate(class_names):
         for path in _class_files(root / label, seen_dirs):
             relative_path = Path(path).relative_to(root).as_posix()
+            key = cache_key(relative_path)
             reason = _rejection(path)
+            if not reason and key in path_of_key:
+                # Two spellings of one name (NFC and NFD) can coexist on Linux;
+                # sharing a cache key, they would share one cached vector.
+                reason = (
+                    f"same name as {path_of_key[key]} after Unicode "
+                    "normalisation; rename one of them"
+                )
             if reason:
                 skipped.append((relative_path, reason))
                 continue
+            path_of_key[key] = relative_path
             entries.append(
                 ImageEntry(
                     relative_path=relative_path,
@@ -302,7 +314,7 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
                     split_bucket=split_bucket(
                         relative_path, testing_percentage, validation_percentage
                     ),
-                    key=cache_key(relative_path),
+                    key=key,
                 )
             )
     for relative_path, reason in skipped:

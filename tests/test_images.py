@@ -337,3 +337,19 @@ def test_resize_is_the_exported_models_resizing_layer(photo):
 def test_resize_refuses_bad_sizes(photo):
     with pytest.raises(RetrainError, match="Received: size=0"):
         images.resize_to_input(photo, 0)
+
+
+def test_names_equal_after_unicode_normalisation_keep_one_key_each(tmp_path):
+    # Linux keeps both spellings as two files; they share a cache key, so
+    # keeping both would give one image the other's cached vector.
+    composed = unicodedata.normalize("NFC", "caf\u00e9.png")
+    decomposed = unicodedata.normalize("NFD", composed)
+    save(np.zeros((8, 8, 3), np.uint8), tmp_path / "c" / composed)
+    save(np.full((8, 8, 3), 255, np.uint8), tmp_path / "c" / decomposed)
+    found = images.discover(tmp_path)
+    assert len(found.entries) == 1
+    assert len({e.key for e in found.entries}) == len(found.entries)
+    ((skipped, reason),) = found.skipped
+    assert skipped != found.entries[0].relative_path
+    assert found.entries[0].relative_path in reason and "rename" in reason
+
