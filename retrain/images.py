@@ -258,8 +258,8 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
     names that differ only in Unicode normalisation (so share a cache key),
     the second is skipped.
 
-    Raises RetrainError for a missing folder, a folder without class folders,
-    or bad percentages.
+    Raises RetrainError for a missing or unreadable folder, a folder without
+    class folders, or bad percentages.
     """
     _check_percentages(testing_percentage, validation_percentage)
     root = Path(image_dir)
@@ -268,8 +268,15 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
             "image_dir must be an existing folder with one sub-folder per class. "
             f"Received: image_dir={image_dir}"
         )
+    try:
+        children = sorted(os.listdir(root))
+    except OSError as error:
+        raise RetrainError(
+            f"Cannot list image_dir: {error.strerror or error}. Make the folder "
+            f"readable. Received: image_dir={image_dir}"
+        ) from None
     class_names, loose_files = [], []
-    for child in sorted(os.listdir(root)):
+    for child in children:
         if _is_ignored(child):
             continue
         (class_names if (root / child).is_dir() else loose_files).append(child)

@@ -353,3 +353,11 @@ def test_names_equal_after_unicode_normalisation_keep_one_key_each(tmp_path):
     assert skipped != found.entries[0].relative_path
     assert found.entries[0].relative_path in reason and "rename" in reason
 
+
+def test_unreadable_image_dir_is_a_retrain_error(tmp_path, monkeypatch):
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(images.os, "listdir", refuse)
+    with pytest.raises(RetrainError, match="Permission denied.*Received: image_dir="):
+        images.discover(tmp_path)
