@@ -71,8 +71,13 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
             data = yaml.safe_load(handle)
     except OSError as exc:
         raise RetrainError(f"Cannot read config file: {exc.strerror}. Received: config={path}") from None
+    except UnicodeDecodeError as exc:
+        raise RetrainError(f"Config file {path} is not UTF-8 text ({exc.reason} at byte "
+                           f"{exc.start}). Received: config={path}") from None
     except yaml.YAMLError as exc:
-        raise RetrainError(f"Config file {path} is not valid YAML: {exc}") from None
+        # PyYAML's messages span several lines; the CLI prints errors as one.
+        where = " ".join(str(exc).split())
+        raise RetrainError(f"Config file {path} is not valid YAML: {where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -80,7 +85,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
             f"Config file {path} must hold a mapping of setting: value. "
             f"Received a {type(data).__name__}."
         )
-    unknown = sorted(set(data) - set(FIELD_NAMES))
+    # YAML keys may be numbers or null as well as text; sort them all as text.
+    unknown = sorted((key for key in data if key not in FIELD_NAMES), key=repr)
     if unknown:
         raise RetrainError(
             f"Config file {path} has unknown keys {unknown}. "

@@ -53,12 +53,24 @@ def test_unknown_yaml_key_is_an_error_naming_it(tmp_path, capsys):
     ("learning_rate: fast\n", "learning_rate"),
     ("- a\n- b\n", "mapping"),
     ("image_dir: [unclosed\n", "not valid YAML"),
+    ("1: 2\nlearning_rte: 0.5\n", "learning_rte"),
+    ("null: 1\ntypo: 2\n", "None"),
+    ("? [a, b]\n: 1\n", "not valid YAML"),
 ])
 def test_bad_yaml_values(tmp_path, capsys, text, fragment):
     settings = tmp_path / "run.yaml"
     settings.write_text(text)
     status, _, err = run_main(capsys, "--config", str(settings))
     assert status == 2 and fragment in err
+    assert err.count("\n") == 1
+
+
+def test_config_file_that_is_not_utf8_text(tmp_path, capsys):
+    settings = tmp_path / "run.yaml"
+    settings.write_bytes(b"\xff\xfe\x00image_dir: photos\n")
+    status, _, err = run_main(capsys, "--config", str(settings))
+    assert status == 2 and "run.yaml" in err and "UTF-8" in err
+    assert err.count("\n") == 1
 
 
 def test_missing_config_file(tmp_path, capsys):
