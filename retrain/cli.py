@@ -43,9 +43,16 @@ HELP = {
 }
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors as one stderr line: the full usage of ~20 flags buries the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per Config field; defaults stay None so YAML values are not masked."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="python -m retrain",
         description="Train a new softmax layer on a frozen ImageNet backbone "
                     "from a folder of labelled photos.",

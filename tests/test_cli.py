@@ -94,11 +94,18 @@ def test_bad_values_exit_2_naming_the_value(capsys, argv, fragment):
     assert err.count("\n") == 1  # one line
 
 
-@pytest.mark.parametrize("argv", [["--image_dir"], ["--learning_rate", "abc"], ["--no_such_flag"]])
-def test_argparse_usage_errors_exit_2(argv, capsys):
+@pytest.mark.parametrize("argv, fragment", [
+    (["--image_dir"], "--image_dir"),
+    (["--learning_rate", "abc"], "'abc'"),
+    (["--no_such_flag"], "--no_such_flag"),
+])
+def test_argparse_usage_errors_exit_2_with_one_line(argv, fragment, capsys):
     with pytest.raises(SystemExit) as raised:
         cli.main(argv)
     assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "--help" in err
+    assert err.count("\n") == 1  # one line, not the whole usage
 
 
 def test_missing_image_dir(tmp_path, capsys):
