@@ -42,14 +42,13 @@ def run(config: Config) -> RunResult:
     image_list = images.discover(config.image_dir, config.testing_percentage,
                                  config.validation_percentage)
     check_classes(image_list)
+    out_dir = make_output_dir(config.output_dir)
 
     cache = BottleneckCache(config.bottleneck_dir, spec.name,
                             weights_file=config.backbone_weights, dtype=config.bottleneck_dtype)
     cache_report = cache.update(image_list, batch_size=config.extraction_batch_size)
     skipped = list(image_list.skipped) + list(cache_report.failed)
     result = RunResult(image_list, cache_report)
-    out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_skipped(skipped, out_dir / "skipped_images.txt")
     print(f"Bottleneck cache {cache_report.path}: {cache_report.extracted} extracted, "
           f"{cache_report.reused} reused, {len(skipped)} skipped.")
@@ -100,6 +99,19 @@ def run(config: Config) -> RunResult:
     result.model_path, result.labels_path = outputs["output_graph"], outputs["output_labels"]
     print(f"Saved model {result.model_path} and labels {result.labels_path}.")
     return result
+
+
+def make_output_dir(output_dir) -> Path:
+    """Creates output_dir before any long work, so a bad path fails fast."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RetrainError(
+            f"Cannot create the output folder: {error.strerror or error}. Choose a "
+            f"writable folder with --output_dir. Received: output_dir={output_dir}"
+        ) from None
+    return path
 
 
 def check_classes(image_list: images.ImageList) -> None:

@@ -153,3 +153,16 @@ def test_help_lists_every_setting(capsys):
     out = capsys.readouterr().out
     for name in yaml.safe_load(yaml.safe_dump(Config().__dict__)):
         assert f"--{name}" in out
+
+
+def test_output_dir_that_is_a_file_fails_before_extraction(tmp_path, capsys):
+    for label in ("cats", "dogs"):
+        write_image(tmp_path / "photos" / label / "a.png")
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the output folder should be")
+    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "photos"),
+                              "--bottleneck_dir", str(tmp_path / "cache"),
+                              "--output_dir", str(taken))
+    assert status == 2 and f"output_dir={taken}" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("cache/*.h5")), "extracted before checking the outputs"
+
