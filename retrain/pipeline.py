@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ def run(config: Config) -> RunResult:
 
     failed = {path for path, _ in cache_report.failed}
     usable = [e for e in image_list.entries if e.relative_path not in failed]
+    check_classes(replace(image_list, entries=usable))
     by_bucket = {name: [e for e in usable if e.split_bucket == name] for name in BUCKETS}
     check_training_classes(image_list.class_names, by_bucket["training"], config)
 
@@ -115,7 +116,7 @@ def make_output_dir(output_dir) -> Path:
 
 
 def check_classes(image_list: images.ImageList) -> None:
-    """At least two classes, each with at least one image that discovery accepted."""
+    """At least two classes, each with at least one usable image in `entries`."""
     names = image_list.class_names
     if len(names) < 2:
         raise RetrainError(

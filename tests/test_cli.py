@@ -166,3 +166,19 @@ def test_output_dir_that_is_a_file_fails_before_extraction(tmp_path, capsys):
     assert status == 2 and f"output_dir={taken}" in err and "Traceback" not in err
     assert not list(tmp_path.glob("cache/*.h5")), "extracted before checking the outputs"
 
+
+def test_class_whose_images_all_fail_to_decode_is_named(tmp_path, capsys, monkeypatch):
+    for label in ("cats", "dogs"):
+        write_image(tmp_path / "photos" / label / "a.png")
+    from retrain import pipeline
+
+    def update(cache, image_list, batch_size=32, progress=True):
+        return pipeline.CacheReport(extracted=0, reused=1, path=cache.path,
+                                    failed=[("dogs/a.png", "damaged PNG file")])
+
+    monkeypatch.setattr(pipeline.BottleneckCache, "update", update)
+    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "photos"),
+                              "--output_dir", str(tmp_path / "out"),
+                              "--testing_percentage", "0", "--validation_percentage", "0")
+    assert status == 2 and "no usable images" in err and "['dogs']" in err
+    assert "testing_percentage" not in err, "blames the split for undecodable images"
