@@ -137,11 +137,15 @@ def test_symlinks_are_followed_once_without_looping_nor_blocking(tmp_path, photo
 
 
 def test_split_does_not_move_when_folder_moves_or_grows(tree, tmp_path, photo):
-    before = images.discover(tree)
+    for i in range(20):
+        save(photo[i:], tree / "cups" / f"old{i}.jpg")
+    before = images.discover(tree, 30, 30)
+    # With every bucket populated, a split hashing the full path would move some.
+    assert {e.split_bucket for e in before.entries} == set(images.BUCKETS)
     moved = shutil.move(str(tree), str(tmp_path / "elsewhere" / "renamed"))
     for i in range(20):
         save(photo[i:], tmp_path / "elsewhere" / "renamed" / "cats" / f"new{i}.jpg")
-    after = images.discover(moved)
+    after = images.discover(moved, 30, 30)
     assert len(after.entries) == len(before.entries) + 20
     by_path = {e.relative_path: e for e in after.entries}
     for entry in before.entries:
