@@ -9,6 +9,7 @@ outputs so every output folder says exactly what produced it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -120,8 +121,11 @@ def validate(config: Config) -> None:
         value = getattr(config, name)
         if value == 0 or value < -1:
             raise RetrainError(f"--{name} must be positive, or -1 for the whole set. Received: {name}={value}")
-    if not config.learning_rate > 0:
+    if not 0 < config.learning_rate < math.inf:
         raise RetrainError(f"--learning_rate must be positive. Received: learning_rate={config.learning_rate}")
+    if not 0 <= config.seed < 2**32:
+        # NumPy's (and so Keras's) global seed must fit in 32 unsigned bits.
+        raise RetrainError(f"--seed must be in [0, 2**32). Received: seed={config.seed}")
     for name in ("testing_percentage", "validation_percentage"):
         value = getattr(config, name)
         if not 0 <= value < 100:
