@@ -17,9 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
+from retrain.backbones import DEFAULT_BACKBONE
 from retrain.errors import RetrainError
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 @dataclass

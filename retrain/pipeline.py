@@ -22,9 +22,6 @@ from retrain.errors import RetrainError
 
 log = logging.getLogger(__name__)
 
-BUCKETS = ("training", "validation", "testing")
-
-
 @dataclass
 class RunResult:
     """What a run produced; `evaluation` and paths are None for --cache_only."""
@@ -58,7 +55,7 @@ def run(config: Config) -> RunResult:
     failed = {path for path, _ in cache_report.failed}
     usable = [e for e in image_list.entries if e.relative_path not in failed]
     check_classes(replace(image_list, entries=usable))
-    by_bucket = {name: [e for e in usable if e.split_bucket == name] for name in BUCKETS}
+    by_bucket = {name: [e for e in usable if e.split_bucket == name] for name in images.BUCKETS}
     check_training_classes(image_list.class_names, by_bucket["training"], config)
 
     from retrain import export, report, train  # deferred: these import TensorFlow

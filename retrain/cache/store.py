@@ -107,9 +107,6 @@ class CacheFile:
         if len(lengths) != 1 or images["bottleneck"].shape[1:] != (identity.feature_dim,):
             raise UnreadableCache("datasets of unequal length or wrong width")
 
-    def __len__(self):
-        return len(self.keys)
-
     def bottlenecks(self, rows):
         """float32 [len(rows), feature_dim] for the given row numbers, in order."""
         dataset = self._file["images/bottleneck"]
