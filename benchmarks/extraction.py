@@ -29,6 +29,7 @@ import numpy as np
 
 from retrain import backbones, extract, images
 from retrain.cache import BottleneckCache
+from retrain.quiet_tensorflow import import_tensorflow
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "caltech101"
 
@@ -81,12 +82,19 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--backbone", default=backbones.DEFAULT_BACKBONE)
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.runs < 1 or args.images < 2 * args.batch_size:
+        # Steady-state figures leave out the first batch (tracing, warm-up),
+        # so at least one more full batch must follow it.
+        parser.error("need --batch_size >= 1, --runs >= 1 and --images >= 2 x --batch_size. "
+                     f"Received: batch_size={args.batch_size}, runs={args.runs}, "
+                     f"images={args.images}")
     image_dir = args.data / "train" if (args.data / "train").is_dir() else args.data
     if not image_dir.is_dir():
         print(f"No photos to benchmark: {args.data} is absent. Pass --data FOLDER "
               "(one sub-folder per class).", file=sys.stderr)
         return 1
 
+    import_tensorflow()  # without its start-up noise, before anything imports it
     image_list = sample(image_dir, args.images)
     spec = backbones.get(args.backbone)
     print(f"{len(image_list.entries)} photos from {image_dir}, backbone {spec.name}, "
