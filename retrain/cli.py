@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, field.name)
         flag = f"--{field.name}"
         if field.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=HELP[field.name])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{HELP[field.name]} (default: {'on' if default else 'off'})")
             continue
         kind = {"int": int, "float": float}.get(field.type.removeprefix("Optional[").removesuffix("]"), str)
         parser.add_argument(flag, type=kind, metavar=field.name.upper(),

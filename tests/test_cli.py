@@ -185,3 +185,10 @@ def test_class_whose_images_all_fail_to_decode_is_named(tmp_path, capsys, monkey
                               "--testing_percentage", "0", "--validation_percentage", "0")
     assert status == 2 and "no usable images" in err and "['dogs']" in err
     assert "testing_percentage" not in err, "blames the split for undecodable images"
+
+
+def test_a_yaml_switch_can_be_turned_off_on_the_command_line(tmp_path):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("image_dir: photos\ncache_only: true\n")
+    assert cli.resolve_config(["--config", str(settings)]).cache_only is True
+    assert cli.resolve_config(["--config", str(settings), "--no-cache_only"]).cache_only is False
