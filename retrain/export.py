@@ -72,9 +72,6 @@ def load_classifier(path) -> keras.Model:
     if not path.is_file():
         raise RetrainError(f"Model file not found: {path}. Pass the .keras file written by a "
                            f"retrain run (default output/model.keras). Received: graph={path}")
-    # Registers the backbones' layers, if any are custom, before deserialising.
-    import retrain.backbones  # noqa: F401
-
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # noqa: BLE001  (zip, HDF5, JSON and Keras errors all mean "unusable")

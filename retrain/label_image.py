@@ -1,0 +1,167 @@
+"""Classify images with an exported model: python -m retrain.label_image.
+
+    python -m retrain.label_image --graph output/model.keras \\
+        --labels output/labels.txt --image photo.jpg [more.jpg folder/ ...]
+
+For each image it prints the path, then the top-k classes as `label (score)`
+lines, best first; `--json` prints one JSON document instead. A folder stands
+for the images inside it (recursively; files that are not images are ignored).
+
+Exit status: 0 when every image was labelled; 1 when some could not be
+(each is reported on stderr and the others are still labelled); 2 for usage
+errors and an unusable model or labels file (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from retrain.errors import RetrainError
+
+BATCH_SIZE = 32
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m retrain.label_image",
+        description="Print the top classes of images, using a model exported by retrain.")
+    parser.add_argument("--graph", required=True, help="the .keras model file written by retrain")
+    parser.add_argument("--labels", required=True, help="the labels.txt written with the model")
+    parser.add_argument("--image", required=True, nargs="+",
+                        help="image files or folders of images")
+    parser.add_argument("--top_k", type=_positive_int, default=5, help="classes to print per image")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    return parser.parse_args(argv)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer. Received: {text!r}")
+    return value
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from retrain.quiet_tensorflow import import_tensorflow
+
+    import_tensorflow()
+    try:
+        paths, failures = image_paths(args.image)
+        labeller = Labeller(args.graph, args.labels)
+    except RetrainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path, reason in failures:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+
+    results = []
+    for path, outcome in labeller.label(paths, args.top_k):
+        if isinstance(outcome, RetrainError):
+            failures.append((path, str(outcome)))
+            print(f"error: {outcome}", file=sys.stderr)
+        elif args.json:
+            results.append({"image": path, "predictions": [
+                {"label": label, "score": score} for label, score in outcome]})
+        else:
+            print(path)
+            print("".join(f"  {label} ({score:.5f})\n" for label, score in outcome), end="", flush=True)
+    if args.json:
+        json.dump({"graph": args.graph, "results": results,
+                   "errors": [{"image": path, "error": reason} for path, reason in failures]},
+                  sys.stdout, indent=2)
+        print()
+    return 1 if failures else 0
+
+
+def image_paths(arguments):
+    """The image files named by the --image arguments, and (path, reason) for those missing.
+
+    Folders are searched recursively and only files whose content is a
+    supported image format are kept. Raises RetrainError when nothing is left.
+    """
+    from retrain.images import sniff_format
+
+    paths, failures = [], []
+    for argument in arguments:
+        if os.path.isdir(argument):
+            found = [path for path in sorted(_files_below(argument)) if _sniff(path, sniff_format)]
+            if not found:
+                failures.append((argument, "folder holds no supported images"))
+            paths.extend(found)
+        elif os.path.exists(argument):
+            paths.append(argument)
+        else:
+            failures.append((argument, "no such file or folder"))
+    if not paths:
+        raise RetrainError("No images to label: " + "; ".join(f"{p}: {why}" for p, why in failures)
+                           + f". Received: image={list(arguments)}")
+    return paths, failures
+
+
+def _files_below(folder):
+    for root, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        yield from (os.path.join(root, name) for name in filenames if not name.startswith("."))
+
+
+def _sniff(path, sniff_format):
+    try:
+        with open(path, "rb") as handle:
+            return sniff_format(handle.read(16)) is not None
+    except OSError:
+        return False
+
+
+class Labeller:
+    """An exported model and its labels, applied to image files in batches."""
+
+    def __init__(self, graph, labels):
+        from retrain import export
+
+        self.class_names = export.read_labels(labels)
+        self.model = export.load_classifier(graph)
+        self.input_size = export.input_size(self.model)
+        outputs = self.model.output_shape[-1]
+        if outputs != len(self.class_names):
+            raise RetrainError(f"The model has {outputs} outputs but {labels} lists "
+                               f"{len(self.class_names)} labels: pass the labels file written "
+                               f"with this model. Received: graph={graph}, labels={labels}")
+
+    def label(self, paths, top_k):
+        """Yields (path, [(label, score), ...] best first) or (path, RetrainError), in order.
+
+        Images are decoded as extraction decodes them and resized with the
+        model's own resizing op up front, so images of any size share a batch.
+        """
+        import numpy as np
+
+        from retrain import images
+
+        for start in range(0, len(paths), BATCH_SIZE):
+            decoded, outcomes = [], {}
+            for path in paths[start:start + BATCH_SIZE]:
+                try:
+                    pixels = images.decode_rgb(path, target_size=self.input_size)
+                    decoded.append((path, images.resize_to_input(pixels, self.input_size)))
+                except RetrainError as error:
+                    outcomes[path] = error
+            if decoded:
+                batch = np.stack([pixels for _, pixels in decoded])
+                probabilities = self.model.predict_on_batch(batch)
+                for (path, _), row in zip(decoded, probabilities):
+                    best = np.argsort(-row, kind="stable")[:top_k]
+                    outcomes[path] = [(self.class_names[i], float(row[i])) for i in best]
+            for path in paths[start:start + BATCH_SIZE]:
+                yield path, outcomes[path]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Training the softmax head on bottleneck vectors (synthetic vectors: no backbone needed)."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from retrain import train
+from retrain.errors import RetrainError
+from retrain.quiet_tensorflow import import_tensorflow
+
+tf = import_tensorflow()
+
+# Keras's ReduceLROnPlateau reads the learning rate with np.array(variable),
+# which NumPy 2 flags on every evaluation (keras/src/callbacks/reduce_lr_on_plateau.py).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+FEATURES = 32
+CLASSES = 4
+FAST = dict(how_many_training_steps=300, eval_step_interval=10, progress=False)
+
+
+def clusters(n, seed, spread=1.0):
+    """float32 [n, FEATURES] vectors around one centre per class, labels int64 [n].
+
+    With spread 1 a logistic regression separates them perfectly.
+    """
+    centres = np.random.default_rng(0).normal(0, 1, (CLASSES, FEATURES))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    vectors = centres[labels] + rng.normal(0, spread, (n, FEATURES))
+    return vectors.astype(np.float32), labels
+
+
+def accuracy(head, x, y):
+    return float((head.predict(x, verbose=0).argmax(axis=1) == y).mean())
+
+
+def learned_well(head, x, y):
+    """The check the tests rely on; test_random_labels_fail_the_check shows it can fail."""
+    return accuracy(head, x, y) >= 0.9
+
+
+def test_separable_vectors_are_learned():
+    (tx, ty), (vx, vy), (sx, sy) = clusters(400, 1), clusters(100, 2), clusters(200, 3)
+    result = train.train_head(tx, ty, vx, vy, CLASSES, seed=0, **FAST)
+    assert learned_well(result.head, sx, sy)
+    probabilities = result.head.predict(sx, verbose=0)
+    assert probabilities.shape == (200, CLASSES) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_random_labels_fail_the_check():
+    (tx, _), (vx, _), (sx, _) = clusters(400, 1), clusters(100, 2), clusters(200, 3)
+    rng = np.random.default_rng(7)
+    ty, vy, sy = (rng.integers(0, CLASSES, n) for n in (400, 100, 200))
+    result = train.train_head(tx, ty, vx, vy, CLASSES, seed=0, **FAST)
+    assert not learned_well(result.head, sx, sy)
+    assert accuracy(result.head, sx, sy) < 0.45  # chance is 0.25
+
+
+def test_early_stopping_keeps_the_best_weights():
+    # Random training labels: the validation loss can only get worse as the
+    # head memorises them, so training must stop early and roll back.
+    (tx, _), (vx, vy) = clusters(200, 1), clusters(100, 2)
+    ty = np.random.default_rng(3).integers(0, CLASSES, 200)
+    result = train.train_head(tx, ty, vx, vy, CLASSES, seed=0, how_many_training_steps=4000,
+                              eval_step_interval=10, learning_rate=0.05, progress=False)
+    steps = [entry["step"] for entry in result.history]
+    assert result.stopped_early and steps[-1] < 4000
+    assert result.best_step < steps[-1]
+    best = result.history[steps.index(result.best_step)]
+    assert best["val_loss"] == min(entry["val_loss"] for entry in result.history)
+    loss, val_accuracy = result.head.evaluate(vx, vy, verbose=0)
+    assert loss == pytest.approx(best["val_loss"], rel=1e-5)
+    assert val_accuracy == pytest.approx(best["val_accuracy"])
+
+
+def test_same_seed_same_head_other_seed_other_head():
+    (tx, ty), (vx, vy) = clusters(200, 1), clusters(50, 2)
+    weights = [train.train_head(tx, ty, vx, vy, CLASSES, seed=seed, **FAST).head.get_weights()[0]
+               for seed in (5, 5, 6)]
+    np.testing.assert_array_equal(weights[0], weights[1])
+    assert not np.allclose(weights[0], weights[2])
+
+
+def test_empty_validation_set_trains_the_whole_budget(caplog):
+    (tx, ty), (sx, sy) = clusters(300, 1), clusters(200, 3)
+    empty_x, empty_y = np.zeros((0, FEATURES), np.float32), np.zeros(0, np.int64)
+    with caplog.at_level(logging.WARNING, logger="retrain.train"):
+        result = train.train_head(tx, ty, empty_x, empty_y, CLASSES, seed=0, **FAST)
+    assert "validation set is empty" in caplog.text
+    assert not result.stopped_early
+    assert result.best_step == result.history[-1]["step"] == 300
+    assert all(entry["val_loss"] is None for entry in result.history)
+    assert learned_well(result.head, sx, sy)
+
+
+def test_steps_are_whole_evaluation_intervals():
+    (tx, ty), (vx, vy) = clusters(100, 1), clusters(40, 2)
+    result = train.train_head(tx, ty, vx, vy, CLASSES, seed=0, how_many_training_steps=25,
+                              eval_step_interval=10, progress=False)
+    assert [entry["step"] for entry in result.history] == [10, 20, 30]
+    short = train.train_head(tx, ty, vx, vy, CLASSES, seed=0, how_many_training_steps=3,
+                             eval_step_interval=10, progress=False)
+    assert [entry["step"] for entry in short.history] == [3]
+
+
+def test_validation_sample_and_summaries(tmp_path):
+    (tx, ty), (vx, vy) = clusters(100, 1), clusters(60, 2)
+    train.train_head(tx, ty, vx, vy, CLASSES, seed=0, validation_batch_size=20,
+                     how_many_training_steps=30, eval_step_interval=10, progress=False,
+                     summaries_dir=str(tmp_path))
+    for folder in ("train", "validation"):
+        events = [event for path in (tmp_path / folder).iterdir()
+                  for event in tf.compat.v1.train.summary_iterator(str(path))]
+        scalars = {(value.tag, event.step) for event in events for value in event.summary.value}
+        tags = {"train": ("loss", "accuracy", "learning_rate"), "validation": ("loss", "accuracy")}[folder]
+        assert scalars == {(tag, step) for tag in tags for step in (10, 20, 30)}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(train_y=np.full(50, CLASSES)), "class indices in"),
+    (dict(train_y=np.zeros(49, np.int64)), "train_x must be"),
+    (dict(val_x=np.zeros((10, FEATURES + 1), np.float32), val_y=np.zeros(10, np.int64)),
+     "as many features"),
+    (dict(train_x=np.zeros((0, FEATURES), np.float32), train_y=np.zeros(0, np.int64)),
+     "No bottlenecks to train on"),
+    (dict(train_x=np.full((50, FEATURES), np.nan, np.float32)), "NaN"),
+    (dict(how_many_training_steps=0), "how_many_training_steps=0"),
+    (dict(learning_rate=-1.0), "learning_rate=-1.0"),
+    (dict(validation_batch_size=0), "validation_batch_size=0"),
+])
+def test_bad_input_is_named(change, message):
+    (tx, ty), (vx, vy) = clusters(50, 1), clusters(10, 2)
+    arguments = dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy, num_classes=CLASSES, progress=False)
+    arguments.update(change)
+    with pytest.raises(RetrainError, match=message):
+        train.train_head(**arguments)
