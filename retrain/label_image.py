@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from pathlib import Path
 
+from retrain.cli import _OneLineErrorParser
 from retrain.errors import RetrainError
 
 BATCH_SIZE = 32
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="python -m retrain.label_image",
         description="Print the top classes of images, using a model exported by retrain.")
     parser.add_argument("--graph", required=True, help="the .keras model file written by retrain")
@@ -49,7 +50,9 @@ def _positive_int(text):
 
 
 def main(argv=None) -> int:
+    """Entry point of `python -m retrain.label_image`; returns the exit status."""
     args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     from retrain.quiet_tensorflow import import_tensorflow
 
     import_tensorflow()
@@ -57,16 +60,16 @@ def main(argv=None) -> int:
         paths, failures = image_paths(args.image)
         labeller = Labeller(args.graph, args.labels)
     except RetrainError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"label_image: error: {error}", file=sys.stderr)
         return 2
     for path, reason in failures:
-        print(f"error: {path}: {reason}", file=sys.stderr)
+        print(f"label_image: error: {path}: {reason}", file=sys.stderr)
 
     results = []
     for path, outcome in labeller.label(paths, args.top_k):
         if isinstance(outcome, RetrainError):
             failures.append((path, str(outcome)))
-            print(f"error: {outcome}", file=sys.stderr)
+            print(f"label_image: error: {outcome}", file=sys.stderr)
         elif args.json:
             results.append({"image": path, "predictions": [
                 {"label": label, "score": score} for label, score in outcome]})
