@@ -143,17 +143,21 @@ def test_save_refuses_other_suffixes(parts, tmp_path):
         export.save_classifier(parts[1], tmp_path / "model.h5")
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "Model file not found"),
-    (b"not a zip at all", "Cannot load model"),
-    (b"PK\x03\x04 truncated zip", "Cannot load model"),
+@pytest.mark.parametrize("read, name, content, message", [
+    (export.load_classifier, "model.keras", None, "Model file not found"),
+    (export.load_classifier, "model.keras", b"not a zip at all", "Cannot load model"),
+    (export.load_classifier, "model.keras", b"PK\x03\x04 truncated zip", "Cannot load model"),
+    (export.read_labels, "labels.txt", None, "Cannot read labels file"),
+    (export.read_labels, "labels.txt", b"", "one class name per line"),
+    (export.read_labels, "labels.txt", b"cat\n\ndog\n", "no blank"),
+    (export.read_labels, "labels.txt", b"\xff\xfe\x00c", "not UTF-8"),
 ])
-def test_load_names_the_bad_file(tmp_path, content, message):
-    path = tmp_path / "model.keras"
+def test_unusable_files_are_named_in_one_line(tmp_path, read, name, content, message):
+    path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(RetrainError, match=message) as raised:
-        export.load_classifier(path)
+        read(path)
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)
 
 
@@ -174,17 +178,3 @@ def test_labels_round_trip_in_order(tmp_path):
 def test_write_labels_refuses_unusable_names(tmp_path, names):
     with pytest.raises(RetrainError, match="single-line"):
         export.write_labels(names, tmp_path / "labels.txt")
-
-
-@pytest.mark.parametrize("content, message", [
-    (None, "Cannot read labels file"),
-    (b"", "one class name per line"),
-    (b"cat\n\ndog\n", "no blank"),
-    (b"\xff\xfe\x00c", "not UTF-8"),
-])
-def test_read_labels_names_the_bad_file(tmp_path, content, message):
-    path = tmp_path / "labels.txt"
-    if content is not None:
-        path.write_bytes(content)
-    with pytest.raises(RetrainError, match=message):
-        export.read_labels(path)

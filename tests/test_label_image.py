@@ -54,7 +54,9 @@ def model(tmp_path_factory):
     validation = np.arange(len(paths)) % VARIANTS == 0
     trained = train.train_head(bottlenecks[~validation], labels[~validation],
                                bottlenecks[validation], labels[validation], len(PHOTOS),
-                               how_many_training_steps=300, progress=False)
+                               how_many_training_steps=300, learning_rate=0.003,
+                               train_batch_size=100, validation_batch_size=-1,
+                               eval_step_interval=10, seed=0, progress=False)
     graph = export.save_classifier(export.build_classifier(backbone, trained.head, spec.input_size),
                                    root / "model.keras")
     labels_file = export.write_labels(list(PHOTOS), root / "labels.txt")

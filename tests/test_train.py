@@ -17,7 +17,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 FEATURES = 32
 CLASSES = 4
-FAST = dict(how_many_training_steps=300, eval_step_interval=10, progress=False)
+# The command line's defaults, with a smaller step budget.
+FAST = dict(how_many_training_steps=300, learning_rate=0.003, train_batch_size=100,
+            validation_batch_size=-1, eval_step_interval=10, seed=0, progress=False)
+
+
+def settings(**changes):
+    return {**FAST, **changes}
 
 
 def clusters(n, seed, spread=1.0):
@@ -43,7 +49,7 @@ def learned_well(head, x, y):
 
 def test_separable_vectors_are_learned():
     (tx, ty), (vx, vy), (sx, sy) = clusters(400, 1), clusters(100, 2), clusters(200, 3)
-    result = train.train_head(tx, ty, vx, vy, CLASSES, seed=0, **FAST)
+    result = train.train_head(tx, ty, vx, vy, CLASSES, **FAST)
     assert learned_well(result.head, sx, sy)
     probabilities = result.head.predict(sx, verbose=0)
     assert probabilities.shape == (200, CLASSES) and probabilities.dtype == np.float32
@@ -54,7 +60,7 @@ def test_random_labels_fail_the_check():
     (tx, _), (vx, _), (sx, _) = clusters(400, 1), clusters(100, 2), clusters(200, 3)
     rng = np.random.default_rng(7)
     ty, vy, sy = (rng.integers(0, CLASSES, n) for n in (400, 100, 200))
-    result = train.train_head(tx, ty, vx, vy, CLASSES, seed=0, **FAST)
+    result = train.train_head(tx, ty, vx, vy, CLASSES, **FAST)
     assert not learned_well(result.head, sx, sy)
     assert accuracy(result.head, sx, sy) < 0.45  # chance is 0.25
 
@@ -64,8 +70,8 @@ def test_early_stopping_keeps_the_best_weights():
     # head memorises them, so training must stop early and roll back.
     (tx, _), (vx, vy) = clusters(200, 1), clusters(100, 2)
     ty = np.random.default_rng(3).integers(0, CLASSES, 200)
-    result = train.train_head(tx, ty, vx, vy, CLASSES, seed=0, how_many_training_steps=4000,
-                              eval_step_interval=10, learning_rate=0.05, progress=False)
+    result = train.train_head(tx, ty, vx, vy, CLASSES,
+                              **settings(how_many_training_steps=4000, learning_rate=0.05))
     steps = [entry["step"] for entry in result.history]
     assert result.stopped_early and steps[-1] < 4000
     assert result.best_step < steps[-1]
@@ -78,7 +84,7 @@ def test_early_stopping_keeps_the_best_weights():
 
 def test_same_seed_same_head_other_seed_other_head():
     (tx, ty), (vx, vy) = clusters(200, 1), clusters(50, 2)
-    weights = [train.train_head(tx, ty, vx, vy, CLASSES, seed=seed, **FAST).head.get_weights()[0]
+    weights = [train.train_head(tx, ty, vx, vy, CLASSES, **settings(seed=seed)).head.get_weights()[0]
                for seed in (5, 5, 6)]
     np.testing.assert_array_equal(weights[0], weights[1])
     assert not np.allclose(weights[0], weights[2])
@@ -88,7 +94,7 @@ def test_empty_validation_set_trains_the_whole_budget(caplog):
     (tx, ty), (sx, sy) = clusters(300, 1), clusters(200, 3)
     empty_x, empty_y = np.zeros((0, FEATURES), np.float32), np.zeros(0, np.int64)
     with caplog.at_level(logging.WARNING, logger="retrain.train"):
-        result = train.train_head(tx, ty, empty_x, empty_y, CLASSES, seed=0, **FAST)
+        result = train.train_head(tx, ty, empty_x, empty_y, CLASSES, **FAST)
     assert "validation set is empty" in caplog.text
     assert not result.stopped_early
     assert result.best_step == result.history[-1]["step"] == 300
@@ -98,19 +104,17 @@ def test_empty_validation_set_trains_the_whole_budget(caplog):
 
 def test_steps_are_whole_evaluation_intervals():
     (tx, ty), (vx, vy) = clusters(100, 1), clusters(40, 2)
-    result = train.train_head(tx, ty, vx, vy, CLASSES, seed=0, how_many_training_steps=25,
-                              eval_step_interval=10, progress=False)
+    result = train.train_head(tx, ty, vx, vy, CLASSES, **settings(how_many_training_steps=25))
     assert [entry["step"] for entry in result.history] == [10, 20, 30]
-    short = train.train_head(tx, ty, vx, vy, CLASSES, seed=0, how_many_training_steps=3,
-                             eval_step_interval=10, progress=False)
+    short = train.train_head(tx, ty, vx, vy, CLASSES, **settings(how_many_training_steps=3))
     assert [entry["step"] for entry in short.history] == [3]
 
 
 def test_validation_sample_and_summaries(tmp_path):
     (tx, ty), (vx, vy) = clusters(100, 1), clusters(60, 2)
-    train.train_head(tx, ty, vx, vy, CLASSES, seed=0, validation_batch_size=20,
-                     how_many_training_steps=30, eval_step_interval=10, progress=False,
-                     summaries_dir=str(tmp_path))
+    for steps in (50, 30):  # the second run's logs replace the first's
+        train.train_head(tx, ty, vx, vy, CLASSES, summaries_dir=str(tmp_path),
+                         **settings(validation_batch_size=20, how_many_training_steps=steps))
     for folder in ("train", "validation"):
         events = [event for path in (tmp_path / folder).iterdir()
                   for event in tf.compat.v1.train.summary_iterator(str(path))]
@@ -133,7 +137,7 @@ def test_validation_sample_and_summaries(tmp_path):
 ])
 def test_bad_input_is_named(change, message):
     (tx, ty), (vx, vy) = clusters(50, 1), clusters(10, 2)
-    arguments = dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy, num_classes=CLASSES, progress=False)
+    arguments = dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy, num_classes=CLASSES, **FAST)
     arguments.update(change)
     with pytest.raises(RetrainError, match=message):
         train.train_head(**arguments)
