@@ -71,7 +71,7 @@ def load_classifier(path) -> keras.Model:
     path = Path(path)
     if not path.is_file():
         raise RetrainError(f"Model file not found: {path}. Pass the .keras file written by a "
-                           f"retrain run (default output/model.keras). Received: graph={path}")
+                           f"retrain run (default output/model.keras). Received: path={path}")
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # noqa: BLE001  (zip, HDF5, JSON and Keras errors all mean "unusable")
@@ -99,7 +99,7 @@ def read_labels(path) -> list[str]:
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
         raise RetrainError(f"Cannot read labels file {path}: {reason}. Pass the labels.txt written "
-                           f"with the model. Received: labels={path}") from None
+                           f"with the model. Received: path={path}") from None
     names = text.splitlines()
     if not names or not all(names):
         raise RetrainError(f"Labels file {path} must list one class name per line, with no blank "
