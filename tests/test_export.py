@@ -13,10 +13,6 @@ from skimage import data
 from retrain import backbones, export, images, train
 from retrain.errors import RetrainError
 
-# Keras's saving converts every variable with np.array(variable), which NumPy 2
-# flags (keras/src/backend/tensorflow/core.py, convert_to_numpy).
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
 NAMES = ["cat", "coffee", "person"]
 # Real photos at their own sizes: 300x451, 400x600, 512x512, and a small crop.
 PHOTOS = {

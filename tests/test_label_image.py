@@ -12,8 +12,6 @@ from skimage import data
 
 from retrain import backbones, export, images, label_image, train
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
 PHOTOS = {"cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket()}
 VARIANTS = 6  # per class: random crops, flips and brightness
 

@@ -11,10 +11,6 @@ from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
 
-# Keras's ReduceLROnPlateau reads the learning rate with np.array(variable),
-# which NumPy 2 flags on every evaluation (keras/src/callbacks/reduce_lr_on_plateau.py).
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
 FEATURES = 32
 CLASSES = 4
 # The command line's defaults, with a smaller step budget.
