@@ -43,7 +43,7 @@ HELP = {
 }
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """Usage errors as one stderr line: the full usage of ~20 flags buries the error."""
 
     def error(self, message):
@@ -52,7 +52,7 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per Config field; defaults stay None so YAML values are not masked."""
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog="python -m retrain",
         description="Train a new softmax layer on a frozen ImageNet backbone "
                     "from a folder of labelled photos.",

@@ -37,7 +37,7 @@ class Config:
     output_labels: Optional[str] = None
     summaries_dir: Optional[str] = None
     how_many_training_steps: int = 4000
-    learning_rate: float = 0.01
+    learning_rate: float = 0.003
     train_batch_size: int = 100
     validation_batch_size: int = -1
     test_batch_size: int = -1
@@ -138,6 +138,10 @@ def validate(config: Config) -> None:
     if config.bottleneck_dtype not in ("float16", "float32"):
         raise RetrainError(
             f"--bottleneck_dtype must be float16 or float32. Received: bottleneck_dtype={config.bottleneck_dtype}"
+        )
+    if config.output_graph and not config.output_graph.endswith(".keras"):
+        raise RetrainError(
+            f"--output_graph must be a file name ending in .keras. Received: output_graph={config.output_graph}"
         )
     if not config.image_dir:
         raise RetrainError("--image_dir is required: a folder with one sub-folder of images per class.")

@@ -20,14 +20,14 @@ import logging
 import os
 import sys
 
-from retrain.cli import _OneLineErrorParser
+from retrain.cli import OneLineErrorParser
 from retrain.errors import RetrainError
 
 BATCH_SIZE = 32
 
 
 def parse_args(argv):
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog="python -m retrain.label_image",
         description="Print the top classes of images, using a model exported by retrain.")
     parser.add_argument("--graph", required=True, help="the .keras model file written by retrain")
