@@ -22,6 +22,7 @@ from retrain.errors import RetrainError
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class RunResult:
     """What a run produced; `evaluation` and paths are None for --cache_only."""
@@ -40,6 +41,7 @@ def run(config: Config) -> RunResult:
                                  config.validation_percentage)
     check_classes(image_list)
     out_dir = make_output_dir(config.output_dir)
+    save_yaml(config, out_dir / "settings.yaml")
 
     cache = BottleneckCache(config.bottleneck_dir, spec.name,
                             weights_file=config.backbone_weights, dtype=config.bottleneck_dtype)
@@ -62,7 +64,6 @@ def run(config: Config) -> RunResult:
 
     arrays = {name: bucket_arrays(cache, entries) for name, entries in by_bucket.items()}
     outputs = config.resolved_outputs()
-    save_yaml(config, out_dir / "settings.yaml")
     trained = train.train_head(
         *arrays["training"], *arrays["validation"], len(image_list.class_names),
         how_many_training_steps=config.how_many_training_steps,
