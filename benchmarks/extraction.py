@@ -10,7 +10,9 @@ in one process on one machine:
 * pipeline: ``extract.bottleneck_batches`` with the backbone already built
   (read, hash, decode, resize, forward), steady state;
 * forward only: the same backbone on pre-decoded, pre-resized arrays;
-* their ratio, and the peak resident memory of the cache builds.
+* their ratio (the median of the per-run ratios: each run pairs a pipeline
+  and a forward-only pass made back to back), and the peak resident memory of
+  the cache builds.
 
 Each figure is the median over ``--runs`` runs.
 """
@@ -123,7 +125,7 @@ def main(argv=None):
     print(f"extraction pipeline, backbone built:       {statistics.median(rates):7.1f} images/s")
     print(f"backbone forward only, pre-decoded:        {statistics.median(forward):7.1f} images/s")
     ratios = [rate / alone for rate, alone in zip(rates, forward)]
-    print(f"pipeline / forward only:                   {statistics.median(ratios):7.2f}")
+    print(f"pipeline / forward only, median of paired runs: {statistics.median(ratios):4.2f}")
     print(f"peak resident memory during the cache builds: {peak:4.0f} MiB")
     return 0
 
