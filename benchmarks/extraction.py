@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import backbones, extract, images
+from retrain import backbones, decode, extract, images
 from retrain.cache import BottleneckCache
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -110,7 +110,7 @@ def main(argv=None):
     paths = [image_list.image_dir / e.relative_path for e in image_list.entries]
     # The network's speed does not depend on the pixels: a few batches do.
     arrays = np.stack([
-        images.resize_to_input(images.decode_rgb(path, spec.input_size), spec.input_size)
+        decode.resize_to_input(decode.decode_rgb(path, spec.input_size), spec.input_size)
         for path in paths[: 8 * args.batch_size]
     ])
     # Interleaved, so that a change in the machine's load hits both alike.

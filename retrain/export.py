@@ -1,7 +1,7 @@
 """The deployable classifier: resizing + backbone + trained head in one Keras file.
 
 `build_classifier` chains a Resizing layer (the op extraction used, see
-`retrain.images.resize_to_input`), the backbone (which normalises pixels
+`retrain.decode.resize_to_input`), the backbone (which normalises pixels
 inside itself) and the head, so the saved model takes plain RGB images of any
 size and no caller can preprocess them wrongly. `labels.txt` lists the class
 names in output order, one per line.

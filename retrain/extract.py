@@ -1,43 +1,21 @@
 """Bottleneck extraction: image files -> backbone vectors, in batches.
 
-Reading, hashing, decoding and resizing run on tf.data's thread pool
-(Pillow and TensorFlow release the GIL) while the main thread runs the
-backbone on the previous batch, so the network is rarely left waiting. A
-file that cannot be read or decoded becomes a failure with a reason; it
-never stops the other images.
+Pixels come from ``decode.image_batches`` (reading, hashing, decoding and
+resizing on tf.data's thread pool) while the main thread runs the backbone on
+the previous batch, so the network is rarely left waiting. A file that
+cannot be read or decoded becomes a failure with a reason; it never stops the
+other images.
 """
 
 import dataclasses
-import hashlib
-import os
-import typing
 import weakref
 
 import numpy as np
 
-from retrain import images
+from retrain import decode
 from retrain.quiet_tensorflow import import_tensorflow
 
-_READ_CHUNK = 1 << 20
 _FORWARD = weakref.WeakKeyDictionary()
-
-
-class FileState(typing.NamedTuple):
-    """What identifies a file's content: size, mtime (ns), sha256 hex digest."""
-
-    size: int
-    mtime_ns: int
-    sha256: str
-
-
-def file_state(path):
-    """The FileState of ``path``, reading the whole file for the digest."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        status = os.fstat(file.fileno())
-        while chunk := file.read(_READ_CHUNK):
-            digest.update(chunk)
-    return FileState(status.st_size, status.st_mtime_ns, digest.hexdigest())
 
 
 @dataclasses.dataclass
@@ -58,21 +36,6 @@ class ExtractedBatch:
 
     def __len__(self):
         return len(self.positions) + len(self.failures)
-
-
-def _load(path, input_size):
-    """(uint8 [h, w, 3] pixels or None, FileState or None, failure reason or None)."""
-    try:
-        with open(path, "rb") as file:
-            status = os.fstat(file.fileno())
-            content = file.read()
-    except OSError as error:
-        return None, None, f"cannot read: {error.strerror or error}"
-    state = FileState(status.st_size, status.st_mtime_ns, hashlib.sha256(content).hexdigest())
-    try:
-        return images.decode_rgb(path, input_size, content=content), state, None
-    except images.ImageDecodeError as error:
-        return None, state, error.reason
 
 
 def _forward_function(model, input_size):
@@ -98,34 +61,13 @@ def bottleneck_batches(paths, model, input_size, batch_size=32):
 
     Memory stays bounded by the batch size: nothing is kept between batches.
     """
-    tf = import_tensorflow()
     outcomes = {}
-
-    def load(index):
-        index = int(index)
-        pixels, state, reason = _load(paths[index], input_size)
-        outcomes[index] = (state, reason)
-        if pixels is None:
-            return np.zeros((1, 1, 3), np.uint8), False
-        return pixels, True
-
-    def prepare(index):
-        pixels, decoded = tf.numpy_function(load, [index], [tf.uint8, tf.bool])
-        pixels.set_shape([None, None, 3])
-        decoded.set_shape([])
-        return index, images.resize_to_input(pixels, input_size), decoded
-
-    dataset = (
-        tf.data.Dataset.range(len(paths))
-        .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    dataset = decode.image_batches(paths, input_size, batch_size, outcomes=outcomes,
+                                  hash_files=True)
     forward = _forward_function(model, input_size)
     feature_dim = model.output_shape[-1]
     for indices, pixels, decoded in dataset:
         indices, decoded = indices.numpy(), decoded.numpy()
-        # Failed items ride along as blank images (cheaper than re-batching).
         if decoded.any():
             vectors = forward(pixels).numpy()[decoded]
         else:
@@ -134,10 +76,10 @@ def bottleneck_batches(paths, model, input_size, batch_size=32):
         yield ExtractedBatch(
             positions=indices[decoded],
             bottlenecks=vectors,
-            states=[state for (state, _), ok in zip(results, decoded) if ok],
+            states=[outcome.state for outcome, ok in zip(results, decoded) if ok],
             failures=[
-                (int(i), reason, state)
-                for i, (state, reason), ok in zip(indices, results, decoded)
+                (int(i), outcome.reason, outcome.state)
+                for i, outcome, ok in zip(indices, results, decoded)
                 if not ok
             ],
         )

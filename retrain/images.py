@@ -1,17 +1,15 @@
-"""Images: discovery of a class-per-folder tree, the hash split, decode, resize.
+"""Images: discovery of a class-per-folder tree and the hash split.
 
 ``discover`` lists ``image_dir/<class>/**/<image>`` and gives every image a
 split bucket and a cache key that depend only on its path relative to
 ``image_dir``, so moving the folder, copying it to another machine or adding
 images never moves an existing image between buckets.
 
-``decode_rgb`` and ``resize_to_input`` are the one way pixels are made, for
-extraction and for inference alike, so a model sees the same pixels in both.
+Turning files into pixels is ``retrain.decode``'s job.
 """
 
 import dataclasses
 import hashlib
-import io
 import logging
 import numbers
 import os
@@ -20,22 +18,12 @@ import stat
 import unicodedata
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps
-
+from retrain.decode import FORMAT_NAMES, SNIFF_BYTES, sniff_format
 from retrain.errors import RetrainError
-from retrain.quiet_tensorflow import import_tensorflow
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
-_FORMAT_NAMES = "JPEG, PNG, GIF, BMP or WebP"
 BUCKETS = ("training", "validation", "testing")
-
-# Alpha is composited onto this colour: transparent areas of logos and
-# cut-outs are usually shown on white, and a fixed colour keeps the pixels the
-# same in extraction and inference.
-ALPHA_BACKGROUND = (255, 255, 255)
 
 # Files and folders that tools leave in photo folders; hidden names (".*")
 # are ignored as well.
@@ -43,10 +31,6 @@ IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 
 _NOHASH = re.compile(r"_nohash_.*$")
 _SPLIT_RESOLUTION = 2**27
-_SNIFF_BYTES = 16
-# JPEG draft decoding keeps this many times the target side, so that the
-# antialiased resize, not libjpeg's DCT scaling, does most of the shrinking.
-_DRAFT_MARGIN = 2
 
 # Formats people put in photo folders that we refuse, named so the user knows
 # what to convert: (offset, magic bytes, name).
@@ -60,18 +44,6 @@ _KNOWN_UNSUPPORTED = (
     (0, b"%PDF", "PDF"),
     (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
 )
-
-
-class ImageDecodeError(RetrainError):
-    """An image file that cannot be turned into RGB pixels.
-
-    ``path`` names the file and ``reason`` says why, in words a user can act on.
-    """
-
-    def __init__(self, path, reason):
-        super().__init__(f"Cannot decode image {path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,24 +136,6 @@ def _check_percentages(testing_percentage, validation_percentage):
         )
 
 
-def sniff_format(head):
-    """The supported format of a file from its first bytes, or None.
-
-    ``head``: the first 16 (or more) bytes of the file.
-    """
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if head.startswith(b"BM"):
-        return "BMP"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
 def _rejection(path):
     """Why ``path`` is not a supported image, or None when it is one."""
     try:
@@ -189,7 +143,7 @@ def _rejection(path):
         if not stat.S_ISREG(os.stat(path).st_mode):
             return "not a regular file"
         with open(path, "rb") as file:
-            head = file.read(_SNIFF_BYTES)
+            head = file.read(SNIFF_BYTES)
     except FileNotFoundError:
         return "cannot read: broken symbolic link"
     except OSError as error:
@@ -203,7 +157,7 @@ def _rejection(path):
             return f"unsupported format ({name}); convert it to JPEG or PNG"
     return (
         f"unsupported format (content starts with {head[:8]!r}; "
-        f"accepted: {_FORMAT_NAMES})"
+        f"accepted: {FORMAT_NAMES})"
     )
 
 
@@ -327,101 +281,3 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
     for relative_path, reason in skipped:
         logger.warning("skipped %s: %s", relative_path, reason)
     return ImageList(root, class_names, entries, skipped)
-
-
-def _to_rgb(image):
-    """Any Pillow mode of the supported formats -> an RGB image, 8 bits."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # convert("RGB") clips 16-bit values at 255 instead of scaling them.
-        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
-        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    ):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def decode_rgb(path, target_size=None, *, content=None):
-    """Decodes an image file into RGB pixels.
-
-    Applies the EXIF orientation, takes the first frame of animations,
-    scales 16-bit images to 8 bits, converts grayscale, palette and CMYK to
-    RGB and composites alpha onto white (``ALPHA_BACKGROUND``).
-
-    Args:
-      path: the image file (str or Path).
-      target_size: the square side the pixels will be resized to, or None.
-        When given, a JPEG is decoded at the smallest libjpeg scale (1/2, 1/4,
-        1/8) whose sides all stay at least twice ``target_size``: several
-        times faster for camera photos. It changes the pixels slightly (on
-        photos, Lite0 bottlenecks moved by under 5% relative L2; with no
-        2x margin, by up to 12%), so every caller that feeds the same model
-        (extraction, label_image) must pass the same value.
-      content: the file's bytes when the caller has read them already;
-        ``path`` then only names the file in errors.
-
-    Returns:
-      np.ndarray uint8 [height, width, 3], values in [0, 255].
-
-    Raises:
-      ImageDecodeError naming the file and the reason.
-    """
-    try:
-        if content is None:
-            content = Path(path).read_bytes()
-        if not content:
-            raise ImageDecodeError(path, "empty file")
-        with Image.open(io.BytesIO(content), formats=SUPPORTED_FORMATS) as image:
-            if target_size and image.format == "JPEG":
-                image.draft(None, (_DRAFT_MARGIN * target_size,) * 2)
-            image.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
-            return np.asarray(rgb, dtype=np.uint8).copy()
-    except ImageDecodeError:
-        raise
-    except Image.UnidentifiedImageError:
-        format = sniff_format(content[:_SNIFF_BYTES])
-        reason = f"damaged {format} file" if format else f"not a {_FORMAT_NAMES} image"
-        raise ImageDecodeError(path, reason) from None
-    except Image.DecompressionBombError as error:
-        raise ImageDecodeError(path, f"image too large ({error})") from None
-    except OSError as error:
-        raise ImageDecodeError(path, f"unreadable or truncated ({error})") from None
-    # Pillow's decoders raise many types (SyntaxError, ValueError, EOFError,
-    # struct.error, ...) on damaged files; one damaged file must not stop a run.
-    except Exception as error:  # noqa: BLE001
-        raise ImageDecodeError(
-            path, f"damaged image ({type(error).__name__}: {error})"
-        ) from None
-
-
-def resize_to_input(image, size):
-    """Resizes pixels to ``size`` x ``size`` exactly as the exported model does.
-
-    The op is the one ``keras.layers.Resizing(size, size,
-    interpolation="bilinear", antialias=True)`` runs on the TensorFlow
-    backend: a float32 cast, then ``tf.image.resize`` bilinear with
-    antialiasing. The aspect ratio is squashed, not cropped.
-
-    Args:
-      image: uint8 or float [height, width, 3] (or [batch, height, width, 3])
-        RGB values in [0, 255]; numpy or a tf.Tensor.
-      size: int, the backbone's input side.
-
-    Returns:
-      float32 [size, size, 3] values in [0, 255]: np.ndarray when called
-      eagerly, a tf.Tensor inside tf.function / tf.data.
-    """
-    if not isinstance(size, int) or size < 1:
-        raise RetrainError(f"size must be a positive int. Received: size={size!r}")
-    # Imported here: discovery and decoding must not pay for (or print) the
-    # TensorFlow start-up.
-    tf = import_tensorflow()
-    resized = tf.image.resize(
-        tf.cast(image, tf.float32), (size, size), method="bilinear", antialias=True
-    )
-    return resized.numpy() if tf.executing_eagerly() else resized

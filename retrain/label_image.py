@@ -90,7 +90,7 @@ def image_paths(arguments):
     Folders are searched recursively and only files whose content is a
     supported image format are kept. Raises RetrainError when nothing is left.
     """
-    from retrain.images import sniff_format
+    from retrain.decode import sniff_format
 
     paths, failures = [], []
     for argument in arguments:
@@ -141,30 +141,29 @@ class Labeller:
     def label(self, paths, top_k):
         """Yields (path, [(label, score), ...] best first) or (path, RetrainError), in order.
 
-        Images are decoded as extraction decodes them and resized with the
-        model's own resizing op up front, so images of any size share a batch.
+        Pixels come from the same dataset builder as extraction, resized up
+        front with the model's own resizing op, so images of any size share
+        a batch.
         """
         import numpy as np
 
-        from retrain import images
+        from retrain import decode
 
-        for start in range(0, len(paths), BATCH_SIZE):
-            decoded, outcomes = [], {}
-            for path in paths[start:start + BATCH_SIZE]:
-                try:
-                    pixels = images.decode_rgb(path, target_size=self.input_size)
-                    decoded.append((path, images.resize_to_input(pixels, self.input_size)))
-                except RetrainError as error:
-                    outcomes[path] = error
-            if decoded:
-                batch = np.stack([pixels for _, pixels in decoded])
-                probabilities = self.model.predict_on_batch(batch)
-                for (path, _), row in zip(decoded, probabilities):
-                    best = np.argsort(-row, kind="stable")[:top_k]
-                    outcomes[path] = [(self.class_names[i], float(row[i])) for i in best]
-            for path in paths[start:start + BATCH_SIZE]:
-                yield path, outcomes[path]
-
+        outcomes = {}
+        batches = decode.image_batches(paths, self.input_size, BATCH_SIZE, outcomes=outcomes)
+        for indices, pixels, ok in batches:
+            indices, ok = indices.numpy(), ok.numpy()
+            probabilities = self.model.predict_on_batch(pixels.numpy()[ok]) if ok.any() else []
+            rows = iter(probabilities)
+            for index, decoded in zip(indices, ok):
+                outcome = outcomes.pop(int(index))
+                path = paths[index]
+                if not decoded:
+                    yield path, decode.ImageDecodeError(path, outcome.reason)
+                    continue
+                row = next(rows)
+                best = np.argsort(-row, kind="stable")[:top_k]
+                yield path, [(self.class_names[i], float(row[i])) for i in best]
 
 if __name__ == "__main__":
     sys.exit(main())

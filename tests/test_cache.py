@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import backbones, images
+from retrain import backbones, decode, images
 from retrain.cache import BottleneckCache, journal
 from retrain.errors import RetrainError
 
@@ -66,7 +66,7 @@ def expected_bottlenecks(image_list):
     """What the cache must hold: decode, resize and the backbone, one image at a time."""
     model = backbones.load("efficientnet_lite0")
     pixels = [
-        images.resize_to_input(images.decode_rgb(image_list.image_dir / e.relative_path, 224), 224)
+        decode.resize_to_input(decode.decode_rgb(image_list.image_dir / e.relative_path, 224), 224)
         for e in image_list.entries
     ]
     return np.concatenate([model(p[None], training=False).numpy() for p in pixels])
@@ -132,7 +132,7 @@ def test_changed_image_is_extracted_again_and_unchanged_is_not(tmp_path, image_d
         assert np.array_equal(before[path], after[path]) != changed, path
 
     digests = []
-    monkeypatch.setattr("retrain.extract.file_state", digests.append)
+    monkeypatch.setattr("retrain.decode.file_state", digests.append)
     third = cache.update(found, progress=False)
     assert (third.extracted, third.reused, digests) == (0, 10, []), "touched mtime not stored"
     with h5py.File(cache.path) as file:

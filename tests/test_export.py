@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from retrain import backbones, export, images, train
+from retrain import backbones, decode, export, train
 from retrain.errors import RetrainError
 
 NAMES = ["cat", "coffee", "person"]
@@ -39,7 +39,7 @@ def parts():
 def in_process(parts):
     """Probabilities the way training sees images: resize_to_input -> backbone -> head."""
     backbone, head, _, size = parts
-    return {name: head.predict(backbone.predict(images.resize_to_input(pixels, size)[None], verbose=0),
+    return {name: head.predict(backbone.predict(decode.resize_to_input(pixels, size)[None], verbose=0),
                                verbose=0)[0]
             for name, pixels in PHOTOS.items()}
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import backbones, export, images, label_image, train
+from retrain import backbones, decode, export, label_image, train
 
 PHOTOS = {"cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket()}
 VARIANTS = 6  # per class: random crops, flips and brightness
@@ -45,7 +45,7 @@ def model(tmp_path_factory):
     spec = backbones.get("efficientnet_lite0")
     backbone = backbones.load(spec.name)
     # Decoded and resized as the bottleneck cache does.
-    pixels = np.stack([images.resize_to_input(images.decode_rgb(path, target_size=spec.input_size),
+    pixels = np.stack([decode.resize_to_input(decode.decode_rgb(path, target_size=spec.input_size),
                                               spec.input_size) for path in paths])
     bottlenecks = backbone.predict(pixels, verbose=0)
     labels = np.array(labels)

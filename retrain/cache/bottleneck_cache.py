@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from retrain import backbones, extract
+from retrain import backbones, decode, extract
 from retrain.cache import store
 from retrain.cache.journal import Failure, Journal, Records
 from retrain.errors import RetrainError
@@ -282,7 +282,7 @@ def _journal_touched(touched, cache, journal):
 
 def _state_or_none(path):
     try:
-        return extract.file_state(path)
+        return decode.file_state(path)
     except OSError:
         return None
 
