@@ -2,7 +2,8 @@
 
 `Config` holds every setting with its default. `load_yaml` reads a YAML mapping
 and refuses keys that are not fields (a typo must not be silently ignored).
-`validate` checks values; `save_yaml` writes the resolved settings beside the
+`validate` checks values (with `check_setting`, which library functions
+taking the same settings as arguments call too); `save_yaml` writes the resolved settings beside the
 outputs so every output folder says exactly what produced it.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
+from retrain import atomic_write
 from retrain.backbones import DEFAULT_BACKBONE
 from retrain.errors import RetrainError
 
@@ -109,46 +112,72 @@ def _coerce(key: str, value: Any, type_name: str, path) -> Any:
     return float(value) if base == "float" else value
 
 
+BOTTLENECK_DTYPES = ("float16", "float32")
+
+
+def _count(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# field -> (test of the value, what it must be). The one place setting values
+# are checked: `validate` for a whole Config, and the library functions that
+# take settings as plain arguments (train_head, discover, BottleneckCache) via
+# `check_setting`, so a notebook user gets the same message as the command line.
+_RULES = {
+    **{name: (lambda v: _count(v) and v >= 1, "an integer of at least 1")
+       for name in ("how_many_training_steps", "train_batch_size", "eval_step_interval",
+                    "extraction_batch_size")},
+    **{name: (lambda v: _count(v) and (v >= 1 or v == -1),
+              "a positive integer, or -1 for the whole set")
+       for name in ("validation_batch_size", "test_batch_size")},
+    "learning_rate": (lambda v: _real(v) and 0 < v < math.inf, "a positive finite number"),
+    # NumPy's (and so Keras's) global seed must fit in 32 unsigned bits.
+    "seed": (lambda v: _count(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    **{name: (lambda v: _real(v) and 0 <= v < 100, "a number in [0, 100)")
+       for name in ("testing_percentage", "validation_percentage")},
+    "bottleneck_dtype": (lambda v: v in BOTTLENECK_DTYPES, " or ".join(BOTTLENECK_DTYPES)),
+    "output_graph": (lambda v: v is None or isinstance(v, str) and v.endswith(".keras"),
+                     "a file name ending in .keras"),
+}
+
+
+def check_setting(name: str, value: Any, argument: str | None = None) -> None:
+    """Raise RetrainError unless `value` is valid for the Config field `name`.
+
+    `argument` is the name the caller received the value under (default: the
+    field name); the message names it and the value received.
+    """
+    test, expected = _RULES[name]
+    if not test(value):
+        argument = argument or name
+        raise RetrainError(f"{argument} must be {expected}. Received: {argument}={value!r}")
+
+
+def check_split(testing_percentage: float, validation_percentage: float) -> None:
+    """Both percentages valid, and together leaving images for training."""
+    check_setting("testing_percentage", testing_percentage)
+    check_setting("validation_percentage", validation_percentage)
+    if testing_percentage + validation_percentage >= 100:
+        raise RetrainError(
+            "testing_percentage plus validation_percentage must be below 100 to leave "
+            f"images for training. Received: testing_percentage={testing_percentage!r}, "
+            f"validation_percentage={validation_percentage!r}"
+        )
+
+
 def validate(config: Config) -> None:
     """Raise RetrainError naming the first setting whose value cannot work."""
-    positive = ("how_many_training_steps", "train_batch_size", "eval_step_interval",
-                "extraction_batch_size")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise RetrainError(f"--{name} must be at least 1. Received: {name}={getattr(config, name)}")
-    for name in ("validation_batch_size", "test_batch_size"):
-        value = getattr(config, name)
-        if value == 0 or value < -1:
-            raise RetrainError(f"--{name} must be positive, or -1 for the whole set. Received: {name}={value}")
-    if not 0 < config.learning_rate < math.inf:
-        raise RetrainError(f"--learning_rate must be positive. Received: learning_rate={config.learning_rate}")
-    if not 0 <= config.seed < 2**32:
-        # NumPy's (and so Keras's) global seed must fit in 32 unsigned bits.
-        raise RetrainError(f"--seed must be in [0, 2**32). Received: seed={config.seed}")
-    for name in ("testing_percentage", "validation_percentage"):
-        value = getattr(config, name)
-        if not 0 <= value < 100:
-            raise RetrainError(f"--{name} must be in [0, 100). Received: {name}={value}")
-    if config.testing_percentage + config.validation_percentage >= 100:
-        raise RetrainError(
-            "--testing_percentage plus --validation_percentage must leave images for training. "
-            f"Received: testing_percentage={config.testing_percentage}, "
-            f"validation_percentage={config.validation_percentage}"
-        )
-    if config.bottleneck_dtype not in ("float16", "float32"):
-        raise RetrainError(
-            f"--bottleneck_dtype must be float16 or float32. Received: bottleneck_dtype={config.bottleneck_dtype}"
-        )
-    if config.output_graph and not config.output_graph.endswith(".keras"):
-        raise RetrainError(
-            f"--output_graph must be a file name ending in .keras. Received: output_graph={config.output_graph}"
-        )
+    for name in _RULES:
+        check_setting(name, getattr(config, name))
+    check_split(config.testing_percentage, config.validation_percentage)
     if not config.image_dir:
         raise RetrainError("--image_dir is required: a folder with one sub-folder of images per class.")
 
 
 def save_yaml(config: Config, path: str | os.PathLike) -> None:
     """Write the resolved settings (all fields) as YAML, e.g. output/settings.yaml."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(dataclasses.asdict(config), handle, sort_keys=False)
+    atomic_write.write_text(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -9,10 +9,9 @@ names in output order, one per line.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
+from retrain import atomic_write
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -57,8 +56,11 @@ def save_classifier(model: keras.Model, path) -> Path:
     path = Path(path)
     if path.suffix != ".keras":
         raise RetrainError(f"The model file name must end in .keras. Received: path={path}")
-    with _atomic_target(path) as temporary:
-        model.save(temporary)
+    try:
+        with atomic_write.atomic_path(path) as temporary:
+            model.save(str(temporary))
+    except OSError as error:
+        raise RetrainError(f"Cannot write {path}: {error.strerror or error}.") from None
     return path
 
 
@@ -86,8 +88,10 @@ def write_labels(class_names: list[str], path) -> Path:
     if bad or not class_names:
         raise RetrainError(f"Class names must be non-empty single-line strings. Received: {class_names!r}")
     path = Path(path)
-    with _atomic_target(path) as temporary:
-        Path(temporary).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    try:
+        atomic_write.write_text(path, "".join(f"{name}\n" for name in class_names))
+    except OSError as error:
+        raise RetrainError(f"Cannot write {path}: {error.strerror or error}.") from None
     return path
 
 
@@ -105,21 +109,3 @@ def read_labels(path) -> list[str]:
         raise RetrainError(f"Labels file {path} must list one class name per line, with no blank "
                            f"lines. Received {len(names)} lines.")
     return names
-
-
-@contextlib.contextmanager
-def _atomic_target(path: Path):
-    """Yields a temporary path beside `path`; on success it replaces `path`, on error it vanishes.
-
-    The temporary name keeps the suffix (Keras insists on .keras) and gets the
-    default permissions, unlike a mkstemp file.
-    """
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield str(temporary)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise RetrainError(f"Cannot write {path}: {error.strerror or error}.") from None
-    finally:
-        temporary.unlink(missing_ok=True)

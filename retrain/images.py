@@ -11,13 +11,13 @@ Turning files into pixels is ``retrain.decode``'s job.
 import dataclasses
 import hashlib
 import logging
-import numbers
 import os
 import re
 import stat
 import unicodedata
 from pathlib import Path
 
+from retrain.config import check_split
 from retrain.decode import FORMAT_NAMES, SNIFF_BYTES, sniff_format
 from retrain.errors import RetrainError
 
@@ -114,28 +114,6 @@ def split_bucket(relative_path, testing_percentage=10.0, validation_percentage=1
     return "training"
 
 
-def _check_percentages(testing_percentage, validation_percentage):
-    for name, value in (
-        ("testing_percentage", testing_percentage),
-        ("validation_percentage", validation_percentage),
-    ):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Real)
-            or not 0 <= value < 100
-        ):
-            raise RetrainError(
-                f"{name} must be a number in [0, 100). Received: {name}={value!r}"
-            )
-    if testing_percentage + validation_percentage >= 100:
-        raise RetrainError(
-            "testing_percentage + validation_percentage must be below 100 so that "
-            "some images are left for training. Received: "
-            f"testing_percentage={testing_percentage}, "
-            f"validation_percentage={validation_percentage}"
-        )
-
-
 def _rejection(path):
     """Why ``path`` is not a supported image, or None when it is one."""
     try:
@@ -215,7 +193,7 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
     Raises RetrainError for a missing or unreadable folder, a folder without
     class folders, or bad percentages.
     """
-    _check_percentages(testing_percentage, validation_percentage)
+    check_split(testing_percentage, validation_percentage)
     root = Path(image_dir)
     if not root.is_dir():
         raise RetrainError(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrain.config import check_setting
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -128,9 +129,12 @@ def train_head(
             "Validation bottlenecks must have as many features as training ones. "
             f"Received: train_x.shape={train_x.shape}, val_x.shape={val_x.shape}"
         )
-    _check_settings(how_many_training_steps=how_many_training_steps,
-                    train_batch_size=train_batch_size, eval_step_interval=eval_step_interval,
-                    learning_rate=learning_rate, validation_batch_size=validation_batch_size)
+    for name, value in (("how_many_training_steps", how_many_training_steps),
+                        ("train_batch_size", train_batch_size),
+                        ("eval_step_interval", eval_step_interval),
+                        ("learning_rate", learning_rate),
+                        ("validation_batch_size", validation_batch_size), ("seed", seed)):
+        check_setting(name, value)
 
     keras.utils.set_random_seed(seed)
     interval = min(eval_step_interval, how_many_training_steps)
@@ -257,17 +261,6 @@ def _check_arrays(name, x, y, num_classes, allow_empty):
     if not np.isfinite(x).all():
         raise RetrainError(f"{name}_x holds NaN or infinite values; rebuild the bottleneck cache.")
     return x, y.astype(np.int64)
-
-
-def _check_settings(**settings):
-    for name in ("how_many_training_steps", "train_batch_size", "eval_step_interval"):
-        if settings[name] < 1:
-            raise RetrainError(f"{name} must be at least 1. Received: {name}={settings[name]}")
-    if not settings["learning_rate"] > 0:
-        raise RetrainError(f"learning_rate must be positive. Received: learning_rate={settings['learning_rate']}")
-    if settings["validation_batch_size"] == 0 or settings["validation_batch_size"] < -1:
-        raise RetrainError("validation_batch_size must be positive, or -1 for the whole set. "
-                           f"Received: validation_batch_size={settings['validation_batch_size']}")
 
 
 def _validation_sample(val_x, val_y, size, seed):

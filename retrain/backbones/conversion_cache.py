@@ -7,14 +7,14 @@ that cannot be read or whose digest does not match is rebuilt with a warning;
 a cache that cannot be written only costs the next run a conversion.
 """
 
-import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from retrain import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +90,5 @@ def _read(path):
 
 def _write(path, arrays):
     """Write atomically: readers see the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            np.savez(file, **arrays, **{_DIGEST_KEY: np.array(_digest(arrays))})
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    with atomic_write.atomic_path(path) as temporary:
+        np.savez(temporary, **arrays, **{_DIGEST_KEY: np.array(_digest(arrays))})

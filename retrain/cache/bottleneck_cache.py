@@ -16,11 +16,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from retrain import backbones, decode, extract
 from retrain.cache import store
 from retrain.cache.journal import Failure, Journal, Records
+from retrain.config import check_setting
 from retrain.errors import RetrainError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float16", "float32")
 _TOUCHED_BATCH = 1024
 
 
@@ -70,10 +70,7 @@ class BottleneckCache:
 
     def __init__(self, bottleneck_dir, backbone_name, weights_file=None,
                  dtype="float16", lock_timeout=6 * 3600.0):
-        if dtype not in DTYPES:
-            raise RetrainError(
-                f"dtype must be one of {', '.join(DTYPES)}. Received: dtype={dtype!r}"
-            )
+        check_setting("bottleneck_dtype", dtype, argument="dtype")
         self._spec = backbones.get(backbone_name)
         self._weights_file = weights_file
         fingerprint = backbones.fingerprint(self._spec.name, weights_file)
@@ -99,10 +96,7 @@ class BottleneckCache:
         Returns:
           CacheReport.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise RetrainError(
-                f"batch_size must be a positive int. Received: batch_size={batch_size!r}"
-            )
+        check_setting("extraction_batch_size", batch_size, argument="batch_size")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._locked():

@@ -1,8 +1,7 @@
 """The cache journal: finished batches, each in one small file, until folded.
 
 Extraction appends each batch of records to ``<cache>.h5.journal/`` as one
-``.npz`` (numbered, newest last), written to a temporary name, fsynced and
-renamed, so a journal file is whole or absent whatever kills the process.
+``.npz`` (numbered, newest last), written with ``retrain.atomic_write``, so a journal file is whole or absent whatever kills the process.
 ``store.fold`` merges the journal into the main file and then clears it.
 """
 
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from retrain import atomic_write
 
 FORMAT_VERSION = 1
 # The SIGKILL fault test sets this to "<point>" or "<point>:<count>" to park
@@ -64,14 +65,6 @@ def pause_point(name, count=None, marker=None):
             time.sleep(60)
 
 
-def fsync_dir(folder):
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _text(value):
     # Names that are not valid UTF-8 (possible on Linux) are kept readable.
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -90,10 +83,10 @@ class Journal:
         """Complete journal files, oldest first."""
         if not self.folder.is_dir():
             return []
-        return sorted(self.folder.glob("*.npz"))
+        return sorted(self.folder.glob("[0-9]*.npz"))
 
     def append(self, records):
-        """Writes one batch atomically (temporary name, fsync, rename)."""
+        """Writes one batch atomically (``retrain.atomic_write``)."""
         if not len(records):
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -101,7 +94,6 @@ class Journal:
             existing = self.files()
             self._next_number = int(existing[-1].stem) + 1 if existing else 1
         final = self.folder / f"{self._next_number:08d}.npz"
-        temporary = final.with_suffix(".npz.tmp")
         failed = list(records.failures.items())
         arrays = {
             "format_version": np.array(FORMAT_VERSION),
@@ -120,12 +112,8 @@ class Journal:
             "failed_mtime_ns": np.array([f.mtime_ns for _, f in failed], dtype=np.int64),
             "failed_reason": _bytes(f.reason for _, f in failed),
         }
-        with open(temporary, "wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, final)
-        fsync_dir(self.folder)
+        with atomic_write.atomic_path(final) as temporary:
+            np.savez(temporary, **arrays)
         self._next_number += 1
         self.written += 1
         pause_point("journal", self.written, marker=f"{self.folder}.paused")

@@ -6,8 +6,9 @@ no longer opens, so the main file ``<name>.h5`` is never written in place:
 * extraction appends each finished batch to the journal folder
   ``<name>.h5.journal/`` as one small ``.npz`` file, written to a temporary
   name, fsynced and renamed (a journal file is whole or absent);
-* ``fold`` writes the main rows plus the journal into ``<name>.h5.tmp-<pid>``,
-  fsyncs it, renames it over ``<name>.h5`` and only then deletes the journal.
+* ``fold`` writes the main rows plus the journal into a temporary file beside
+  ``<name>.h5`` and renames it over the main file (``retrain.atomic_write``),
+  and only then deletes the journal.
 
 A kill at any instant leaves the old main file or the new one, plus journal
 files that the next ``fold`` merges again; a key is stored once, the newest
@@ -31,7 +32,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from retrain.cache.journal import Failure, Journal, UnreadableCache, fsync_dir, pause_point
+from retrain import atomic_write
+from retrain.cache.journal import Failure, Journal, UnreadableCache, pause_point
 
 logger = logging.getLogger(__name__)
 
@@ -170,24 +172,23 @@ def fold(path, identity):
     """
     path = Path(path)
     journal = Journal(path, identity)
-    for leftover in path.parent.glob(f"{path.name}.tmp-*"):
+    for leftover in atomic_write.leftovers(path.parent, path):
         leftover.unlink()
-    for leftover in journal.folder.glob("*.tmp"):
-        leftover.unlink()
+    if journal.folder.is_dir():
+        for leftover in atomic_write.leftovers(journal.folder):
+            leftover.unlink()
     files = journal.files()
     if not files:
         return
     winners, journal_keys = _newest_records(journal, files)
     main = open_or_set_aside(path, identity)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        _write_main(temporary, identity, main, journal, winners, journal_keys)
-    finally:
-        if main is not None:
-            main.close()
-    pause_point("fold-before-replace", marker=f"{path}.paused")
-    os.replace(temporary, path)
-    fsync_dir(path.parent)
+    with atomic_write.atomic_path(path) as temporary:
+        try:
+            _write_main(temporary, identity, main, journal, winners, journal_keys)
+        finally:
+            if main is not None:
+                main.close()
+        pause_point("fold-before-replace", marker=f"{path}.paused")
     pause_point("fold-after-replace", marker=f"{path}.paused")
     journal.clear()
 
@@ -252,8 +253,6 @@ def _write_main(temporary, identity, main, journal, winners, journal_keys):
                     arrays["failed_reason"][row].decode(),
                 )
         _write_failures(out.create_group("failed"), failures)
-    with open(temporary, "rb+") as file:
-        os.fsync(file.fileno())
 
 
 def _write_block(datasets, start, block):

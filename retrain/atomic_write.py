@@ -1,0 +1,102 @@
+"""Atomic, durable file writes: the one way retrain replaces a file.
+
+A file is written under a temporary name beside its target, fsynced, renamed
+over the target and the folder fsynced, so a reader (or the next run after a
+crash, SIGKILL or power cut) sees the old file or the complete new one, never
+a mix. Every writer that replaces a file in place uses this module: exports,
+labels, settings, the converted-weights cache and the bottleneck cache's main
+file and journal.
+
+Temporary names are hidden and keep the target's suffix (Keras insists on
+``.keras``, ``np.savez`` appends ``.npz`` otherwise):
+``.<stem>.tmp-<pid>-<random><suffix>``. ``leftovers`` finds the ones a killed
+process left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+_MARK = ".tmp-"
+
+
+def temporary_path(path) -> Path:
+    """A fresh hidden name beside ``path`` with the same suffix."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}{_MARK}{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+
+
+def leftovers(folder, target=None) -> list[Path]:
+    """Temporary files of killed writers in ``folder`` (only ``target``'s, if given)."""
+    folder = Path(folder)
+    if target is None:
+        return sorted(folder.glob(f".*{_MARK}*"))
+    target = Path(target)
+    return sorted(folder.glob(f".{target.stem}{_MARK}*{target.suffix}"))
+
+
+def is_temporary(path) -> bool:
+    """True for a name made by ``temporary_path``."""
+    name = Path(path).name
+    return name.startswith(".") and _MARK in name
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary Path beside ``path`` for the caller to write.
+
+    When the block ends normally the file is fsynced and renamed over
+    ``path`` and the folder is fsynced; when it raises (OSError, KeyboardInterrupt,
+    anything) the temporary file is removed and ``path`` is untouched. The
+    parent folder is created if needed. OSError propagates unchanged: the
+    caller knows what the file is for and says so.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_path(path)
+    try:
+        yield temporary
+        fsync_path(temporary)
+        os.replace(temporary, path)
+        fsync_path(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+def write_bytes(path, data: bytes) -> Path:
+    """Replaces ``path`` with ``data`` atomically; returns the path."""
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path, text: str) -> Path:
+    """Replaces ``path`` with ``text`` as UTF-8, '\\n' line ends, atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_path(path) -> None:
+    """Flushes a file's or a folder's data and metadata to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder) -> None:
+    """fsyncs every file and folder below ``folder``, deepest first, then ``folder``."""
+    for root, dirnames, filenames in os.walk(folder, topdown=False):
+        for name in filenames:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                fsync_path(path)
+        for name in dirnames:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                fsync_path(path)
+    fsync_path(folder)
