@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from dataclasses import fields
 
 from retrain import backbones
@@ -88,9 +90,29 @@ def resolve_config(argv: list[str] | None = None) -> config_lib.Config:
     return config
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, `docker stop`), raised where Ctrl-C raises KeyboardInterrupt.
+
+    A subclass, so every clean-up that Ctrl-C runs (finished cache batches
+    kept, the staging output folder removed) runs for SIGTERM too.
+    """
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m retrain` and the `retrain` console script."""
+    """Entry point of `python -m retrain` and the `retrain` console script.
+
+    Exit status: 0 done; 2 bad input or settings (one stderr line); 130 Ctrl-C
+    and 143 SIGTERM (the cache keeps every finished batch, the output folder
+    keeps the previous run).
+    """
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         config = resolve_config(argv)
         import_tensorflow()
@@ -100,9 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     except RetrainError as exc:
         print(f"retrain: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("retrain: interrupted; the bottleneck cache keeps what was extracted.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        cause, status = ("terminated (SIGTERM)", 143) if isinstance(interrupt, Terminated) \
+            else ("interrupted", 130)
+        print(f"retrain: {cause}; the bottleneck cache keeps what was extracted, and the "
+              "output folder keeps its previous outputs.", file=sys.stderr)
+        return status
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

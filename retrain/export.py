@@ -4,7 +4,8 @@
 `retrain.decode.resize_to_input`), the backbone (which normalises pixels
 inside itself) and the head, so the saved model takes plain RGB images of any
 size and no caller can preprocess them wrongly. `labels.txt` lists the class
-names in output order, one per line.
+names in output order, one per line; only "\n" ends a line, so names keep any
+other character (see `check_class_names`).
 """
 
 from __future__ import annotations
@@ -82,11 +83,32 @@ def load_classifier(path) -> keras.Model:
                            "Re-export it with a retrain run.") from None
 
 
+def check_class_names(class_names: list[str]) -> None:
+    r"""Raise RetrainError unless every name can be a line of labels.txt and back.
+
+    labels.txt separates names by "\n" only, so any other character, including
+    the Unicode line separators (U+2028, U+2029, U+0085, \x0b, \x0c), tabs and
+    repeated spaces, survives exactly. Refused: empty names, names with "\n" or
+    "\r" (text readers turn "\r" into a line end) and names that are not valid
+    Unicode (folder names whose bytes are not UTF-8).
+    """
+    if not class_names:
+        raise RetrainError("Class names must be non-empty single-line strings; there are none. "
+                           "Received: class_names=[]")
+    for name in class_names:
+        if not name or "\n" in name or "\r" in name:
+            raise RetrainError(f"Class names must be non-empty single-line strings: rename the "
+                               f"class folder. Received: class name {name!r}")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RetrainError(f"Class name {name!r} is not valid UTF-8 (the folder name's bytes "
+                               "are in another encoding): rename the class folder.") from None
+
+
 def write_labels(class_names: list[str], path) -> Path:
-    """Writes class names, one per line in output order (UTF-8), atomically."""
-    bad = [name for name in class_names if not name or "\n" in name or "\r" in name]
-    if bad or not class_names:
-        raise RetrainError(f"Class names must be non-empty single-line strings. Received: {class_names!r}")
+    r"""Writes class names, one per "\n"-ended line in output order (UTF-8), atomically."""
+    check_class_names(class_names)
     path = Path(path)
     try:
         atomic_write.write_text(path, "".join(f"{name}\n" for name in class_names))
@@ -104,7 +126,11 @@ def read_labels(path) -> list[str]:
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
         raise RetrainError(f"Cannot read labels file {path}: {reason}. Pass the labels.txt written "
                            f"with the model. Received: path={path}") from None
-    names = text.splitlines()
+    # Only "\n" ends a name: str.splitlines would also split at U+2028, U+0085,
+    # \x0b, \x0c... which may be part of a class folder's name.
+    names = text.split("\n")
+    if names[-1] == "":
+        names.pop()
     if not names or not all(names):
         raise RetrainError(f"Labels file {path} must list one class name per line, with no blank "
                            f"lines. Received {len(names)} lines.")

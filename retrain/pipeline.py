@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import backbones, images
+from retrain import backbones, images, output_folder
 from retrain.cache import BottleneckCache, CacheReport
 from retrain.config import Config, save_yaml
 from retrain.errors import RetrainError
@@ -35,12 +35,23 @@ class RunResult:
 
 
 def run(config: Config) -> RunResult:
-    """Build or reuse the cache, train the head, evaluate on the test bucket, export."""
+    """Build or reuse the cache, train the head, evaluate on the test bucket, export.
+
+    Every output is written into a staging folder that replaces output_dir
+    only when the run completes (see retrain.output_folder); writers get the
+    staging folder as `out_dir`.
+    """
     spec = backbones.get(config.architecture)
     image_list = images.discover(config.image_dir, config.testing_percentage,
                                  config.validation_percentage)
     check_classes(image_list)
-    out_dir = make_output_dir(config.output_dir)
+    inputs = (("image_dir", config.image_dir), ("bottleneck_dir", config.bottleneck_dir))
+    with output_folder.staged(config.output_dir, inputs) as folder:
+        return _run(config, spec, image_list, folder)
+
+
+def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -> RunResult:
+    out_dir = folder.staging
     save_yaml(config, out_dir / "settings.yaml")
 
     cache = BottleneckCache(config.bottleneck_dir, spec.name,
@@ -72,7 +83,7 @@ def run(config: Config) -> RunResult:
         validation_batch_size=config.validation_batch_size,
         eval_step_interval=config.eval_step_interval,
         seed=config.seed,
-        summaries_dir=str(outputs["summaries_dir"]),
+        summaries_dir=str(folder.place_folder(outputs["summaries_dir"])),
     )
 
     test_entries = by_bucket["testing"]
@@ -93,29 +104,19 @@ def run(config: Config) -> RunResult:
 
     backbone = backbones.load(spec.name, include_top=False, weights_file=config.backbone_weights)
     classifier = export.build_classifier(backbone, trained.head, spec.input_size)
-    export.save_classifier(classifier, outputs["output_graph"])
-    export.write_labels(image_list.class_names, outputs["output_labels"])
+    export.save_classifier(classifier, folder.place(outputs["output_graph"]))
+    export.write_labels(image_list.class_names, folder.place(outputs["output_labels"]))
     result.model_path, result.labels_path = outputs["output_graph"], outputs["output_labels"]
     print(f"Saved model {result.model_path} and labels {result.labels_path}.")
     return result
 
 
-def make_output_dir(output_dir) -> Path:
-    """Creates output_dir before any long work, so a bad path fails fast."""
-    path = Path(output_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RetrainError(
-            f"Cannot create the output folder: {error.strerror or error}. Choose a "
-            f"writable folder with --output_dir. Received: output_dir={output_dir}"
-        ) from None
-    return path
-
-
 def check_classes(image_list: images.ImageList) -> None:
-    """At least two classes, each with at least one usable image in `entries`."""
+    """At least two classes with names a labels file can hold, each with a usable image."""
     names = image_list.class_names
+    from retrain import export  # deferred: it imports TensorFlow
+
+    export.check_class_names(names)
     if len(names) < 2:
         raise RetrainError(
             f"Need at least two classes (sub-folders with images) in {image_list.image_dir}; "
@@ -155,5 +156,12 @@ def write_skipped(skipped, path: Path) -> None:
     if not skipped:
         path.unlink(missing_ok=True)
         return
-    path.write_text("".join(f"{rel}\t{reason}\n" for rel, reason in skipped), encoding="utf-8")
+    path.write_text("".join(f"{_one_line(rel)}\t{reason}\n" for rel, reason in skipped),
+                    encoding="utf-8")
     print(f"{len(skipped)} images skipped; listed in {path}", file=sys.stderr)
+
+
+def _one_line(relative_path: str) -> str:
+    """A path as one line of UTF-8 text: line breaks, tabs and undecodable bytes escaped."""
+    escaped = relative_path.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(repr(c)[1:-1] if c.isspace() and c != " " else c for c in escaped)

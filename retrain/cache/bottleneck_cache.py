@@ -3,6 +3,7 @@
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import sys
@@ -104,11 +105,7 @@ class BottleneckCache:
         except OSError as error:
             # Disk full, permissions, a file where the folder should be: the
             # user fixes the folder, so say which one instead of a traceback.
-            raise RetrainError(
-                f"Cannot write the bottleneck cache {self.path}: "
-                f"{error.strerror or error}. Free space or choose another folder. "
-                f"Received: bottleneck_dir={self.path.parent}"
-            ) from error
+            raise _cache_error("write", self.path, error) from None
         failed = plan.failed + failed
         if failed:
             logger.warning("%d image(s) could not be read or decoded and were skipped",
@@ -150,6 +147,8 @@ class BottleneckCache:
             )
         try:
             cache = store.CacheFile(self.path, self.identity)
+        except OSError as error:
+            raise _cache_error("read", self.path, error) from None
         except store.UnreadableCache as error:
             raise RetrainError(
                 f"The bottleneck cache {self.path} cannot be read ({error}); "
@@ -221,6 +220,18 @@ class BottleneckCache:
                 extracted += len(batch.positions)
                 bar.update(len(batch))
         return extracted, failed
+
+
+def _cache_error(action, path, error):
+    """RetrainError for an OSError on the cache file or its folder."""
+    if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        fix = "Another program has the file open (HDF5 file lock); close it or wait"
+    else:
+        fix = "Free space, fix the permissions or choose another folder"
+    return RetrainError(
+        f"Cannot {action} the bottleneck cache {path}: {error.strerror or error}. {fix}. "
+        f"Received: bottleneck_dir={path.parent}"
+    )
 
 
 def _plan(image_list, cache, progress):

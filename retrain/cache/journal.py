@@ -132,6 +132,10 @@ class Journal:
             return arrays
         except UnreadableCache:
             raise
+        except OSError as error:
+            if error.errno is not None:  # permission, I/O: not the file's content
+                raise
+            raise UnreadableCache(f"{type(error).__name__}: {error}") from None
         except Exception as error:
             raise UnreadableCache(f"{type(error).__name__}: {error}") from None
 

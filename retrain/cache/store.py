@@ -69,14 +69,22 @@ class CacheFile:
     ``keys`` (S64 [rows]), ``size``, ``mtime_ns`` (int64 [rows]) and
     ``sha256`` (S64 [rows]) describe each row's file; ``rows`` maps the str
     key -> row number; ``failures`` maps str key -> Failure. Raises
-    UnreadableCache for anything that is not a complete file of this identity.
+    UnreadableCache for anything that is not a complete file of this identity,
+    and OSError (with its errno) when the file cannot be opened for a reason
+    that is not its content.
     """
 
     def __init__(self, path, identity):
         self.path = Path(path)
         try:
             self._file = h5py.File(self.path, "r")
-        except Exception as error:  # h5py raises OSError, ValueError, KeyError...
+        except OSError as error:
+            if error.errno is not None:
+                # Permission denied, another program holding HDF5's file lock,
+                # an I/O error: the file may be fine, so it is not set aside.
+                raise
+            raise UnreadableCache(f"not a readable HDF5 file ({error})") from None
+        except Exception as error:  # h5py raises ValueError, KeyError... on damaged files
             raise UnreadableCache(f"not a readable HDF5 file ({error})") from None
         try:
             self._check(identity)
