@@ -178,8 +178,8 @@ def _acquire(final: Path) -> filelock.BaseFileLock:
         ) from None
     except OSError as error:
         raise RetrainError(
-            f"Cannot create the output folder: {error.strerror or error}. Choose a writable "
-            f"folder with --output_dir. Received: output_dir={final}"
+            f"Cannot use the output folder {final}: {error.strerror or error}. Choose a "
+            f"writable folder with --output_dir. Received: output_dir={final}"
         ) from None
     return lock
 

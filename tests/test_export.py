@@ -170,7 +170,30 @@ def test_labels_round_trip_in_order(tmp_path):
     assert export.read_labels(path) == names
 
 
-@pytest.mark.parametrize("names", [[], ["ok", ""], ["two\nlines"]])
-def test_write_labels_refuses_unusable_names(tmp_path, names):
-    with pytest.raises(RetrainError, match="single-line"):
+# Legal folder names that str.splitlines() would cut in two, and other awkward ones.
+HOSTILE_NAMES = ["line\u2028sep", "para\u2029sep", "next\x85line", "vertical\x0btab",
+                 "form\x0cfeed", "file\x1csep", "tab\tname", "two  spaces", " leading",
+                 "trailing ", "Crème brûlée", "日本", "Ähre"]
+
+
+def test_labels_with_line_separators_tabs_and_accents_round_trip(tmp_path):
+    path = export.write_labels(HOSTILE_NAMES, tmp_path / "labels.txt")
+    assert export.read_labels(path) == HOSTILE_NAMES
+
+
+def test_labels_written_on_windows_read_back(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_bytes("daisy\r\nline\u2028sep\r\n".encode())
+    assert export.read_labels(path) == ["daisy", "line\u2028sep"]
+
+
+@pytest.mark.parametrize("names, message", [
+    ([], "single-line"), (["ok", ""], "single-line"), (["two\nlines"], "single-line"),
+    (["carriage\rreturn"], "single-line"),
+    (["caf\udce9"], "not valid UTF-8"),  # a folder name in Latin-1, as os.listdir returns it
+])
+def test_write_labels_refuses_unusable_names(tmp_path, names, message):
+    with pytest.raises(RetrainError, match=message) as raised:
         export.write_labels(names, tmp_path / "labels.txt")
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "labels.txt").exists()

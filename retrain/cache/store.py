@@ -25,8 +25,11 @@ fingerprint, feature_dim, dtype and format version, checked on every open.
 
 import dataclasses
 import datetime
+import errno
 import logging
 import os
+import re
+import shutil
 from pathlib import Path
 
 import h5py
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _BLOCK_ROWS = 4096
+_CHUNK_ROWS = 256
 _TEXT = h5py.string_dtype("utf-8")
 _ROW_FIELDS = ("key", "relative_path", "size", "mtime_ns", "sha256", "bottleneck")
 _FAILED_FIELDS = ("key", "relative_path", "size", "mtime_ns", "reason")
@@ -190,15 +194,51 @@ def fold(path, identity):
         return
     winners, journal_keys = _newest_records(journal, files)
     main = open_or_set_aside(path, identity)
-    with atomic_write.atomic_path(path) as temporary:
-        try:
-            _write_main(temporary, identity, main, journal, winners, journal_keys)
-        finally:
-            if main is not None:
-                main.close()
-        pause_point("fold-before-replace", marker=f"{path}.paused")
+    try:
+        _check_space(path, identity, main, winners)
+        with atomic_write.atomic_path(path) as temporary:
+            try:
+                _write_main(temporary, identity, main, journal, winners, journal_keys)
+            except RuntimeError as error:
+                raise _as_os_error(error, temporary) from None
+            pause_point("fold-before-replace", marker=f"{path}.paused")
+    finally:
+        if main is not None:
+            main.close()
     pause_point("fold-after-replace", marker=f"{path}.paused")
     journal.clear()
+
+
+def _check_space(path, identity, main, winners):
+    """Raises OSError(ENOSPC) when the new main file may not fit on the disk.
+
+    HDF5 reports a full disk only when the file is closed, and h5py crashes
+    the process (segmentation fault) when that failed file object is freed;
+    so the space is checked before writing. The bound counts every row of the
+    main file and the journal, whole chunks of bottlenecks, generous per-row
+    text and 1 MB of HDF5 overhead.
+    """
+    rows = sum(len(kept) + len(failed) for kept, failed in winners.values())
+    if main is not None:
+        rows += len(main.keys) + len(main.failures)
+    chunks = -(-rows // _CHUNK_ROWS)
+    vectors = chunks * _CHUNK_ROWS * identity.feature_dim * np.dtype(identity.dtype).itemsize
+    needed = vectors + rows * 1024 + (1 << 20)
+    free = shutil.disk_usage(path.parent).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (merging the new vectors "
+                      f"needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free)",
+                      str(path.parent))
+
+
+def _as_os_error(error, path):
+    """h5py reports a failed write (disk full, I/O error) as a RuntimeError that
+    quotes the errno; it becomes the OSError it is, so callers report it as one."""
+    found = re.search(r"errno = (\d+)", str(error))
+    if not found:
+        return error
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def _newest_records(journal, files):
@@ -242,7 +282,7 @@ def _write_main(temporary, identity, main, journal, winners, journal_keys):
         }
         datasets["bottleneck"] = images.create_dataset(
             "bottleneck", (total, identity.feature_dim), identity.dtype,
-            chunks=(256, identity.feature_dim), maxshape=(None, identity.feature_dim),
+            chunks=(_CHUNK_ROWS, identity.feature_dim), maxshape=(None, identity.feature_dim),
         )
         blocks = [] if main is None else main.blocks(main_keep)
         written = 0

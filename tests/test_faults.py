@@ -1,0 +1,278 @@
+"""Whole runs under faults and hostile input, with the real EfficientNet-Lite0.
+
+Class names that str.splitlines() would cut, signals, two runs on one output
+folder, a full or read-only disk (a small tmpfs: root only, skipped otherwise),
+a cache another program holds open or that the user may not read. Runs go
+through `retrain.cli.main` in this process where that suffices, and through
+real subprocesses where a signal or a second process is the point.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import fill, remount_read_only
+from PIL import Image
+from skimage import data
+
+from retrain import cli, export, images, label_image
+from retrain.cache import BottleneckCache, journal, store
+from retrain.errors import RetrainError
+
+# Folder names that are legal on Linux and macOS and that broke labels.txt or
+# its readers: accents, repeated spaces, U+2028, a tab, CJK.
+NAMES = ["Crème brûlée", "two  spaces", "line\u2028sep", "tab\tname", "日本"]
+PER_CLASS = 4
+FAST = ["--how_many_training_steps", "20", "--eval_step_interval", "10",
+        "--extraction_batch_size", "4", "--testing_percentage", "0", "--validation_percentage", "0"]
+
+
+def write_photos(root, names=NAMES):
+    """PER_CLASS real photo crops per class, a different photo for each class."""
+    sources = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(),
+               data.immunohistochemistry()]
+    rng = np.random.default_rng(0)
+    for name, pixels in zip(names, sources):
+        folder = root / name
+        folder.mkdir(parents=True)
+        height, width = pixels.shape[:2]
+        for number in range(PER_CLASS):
+            top, left = rng.integers(0, height // 4), rng.integers(0, width // 4)
+            crop = pixels[top:top + 3 * height // 4, left:left + 3 * width // 4]
+            Image.fromarray(crop).save(folder / f"{number}.jpg")
+    return root
+
+
+def contents(folder):
+    """{relative path: bytes} of every file below folder."""
+    return {str(path.relative_to(folder)): path.read_bytes()
+            for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+
+
+def error_lines(err):
+    assert "Traceback" not in err, err
+    # Progress bars end their lines with "\r", so a message may follow one on its line.
+    return [line[line.index("retrain: "):] for line in err.split("\n") if "retrain: " in line]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """One run over the five hostile class names (plus a file whose name is not UTF-8)."""
+    base = tmp_path_factory.mktemp("hostile")
+    photos = write_photos(base / "photos")
+    # A Latin-1 file name inside a class and a damaged file: neither stops the run.
+    (photos / "日本" / "0.jpg").rename(os.fsdecode(bytes(photos / "日本") + b"/caf\xe9.jpg"))
+    (photos / "line\u2028sep" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    out = base / "out"
+    argv = ["--image_dir", str(photos), "--bottleneck_dir", str(base / "cache"),
+            "--output_dir", str(out), *FAST]
+    assert cli.main(argv) == 0
+    return {"photos": photos, "cache": base / "cache", "out": out, "argv": argv}
+
+
+def test_class_names_survive_labels_txt(hostile):
+    assert export.read_labels(hostile["out"] / "labels.txt") == sorted(NAMES)
+
+
+def test_label_image_returns_every_class_name_exactly(hostile, capsys):
+    graph, labels = str(hostile["out"] / "model.keras"), str(hostile["out"] / "labels.txt")
+    pictures = [str(hostile["photos"] / name / "1.jpg") for name in NAMES]
+    common = ["--graph", graph, "--labels", labels, "--image", *pictures]
+    assert label_image.main([*common, "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    for result in document["results"]:
+        assert sorted(p["label"] for p in result["predictions"]) == sorted(NAMES)
+    assert label_image.main(common) == 0
+    lines = capsys.readouterr().out.split("\n")  # only "\n" ends a line; U+2028 does not
+    for name in NAMES:
+        assert sum(line.startswith(f"  {name} (") for line in lines) == len(pictures), name
+
+
+def test_skipped_list_keeps_one_line_per_image(hostile):
+    lines = (hostile["out"] / "skipped_images.txt").read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) == 2
+    path, reason = lines[0].split("\t")
+    assert path == "line\\u2028sep/broken.jpg" and "truncated" in reason
+
+
+def test_the_non_utf8_file_name_was_used(hostile, tmp_path, capsys):
+    status = cli.main(["--image_dir", str(hostile["photos"]), "--bottleneck_dir",
+                       str(hostile["cache"]), "--output_dir", str(tmp_path / "out"), "--cache_only"])
+    out = capsys.readouterr().out
+    assert status == 0 and f"0 extracted, {len(NAMES) * PER_CLASS} reused, 1 skipped" in out
+
+
+@pytest.mark.parametrize("name, message", [
+    (b"two\nlines", "single-line"),
+    (b"carriage\rreturn", "single-line"),
+    (b"caf\xe9", "not valid UTF-8"),
+])
+def test_class_names_labels_txt_cannot_hold_are_refused_up_front(tmp_path, capsys, name, message):
+    photos = write_photos(tmp_path / "photos", ["fine", "other"])
+    os.rename(photos / "other", os.fsdecode(bytes(photos) + b"/" + name))
+    status = cli.main(["--image_dir", str(photos), "--bottleneck_dir", str(tmp_path / "cache"),
+                       "--output_dir", str(tmp_path / "out"), *FAST])
+    [line] = error_lines(capsys.readouterr().err)
+    assert status == 2 and message in line and "rename the class folder" in line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_disk_full_or_read_only_while_writing_keeps_the_previous_run(hostile, small_mount, capsys):
+    disk = small_mount("24m")  # one exported Lite0 model (14 MB) fits, two do not
+    out = disk / "out"
+    argv = ["--image_dir", str(hostile["photos"]), "--bottleneck_dir", str(hostile["cache"]),
+            "--output_dir", str(out), *FAST]
+    assert cli.main(argv) == 0
+    before = contents(out)
+    capsys.readouterr()
+
+    assert cli.main([*argv, "--seed", "7"]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert "No space left on device" in line and str(disk) in line, line
+    assert contents(out) == before
+    assert sorted(os.listdir(disk)) == [".out.lock", "out"], "the failed run left files behind"
+
+    remount_read_only(disk)
+    assert cli.main([*argv, "--seed", "8"]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert "Read-only file system" in line and str(out) in line, line
+    assert contents(out) == before
+
+
+def start(argv, pause=None):
+    env = {key: value for key, value in os.environ.items() if key != journal.PAUSE_VARIABLE}
+    if pause:
+        env[journal.PAUSE_VARIABLE] = pause
+    return subprocess.Popen([sys.executable, "-m", "retrain", *argv], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(path, process, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if process.poll() is not None:
+            pytest.fail(f"run ended ({process.returncode}) early: {process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{path} did not appear in time")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum, status, words", [
+    (signal.SIGTERM, 143, "retrain: terminated (SIGTERM)"),
+    (signal.SIGINT, 130, "retrain: interrupted"),
+])
+def test_a_signal_keeps_finished_batches_and_the_previous_outputs(tmp_path, capsys, signum,
+                                                                  status, words):
+    photos = write_photos(tmp_path / "photos")
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    out.mkdir()
+    (out / "settings.yaml").write_text("the previous run\n")
+    (out / "labels.txt").write_text("a\nb\n")
+    before = contents(out)
+    argv = ["--image_dir", str(photos), "--bottleneck_dir", str(cache), "--output_dir", str(out),
+            *FAST]
+    pending = Path(f"{BottleneckCache(cache, 'efficientnet_lite0').path}.journal")
+
+    first = start(argv, pause="journal:1")  # parks after its first batch of 4 is journalled
+    wait_for(f"{pending}.paused", first)
+    # A second run into the same folder while the first is busy exits at once.
+    assert cli.main(argv) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert f"{out} is in use by another retrain run" in line
+    first.send_signal(signum)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == status
+    [line] = error_lines(err)
+    assert line.startswith(words)
+    assert contents(out) == before
+    assert sorted(os.listdir(tmp_path)) == [".out.lock", "cache", "out", "photos"]
+    assert len(list(pending.glob("*.npz"))) == 1
+
+    assert cli.main(argv) == 0  # the rerun resumes: only the unfinished images are extracted
+    total = len(NAMES) * PER_CLASS
+    assert f"{total - 4} extracted, 4 reused" in capsys.readouterr().out
+    assert export.read_labels(out / "labels.txt") == sorted(NAMES)
+
+
+# Free space left: none (the first journal batch fails), or room for the
+# journal but not for folding it into a new main file (h5py's RuntimeError).
+@pytest.mark.parametrize("free, journalled", [(0, 0), (200_000, 12)])
+def test_full_disk_under_the_cache_keeps_old_rows_and_completes_later(tmp_path, small_mount,
+                                                                      free, journalled):
+    found = images.discover(write_photos(tmp_path / "photos"))
+    disk = small_mount("4m")  # the main file and its rewrite: one 655 kB chunk each
+    cache = BottleneckCache(disk, "efficientnet_lite0")
+    cache.update(replace(found, entries=found.entries[:8]), batch_size=4, progress=False)
+    filler = fill(disk, leave=free)
+    with pytest.raises(RetrainError, match=f"Cannot write the bottleneck cache {disk}.*"
+                                           "No space left on device") as raised:
+        cache.update(found, batch_size=4, progress=False)
+    assert "\n" not in str(raised.value)
+    assert len(cache.read(found.entries[:8])) == 8, "old rows lost"
+    filler.unlink()
+    report = cache.update(found, batch_size=4, progress=False)
+    assert (report.extracted, report.reused) == (len(found.entries) - 8 - journalled,
+                                                 8 + journalled)
+    assert not [p for p in os.listdir(disk) if ".tmp-" in p or ".corrupt-" in p]
+
+
+@pytest.fixture
+def small_cache(tmp_path):
+    found = images.discover(write_photos(tmp_path / "photos", NAMES[:2]))
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    cache = BottleneckCache(folder, "efficientnet_lite0")
+    cache.update(replace(found, entries=found.entries[:4]), progress=False)
+    return found, cache
+
+
+def test_a_cache_another_program_holds_open_is_not_set_aside(small_cache):
+    found, cache = small_cache
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import h5py, sys, time\nf = h5py.File(sys.argv[1], 'a')\n"
+         "print('open', flush=True)\ntime.sleep(300)", str(cache.path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(RetrainError, match="Another program has the file open"):
+            cache.update(found, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not list(cache.path.parent.glob("*.corrupt-*"))
+    assert cache.update(found, progress=False).reused == 4
+
+
+def test_a_cache_the_user_may_not_read_is_not_set_aside(small_cache):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user for a permission error")
+    found, cache = small_cache
+    # nobody may enter every folder and create files in the cache folder, but
+    # not read the cache file itself.
+    folders = [cache.path.parent, *cache.path.parent.parents]
+    folders = folders[:folders.index(Path(tempfile.gettempdir()))]
+    modes = {folder: folder.stat().st_mode for folder in folders}
+    for folder in folders:
+        os.chmod(folder, 0o777 if folder == cache.path.parent else 0o755)
+    os.chmod(f"{cache.path}.lock", 0o666)
+    os.chmod(cache.path, 0o600)
+    os.seteuid(65534)
+    try:
+        with pytest.raises(RetrainError, match="Cannot write the bottleneck cache .*Permission denied"):
+            cache.update(found, progress=False)
+        with pytest.raises(PermissionError):
+            store.open_or_set_aside(cache.path, cache.identity)
+    finally:
+        os.seteuid(0)
+        for folder, mode in modes.items():
+            os.chmod(folder, mode)
+    assert not list(cache.path.parent.glob("*.corrupt-*"))
+    assert cache.update(found, progress=False).reused == 4
