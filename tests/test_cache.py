@@ -139,6 +139,17 @@ def test_changed_image_is_extracted_again_and_unchanged_is_not(tmp_path, image_d
         keys = file["images/key"][()]
     assert len(keys) == len(set(keys.tolist())) == 10
 
+    # The rule the README states: size and modification time both unchanged
+    # are trusted without reading the file, so a same-size rewrite that keeps
+    # the mtime (cp -p, rsync -t) keeps its vector until the mtime changes.
+    status = same_size.stat()
+    write(np.ascontiguousarray(np.asarray(Image.open(same_size))[:, ::-1]), same_size)
+    os.utime(same_size, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert same_size.stat().st_size == status.st_size
+    assert cache.update(found, progress=False).extracted == 0
+    os.utime(same_size, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))
+    assert cache.update(found, progress=False).extracted == 1
+
 
 def test_switching_backbone_uses_a_separate_cache(tmp_path, image_dir, backbone_builds):
     found = images.discover(image_dir)
