@@ -34,16 +34,27 @@ _DRAFT_MARGIN = 2
 _READ_CHUNK = 1 << 20
 
 
+# Most memory one decode may need (the pixels at the size decoded, in the
+# file's mode and as RGB). Decodes run on several threads at once, so this is
+# per image. A 24-megapixel RGBA PNG needs 168 MB; JPEGs are decoded at
+# reduced scale (draft) and rarely come near it.
+MEMORY_BUDGET = 512 * 2**20
+
+
 class ImageDecodeError(RetrainError):
     """An image file that cannot be turned into RGB pixels.
 
     ``path`` names the file and ``reason`` says why, in words a user can act on.
+    ``lasting`` is False when the failure is not the file's (the process ran
+    out of memory): the file may decode another time, so it is not remembered
+    as a bad image.
     """
 
-    def __init__(self, path, reason):
+    def __init__(self, path, reason, lasting=True):
         super().__init__(f"Cannot decode image {path}: {reason}")
         self.path = str(path)
         self.reason = reason
+        self.lasting = lasting
 
 
 def sniff_format(head):
@@ -85,10 +96,12 @@ def file_state(path):
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """How reading one image went: its FileState (None when the file could
-    not be read) and, when it gave no pixels, the reason."""
+    not be read) and, when it gave no pixels, the reason; ``lasting`` False
+    when that failure may not happen again (out of memory)."""
 
     state: typing.Optional[FileState]
     reason: typing.Optional[str]
+    lasting: bool = True
 
 
 def load(path, input_size, with_state=False):
@@ -110,7 +123,7 @@ def load(path, input_size, with_state=False):
     try:
         return decode_rgb(path, input_size, content=content), Outcome(state, None)
     except ImageDecodeError as error:
-        return None, Outcome(state, error.reason)
+        return None, Outcome(state, error.reason, error.lasting)
 
 
 def _to_rgb(image):
@@ -129,7 +142,16 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
-def decode_rgb(path, target_size=None, *, content=None):
+def _decode_bytes(image):
+    """Bytes the pixels of an opened (not yet loaded) image need: its mode and RGB."""
+    width, height = image.size
+    source = len(image.getbands()) * (2 if image.mode.startswith("I;16") else 1)
+    if image.mode in ("I", "F"):
+        source = 4
+    return width * height * (source + 3)
+
+
+def decode_rgb(path, target_size=None, *, content=None, memory_budget=None):
     """Decodes an image file into RGB pixels.
 
     Applies the EXIF orientation, takes the first frame of animations,
@@ -147,13 +169,19 @@ def decode_rgb(path, target_size=None, *, content=None):
         (extraction, label_image) must pass the same value.
       content: the file's bytes when the caller has read them already;
         ``path`` then only names the file in errors.
+      memory_budget: most bytes the decode may need (default
+        ``MEMORY_BUDGET``). Formats without a reduced-size decode (PNG, GIF,
+        BMP, WebP), and JPEGs still too large at their reduced size, that
+        would need more are refused before any pixel is decoded.
 
     Returns:
       np.ndarray uint8 [height, width, 3], values in [0, 255].
 
     Raises:
-      ImageDecodeError naming the file and the reason.
+      ImageDecodeError naming the file and the reason; with ``lasting``
+      False when the process ran out of memory.
     """
+    budget = MEMORY_BUDGET if memory_budget is None else memory_budget
     try:
         if content is None:
             content = Path(path).read_bytes()
@@ -162,6 +190,13 @@ def decode_rgb(path, target_size=None, *, content=None):
         with Image.open(io.BytesIO(content), formats=SUPPORTED_FORMATS) as image:
             if target_size and image.format == "JPEG":
                 image.draft(None, (_DRAFT_MARGIN * target_size,) * 2)
+            needed = _decode_bytes(image)
+            if needed > budget:
+                raise ImageDecodeError(
+                    path, f"too large to decode within the memory budget: "
+                    f"{image.size[0]}x{image.size[1]} {image.format} needs about "
+                    f"{needed / 2**20:.0f} MB, the budget is {budget / 2**20:.0f} MB; "
+                    "shrink it or save it as JPEG")
             image.load()
             rgb = _to_rgb(ImageOps.exif_transpose(image))
             return np.asarray(rgb, dtype=np.uint8).copy()
@@ -173,6 +208,10 @@ def decode_rgb(path, target_size=None, *, content=None):
         raise ImageDecodeError(path, reason) from None
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(path, f"image too large ({error})") from None
+    except MemoryError:
+        raise ImageDecodeError(
+            path, "out of memory while decoding it (other work may have held the memory; "
+            "it is tried again next run)", lasting=False) from None
     except OSError as error:
         raise ImageDecodeError(path, f"unreadable or truncated ({error})") from None
     # Pillow's decoders raise many types (SyntaxError, ValueError, EOFError,

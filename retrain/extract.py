@@ -26,7 +26,8 @@ class ExtractedBatch:
     ``bottleneck_batches`` of the files that decoded; ``bottlenecks``: float32
     [n, feature_dim], one row per position; ``states``: FileState per
     position; ``failures``: (index into paths, reason, FileState or None when
-    the file could not even be read).
+    the failure is not the file's to remember: it could not even be read, or
+    the process ran out of memory decoding it).
     """
 
     positions: np.ndarray
@@ -78,7 +79,7 @@ def bottleneck_batches(paths, model, input_size, batch_size=32):
             bottlenecks=vectors,
             states=[outcome.state for outcome, ok in zip(results, decoded) if ok],
             failures=[
-                (int(i), outcome.reason, outcome.state)
+                (int(i), outcome.reason, outcome.state if outcome.lasting else None)
                 for i, outcome, ok in zip(indices, results, decoded)
                 if not ok
             ],

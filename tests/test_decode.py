@@ -226,3 +226,67 @@ def test_image_batches_drop_failed_shuffle_and_distort(photo_files):
     plain = decode.resize_to_input(decode.decode_rgb(photo_files[0], 16), 16)
     row = index.numpy().tolist().index(0)
     np.testing.assert_array_equal(pixels.numpy()[row], plain[:, ::-1])
+
+
+def blank_png(path, width, height):
+    """A gray PNG of any size, streamed through zlib so the test never holds its pixels."""
+    compressor, row = zlib.compressobj(1), b"\x00" * (width + 1)
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind, content):
+        return (struct.pack(">I", len(content)) + kind + content
+                + struct.pack(">I", zlib.crc32(kind + content)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_png_over_the_memory_budget_is_refused_before_decoding(tmp_path):
+    # 12000 x 12000 = 144 megapixels: under Pillow's bomb limit, over the budget.
+    path = blank_png(tmp_path / "huge.png", 12000, 12000)
+    with pytest.raises(decode.ImageDecodeError,
+                       match="12000x12000 PNG needs about 549 MB, the budget is 512 MB") as raised:
+        decode.decode_rgb(path, 224)
+    assert raised.value.lasting
+
+
+def test_the_budget_skips_full_size_decodes_but_not_reduced_jpegs(tmp_path, photo):
+    big = np.asarray(Image.fromarray(photo).resize((1000, 1000)))
+    png, jpeg = save(big, tmp_path / "big.png"), save(big, tmp_path / "big.jpg")
+    budget = 2 * 2**20  # 1000 x 1000 RGB needs 6 MB at full size, 1.5 MB at JPEG's 1/2 scale
+    with pytest.raises(decode.ImageDecodeError, match="1000x1000 PNG needs about 6 MB"):
+        decode.decode_rgb(png, 224, memory_budget=budget)
+    assert decode.decode_rgb(jpeg, 224, memory_budget=budget).shape == (500, 500, 3)
+    with pytest.raises(decode.ImageDecodeError, match="1000x1000 JPEG"):
+        decode.decode_rgb(jpeg, None, memory_budget=budget)  # no reduced decode asked for
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs RLIMIT_AS (Unix)")
+def test_running_out_of_memory_is_reported_as_such_and_not_lasting(tmp_path):
+    """A real MemoryError: the decode runs in a process whose address space is capped."""
+    import json
+    import subprocess
+    import sys
+
+    path = blank_png(tmp_path / "wide.png", 6000, 6000)  # 36 MB gray, 144 MB with RGB
+    script = """
+import json, re, resource, sys
+from retrain import decode
+size = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 64 * 2**20, resource.RLIM_INFINITY))
+try:
+    decode.decode_rgb(sys.argv[1], 224)
+    print(json.dumps(None))
+except decode.ImageDecodeError as error:
+    print(json.dumps({"reason": error.reason, "lasting": error.lasting}))
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome is not None, "decoded within the cap: raise the image size"
+    assert outcome["reason"].startswith("out of memory while decoding it")
+    assert outcome["lasting"] is False

@@ -23,7 +23,7 @@ from conftest import fill, remount_read_only
 from PIL import Image
 from skimage import data
 
-from retrain import cli, export, images, label_image
+from retrain import cli, decode, export, images, label_image
 from retrain.cache import BottleneckCache, journal, store
 from retrain.errors import RetrainError
 
@@ -276,3 +276,35 @@ def test_a_cache_the_user_may_not_read_is_not_set_aside(small_cache):
             os.chmod(folder, mode)
     assert not list(cache.path.parent.glob("*.corrupt-*"))
     assert cache.update(found, progress=False).reused == 4
+
+
+def test_out_of_memory_is_not_remembered_and_over_budget_images_are_listed(tmp_path, monkeypatch):
+    root = write_photos(tmp_path / "photos", NAMES[:2])
+    big = Image.fromarray(data.astronaut()).resize((1000, 1000))
+    big.save(root / NAMES[0] / "big.png")  # no reduced-size decode: 6 MB at full size
+    big.save(root / NAMES[1] / "big.jpg")  # decoded at 1/2 scale: 1.5 MB
+    Image.fromarray(data.coffee()).resize((333, 222)).save(root / NAMES[1] / "victim.jpg")
+    monkeypatch.setattr(decode, "MEMORY_BUDGET", 2 * 2**20)
+    real_to_rgb = decode._to_rgb
+
+    def short_of_memory(image):
+        # A real MemoryError is raised in test_decode.py under an address-space
+        # cap; TensorFlow cannot run under one, so here it is raised for one image.
+        if image.size == (333, 222):
+            raise MemoryError
+        return real_to_rgb(image)
+
+    monkeypatch.setattr(decode, "_to_rgb", short_of_memory)
+    found = images.discover(root)
+    cache = BottleneckCache(tmp_path / "cache", "efficientnet_lite0")
+    first = cache.update(found, progress=False)
+    reasons = dict(first.failed)
+    assert set(reasons) == {f"{NAMES[0]}/big.png", f"{NAMES[1]}/victim.jpg"}
+    assert reasons[f"{NAMES[1]}/victim.jpg"].startswith("out of memory while decoding it")
+    assert "1000x1000 PNG needs about 6 MB, the budget is 2 MB" in reasons[f"{NAMES[0]}/big.png"]
+    assert first.extracted == len(found.entries) - 2  # big.jpg among them
+
+    monkeypatch.setattr(decode, "_to_rgb", real_to_rgb)
+    second = cache.update(found, progress=False)
+    assert second.extracted == 1, "the out-of-memory image was remembered as a bad image"
+    assert [path for path, _ in second.failed] == [f"{NAMES[0]}/big.png"]
