@@ -124,12 +124,18 @@ def test_folders_a_swap_would_destroy_are_refused(tmp_path):
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "months of work"
 
 
-def test_disk_full_names_the_folder_and_keeps_the_previous_outputs(small_mount):
+@pytest.fixture
+def previous_run(small_mount):
+    """(disk, out, contents) after one run into out on a 512 kB tmpfs."""
     disk = small_mount("512k")
     out = disk / "out"
     with output_folder.staged(out) as folder:
         write_run(folder.staging, 1)
-    before = contents(out)
+    return disk, out, contents(out)
+
+
+def test_disk_full_names_the_folder_and_keeps_the_previous_outputs(previous_run):
+    disk, out, before = previous_run
     with pytest.raises(RetrainError) as raised:
         with output_folder.staged(out) as folder:
             write_run(folder.staging, 2)
@@ -143,12 +149,8 @@ def test_disk_full_names_the_folder_and_keeps_the_previous_outputs(small_mount):
     assert contents(out)["settings.yaml"] == b"run: 3\n"
 
 
-def test_read_only_folder_names_the_folder_and_keeps_the_previous_outputs(small_mount):
-    disk = small_mount("512k")
-    out = disk / "out"
-    with output_folder.staged(out) as folder:
-        write_run(folder.staging, 1)
-    before = contents(out)
+def test_read_only_folder_names_the_folder_and_keeps_the_previous_outputs(previous_run):
+    disk, out, before = previous_run
     remount_read_only(disk)
     with pytest.raises(RetrainError, match=f"{out}: Read-only file system") as raised:
         with output_folder.staged(out):
