@@ -110,7 +110,7 @@ def staged(output_dir, inputs=()):
       run uses it); and when the block raises OSError, naming the folder and
       the cause (the previous outputs are then unchanged).
     """
-    final = Path(output_dir)
+    final = _absolute(Path(output_dir))
     _check_usable(final, inputs)
     lock = _acquire(final)
     try:
@@ -142,6 +142,12 @@ def _check_usable(final: Path, inputs) -> None:
         raise RetrainError(
             f"The output folder is a file. Choose a folder with --output_dir. "
             f"Received: output_dir={final}"
+        )
+    here = _absolute(Path.cwd())
+    if final == here or final in here.parents:
+        raise RetrainError(
+            "output_dir holds the current folder, which each run would replace as a whole; "
+            f"choose a folder elsewhere. Received: output_dir={final}"
         )
     for name, folder in inputs:
         if folder is None:

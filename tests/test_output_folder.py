@@ -192,3 +192,16 @@ def test_leftovers_are_only_the_targets_temporary_files(tmp_path):
     assert atomic_write.leftovers(tmp_path, target) == [mine]
     assert atomic_write.leftovers(tmp_path) == sorted([mine, other])
     assert atomic_write.is_temporary(mine) and not atomic_write.is_temporary(target)
+
+
+def test_the_current_folder_or_one_above_it_is_refused(tmp_path, monkeypatch):
+    work = tmp_path / "project" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for bad in (".", "..", str(tmp_path)):
+        with pytest.raises(RetrainError, match="holds the current folder"):
+            with output_folder.staged(bad):
+                pass
+    with output_folder.staged("out") as folder:  # relative to the current folder
+        write_run(folder.staging, 1)
+    assert sorted(os.listdir(work)) == [".out.lock", "out"]
