@@ -2,9 +2,10 @@
 
 `Config` holds every setting with its default. `load_yaml` reads a YAML mapping
 and refuses keys that are not fields (a typo must not be silently ignored).
-`validate` checks values (with `check_setting`, which library functions
-taking the same settings as arguments call too); `save_yaml` writes the resolved settings beside the
-outputs so every output folder says exactly what produced it.
+`validate` checks values with `check_setting`, which the library functions
+taking the same settings as arguments call too; `save_yaml` writes the
+resolved settings beside the outputs so every output folder says exactly what
+produced it.
 """
 
 from __future__ import annotations

@@ -60,6 +60,9 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
     skipped = list(image_list.skipped) + list(cache_report.failed)
     result = RunResult(image_list, cache_report)
     write_skipped(skipped, out_dir / "skipped_images.txt")
+    if skipped:
+        print(f"{len(skipped)} images skipped; listed in {folder.final / 'skipped_images.txt'}",
+              file=sys.stderr)
     print(f"Bottleneck cache {cache_report.path}: {cache_report.extracted} extracted, "
           f"{cache_report.reused} reused, {len(skipped)} skipped.")
     if config.cache_only:
@@ -152,13 +155,10 @@ def bucket_arrays(cache: BottleneckCache, entries) -> tuple[np.ndarray, np.ndarr
 
 
 def write_skipped(skipped, path: Path) -> None:
-    """List every image the run could not use, one `path<TAB>reason` line each."""
-    if not skipped:
-        path.unlink(missing_ok=True)
-        return
-    path.write_text("".join(f"{_one_line(rel)}\t{reason}\n" for rel, reason in skipped),
-                    encoding="utf-8")
-    print(f"{len(skipped)} images skipped; listed in {path}", file=sys.stderr)
+    """List every image the run could not use, one `path<TAB>reason` line each (none: no file)."""
+    if skipped:
+        path.write_text("".join(f"{_one_line(rel)}\t{reason}\n" for rel, reason in skipped),
+                        encoding="utf-8")
 
 
 def _one_line(relative_path: str) -> str:
