@@ -1,4 +1,5 @@
 # retrain: make demo | make test | make cache IMAGE_DIR=... | make train IMAGE_DIR=... | make label IMAGE=...
+#          make report-screenshot [OUTPUT_DIR=...]  (rebuilds OUTPUT_DIR/report.html, renders it to report.png; needs chromium)
 # Every target creates the virtual environment .venv first if it is missing.
 
 PYTHON_SYSTEM ?= python3
@@ -12,7 +13,7 @@ ARCHITECTURE ?= efficientnet_lite0
 IMAGE ?= examples/digits/3/digit_0003.png
 DEMO_OUTPUT := output/digits
 
-.PHONY: venv demo test cache train label clean
+.PHONY: venv demo test cache train label report-screenshot clean
 
 venv: $(VENV)/.installed
 
@@ -45,6 +46,9 @@ train: venv
 label: venv
 	$(PYTHON) -m retrain.label_image --graph $(OUTPUT_DIR)/model.keras \
 	    --labels $(OUTPUT_DIR)/labels.txt --image $(IMAGE)
+
+report-screenshot: venv
+	$(PYTHON) -m retrain.report $(OUTPUT_DIR) --screenshot $(OUTPUT_DIR)/report.png
 
 clean:
 	rm -rf output examples/digits

@@ -41,6 +41,8 @@ HELP = {
     "testing_percentage": "percentage of images in the test bucket",
     "validation_percentage": "percentage of images in the validation bucket",
     "print_misclassified_test_images": "print the test images the model gets wrong",
+    "class_weights": "none, or balanced: weight the loss inversely to class frequency",
+    "report": "write report.html, its figures and the data checks (label_issues.csv, near_duplicates.csv)",
     "seed": "random seed of the training run",
 }
 

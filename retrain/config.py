@@ -49,6 +49,8 @@ class Config:
     testing_percentage: float = 10.0
     validation_percentage: float = 10.0
     print_misclassified_test_images: bool = False
+    class_weights: str = "none"
+    report: bool = True
     seed: int = 0
 
     def resolved_outputs(self) -> dict[str, Path]:
@@ -61,6 +63,9 @@ class Config:
         }
 
 
+# none: every image counts the same in the loss; balanced: each class counts
+# the same in total (weights n / (k * n_class), as scikit-learn's "balanced").
+CLASS_WEIGHTS = ("none", "balanced")
 FIELD_NAMES = tuple(f.name for f in fields(Config))
 
 
@@ -143,6 +148,7 @@ _RULES = {
     "bottleneck_dtype": (lambda v: v in BOTTLENECK_DTYPES, " or ".join(BOTTLENECK_DTYPES)),
     "output_graph": (lambda v: v is None or isinstance(v, str) and v.endswith(".keras"),
                      "a file name ending in .keras"),
+    "class_weights": (lambda v: v in CLASS_WEIGHTS, " or ".join(CLASS_WEIGHTS)),
 }
 
 

@@ -8,6 +8,7 @@ builds the Config and calls it, and a notebook can do the same.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, replace
@@ -74,10 +75,13 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
     by_bucket = {name: [e for e in usable if e.split_bucket == name] for name in images.BUCKETS}
     check_training_classes(image_list.class_names, by_bucket["training"], config)
 
-    from retrain import export, report, train  # deferred: these import TensorFlow
+    from retrain import evaluation, export, report, run_record, train  # deferred: these import TensorFlow
 
     arrays = {name: bucket_arrays(cache, entries) for name, entries in by_bucket.items()}
     outputs = config.resolved_outputs()
+    class_weights = None
+    if config.class_weights == "balanced":
+        class_weights = train.balanced_class_weights(arrays["training"][1], len(image_list.class_names))
     trained = train.train_head(
         *arrays["training"], *arrays["validation"], len(image_list.class_names),
         how_many_training_steps=config.how_many_training_steps,
@@ -87,23 +91,38 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
         eval_step_interval=config.eval_step_interval,
         seed=config.seed,
         summaries_dir=str(folder.place_folder(outputs["summaries_dir"])),
+        class_weights=class_weights,
     )
+    probabilities = {name: predict(trained.head, arrays[name][0], config.test_batch_size)
+                     for name in run_record.EVALUATED_SPLITS}
 
     test_entries = by_bucket["testing"]
-    test_x, test_y = arrays["testing"]
     if test_entries:
-        batch = len(test_x) if config.test_batch_size == -1 else config.test_batch_size
-        probabilities = trained.head.predict(test_x, batch_size=batch, verbose=0)
-        evaluation = report.evaluate(probabilities, test_y, image_list.class_names)
-        misclassified = report.misclassified(probabilities, test_entries, image_list.class_names)
-        report.write_report(evaluation, out_dir, misclassified)
-        print(report.summary(evaluation))
+        test_evaluation = evaluation.evaluate(probabilities["testing"], arrays["testing"][1],
+                                              image_list.class_names)
+        misclassified = evaluation.misclassified(probabilities["testing"], test_entries,
+                                                 image_list.class_names)
+        evaluation.write_metrics(test_evaluation, out_dir, misclassified)
+        print(evaluation.summary(test_evaluation))
         if config.print_misclassified_test_images:
-            report.print_misclassified(misclassified)
-        result.evaluation = evaluation
+            evaluation.print_misclassified(misclassified)
+        result.evaluation = test_evaluation
     else:
         log.warning("The test bucket is empty (testing_percentage=%s): no test accuracy.",
                     config.testing_percentage)
+
+    ordered = [entry for name in images.BUCKETS for entry in by_bucket[name]]
+    record = run_record.RunRecord(
+        image_dir=str(image_list.image_dir), class_names=image_list.class_names,
+        settings=dataclasses.asdict(config),
+        images=[entry.relative_path for entry in ordered],
+        labels=np.array([entry.label_index for entry in ordered], dtype=np.int64),
+        splits=[entry.split_bucket for entry in ordered],
+        history=trained.history, best_step=trained.best_step, stopped_early=trained.stopped_early,
+        class_weights=None if class_weights is None else class_weights.tolist(),
+        probabilities=probabilities, skipped=[(str(path), str(reason)) for path, reason in skipped],
+    )
+    run_record.save(record, out_dir)
 
     backbone = backbones.load(spec.name, include_top=False, weights_file=config.backbone_weights)
     classifier = export.build_classifier(backbone, trained.head, spec.input_size)
@@ -111,6 +130,10 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
     export.write_labels(image_list.class_names, folder.place(outputs["output_labels"]))
     result.model_path, result.labels_path = outputs["output_graph"], outputs["output_labels"]
     print(f"Saved model {result.model_path} and labels {result.labels_path}.")
+    if config.report:
+        vectors = np.concatenate([arrays[name][0] for name in images.BUCKETS])
+        page = report.write_run_report(record, vectors, out_dir, seed=config.seed)
+        print(f"Report: {folder.final / page.name}")
     return result
 
 
@@ -146,6 +169,14 @@ def check_training_classes(class_names, training_entries, config: Config) -> Non
             "or lower --testing_percentage / --validation_percentage "
             f"(now {config.testing_percentage} / {config.validation_percentage})."
         )
+
+
+def predict(head, bottlenecks: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities float32 [n, k] of the head for bottlenecks [n, d]; batch_size -1 = all."""
+    if not len(bottlenecks):
+        return np.zeros((0, head.output_shape[-1]), np.float32)
+    batch = len(bottlenecks) if batch_size == -1 else batch_size
+    return head.predict(bottlenecks, batch_size=batch, verbose=0)
 
 
 def bucket_arrays(cache: BottleneckCache, entries) -> tuple[np.ndarray, np.ndarray]:

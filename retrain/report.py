@@ -1,150 +1,250 @@
-"""Evaluation of a trained classifier: metrics, confusion matrix, misclassified images.
+"""The run's report: report.html, its figures and thumbnails, built from the run's record.
 
-`evaluate` turns predicted probabilities and true labels into an `Evaluation`
-(scikit-learn computes the metrics); `summary` renders it for stdout and
-`write_report` writes it to the output folder as metrics.json and
-confusion_matrix.csv. Plots and an HTML page can be added as more writers of
-the same `Evaluation`.
+    python -m retrain.report OUTPUT_DIR     (or the `retrain-report` command)
+
+rebuilds OUTPUT_DIR/report.html, training_curves.png and confusion_matrix.png
+from what a run saved there (retrain.run_record, label_issues.csv,
+near_duplicates.csv, thumbnails/), without the cache, the model or TensorFlow;
+`--screenshot FILE.png` also renders the page with headless Chromium.
+
+At the end of a run, `write_run_report` first runs the data checks on the
+bottleneck vectors (retrain.data_checks), writes a small JPEG thumbnail of
+every image the page shows into OUTPUT_DIR/thumbnails/, then calls `build`.
+The page is one HTML file with inline CSS and no scripts; it refers only to
+files beside it, so it opens from disk in any browser, with no network.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import argparse
+import datetime
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn import metrics
 
+from retrain import data_checks, evaluation, figures, run_record
 from retrain.errors import RetrainError
+from retrain.images import ImageDecodeError, cache_key, decode_rgb
+
+REPORT_FILE = "report.html"
+CURVES_FILE = "training_curves.png"
+CONFUSION_FILE = "confusion_matrix.png"
+THUMBNAIL_DIR = "thumbnails"
+THUMBNAIL_SIDE = 128
+# How many rows of each list get thumbnails on the page; the CSV files hold all.
+SHOWN_MISCLASSIFIED = 60
+SHOWN_LABEL_ISSUES = 48
+SHOWN_DUPLICATES = 24
 
 
 @dataclass
-class Evaluation:
-    """Metrics of predictions on one set of images.
+class Mistake:
+    """A misclassified test image: path, true and predicted class, probability of the prediction."""
 
-    Per-class arrays are float64 [k] (support int64 [k]) in class_names order;
-    confusion is int64 [k, k], rows = true class, columns = predicted class.
-    """
-
-    class_names: list[str]
-    accuracy: float
-    precision: np.ndarray
-    recall: np.ndarray
-    f1: np.ndarray
-    support: np.ndarray
-    confusion: np.ndarray
-
-    @property
-    def count(self) -> int:
-        return int(self.support.sum())
-
-    def to_dict(self) -> dict:
-        """JSON-ready form: accuracy, count, per_class metrics, confusion_matrix."""
-        return {
-            "accuracy": self.accuracy,
-            "count": self.count,
-            "per_class": {
-                name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                for name, p, r, f, s in zip(self.class_names, self.precision, self.recall,
-                                            self.f1, self.support)
-            },
-            "confusion_matrix": self.confusion.tolist(),
-        }
+    image: str
+    true: str
+    predicted: str
+    confidence: float
 
 
-def evaluate(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str]) -> Evaluation:
-    """Scores predictions against true labels.
-
-    Args:
-      probabilities: float [n, k] class probabilities (or any scores: the
-        arg-max is the prediction), k = len(class_names), n >= 1.
-      labels: int [n] true class indices in [0, k).
-      class_names: the k class names in output order.
-
-    Raises:
-      RetrainError for mismatched shapes or labels out of range.
-    """
-    probabilities = np.asarray(probabilities)
-    labels = np.asarray(labels)
-    k = len(class_names)
-    if probabilities.ndim != 2 or probabilities.shape[1] != k or labels.shape != probabilities.shape[:1]:
-        raise RetrainError(
-            f"probabilities must be [n, {k}] (one column per class) and labels [n]. "
-            f"Received: probabilities.shape={probabilities.shape}, labels.shape={labels.shape}"
-        )
-    if not len(labels):
-        raise RetrainError("Nothing to evaluate: no images. Received: labels.shape=(0,)")
-    if labels.min() < 0 or labels.max() >= k:
-        raise RetrainError(f"labels must be class indices in [0, {k}). "
-                           f"Received: range=[{labels.min()}, {labels.max()}]")
+def misclassified_tests(record: run_record.RunRecord) -> list[Mistake]:
+    """The test images the head got wrong, most confident mistakes first."""
+    rows = record.rows("testing")
+    probabilities = record.probabilities.get("testing")
+    if probabilities is None or not len(rows):
+        return []
     predicted = probabilities.argmax(axis=1)
-    classes = np.arange(k)
-    precision, recall, f1, support = metrics.precision_recall_fscore_support(
-        labels, predicted, labels=classes, zero_division=0)
-    return Evaluation(
-        class_names=list(class_names),
-        accuracy=float(metrics.accuracy_score(labels, predicted)),
-        precision=precision, recall=recall, f1=f1, support=support.astype(np.int64),
-        confusion=metrics.confusion_matrix(labels, predicted, labels=classes).astype(np.int64),
-    )
+    mistakes = [Mistake(record.images[row], record.class_names[record.labels[row]],
+                        record.class_names[guess], float(probabilities[i, guess]))
+                for i, (row, guess) in enumerate(zip(rows, predicted)) if guess != record.labels[row]]
+    return sorted(mistakes, key=lambda mistake: -mistake.confidence)
 
 
-def summary(evaluation: Evaluation) -> str:
-    """Plain-text accuracy and per-class table, for stdout."""
-    width = max(len("class"), *(len(name) for name in evaluation.class_names))
-    lines = [
-        f"Final test accuracy = {100 * evaluation.accuracy:.1f}% (N={evaluation.count})",
-        f"{'class':<{width}}  precision  recall     f1  support",
-    ]
-    for name, p, r, f, s in zip(evaluation.class_names, evaluation.precision, evaluation.recall,
-                                evaluation.f1, evaluation.support):
-        lines.append(f"{name:<{width}}  {p:9.3f}  {r:6.3f}  {f:5.3f}  {s:7d}")
-    return "\n".join(lines)
+def shown_images(record, issues, duplicates) -> list[str]:
+    """The relative paths of every image the page shows a thumbnail of (no repeats)."""
+    paths = [m.image for m in misclassified_tests(record)[:SHOWN_MISCLASSIFIED]]
+    paths += [issue.image for issue in issues[:SHOWN_LABEL_ISSUES]]
+    for pair in duplicates[:SHOWN_DUPLICATES]:
+        paths += [pair.image_a, pair.image_b]
+    return list(dict.fromkeys(paths))
 
 
-def misclassified(probabilities: np.ndarray, entries, class_names: list[str]) -> list[tuple]:
-    """The images predicted wrongly, as (relative_path, true, predicted, score).
+def thumbnail_path(image: str) -> str:
+    """Where the thumbnail of a relative image path lives, relative to the output folder."""
+    return f"{THUMBNAIL_DIR}/{cache_key(image)[:24]}.jpg"
 
-    probabilities: float [n, k]; entries: n objects with `relative_path` and
-    `label_index` (retrain.images.ImageEntry), in the same order. `score` is
-    the probability of the predicted class.
+
+def write_thumbnails(image_dir, paths: list[str], output_dir) -> int:
+    """Writes a JPEG of at most THUMBNAIL_SIDE px per side for each path; returns how many.
+
+    An image that no longer decodes gets no thumbnail (the page then shows
+    its path only); one is never written twice.
     """
-    predicted = np.asarray(probabilities).argmax(axis=1)
-    return [
-        (entry.relative_path, class_names[entry.label_index], class_names[guess],
-         float(probabilities[row, guess]))
-        for row, (entry, guess) in enumerate(zip(entries, predicted))
-        if guess != entry.label_index
-    ]
+    from PIL import Image
+
+    folder = Path(output_dir) / THUMBNAIL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for relative in paths:
+        target = Path(output_dir) / thumbnail_path(relative)
+        if target.exists():
+            continue
+        try:
+            pixels = decode_rgb(Path(image_dir) / relative, target_size=THUMBNAIL_SIDE)
+        except (ImageDecodeError, FileNotFoundError):
+            continue
+        image = Image.fromarray(pixels)
+        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.LANCZOS)
+        image.save(target, format="JPEG", quality=85)
+        written += 1
+    return written
 
 
-def print_misclassified(wrong: list[tuple]) -> None:
-    """Prints misclassified images to stdout like retrain.py: path, then predicted class."""
-    print("=== MISCLASSIFIED TEST IMAGES ===")
-    for relative_path, true, predicted, score in wrong:
-        print(f"{relative_path:>70}  {predicted} ({score:.3f}, true: {true})")
+def run_data_checks(record: run_record.RunRecord, bottlenecks: np.ndarray, output_dir,
+                    seed: int = 0) -> tuple[list, list]:
+    """Finds label issues and near-duplicates among the record's images; writes both CSVs.
 
-
-def write_report(evaluation: Evaluation, output_dir, misclassified: list[tuple] = ()) -> dict[str, Path]:
-    """Writes metrics.json and confusion_matrix.csv into output_dir; returns their paths.
-
-    misclassified: (relative_path, true, predicted, score) tuples, listed in
-    metrics.json under "misclassified".
+    bottlenecks: float [n, d], one row per record image, in record order.
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"metrics": out / "metrics.json", "confusion_matrix": out / "confusion_matrix.csv"}
-    document = evaluation.to_dict()
-    document["misclassified"] = [
-        {"path": path, "true": true, "predicted": predicted, "score": score}
-        for path, true, predicted, score in misclassified
-    ]
-    paths["metrics"].write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    with open(paths["confusion_matrix"], "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["true \\ predicted", *evaluation.class_names])
-        for name, row in zip(evaluation.class_names, evaluation.confusion):
-            writer.writerow([name, *row.tolist()])
-    return paths
+    issues = data_checks.find_label_issues(bottlenecks, record.labels, record.class_names,
+                                           record.images, seed=seed)
+    duplicates = data_checks.find_near_duplicates(bottlenecks, record.images, record.splits)
+    data_checks.write_label_issues(issues, out / data_checks.LABEL_ISSUES_FILE)
+    data_checks.write_near_duplicates(duplicates, out / data_checks.NEAR_DUPLICATES_FILE)
+    straddling = sum(pair.straddles_splits for pair in duplicates)
+    print(f"Data checks: {len(issues)} suspicious labels in {data_checks.LABEL_ISSUES_FILE}, "
+          f"{len(duplicates)} near-duplicate pairs in {data_checks.NEAR_DUPLICATES_FILE} "
+          f"({straddling} across splits).")
+    return issues, duplicates
+
+
+def write_run_report(record: run_record.RunRecord, bottlenecks: np.ndarray, output_dir,
+                     seed: int = 0) -> Path:
+    """The end of a run: data checks, thumbnails, figures and report.html; returns the page's path."""
+    issues, duplicates = run_data_checks(record, bottlenecks, output_dir, seed)
+    write_thumbnails(record.image_dir, shown_images(record, issues, duplicates), output_dir)
+    return build(output_dir)
+
+
+def _evaluations(record) -> dict[str, evaluation.Evaluation]:
+    result = {}
+    for split in run_record.EVALUATED_SPLITS:
+        rows = record.rows(split)
+        if len(rows) and split in record.probabilities:
+            result[split] = evaluation.evaluate(record.probabilities[split], record.labels[rows],
+                                                record.class_names)
+    return result
+
+
+def _read_checks(out: Path):
+    issues_path = out / data_checks.LABEL_ISSUES_FILE
+    duplicates_path = out / data_checks.NEAR_DUPLICATES_FILE
+    issues = data_checks.read_label_issues(issues_path) if issues_path.exists() else None
+    duplicates = data_checks.read_near_duplicates(duplicates_path) if duplicates_path.exists() else None
+    return issues, duplicates
+
+
+def class_table(record, evaluations) -> list[dict]:
+    """One row per class: counts per split, class weight, metrics per evaluated split.
+
+    Rows follow the confusion matrix's order (recall on test, worst first).
+    """
+    counts = record.counts()
+    reference = evaluations.get("testing") or evaluations.get("validation")
+    order = (figures.recall_order(reference.confusion, record.class_names) if reference
+             else np.arange(len(record.class_names)))
+    largest = max(int(counts[:, 0].max()), 1)
+    rows = []
+    for index in order:
+        rows.append({
+            "name": record.class_names[index], "training": int(counts[index, 0]),
+            "validation": int(counts[index, 1]), "testing": int(counts[index, 2]),
+            "total": int(counts[index].sum()), "bar": round(100 * counts[index, 0] / largest, 1),
+            "weight": None if record.class_weights is None else record.class_weights[index],
+            "metrics": {split: {"precision": result.precision[index], "recall": result.recall[index],
+                                "f1": result.f1[index], "support": int(result.support[index])}
+                        for split, result in evaluations.items()},
+        })
+    return rows
+
+
+def build(output_dir) -> Path:
+    """Draws the figures and writes report.html from the record in output_dir; returns its path.
+
+    Raises:
+      RetrainError when output_dir holds no readable run record.
+    """
+    import jinja2
+
+    out = Path(output_dir)
+    record = run_record.load(out)
+    evaluations = _evaluations(record)
+    figures.plot_training_curves(record.history, out / CURVES_FILE, record.best_step)
+    confusion_split = "testing" if "testing" in evaluations else "validation"
+    if confusion_split in evaluations:
+        figures.plot_confusion_matrix(evaluations[confusion_split].confusion, record.class_names,
+                                      out / CONFUSION_FILE,
+                                      title=f"Confusion matrix ({'test' if confusion_split == 'testing' else 'validation'})")
+    issues, duplicates = _read_checks(out)
+
+    def thumbnail(image):
+        relative = thumbnail_path(image)
+        return relative if (out / relative).is_file() else None
+
+    counts = record.counts()
+    training_counts = counts[:, 0][counts[:, 0] > 0]
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("retrain", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    page = environment.get_template("report.html.j2").render(
+        record=record,
+        generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        evaluations=evaluations,
+        split_totals=counts.sum(axis=0).tolist(),
+        imbalance=(int(training_counts.max()) / int(training_counts.min())) if len(training_counts) else 1.0,
+        classes=class_table(record, evaluations),
+        curves=CURVES_FILE if record.history else None,
+        confusion=CONFUSION_FILE if confusion_split in evaluations else None,
+        confusion_split=confusion_split,
+        mistakes=misclassified_tests(record),
+        shown_mistakes=SHOWN_MISCLASSIFIED,
+        issues=issues, shown_issues=SHOWN_LABEL_ISSUES,
+        duplicates=duplicates, shown_duplicates=SHOWN_DUPLICATES,
+        straddling=sum(pair.straddles_splits for pair in duplicates or []),
+        thumbnail=thumbnail,
+        files={"issues": data_checks.LABEL_ISSUES_FILE, "duplicates": data_checks.NEAR_DUPLICATES_FILE},
+    )
+    path = out / REPORT_FILE
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m retrain.report` and the `retrain-report` console script."""
+    parser = argparse.ArgumentParser(
+        prog="python -m retrain.report",
+        description="Rebuild report.html and its figures from the output folder of a retrain run.")
+    parser.add_argument("output_dir", help="the --output_dir of a finished run")
+    parser.add_argument("--screenshot", metavar="FILE.png",
+                        help="also render the page with headless Chromium into this PNG")
+    parser.add_argument("--width", type=int, default=1280, help="screenshot width in pixels (default 1280)")
+    parser.add_argument("--height", type=int, default=3000, help="screenshot height in pixels (default 3000)")
+    args = parser.parse_args(argv)
+    try:
+        path = build(args.output_dir)
+        print(f"Wrote {path}")
+        if args.screenshot:
+            from retrain import page_screenshot
+
+            print(f"Wrote {page_screenshot.screenshot(path, args.screenshot, args.width, args.height)}")
+    except RetrainError as error:
+        print(f"retrain.report: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -91,6 +91,7 @@ def train_head(
     seed: int,
     summaries_dir: str | None = None,
     progress: bool = True,
+    class_weights: np.ndarray | None = None,
 ) -> TrainResult:
     """Trains a softmax layer on bottlenecks, with early stopping on validation loss.
 
@@ -115,6 +116,9 @@ def train_head(
         summaries_dir/validation, against the step number; event files of an
         earlier run there are deleted first.
       progress: show a progress bar on stderr.
+      class_weights: float [num_classes] loss weight of each class (e.g.
+        `balanced_class_weights`), or None for an unweighted loss. Only the
+        training loss is weighted; validation loss (early stopping) is not.
 
     Returns:
       TrainResult whose head holds the weights of the best evaluation.
@@ -167,9 +171,12 @@ def train_head(
                     "and keeps the last weights. Raise validation_percentage to enable it.",
                     evaluations * interval)
 
+    if class_weights is not None:
+        class_weights = _check_class_weights(class_weights, num_classes)
     try:
         head.fit(training, steps_per_epoch=interval, epochs=evaluations,
-                 validation_data=validation, callbacks=callbacks, shuffle=False, verbose=0)
+                 validation_data=validation, callbacks=callbacks, shuffle=False, verbose=0,
+                 class_weight=class_weights)
     finally:
         log_callback.close()
 
@@ -261,6 +268,25 @@ def _check_arrays(name, x, y, num_classes, allow_empty):
     if not np.isfinite(x).all():
         raise RetrainError(f"{name}_x holds NaN or infinite values; rebuild the bottleneck cache.")
     return x, y.astype(np.int64)
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Loss weights float64 [num_classes], inversely proportional to class frequency.
+
+    weight_c = n / (num_classes * n_c), as scikit-learn's class_weight="balanced":
+    every class then contributes the same total weight, and the mean weight
+    per image is 1. A class absent from labels gets weight 0.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return np.divide(len(labels), num_classes * counts, out=np.zeros(num_classes), where=counts > 0)
+
+
+def _check_class_weights(class_weights, num_classes) -> dict[int, float]:
+    weights = np.asarray(class_weights, dtype=np.float64)
+    if weights.shape != (num_classes,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise RetrainError(f"class_weights must be {num_classes} finite weights >= 0, one per class. "
+                           f"Received: {class_weights!r}")
+    return {index: float(weight) for index, weight in enumerate(weights)}
 
 
 def _validation_sample(val_x, val_y, size, seed):

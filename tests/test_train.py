@@ -137,3 +137,34 @@ def test_bad_input_is_named(change, message):
     arguments.update(change)
     with pytest.raises(RetrainError, match=message):
         train.train_head(**arguments)
+
+
+def test_balanced_class_weights_are_inverse_frequencies():
+    weights = train.balanced_class_weights(np.array([0] * 6 + [1] * 3 + [2] * 1), 4)
+    # n / (k * n_c) = 10 / (4 * n_c); class 3 has no image.
+    np.testing.assert_allclose(weights, [10 / 24, 10 / 12, 10 / 4, 0.0])
+
+
+def test_balanced_weights_raise_recall_of_a_rare_class():
+    """A class with 1/20 of the images, overlapping the others: weighting finds more of it."""
+    rng = np.random.default_rng(5)
+    centres = np.array([[0.0, 0.0], [1.2, 0.0]])
+
+    def imbalanced(n):
+        labels = (rng.random(n) < 0.05).astype(np.int64)
+        return (centres[labels] + rng.normal(0, 0.7, (n, 2))).astype(np.float32), labels
+
+    (tx, ty), (vx, vy), (sx, sy) = imbalanced(2000), imbalanced(400), imbalanced(4000)
+    rare = sy == 1
+    recalls = {}
+    for name, weights in (("none", None), ("balanced", train.balanced_class_weights(ty, 2))):
+        head = train.train_head(tx, ty, vx, vy, 2, **settings(class_weights=weights)).head
+        recalls[name] = float((head.predict(sx[rare], verbose=0).argmax(axis=1) == 1).mean())
+    assert recalls["balanced"] > recalls["none"] + 0.2, recalls
+
+
+@pytest.mark.parametrize("weights", [np.ones(3), np.array([1.0, -1.0, 1.0, 1.0]), np.array([1, np.nan, 1, 1])])
+def test_bad_class_weights_are_named(weights):
+    (tx, ty), (vx, vy) = clusters(50, 1), clusters(20, 2)
+    with pytest.raises(RetrainError, match="class_weights must be 4 finite weights"):
+        train.train_head(tx, ty, vx, vy, CLASSES, **settings(class_weights=weights))

@@ -1,4 +1,4 @@
-"""Evaluation metrics, the stdout summary and the files written to the output folder."""
+"""Evaluation metrics, the stdout summary and the metric files written to the output folder."""
 
 import csv
 import json
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from retrain import report
+from retrain import evaluation as evaluation_lib
 from retrain.errors import RetrainError
 
 NAMES = ["cat", "dog", "fish"]
@@ -25,7 +25,7 @@ def one_hot_probabilities(predicted, k=3, confidence=0.8):
 
 
 def test_metrics_match_a_hand_count():
-    evaluation = report.evaluate(one_hot_probabilities(PREDICTED), LABELS, NAMES)
+    evaluation = evaluation_lib.evaluate(one_hot_probabilities(PREDICTED), LABELS, NAMES)
     assert evaluation.accuracy == pytest.approx(3 / 6)
     np.testing.assert_array_equal(evaluation.confusion, [[2, 1, 0], [1, 1, 0], [1, 0, 0]])
     # cat: 2 of 4 "cat" predictions right; 2 of 3 cats found.
@@ -36,8 +36,30 @@ def test_metrics_match_a_hand_count():
     assert evaluation.count == 6
 
 
+def test_metrics_equal_scikit_learns_on_random_predictions():
+    """Computed independently with sklearn.metrics.classification_report on the same arg-maxes."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    rng = np.random.default_rng(3)
+    names = [f"class_{i}" for i in range(7)]
+    labels = rng.integers(0, 6, 300)  # class_6 never occurs: its support must be 0
+    probabilities = rng.dirichlet(np.ones(7), 300).astype(np.float32)
+    probabilities[np.arange(150), labels[:150]] += 1.0  # half of them right
+    expected = classification_report(labels, probabilities.argmax(1), labels=range(7),
+                                     output_dict=True, zero_division=0)
+    evaluation = evaluation_lib.evaluate(probabilities, labels, names)
+    assert evaluation.accuracy == pytest.approx(expected["accuracy"])
+    for index in range(7):
+        row = expected[str(index)]
+        assert (evaluation.precision[index], evaluation.recall[index], evaluation.f1[index]) == \
+            pytest.approx((row["precision"], row["recall"], row["f1-score"]))
+        assert evaluation.support[index] == row["support"]
+    np.testing.assert_array_equal(evaluation.confusion,
+                                  confusion_matrix(labels, probabilities.argmax(1), labels=range(7)))
+
+
 def test_a_class_never_seen_or_predicted_scores_zero_without_warnings():
-    evaluation = report.evaluate(one_hot_probabilities(np.array([0, 1])), np.array([0, 1]), NAMES)
+    evaluation = evaluation_lib.evaluate(one_hot_probabilities(np.array([0, 1])), np.array([0, 1]), NAMES)
     assert evaluation.accuracy == 1.0
     assert evaluation.precision[2] == evaluation.recall[2] == evaluation.support[2] == 0
 
@@ -50,11 +72,11 @@ def test_a_class_never_seen_or_predicted_scores_zero_without_warnings():
 ])
 def test_bad_input_is_named(probabilities, labels, message):
     with pytest.raises(RetrainError, match=message):
-        report.evaluate(probabilities, labels, NAMES)
+        evaluation_lib.evaluate(probabilities, labels, NAMES)
 
 
 def test_summary_lists_accuracy_and_every_class():
-    text = report.summary(report.evaluate(one_hot_probabilities(PREDICTED), LABELS, NAMES))
+    text = evaluation_lib.summary(evaluation_lib.evaluate(one_hot_probabilities(PREDICTED), LABELS, NAMES))
     lines = text.splitlines()
     assert lines[0] == "Final test accuracy = 50.0% (N=6)"
     assert [line.split()[0] for line in lines[2:]] == NAMES
@@ -64,20 +86,20 @@ def test_summary_lists_accuracy_and_every_class():
 def test_misclassified_names_path_true_predicted_and_score(capsys):
     entries = [SimpleNamespace(relative_path=f"{NAMES[y]}/{i}.jpg", label_index=int(y))
                for i, y in enumerate(LABELS)]
-    wrong = report.misclassified(one_hot_probabilities(PREDICTED), entries, NAMES)
+    wrong = evaluation_lib.misclassified(one_hot_probabilities(PREDICTED), entries, NAMES)
     assert wrong == [("cat/2.jpg", "cat", "dog", pytest.approx(0.8)),
                      ("dog/4.jpg", "dog", "cat", pytest.approx(0.8)),
                      ("fish/5.jpg", "fish", "cat", pytest.approx(0.8))]
-    report.print_misclassified(wrong)
+    evaluation_lib.print_misclassified(wrong)
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "=== MISCLASSIFIED TEST IMAGES ==="
     assert printed[1].split() == ["cat/2.jpg", "dog", "(0.800,", "true:", "cat)"]
 
 
-def test_write_report_files_read_back(tmp_path):
-    evaluation = report.evaluate(one_hot_probabilities(PREDICTED), LABELS, NAMES)
+def test_write_metrics_files_read_back(tmp_path):
+    evaluation = evaluation_lib.evaluate(one_hot_probabilities(PREDICTED), LABELS, NAMES)
     wrong = [("cat/2.jpg", "cat", "dog", 0.8)]
-    paths = report.write_report(evaluation, tmp_path / "out", wrong)
+    paths = evaluation_lib.write_metrics(evaluation, tmp_path / "out", wrong)
 
     metrics = json.loads(paths["metrics"].read_text(encoding="utf-8"))
     assert metrics["accuracy"] == pytest.approx(0.5) and metrics["count"] == 6

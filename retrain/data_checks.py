@@ -1,0 +1,266 @@
+"""Data checks on the cached bottleneck vectors: suspicious labels and near-duplicate images.
+
+Both checks use only the vectors the run already has in memory, so they cost
+seconds, not a pass over the images:
+
+* `find_label_issues`: a logistic regression is cross-validated on the vectors
+  (scikit-learn's `cross_val_predict`), so every image gets class probabilities
+  from a model that never saw it; cleanlab's `find_label_issues` flags the
+  images whose given label those out-of-sample probabilities disagree with,
+  ranked by cleanlab's label quality score (lowest = most suspicious).
+* `find_near_duplicates`: nearest-neighbour search (scikit-learn's
+  `NearestNeighbors`) on a PCA projection of the unit-length vectors proposes a
+  few neighbours per image; each candidate pair is then scored by the exact
+  cosine distance of the full vectors, and pairs closer than `max_distance`
+  are kept, closest first. No all-pairs distance matrix is ever built.
+
+`write_label_issues` / `write_near_duplicates` write the CSVs of the output
+folder and `read_label_issues` / `read_near_duplicates` read them back.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+import cleanlab.filter
+import cleanlab.rank
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.neighbors import NearestNeighbors
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler, normalize
+from threadpoolctl import threadpool_limits
+
+from retrain.errors import RetrainError
+
+# Cross-validation folds for the out-of-sample probabilities (fewer when the
+# smallest class has fewer images).
+LABEL_ISSUE_FOLDS = 5
+# The regression sees the vectors projected on this many principal components:
+# on Lite0 vectors of Caltech-101 and flowers128 it finds the same planted
+# errors as the full 1280 and is ~5x faster, which is what keeps 100k images cheap.
+LABEL_ISSUE_COMPONENTS = 128
+# Neighbours proposed per image, and the PCA width of the search space.
+DUPLICATE_NEIGHBOURS = 5
+DUPLICATE_COMPONENTS = 64
+# Cosine distance under which two images count as near-duplicates. With Lite0,
+# copies resized to 60-85% and re-encoded as JPEG measured 0.007-0.021 apart
+# on flowers128 and 0.025-0.071 on Caltech-101 photos, where the 25th closest
+# of all pairs of 1,034 photos was 0.075 (see README, "Data checks").
+DUPLICATE_DISTANCE = 0.1
+# Above this many images, the PCA bases are fit on a random sample of this size.
+PCA_SAMPLE = 20_000
+# BLAS / OpenMP threads of the checks. These are small dense problems: a
+# second thread gains little, and on a busy machine the threads' hand-offs
+# lose a lot (one regression fit on 1,034 vectors: 0.7 s with 1 thread,
+# 26 s with 2, on a shared 2-core machine).
+THREADS = 1
+
+
+@dataclass(frozen=True)
+class LabelIssue:
+    """An image whose given label the cross-validated model disagrees with.
+
+    score: cleanlab's label quality in [0, 1] (self-confidence: the
+    out-of-sample probability of the given label); lower is more suspicious.
+    """
+
+    image: str
+    given: str
+    suggested: str
+    score: float
+
+
+@dataclass(frozen=True)
+class NearDuplicate:
+    """Two images whose bottlenecks are nearly parallel; distance = 1 - cosine similarity."""
+
+    image_a: str
+    image_b: str
+    split_a: str
+    split_b: str
+    distance: float
+
+    @property
+    def straddles_splits(self) -> bool:
+        """True when the two images are in different buckets (inflates test accuracy)."""
+        return self.split_a != self.split_b
+
+
+def out_of_sample_probabilities(bottlenecks: np.ndarray, labels: np.ndarray, num_classes: int,
+                                seed: int = 0) -> np.ndarray:
+    """Class probabilities float32 [n, num_classes] from models that never saw the row's image.
+
+    bottlenecks: float [n, d]; labels: int [n] in [0, num_classes). A
+    StandardScaler + PCA + LogisticRegression pipeline is cross-validated with
+    stratified folds (at most LABEL_ISSUE_FOLDS, at least 2).
+    """
+    x, labels = _check(bottlenecks, labels, num_classes)
+    with threadpool_limits(THREADS):
+        return _cross_validated(x, labels, num_classes, seed)
+
+
+def _cross_validated(x, labels, num_classes, seed):
+    counts = np.bincount(labels, minlength=num_classes)
+    folds = int(np.clip(counts[counts > 0].min(), 2, LABEL_ISSUE_FOLDS))
+    components = min(LABEL_ISSUE_COMPONENTS, x.shape[1], len(x) - len(x) // folds - 1)
+    model = make_pipeline(StandardScaler(), PCA(components, random_state=seed),
+                          LogisticRegression(C=0.1, max_iter=300))
+    with warnings.catch_warnings():
+        # A class smaller than the fold count, or absent from one fold's
+        # training part, is expected in small data; cross_val_predict then
+        # gives that class probability 0 in the fold, which is right.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probabilities = cross_val_predict(
+            model, x, labels, method="predict_proba",
+            cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    full = np.zeros((len(x), num_classes), np.float32)
+    full[:, np.unique(labels)] = probabilities
+    return full
+
+
+def find_label_issues(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],
+                      images: list[str], seed: int = 0) -> list[LabelIssue]:
+    """Images whose label the cached vectors disagree with, most suspicious first.
+
+    bottlenecks: float [n, d]; labels: int [n] class indices; images: n
+    relative paths. Needs at least two images; fewer give an empty list.
+    """
+    labels = np.asarray(labels)
+    if len(images) != len(labels):
+        raise RetrainError(f"One image path per label is needed. Received: {len(images)} paths, "
+                           f"{len(labels)} labels")
+    if len(labels) < 2 or len(np.unique(labels)) < 2:
+        return []
+    probabilities = out_of_sample_probabilities(bottlenecks, labels, len(class_names), seed)
+    present = np.unique(labels)
+    # cleanlab wants every class of the columns to occur in labels.
+    local = np.searchsorted(present, labels)
+    local_probabilities = probabilities[:, present]
+    local_probabilities /= np.maximum(local_probabilities.sum(axis=1, keepdims=True), 1e-12)
+    quality = cleanlab.rank.get_label_quality_scores(local, local_probabilities,
+                                                     method="self_confidence")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flagged = cleanlab.filter.find_label_issues(local, local_probabilities, n_jobs=1)
+    suggested = present[local_probabilities.argmax(axis=1)]
+    rows = np.flatnonzero(flagged | (suggested != labels))
+    rows = rows[np.argsort(quality[rows], kind="stable")]
+    return [LabelIssue(images[row], class_names[labels[row]], class_names[suggested[row]],
+                       round(float(quality[row]), 6))
+            for row in rows]
+
+
+def find_near_duplicates(bottlenecks: np.ndarray, images: list[str], splits: list[str],
+                         max_distance: float = DUPLICATE_DISTANCE) -> list[NearDuplicate]:
+    """Pairs of images with cosine distance <= max_distance, closest first.
+
+    bottlenecks: float [n, d]; images, splits: n relative paths and split
+    buckets. Each image proposes its DUPLICATE_NEIGHBOURS nearest neighbours in a
+    DUPLICATE_COMPONENTS-wide PCA space; candidates are re-scored exactly.
+    """
+    x = np.asarray(bottlenecks, dtype=np.float32)
+    if x.ndim != 2 or len(x) != len(images) or len(images) != len(splits):
+        raise RetrainError(f"bottlenecks must be [n, d] with one path and split per row. Received: "
+                           f"shape={x.shape}, {len(images)} paths, {len(splits)} splits")
+    if len(x) < 2:
+        return []
+    with threadpool_limits(THREADS):
+        return _near_duplicates(x, images, splits, max_distance)
+
+
+def _near_duplicates(x, images, splits, max_distance):
+    unit = normalize(x)
+    search = unit
+    components = min(DUPLICATE_COMPONENTS, x.shape[1], len(x))
+    if components < x.shape[1]:
+        sample = _sample(len(x), PCA_SAMPLE)
+        pca = PCA(components, random_state=0).fit(unit[sample])
+        search = normalize(pca.transform(unit)).astype(np.float32)
+    neighbours = min(DUPLICATE_NEIGHBOURS + 1, len(x))
+    _, index = NearestNeighbors(n_neighbors=neighbours).fit(search).kneighbors(search)
+    first = np.repeat(np.arange(len(x)), neighbours)
+    second = index.ravel()
+    keep = first != second
+    pairs = np.unique(np.sort(np.stack([first[keep], second[keep]], axis=1), axis=1), axis=0)
+    distance = 1.0 - np.einsum("ij,ij->i", unit[pairs[:, 0]], unit[pairs[:, 1]])
+    distance = np.maximum(distance, 0.0)
+    close = distance <= max_distance
+    pairs, distance = pairs[close], distance[close]
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], distance))
+    return [NearDuplicate(images[a], images[b], splits[a], splits[b], round(float(d), 6))
+            for (a, b), d in zip(pairs[order], distance[order])]
+
+
+def _sample(n: int, size: int) -> np.ndarray:
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, size, replace=False))
+
+
+def _check(bottlenecks, labels, num_classes):
+    x = np.asarray(bottlenecks, dtype=np.float32)
+    labels = np.asarray(labels)
+    if x.ndim != 2 or labels.shape != x.shape[:1]:
+        raise RetrainError(f"bottlenecks must be [n, d] and labels [n]. "
+                           f"Received: bottlenecks.shape={x.shape}, labels.shape={labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise RetrainError(f"labels must be class indices in [0, {num_classes}). "
+                           f"Received: range=[{labels.min()}, {labels.max()}]")
+    return x, labels.astype(np.int64)
+
+
+LABEL_ISSUES_FILE = "label_issues.csv"
+NEAR_DUPLICATES_FILE = "near_duplicates.csv"
+
+
+def write_label_issues(issues: list[LabelIssue], path) -> Path:
+    """Writes `image,given,suggested,score`, one row per issue in the given order."""
+    return _write_rows(LabelIssue, issues, path)
+
+
+def write_near_duplicates(pairs: list[NearDuplicate], path) -> Path:
+    """Writes `image_a,image_b,split_a,split_b,distance`, one row per pair in the given order."""
+    return _write_rows(NearDuplicate, pairs, path)
+
+
+def read_label_issues(path) -> list[LabelIssue]:
+    return [LabelIssue(row["image"], row["given"], row["suggested"], float(row["score"]))
+            for row in _read_rows(LabelIssue, path)]
+
+
+def read_near_duplicates(path) -> list[NearDuplicate]:
+    return [NearDuplicate(row["image_a"], row["image_b"], row["split_a"], row["split_b"],
+                          float(row["distance"]))
+            for row in _read_rows(NearDuplicate, path)]
+
+
+def _write_rows(kind, rows, path) -> Path:
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([f.name for f in fields(kind)])
+        writer.writerows(astuple(row) for row in rows)
+    return path
+
+
+def _read_rows(kind, path) -> list[dict]:
+    expected = [f.name for f in fields(kind)]
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames != expected:
+                raise RetrainError(f"{path} is not a retrain {Path(path).name}: its header must be "
+                                   f"{','.join(expected)}. Received: {reader.fieldnames}")
+            return list(reader)
+    except OSError as error:
+        raise RetrainError(f"Cannot read {path}: {error.strerror or error}. "
+                           "Rerun retrain without --no-report to write it.") from None

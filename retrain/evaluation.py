@@ -1,0 +1,150 @@
+"""Evaluation of a trained classifier: metrics, confusion matrix, misclassified images.
+
+`evaluate` turns predicted probabilities and true labels into an `Evaluation`
+(scikit-learn computes the metrics); `summary` renders it for stdout and
+`write_metrics` writes it to the output folder as metrics.json and
+confusion_matrix.csv. The figures (retrain.figures) and the HTML page
+(retrain.report) are built from the same `Evaluation`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn import metrics
+
+from retrain.errors import RetrainError
+
+
+@dataclass
+class Evaluation:
+    """Metrics of predictions on one set of images.
+
+    Per-class arrays are float64 [k] (support int64 [k]) in class_names order;
+    confusion is int64 [k, k], rows = true class, columns = predicted class.
+    """
+
+    class_names: list[str]
+    accuracy: float
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    support: np.ndarray
+    confusion: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.support.sum())
+
+    def to_dict(self) -> dict:
+        """JSON-ready form: accuracy, count, per_class metrics, confusion_matrix."""
+        return {
+            "accuracy": self.accuracy,
+            "count": self.count,
+            "per_class": {
+                name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                for name, p, r, f, s in zip(self.class_names, self.precision, self.recall,
+                                            self.f1, self.support)
+            },
+            "confusion_matrix": self.confusion.tolist(),
+        }
+
+
+def evaluate(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str]) -> Evaluation:
+    """Scores predictions against true labels.
+
+    Args:
+      probabilities: float [n, k] class probabilities (or any scores: the
+        arg-max is the prediction), k = len(class_names), n >= 1.
+      labels: int [n] true class indices in [0, k).
+      class_names: the k class names in output order.
+
+    Raises:
+      RetrainError for mismatched shapes or labels out of range.
+    """
+    probabilities = np.asarray(probabilities)
+    labels = np.asarray(labels)
+    k = len(class_names)
+    if probabilities.ndim != 2 or probabilities.shape[1] != k or labels.shape != probabilities.shape[:1]:
+        raise RetrainError(
+            f"probabilities must be [n, {k}] (one column per class) and labels [n]. "
+            f"Received: probabilities.shape={probabilities.shape}, labels.shape={labels.shape}"
+        )
+    if not len(labels):
+        raise RetrainError("Nothing to evaluate: no images. Received: labels.shape=(0,)")
+    if labels.min() < 0 or labels.max() >= k:
+        raise RetrainError(f"labels must be class indices in [0, {k}). "
+                           f"Received: range=[{labels.min()}, {labels.max()}]")
+    predicted = probabilities.argmax(axis=1)
+    classes = np.arange(k)
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        labels, predicted, labels=classes, zero_division=0)
+    return Evaluation(
+        class_names=list(class_names),
+        accuracy=float(metrics.accuracy_score(labels, predicted)),
+        precision=precision, recall=recall, f1=f1, support=support.astype(np.int64),
+        confusion=metrics.confusion_matrix(labels, predicted, labels=classes).astype(np.int64),
+    )
+
+
+def summary(evaluation: Evaluation) -> str:
+    """Plain-text accuracy and per-class table, for stdout."""
+    width = max(len("class"), *(len(name) for name in evaluation.class_names))
+    lines = [
+        f"Final test accuracy = {100 * evaluation.accuracy:.1f}% (N={evaluation.count})",
+        f"{'class':<{width}}  precision  recall     f1  support",
+    ]
+    for name, p, r, f, s in zip(evaluation.class_names, evaluation.precision, evaluation.recall,
+                                evaluation.f1, evaluation.support):
+        lines.append(f"{name:<{width}}  {p:9.3f}  {r:6.3f}  {f:5.3f}  {s:7d}")
+    return "\n".join(lines)
+
+
+def misclassified(probabilities: np.ndarray, entries, class_names: list[str]) -> list[tuple]:
+    """The images predicted wrongly, as (relative_path, true, predicted, score).
+
+    probabilities: float [n, k]; entries: n objects with `relative_path` and
+    `label_index` (retrain.images.ImageEntry), in the same order. `score` is
+    the probability of the predicted class.
+    """
+    predicted = np.asarray(probabilities).argmax(axis=1)
+    return [
+        (entry.relative_path, class_names[entry.label_index], class_names[guess],
+         float(probabilities[row, guess]))
+        for row, (entry, guess) in enumerate(zip(entries, predicted))
+        if guess != entry.label_index
+    ]
+
+
+def print_misclassified(wrong: list[tuple]) -> None:
+    """Prints misclassified images to stdout like retrain.py: path, then predicted class."""
+    print("=== MISCLASSIFIED TEST IMAGES ===")
+    for relative_path, true, predicted, score in wrong:
+        print(f"{relative_path:>70}  {predicted} ({score:.3f}, true: {true})")
+
+
+def write_metrics(evaluation: Evaluation, output_dir, misclassified: list[tuple] = ()) -> dict[str, Path]:
+    """Writes metrics.json and confusion_matrix.csv into output_dir; returns their paths.
+
+    misclassified: (relative_path, true, predicted, score) tuples, listed in
+    metrics.json under "misclassified".
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"metrics": out / "metrics.json", "confusion_matrix": out / "confusion_matrix.csv"}
+    document = evaluation.to_dict()
+    document["misclassified"] = [
+        {"path": path, "true": true, "predicted": predicted, "score": score}
+        for path, true, predicted, score in misclassified
+    ]
+    paths["metrics"].write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    with open(paths["confusion_matrix"], "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true \\ predicted", *evaluation.class_names])
+        for name, row in zip(evaluation.class_names, evaluation.confusion):
+            writer.writerow([name, *row.tolist()])
+    return paths

@@ -1,0 +1,120 @@
+"""The run's figures as PNG files, drawn with matplotlib's Agg backend (no display needed).
+
+* `plot_training_curves`: loss and accuracy against the training step, for the
+  training and validation sets, with the step whose weights were kept.
+* `plot_confusion_matrix`: rows = true class, columns = predicted class,
+  coloured by the share of each true class (row-normalised), classes sorted by
+  recall (worst first) so that the problem classes are together at the top.
+  The figure grows with the number of classes so that every tick label keeps
+  its own line: readable with hundreds of classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Figures are made with the object API on an Agg canvas, never through
+# pyplot: no display is needed and no global figure state is kept.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# Height given to each class row of the confusion matrix, in points; the tick
+# label font is smaller than this, so neighbouring labels never overlap.
+ROW_POINTS = 11.0
+LABEL_POINTS = 8.0
+# Counts are written in the cells only while they stay legible.
+MAX_CLASSES_WITH_COUNTS = 30
+DPI = 100
+
+
+def plot_training_curves(history: list[dict], path, best_step: int | None = None) -> Path:
+    """Writes loss and accuracy against the step to `path` (PNG); returns the path.
+
+    history: one dict per evaluation with step, loss, accuracy, val_loss,
+    val_accuracy (the last two None without a validation set), as in
+    retrain.train.TrainResult.history. An empty history draws empty axes.
+    """
+    steps = [entry["step"] for entry in history]
+    figure = Figure(figsize=(11, 4), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2)
+    for axis, key, title in ((axes[0], "loss", "Cross-entropy loss"),
+                             (axes[1], "accuracy", "Accuracy")):
+        for prefix, label, style in (("", "training", "-"), ("val_", "validation", "-")):
+            values = [entry.get(prefix + key) for entry in history]
+            if any(value is not None for value in values):
+                axis.plot(steps, [np.nan if v is None else v for v in values], style, label=label)
+        if best_step:
+            axis.axvline(best_step, color="0.4", linestyle="--", linewidth=1,
+                         label=f"kept weights (step {best_step})")
+        axis.set_title(title)
+        axis.set_xlabel("training step")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(loc="best", fontsize=9)
+    if history and any(entry.get("loss") for entry in history):
+        axes[0].set_yscale("log")
+    figure.savefig(path, format="png")
+    return Path(path)
+
+
+def recall_order(confusion: np.ndarray, class_names: list[str]) -> np.ndarray:
+    """Class indices sorted by recall (worst first), then by name; classes without images last."""
+    confusion = np.asarray(confusion)
+    support = confusion.sum(axis=1)
+    recall = np.divide(np.diag(confusion), support, out=np.full(len(support), np.inf),
+                       where=support > 0)
+    return np.array(sorted(range(len(class_names)), key=lambda i: (recall[i], class_names[i])),
+                    dtype=np.int64)
+
+
+def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str], path,
+                          title: str = "Confusion matrix (test)") -> Path:
+    """Writes `draw_confusion_matrix(confusion, class_names, title)` to `path` (PNG)."""
+    draw_confusion_matrix(confusion, class_names, title).savefig(path, format="png")
+    return Path(path)
+
+
+def draw_confusion_matrix(confusion: np.ndarray, class_names: list[str],
+                          title: str = "Confusion matrix (test)") -> Figure:
+    """The confusion matrix int [k, k] (rows true, columns predicted) as a Figure on an Agg canvas.
+
+    Cells are coloured by the fraction of the true class; classes are sorted by
+    recall, worst first. The figure is sized so that each class gets
+    ROW_POINTS of height and width, so labels never overlap.
+    """
+    confusion = np.asarray(confusion)
+    k = len(class_names)
+    if confusion.shape != (k, k):
+        from retrain.errors import RetrainError
+
+        raise RetrainError(f"confusion must be [{k}, {k}] for {k} class names. "
+                           f"Received: shape={confusion.shape}")
+    order = recall_order(confusion, class_names)
+    matrix = confusion[np.ix_(order, order)]
+    names = [class_names[i] for i in order]
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+
+    label_inches = 0.6 + LABEL_POINTS * 0.55 / 72 * max(len(name) for name in names)
+    grid_inches = max(4.0, k * ROW_POINTS / 72)
+    size = grid_inches + label_inches + 1.2
+    figure = Figure(figsize=(size + 1.0, size), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
+    axis.set_xticks(range(k), names, rotation=90, fontsize=LABEL_POINTS)
+    axis.set_yticks(range(k), names, fontsize=LABEL_POINTS)
+    axis.set_xlabel("predicted class")
+    axis.set_ylabel("true class (sorted by recall, worst first)")
+    axis.set_title(f"{title}: {int(matrix.sum())} images, colour = share of the true class")
+    if k <= MAX_CLASSES_WITH_COUNTS:
+        for row in range(k):
+            for column in range(k):
+                if matrix[row, column]:
+                    axis.text(column, row, str(matrix[row, column]), ha="center", va="center",
+                              fontsize=LABEL_POINTS,
+                              color="white" if shares[row, column] > 0.5 else "black")
+    figure.colorbar(image, ax=axis, shrink=min(1.0, 6 / size), label="share of the true class")
+    return figure

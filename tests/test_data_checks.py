@@ -1,0 +1,110 @@
+"""Label issues and near-duplicates on vectors whose answer is known.
+
+The vectors here are built by the test (clusters with planted mistakes); the
+same checks on real photos through the real backbone are in test_run_report.py.
+"""
+
+import numpy as np
+import pytest
+
+from retrain import data_checks
+from retrain.errors import RetrainError
+
+
+def clustered(classes=4, per_class=40, dim=64, seed=0, spread=0.35):
+    """Non-negative vectors (like pooled ReLU features) in one cluster per class.
+
+    With spread=1, two images of one class are about 0.17 apart in cosine
+    distance, well above DUPLICATE_DISTANCE, as distinct photos are.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.gamma(1.0, 1.0, (classes, dim))
+    labels = np.repeat(np.arange(classes), per_class)
+    vectors = centres[labels] + rng.gamma(1.0, spread, (len(labels), dim))
+    paths = [f"c{label}/{i:03d}.jpg" for i, label in enumerate(labels)]
+    return vectors.astype(np.float32), labels, paths
+
+
+def test_planted_label_errors_come_first():
+    vectors, labels, paths = clustered()
+    names = ["a", "b", "c", "d"]
+    planted = [5, 47, 90, 133]
+    wrong = labels.copy()
+    wrong[planted] = (labels[planted] + 1) % 4
+    issues = data_checks.find_label_issues(vectors, wrong, names, paths)
+    assert {issue.image for issue in issues[:len(planted)]} == {paths[i] for i in planted}
+    first = {issue.image: issue for issue in issues}[paths[5]]
+    assert (first.given, first.suggested) == ("b", "a")
+    scores = [issue.score for issue in issues]
+    assert scores == sorted(scores) and all(0 <= s <= 1 for s in scores)
+
+
+def test_clean_labels_raise_few_issues():
+    vectors, labels, paths = clustered()
+    assert len(data_checks.find_label_issues(vectors, labels, list("abcd"), paths)) <= 2
+
+
+def test_a_class_with_one_image_does_not_break_the_check():
+    vectors, labels, paths = clustered(classes=3, per_class=20)
+    labels = labels.copy()
+    labels[0] = 3  # the only image of class "d"
+    issues = data_checks.find_label_issues(vectors, labels, list("abcd"), paths)
+    assert all(issue.given in "abcd" and issue.suggested in "abcd" for issue in issues)
+
+
+def test_planted_duplicates_are_the_closest_pairs_and_straddling_is_flagged():
+    vectors, _, paths = clustered(per_class=50, spread=1.0)
+    rng = np.random.default_rng(1)
+    originals = [3, 60, 121, 180]
+    copies = vectors[originals] * 1.02 + rng.normal(0, 0.01, (4, vectors.shape[1])).astype(np.float32)
+    all_vectors = np.concatenate([vectors, copies])
+    all_paths = paths + [f"copy_{i}.jpg" for i in range(4)]
+    splits = ["training"] * len(paths) + ["testing", "training", "training", "validation"]
+    pairs = data_checks.find_near_duplicates(all_vectors, all_paths, splits, max_distance=1.0)
+    top = {frozenset((p.image_a, p.image_b)) for p in pairs[:4]}
+    assert top == {frozenset((paths[o], f"copy_{i}.jpg")) for i, o in enumerate(originals)}
+    assert [p.distance for p in pairs] == sorted(p.distance for p in pairs)
+    assert [p.straddles_splits for p in pairs[:4]].count(True) == 2
+    default = data_checks.find_near_duplicates(all_vectors, all_paths, splits)
+    assert {frozenset((p.image_a, p.image_b)) for p in default[:4]} == top
+    assert all(p.distance <= data_checks.DUPLICATE_DISTANCE for p in default)
+    assert len(default) < len(pairs)
+
+
+def test_near_duplicate_search_does_not_build_all_pairs(monkeypatch):
+    """At most n * DUPLICATE_NEIGHBOURS candidate pairs are scored, whatever n is."""
+    vectors, _, paths = clustered(classes=8, per_class=250, dim=96)
+    pairs = data_checks.find_near_duplicates(vectors, paths, ["training"] * len(paths), max_distance=2.0)
+    assert len(pairs) <= len(paths) * data_checks.DUPLICATE_NEIGHBOURS
+    assert len(pairs) >= len(paths) // 2
+
+
+def test_csv_round_trip_and_header(tmp_path):
+    issues = [data_checks.LabelIssue("a/1.jpg", "a", "b", 0.01),
+              data_checks.LabelIssue("b/é,2.jpg", "b", "a", 0.2)]
+    pairs = [data_checks.NearDuplicate("a/1.jpg", "b/2.jpg", "training", "testing", 0.003)]
+    data_checks.write_label_issues(issues, tmp_path / "issues.csv")
+    data_checks.write_near_duplicates(pairs, tmp_path / "pairs.csv")
+    assert (tmp_path / "issues.csv").read_text(encoding="utf-8").splitlines()[0] == "image,given,suggested,score"
+    assert (tmp_path / "pairs.csv").read_text().splitlines()[0] == "image_a,image_b,split_a,split_b,distance"
+    assert data_checks.read_label_issues(tmp_path / "issues.csv") == issues
+    assert data_checks.read_near_duplicates(tmp_path / "pairs.csv") == pairs
+    with pytest.raises(RetrainError, match="header must be image_a,image_b"):
+        data_checks.read_near_duplicates(tmp_path / "issues.csv")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: data_checks.find_near_duplicates(np.zeros((3, 4)), ["a", "b"], ["training"] * 3), "2 paths"),
+    (lambda: data_checks.find_label_issues(np.zeros((3, 4)), np.array([0, 1, 2]), ["a", "b"], list("xyz")),
+     r"range=\[0, 2\]"),
+    (lambda: data_checks.find_label_issues(np.zeros((3, 4)), np.array([0, 1]), ["a", "b"], list("xy")),
+     r"labels.shape=\(2,\)"),
+])
+def test_bad_input_is_named(call, message):
+    with pytest.raises(RetrainError, match=message):
+        call()
+
+
+def test_too_few_images_give_empty_results():
+    assert data_checks.find_label_issues(np.ones((1, 4)), np.array([0]), ["a", "b"], ["x"]) == []
+    assert data_checks.find_near_duplicates(np.ones((1, 4)), ["x"], ["training"]) == []
