@@ -14,12 +14,13 @@ train/test sub-folders) of `--source` into a new folder, then plants:
 
 It then runs `python -m retrain` on the copy and reports how many planted errors
 are in the top 3 x errors rows of label_issues.csv and how many planted pairs in
-the top 3 x duplicates rows of near_duplicates.csv, with the time of the data
-checks. The source folder is never modified.
+the top 3 x duplicates rows of near_duplicates.csv, with the run's time. What
+was planted is listed in WORK/planted.json. The source folder is never modified.
 """
 
 import argparse
 import csv
+import json
 import random
 import shutil
 import subprocess
@@ -117,6 +118,7 @@ def main() -> int:
         shutil.rmtree(image_dir)
     moved, pairs = plant(args.source, image_dir, args.classes, args.per_class, args.errors,
                          args.duplicates, args.seed)
+    (work / "planted.json").write_text(json.dumps({"moved": moved, "pairs": pairs}, indent=1))
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "retrain", "--image_dir", str(image_dir),
                            "--bottleneck_dir", args.bottleneck_dir, "--output_dir", str(out_dir),

@@ -42,17 +42,24 @@ from retrain.errors import RetrainError
 # Cross-validation folds for the out-of-sample probabilities (fewer when the
 # smallest class has fewer images).
 LABEL_ISSUE_FOLDS = 5
-# The regression sees the vectors projected on this many principal components:
-# on Lite0 vectors of Caltech-101 and flowers128 it finds the same planted
-# errors as the full 1280 and is ~5x faster, which is what keeps 100k images cheap.
-LABEL_ISSUE_COMPONENTS = 128
-# Neighbours proposed per image, and the PCA width of the search space.
+# The regression sees the vectors projected on this many principal components.
+# On Lite0 vectors with 12 planted errors it ranked them as high as the full
+# 1280 dimensions did (Caltech-101, 17 classes: 12 of 12 in the top 36 either
+# way; flowers128: 5 with both), at a fraction of the cost.
+LABEL_ISSUE_COMPONENTS = 64
+# Each fold's regression is fit on at most this many images (every class keeps
+# an equal share); the held-out images of the fold are all scored. This caps
+# the cost of large sets: fitting dominates, scoring is one matrix product.
+LABEL_ISSUE_FIT_ROWS = 20_000
+# Neighbours proposed per image, and the PCA width of the search space. The
+# search is brute force (n^2 * 32 multiply-adds, in blocks), exact for each
+# image's neighbours in that space; on Caltech-101 and flowers128 it found the
+# same planted pairs at 16, 32 and 64 components.
 DUPLICATE_NEIGHBOURS = 5
-DUPLICATE_COMPONENTS = 64
+DUPLICATE_COMPONENTS = 32
 # Cosine distance under which two images count as near-duplicates. With Lite0,
 # copies resized to 60-85% and re-encoded as JPEG measured 0.007-0.021 apart
-# on flowers128 and 0.025-0.071 on Caltech-101 photos, where the 25th closest
-# of all pairs of 1,034 photos was 0.075 (see README, "Data checks").
+# on flowers128 and 0.006-0.071 on Caltech-101 photos (see README, "Data checks").
 DUPLICATE_DISTANCE = 0.1
 # Above this many images, the PCA bases are fit on a random sample of this size.
 PCA_SAMPLE = 20_000
@@ -99,7 +106,8 @@ def out_of_sample_probabilities(bottlenecks: np.ndarray, labels: np.ndarray, num
 
     bottlenecks: float [n, d]; labels: int [n] in [0, num_classes). A
     StandardScaler + PCA + LogisticRegression pipeline is cross-validated with
-    stratified folds (at most LABEL_ISSUE_FOLDS, at least 2).
+    stratified folds (at most LABEL_ISSUE_FOLDS, at least 2), each fit on at
+    most LABEL_ISSUE_FIT_ROWS images.
     """
     x, labels = _check(bottlenecks, labels, num_classes)
     with threadpool_limits(THREADS):
@@ -111,7 +119,7 @@ def _cross_validated(x, labels, num_classes, seed):
     folds = int(np.clip(counts[counts > 0].min(), 2, LABEL_ISSUE_FOLDS))
     components = min(LABEL_ISSUE_COMPONENTS, x.shape[1], len(x) - len(x) // folds - 1)
     model = make_pipeline(StandardScaler(), PCA(components, random_state=seed),
-                          LogisticRegression(C=0.1, max_iter=300))
+                          LogisticRegression(C=0.1, max_iter=100))
     with warnings.catch_warnings():
         # A class smaller than the fold count, or absent from one fold's
         # training part, is expected in small data; cross_val_predict then
@@ -121,10 +129,27 @@ def _cross_validated(x, labels, num_classes, seed):
         warnings.simplefilter("ignore", ConvergenceWarning)
         probabilities = cross_val_predict(
             model, x, labels, method="predict_proba",
-            cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+            cv=list(_capped_folds(labels, folds, LABEL_ISSUE_FIT_ROWS, seed)))
     full = np.zeros((len(x), num_classes), np.float32)
     full[:, np.unique(labels)] = probabilities
     return full
+
+
+def _capped_folds(labels: np.ndarray, folds: int, fit_rows: int, seed: int):
+    """Stratified (training rows, held-out rows) splits; training rows capped at fit_rows.
+
+    Held-out rows partition all rows, as cross_val_predict needs. Above the
+    cap, each class keeps at most an equal share of its training rows.
+    """
+    rng = np.random.default_rng(seed)
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    for train, held_out in splitter.split(np.zeros((len(labels), 1)), labels):
+        if len(train) > fit_rows:
+            classes = np.unique(labels[train])
+            share = max(1, fit_rows // len(classes))
+            train = np.sort(np.concatenate([
+                rng.permutation(train[labels[train] == c])[:share] for c in classes]))
+        yield train, held_out
 
 
 def find_label_issues(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],

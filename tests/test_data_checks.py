@@ -108,3 +108,13 @@ def test_bad_input_is_named(call, message):
 def test_too_few_images_give_empty_results():
     assert data_checks.find_label_issues(np.ones((1, 4)), np.array([0]), ["a", "b"], ["x"]) == []
     assert data_checks.find_near_duplicates(np.ones((1, 4)), ["x"], ["training"]) == []
+
+
+def test_capped_folds_partition_the_rows_and_cap_every_fit():
+    labels = np.repeat(np.arange(4), [500, 300, 30, 3])
+    splits = list(data_checks._capped_folds(labels, 3, fit_rows=200, seed=0))
+    held_out = np.sort(np.concatenate([test for _, test in splits]))
+    np.testing.assert_array_equal(held_out, np.arange(len(labels)))  # each row scored once
+    for train, test in splits:
+        assert len(train) <= 200 and not set(train) & set(test)
+        assert set(labels[train]) == {0, 1, 2, 3}  # the rare classes keep their rows
