@@ -5,14 +5,17 @@ seconds, not a pass over the images:
 
 * `find_label_issues`: a logistic regression is cross-validated on the vectors
   (scikit-learn's `cross_val_predict`), so every image gets class probabilities
-  from a model that never saw it; cleanlab's `find_label_issues` flags the
-  images whose given label those out-of-sample probabilities disagree with,
-  ranked by cleanlab's label quality score (lowest = most suspicious).
+  from a model that never saw it. The images whose given label those
+  probabilities disagree with (another class is more likely, or cleanlab's
+  `find_label_issues` flags them) are listed, ranked by cleanlab's label
+  quality score (lowest = most suspicious).
 * `find_near_duplicates`: nearest-neighbour search (scikit-learn's
   `NearestNeighbors`) on a PCA projection of the unit-length vectors proposes a
   few neighbours per image; each candidate pair is then scored by the exact
   cosine distance of the full vectors, and pairs closer than `max_distance`
-  are kept, closest first. No all-pairs distance matrix is ever built.
+  are kept, closest first. A group of m mutually near-identical images is
+  listed as m - 1 pairs (its minimum spanning tree), not every pair of it. No
+  all-pairs distance matrix is ever built.
 
 `write_label_issues` / `write_near_duplicates` write the CSVs of the output
 folder and `read_label_issues` / `read_near_duplicates` read them back.
@@ -222,7 +225,29 @@ def _near_duplicates(x, images, splits, max_distance):
     pairs, distance = pairs[close], distance[close]
     order = np.lexsort((pairs[:, 1], pairs[:, 0], distance))
     return [NearDuplicate(images[a], images[b], splits[a], splits[b], round(float(d), 6))
-            for (a, b), d in zip(pairs[order], distance[order])]
+            for a, b, d in _spanning_pairs(pairs[order], distance[order], len(x))]
+
+
+def _spanning_pairs(pairs: np.ndarray, distance: np.ndarray, n: int):
+    """The pairs, in the given (closest first) order, that join two groups not yet joined.
+
+    A group of m near-identical images then takes m - 1 rows (each image beside
+    its nearest, the group's minimum spanning tree: Kruskal's algorithm) instead of
+    m (m - 1) / 2, so one large group cannot push every other pair down the list.
+    """
+    parent = np.arange(n)
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for (a, b), d in zip(pairs, distance):
+        first, second = root(a), root(b)
+        if first != second:
+            parent[second] = first
+            yield a, b, d
 
 
 def _sample(n: int, size: int) -> np.ndarray:

@@ -118,3 +118,16 @@ def test_capped_folds_partition_the_rows_and_cap_every_fit():
     for train, test in splits:
         assert len(train) <= 200 and not set(train) & set(test)
         assert set(labels[train]) == {0, 1, 2, 3}  # the rare classes keep their rows
+
+
+def test_a_group_of_copies_is_listed_once_per_image():
+    """Four copies of one image: 3 rows (each joins the group once), not all 6 pairs."""
+    vectors, _, paths = clustered(per_class=30, spread=1.0)
+    rng = np.random.default_rng(2)
+    copies = vectors[7] + rng.normal(0, 0.01, (3, vectors.shape[1])).astype(np.float32)
+    all_paths = paths + ["copy_a.jpg", "copy_b.jpg", "copy_c.jpg"]
+    pairs = data_checks.find_near_duplicates(np.concatenate([vectors, copies]), all_paths,
+                                             ["training"] * len(all_paths), max_distance=0.01)
+    group = {paths[7], "copy_a.jpg", "copy_b.jpg", "copy_c.jpg"}
+    assert len(pairs) == 3
+    assert set().union(*({p.image_a, p.image_b} for p in pairs)) == group

@@ -60,7 +60,8 @@ def test_digits_reach_the_logistic_regression_accuracy(digits_run):
 def test_second_run_extracts_nothing(digits_run, tmp_path):
     image_dir, cache_dir, _, _ = digits_run
     done = run_command("retrain", "--image_dir", str(image_dir), "--bottleneck_dir", str(cache_dir),
-                       "--output_dir", str(tmp_path / "again"), "--how_many_training_steps", "50")
+                       "--output_dir", str(tmp_path / "again"), "--how_many_training_steps", "50",
+                       "--no-report")
     assert done.returncode == 0, done.stderr
     assert "0 extracted, 1797 reused" in done.stdout
 
@@ -88,7 +89,7 @@ def test_shuffled_labels_fail_the_accuracy_check(digits_run, tmp_path):
         (shuffled / label).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, shuffled / label / path.name)
     done = run_command("retrain", "--image_dir", str(shuffled), "--bottleneck_dir", str(cache_dir),
-                       "--output_dir", str(tmp_path / "out"))
+                       "--output_dir", str(tmp_path / "out"), "--no-report")
     assert done.returncode == 0, done.stderr
     accuracy = json.loads((tmp_path / "out" / "metrics.json").read_text())["accuracy"]
     assert accuracy < MIN_DIGITS_ACCURACY / 2
