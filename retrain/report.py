@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from retrain import data_checks, evaluation, figures, run_record
+from retrain.decode import ImageDecodeError, decode_rgb
 from retrain.errors import RetrainError
-from retrain.images import ImageDecodeError, cache_key, decode_rgb
+from retrain.images import cache_key
 
 REPORT_FILE = "report.html"
 CURVES_FILE = "training_curves.png"
