@@ -163,7 +163,8 @@ def test_report_command_rebuilds_the_page_from_the_output_folder(planted_run, tm
     original = (planted_run["out"] / "report.html").read_text(encoding="utf-8").splitlines()
     rebuilt = (copy / "report.html").read_text(encoding="utf-8").splitlines()
     differing = [(a, b) for a, b in zip(original, rebuilt) if a != b]
-    assert len(original) == len(rebuilt) and len(differing) == 1 and "built" in differing[0][0]
+    # Only the "built <time>" line may differ (not at all within the same minute).
+    assert len(original) == len(rebuilt) and all("built" in line for line, _ in differing)
     assert_png(copy / "confusion_matrix.png")
 
 
