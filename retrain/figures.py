@@ -18,6 +18,7 @@ import numpy as np
 # Figures are made with the object API on an Agg canvas, never through
 # pyplot: no display is needed and no global figure state is kept.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
 # Height given to each class row of the confusion matrix, in points; the tick
@@ -103,7 +104,9 @@ def draw_confusion_matrix(confusion: np.ndarray, class_names: list[str],
     figure = Figure(figsize=(size + 1.0, size), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     axis = figure.subplots()
-    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
+    # A square-root colour scale: one mistake among many images still shows.
+    image = axis.imshow(shares, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1),
+                        interpolation="nearest", aspect="equal")
     axis.set_xticks(range(k), names, rotation=90, fontsize=LABEL_POINTS)
     axis.set_yticks(range(k), names, fontsize=LABEL_POINTS)
     axis.set_xlabel("predicted class")
@@ -115,6 +118,6 @@ def draw_confusion_matrix(confusion: np.ndarray, class_names: list[str],
                 if matrix[row, column]:
                     axis.text(column, row, str(matrix[row, column]), ha="center", va="center",
                               fontsize=LABEL_POINTS,
-                              color="white" if shares[row, column] > 0.5 else "black")
+                              color="white" if shares[row, column] > 0.3 else "black")
     figure.colorbar(image, ax=axis, shrink=min(1.0, 6 / size), label="share of the true class")
     return figure

@@ -75,7 +75,7 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
     by_bucket = {name: [e for e in usable if e.split_bucket == name] for name in images.BUCKETS}
     check_training_classes(image_list.class_names, by_bucket["training"], config)
 
-    from retrain import evaluation, export, report, run_record, train  # deferred: these import TensorFlow
+    from retrain import evaluation, export, run_record, train  # deferred: these import TensorFlow
 
     arrays = {name: bucket_arrays(cache, entries) for name, entries in by_bucket.items()}
     outputs = config.resolved_outputs()
@@ -131,6 +131,8 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
     result.model_path, result.labels_path = outputs["output_graph"], outputs["output_labels"]
     print(f"Saved model {result.model_path} and labels {result.labels_path}.")
     if config.report:
+        from retrain import report  # deferred: matplotlib, Jinja2 and cleanlab, only when needed
+
         vectors = np.concatenate([arrays[name][0] for name in images.BUCKETS])
         page = report.write_run_report(record, vectors, out_dir, seed=config.seed)
         print(f"Report: {folder.final / page.name}")
