@@ -13,7 +13,7 @@ ARCHITECTURE ?= efficientnet_lite0
 IMAGE ?= examples/digits/3/digit_0003.png
 DEMO_OUTPUT := output/digits
 
-.PHONY: venv demo test cache train label report-screenshot clean
+.PHONY: venv demo test cache train label report-screenshot bench-exports clean
 
 venv: $(VENV)/.installed
 
@@ -49,6 +49,10 @@ label: venv
 
 report-screenshot: venv
 	$(PYTHON) -m retrain.report $(OUTPUT_DIR) --screenshot $(OUTPUT_DIR)/report.png
+# Size, latency and held-out accuracy of every export format (README table).
+EXPORTS_DATA ?= ../shared/data/flowers128
+bench-exports: venv
+	$(PYTHON) benchmarks/exports.py --image_dir $(EXPORTS_DATA) --work_dir output/bench_exports
 
 clean:
 	rm -rf output examples/digits

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 _MARK = ".tmp-"
@@ -65,6 +66,40 @@ def atomic_path(path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yields a temporary folder beside ``path`` for the caller to fill (a SavedModel).
+
+    When the block ends normally the folder is fsynced and takes the place of
+    ``path``. A folder cannot replace another in one rename, so an existing
+    one is first renamed aside (a temporary name ``leftovers`` finds) and
+    deleted once the new one is in place: a crash leaves the old or the new
+    folder at ``path``, or, between the two renames, the old one aside. When
+    the block raises, the temporary folder is removed and ``path`` is untouched.
+    OSError propagates unchanged.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary, aside = temporary_path(path), temporary_path(path)
+    temporary.mkdir()
+    try:
+        yield temporary
+        fsync_tree(temporary)
+        if path.exists():
+            os.rename(path, aside)
+            try:
+                os.rename(temporary, path)
+            except OSError:
+                os.rename(aside, path)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(temporary, path)
+        fsync_path(path.parent)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def write_bytes(path, data: bytes) -> Path:

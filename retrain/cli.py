@@ -31,6 +31,10 @@ HELP = {
     "output_dir": "folder for everything a run writes",
     "output_graph": "where to save the exported model (default OUTPUT_DIR/model.keras)",
     "output_labels": "where to save the labels (default OUTPUT_DIR/labels.txt)",
+    "saved_model_dir": "also export a SavedModel whose serving_default signature takes encoded "
+                       "image bytes (JPEG, PNG) to this folder",
+    "tflite": f"also export TFLite models OUTPUT_DIR/model_<KIND>.tflite, KIND in "
+              f"{', '.join(config_lib.TFLITE_KINDS)}",
     "summaries_dir": "TensorBoard log folder (default OUTPUT_DIR/summaries)",
     "how_many_training_steps": "most optimizer steps for the new layer (early stopping may end sooner)",
     "learning_rate": "learning rate of the new layer",
@@ -71,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         if field.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{HELP[field.name]} (default: {'on' if default else 'off'})")
+            continue
+        if field.type == "list[str]":
+            parser.add_argument(flag, nargs="+", metavar="KIND",
+                                help=f"{HELP[field.name]} (default: none)")
             continue
         kind = {"int": int, "float": float}.get(field.type.removeprefix("Optional[").removesuffix("]"), str)
         parser.add_argument(flag, type=kind, metavar=field.name.upper(),

@@ -14,7 +14,7 @@ import dataclasses
 import math
 import numbers
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +23,9 @@ import yaml
 from retrain import atomic_write
 from retrain.backbones import DEFAULT_BACKBONE
 from retrain.errors import RetrainError
+
+# The TFLite exports --tflite can write, each to OUTPUT_DIR/model_<kind>.tflite.
+TFLITE_KINDS = ("float32", "float16", "int8")
 
 
 @dataclass
@@ -39,6 +42,8 @@ class Config:
     output_dir: str = "output"
     output_graph: Optional[str] = None
     output_labels: Optional[str] = None
+    saved_model_dir: Optional[str] = None
+    tflite: list[str] = field(default_factory=list)
     summaries_dir: Optional[str] = None
     how_many_training_steps: int = 4000
     learning_rate: float = 0.003
@@ -61,6 +66,10 @@ class Config:
             "output_labels": Path(self.output_labels or out / "labels.txt"),
             "summaries_dir": Path(self.summaries_dir or out / "summaries"),
         }
+
+    def tflite_paths(self) -> dict[str, Path]:
+        """kind -> OUTPUT_DIR/model_<kind>.tflite for every --tflite kind, in the order given."""
+        return {kind: Path(self.output_dir) / f"model_{kind}.tflite" for kind in self.tflite}
 
 
 # none: every image counts the same in the loss; balanced: each class counts
@@ -106,9 +115,19 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any, type_name: str, path) -> Any:
-    """Check a YAML value against the field's declared type (ints may stand for floats)."""
+    """Check a YAML value against the field's declared type (ints may stand for floats).
+
+    A list[str] field takes a YAML list of strings, or one string for a one-item list.
+    """
     if value is None and type_name.startswith("Optional"):
         return None
+    if type_name == "list[str]":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise RetrainError(
+                f"Config file {path}: '{key}' must be a list of strings. Received: {key}={value!r}"
+            )
+        return list(items)
     base = type_name.removeprefix("Optional[").removesuffix("]")
     expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[base]
     if isinstance(value, bool) and base != "bool" or not isinstance(value, expected):
@@ -149,6 +168,8 @@ _RULES = {
     "output_graph": (lambda v: v is None or isinstance(v, str) and v.endswith(".keras"),
                      "a file name ending in .keras"),
     "class_weights": (lambda v: v in CLASS_WEIGHTS, " or ".join(CLASS_WEIGHTS)),
+    "tflite": (lambda v: isinstance(v, list) and set(v) <= set(TFLITE_KINDS) and len(set(v)) == len(v),
+               f"a list of distinct kinds from {', '.join(TFLITE_KINDS)}"),
 }
 
 
@@ -181,8 +202,35 @@ def validate(config: Config) -> None:
     for name in _RULES:
         check_setting(name, getattr(config, name))
     check_split(config.testing_percentage, config.validation_percentage)
+    if config.saved_model_dir is not None:
+        check_saved_model_dir(config.saved_model_dir,
+                              [config.output_dir, *config.resolved_outputs().values()])
     if not config.image_dir:
         raise RetrainError("--image_dir is required: a folder with one sub-folder of images per class.")
+
+
+def check_saved_model_dir(saved_model_dir, other_outputs=()) -> None:
+    """--saved_model_dir is replaced whole, so it must hold nothing else.
+
+    Refuses an empty name, a folder that is, contains or lies inside one of
+    `other_outputs`, and an existing file or non-empty folder that is not a
+    SavedModel (replacing it would lose its content).
+    """
+    target = Path(saved_model_dir or ".").resolve()
+    clash = [other for other in map(Path, other_outputs)
+             if other.resolve() == target or target in other.resolve().parents]
+    if not saved_model_dir or clash:
+        raise RetrainError(
+            "--saved_model_dir must be a folder of its own, not holding the other outputs (it is "
+            f"replaced whole), e.g. OUTPUT_DIR/saved_model. Received: saved_model_dir={saved_model_dir}"
+            + "".join(f", clashing with {other}" for other in clash[:1])
+        )
+    if target.is_file() or (target.is_dir() and any(target.iterdir())
+                            and not (target / "saved_model.pb").is_file()):
+        raise RetrainError(
+            f"--saved_model_dir exists and is not a SavedModel folder; replacing it would lose its "
+            f"content. Choose a new folder. Received: saved_model_dir={saved_model_dir}"
+        )
 
 
 def save_yaml(config: Config, path: str | os.PathLike) -> None:

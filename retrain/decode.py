@@ -30,7 +30,7 @@ ALPHA_BACKGROUND = (255, 255, 255)
 
 # JPEG draft decoding keeps this many times the target side, so that the
 # antialiased resize, not libjpeg's DCT scaling, does most of the shrinking.
-_DRAFT_MARGIN = 2
+DRAFT_MARGIN = 2
 _READ_CHUNK = 1 << 20
 
 
@@ -189,7 +189,7 @@ def decode_rgb(path, target_size=None, *, content=None, memory_budget=None):
             raise ImageDecodeError(path, "empty file")
         with Image.open(io.BytesIO(content), formats=SUPPORTED_FORMATS) as image:
             if target_size and image.format == "JPEG":
-                image.draft(None, (_DRAFT_MARGIN * target_size,) * 2)
+                image.draft(None, (DRAFT_MARGIN * target_size,) * 2)
             needed = _decode_bytes(image)
             if needed > budget:
                 raise ImageDecodeError(

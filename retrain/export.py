@@ -5,7 +5,10 @@
 inside itself) and the head, so the saved model takes plain RGB images of any
 size and no caller can preprocess them wrongly. `labels.txt` lists the class
 names in output order, one per line; only "\n" ends a line, so names keep any
-other character (see `check_class_names`).
+other character (see `check_class_names`). `fixed_size_classifier` is the
+same network without the resizing, at the backbone's input size: the one model
+the SavedModel (`retrain.saved_model`) and TFLite (`retrain.tflite`) exports
+share.
 """
 
 from __future__ import annotations
@@ -39,6 +42,25 @@ def build_classifier(backbone: keras.Model, head: keras.Model, input_size: int) 
                                     antialias=True, name="resize")(images)
     probabilities = head(backbone(resized))
     return keras.Model(images, probabilities, name="retrained_classifier")
+
+
+def fixed_size_classifier(classifier: keras.Model) -> keras.Model:
+    """The layers of a `build_classifier` model after its resizing, on a fixed-size input.
+
+    The layers (and so the weights) are shared with `classifier`, not copied.
+
+    Returns:
+      keras.Model: float32 [batch, size, size, 3] RGB in [0, 255], already
+      resized with `retrain.decode.resize_to_input` -> float32 [batch,
+      num_classes] class probabilities; size = `input_size(classifier)`.
+    """
+    size = input_size(classifier)
+    pixels = keras.Input((size, size, 3), dtype="float32", name="pixels")
+    outputs = pixels
+    for layer in classifier.layers:
+        if not isinstance(layer, (keras.layers.InputLayer, keras.layers.Resizing)):
+            outputs = layer(outputs)
+    return keras.Model(pixels, outputs, name="retrained_classifier_fixed")
 
 
 def input_size(model: keras.Model) -> int:

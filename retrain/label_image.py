@@ -3,6 +3,11 @@
     python -m retrain.label_image --graph output/model.keras \\
         --labels output/labels.txt --image photo.jpg [more.jpg folder/ ...]
 
+--graph takes any export of a run: model.keras, model_<kind>.tflite (run by
+LiteRT when ai-edge-litert is installed, TensorFlow's interpreter otherwise)
+or the SavedModel folder. Every format gets the same pixels: decoded with
+Pillow and resized as extraction does.
+
 For each image it prints the path, then the top-k classes as `label (score)`
 lines, best first; `--json` prints one JSON document instead. A folder stands
 for the images inside it (recursively; files that are not images are ignored).
@@ -30,7 +35,8 @@ def parse_args(argv):
     parser = OneLineErrorParser(
         prog="python -m retrain.label_image",
         description="Print the top classes of images, using a model exported by retrain.")
-    parser.add_argument("--graph", required=True, help="the .keras model file written by retrain")
+    parser.add_argument("--graph", required=True,
+                        help="the model.keras, model_<kind>.tflite or SavedModel folder written by retrain")
     parser.add_argument("--labels", required=True, help="the labels.txt written with the model")
     parser.add_argument("--image", required=True, nargs="+",
                         help="image files or folders of images")
@@ -124,15 +130,15 @@ def _sniff(path, sniff_format):
 
 
 class Labeller:
-    """An exported model and its labels, applied to image files in batches."""
+    """An exported model (any format) and its labels, applied to image files in batches."""
 
     def __init__(self, graph, labels):
-        from retrain import export
+        from retrain import export, inference
 
         self.class_names = export.read_labels(labels)
-        self.model = export.load_classifier(graph)
-        self.input_size = export.input_size(self.model)
-        outputs = self.model.output_shape[-1]
+        self.model = inference.load_pixel_classifier(graph)
+        self.input_size = self.model.input_size
+        outputs = self.model.num_classes
         if outputs != len(self.class_names):
             raise RetrainError(f"The model has {outputs} outputs but {labels} lists "
                                f"{len(self.class_names)} labels: pass the labels file written "
@@ -142,8 +148,8 @@ class Labeller:
         """Yields (path, [(label, score), ...] best first) or (path, RetrainError), in order.
 
         Pixels come from the same dataset builder as extraction, resized up
-        front with the model's own resizing op, so images of any size share
-        a batch.
+        front with the .keras model's own resizing op, so images of any size
+        share a batch and every export format sees the same pixels.
         """
         import numpy as np
 
@@ -153,7 +159,7 @@ class Labeller:
         batches = decode.image_batches(paths, self.input_size, BATCH_SIZE, outcomes=outcomes)
         for indices, pixels, ok in batches:
             indices, ok = indices.numpy(), ok.numpy()
-            probabilities = self.model.predict_on_batch(pixels.numpy()[ok]) if ok.any() else []
+            probabilities = self.model.predict(pixels.numpy()[ok]) if ok.any() else []
             rows = iter(probabilities)
             for index, decoded in zip(indices, ok):
                 outcome = outcomes.pop(int(index))

@@ -9,9 +9,10 @@ builds the Config and calls it, and a notebook can do the same.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ class RunResult:
     evaluation: object = None
     model_path: Path | None = None
     labels_path: Path | None = None
+    deployment_paths: dict = field(default_factory=dict)  # "saved_model" / TFLite kind -> Path
 
 
 def run(config: Config) -> RunResult:
@@ -136,7 +138,49 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
         vectors = np.concatenate([arrays[name][0] for name in images.BUCKETS])
         page = report.write_run_report(record, vectors, out_dir, seed=config.seed)
         print(f"Report: {folder.final / page.name}")
+    if config.saved_model_dir or config.tflite:
+        result.deployment_paths = export_for_deployment(classifier, image_list, by_bucket["training"],
+                                                        config, folder)
     return result
+
+
+def export_for_deployment(classifier, image_list, training_entries, config: Config,
+                          folder: output_folder.OutputFolder) -> dict:
+    """The SavedModel and TFLite exports, all from one fixed-size classifier.
+
+    They are written where `folder` places them (the staging folder, for paths
+    inside output_dir). Returns {"saved_model" or TFLite kind: final Path}.
+    """
+    from retrain import export, saved_model, tflite  # deferred: these import TensorFlow
+
+    fixed = export.fixed_size_classifier(classifier)
+    written = {}
+    if config.saved_model_dir:
+        saved_model.save_saved_model(fixed, image_list.class_names,
+                                     folder.place_folder(config.saved_model_dir))
+        written["saved_model"] = Path(config.saved_model_dir)
+        print(f"Saved SavedModel {config.saved_model_dir} (serving_default takes encoded images).")
+    calibration = None
+    if "int8" in config.tflite:
+        sample = calibration_entries(training_entries, tflite.CALIBRATION_IMAGES)
+        calibration = tflite.calibration_pixels(
+            [image_list.image_dir / entry.relative_path for entry in sample], export.input_size(classifier))
+    for kind, path in config.tflite_paths().items():
+        staged = tflite.save_tflite(fixed, kind, image_list.class_names, folder.place(path), calibration)
+        written[kind] = path
+        print(f"Saved TFLite {kind} model {path} ({staged.stat().st_size / 1e6:.1f} MB).")
+    return written
+
+
+def calibration_entries(training_entries, count: int) -> list:
+    """Up to `count` training images, the classes taking turns in label order, each class's
+    images in cache-key (hash) order: a fixed sample, spread over the classes."""
+    by_class: dict = {}
+    for entry in sorted(training_entries, key=lambda entry: entry.key):
+        by_class.setdefault(entry.label_index, []).append(entry)
+    turns = itertools.zip_longest(*(by_class[label] for label in sorted(by_class)))
+    chosen = [entry for turn in turns for entry in turn if entry is not None]
+    return chosen[:count]
 
 
 def check_classes(image_list: images.ImageList) -> None:

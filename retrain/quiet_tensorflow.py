@@ -7,10 +7,13 @@ silence them (tensorflow/tensorflow#102212). A command-line user must see only
 our own warnings and errors on stderr, so the commands import TensorFlow here:
 file descriptor 2 is captured during the import and the first device query,
 and every captured line that is not known start-up noise is written back.
+`captured_output` is that capture, for other chatty calls (the TFLite
+converter and interpreter).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -31,20 +34,46 @@ def import_tensorflow():
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import tensorflow as tf
+    text = ""
+    try:
+        with captured_output(2) as captured:
+            try:
+                import tensorflow as tf
 
-            tf.config.list_physical_devices()  # the cuInit message comes here, not at import
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved_fd, 2)
-            os.close(saved_fd)
-            capture.seek(0)
-            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
-                    if not any(noise in line for noise in STARTUP_NOISE)]
-            sys.stderr.write("".join(kept))
+                tf.config.list_physical_devices()  # the cuInit message comes here, not at import
+            finally:
+                text = captured()
+    finally:
+        sys.stderr.write("".join(line for line in text.splitlines(keepends=True)
+                                 if not any(noise in line for noise in STARTUP_NOISE)))
     return tf
+
+
+@contextlib.contextmanager
+def captured_output(*fds):
+    """Sends file descriptors `fds` (1 stdout, 2 stderr) to a temporary file for the block.
+
+    Catches what C++ code and Python print alike (TFLite's converter and
+    interpreter log there). Yields a function returning the text captured so far.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as capture:
+        saved = [os.dup(fd) for fd in fds]
+        for fd in fds:
+            os.dup2(capture.fileno(), fd)
+
+        def text():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            capture.seek(0)
+            return capture.read().decode(errors="replace")
+
+        try:
+            yield text
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip(fds, saved):
+                os.dup2(copy, fd)
+                os.close(copy)

@@ -1,10 +1,13 @@
-"""Shared test set-up: an isolated RETRAIN_HOME for the whole session, small mounts."""
+"""Shared test set-up: an isolated RETRAIN_HOME for the whole session, small mounts, and a
+model trained on real photos."""
 
 import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from skimage import data
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,3 +61,60 @@ def fill(folder, leave=0):
     with open(filler, "wb") as handle:
         handle.write(bytes(max(0, free - leave)))
     return filler
+PHOTOS = {"cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket()}
+VARIANTS = 6  # per class: random crops, flips and brightness
+
+
+def variants(pixels, rng):
+    """Crops of 60-90% of each side, flipped half the time, brightness x0.8-1.2: uint8 [h, w, 3]."""
+    height, width, _ = pixels.shape
+    out = []
+    for _ in range(VARIANTS):
+        h, w = (int(side * rng.uniform(0.6, 0.9)) for side in (height, width))
+        top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        crop = pixels[top:top + h, left:left + w]
+        crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+        out.append(np.clip(crop * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.fixture(scope="session")
+def photo_model(tmp_path_factory):
+    """A classifier trained on Lite0 vectors of photo variants, saved with its labels.
+
+    scikit-image's chelsea, coffee and rocket, 6 random crops each (PNG files
+    in root/photos/<class>/<n>.png). Returns graph, labels, photos, root,
+    names (classes in output order) and variants (images per class).
+    """
+    from PIL import Image
+
+    from retrain import backbones, decode, export, train
+
+    root = tmp_path_factory.mktemp("label_image")
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for index, (name, pixels) in enumerate(PHOTOS.items()):
+        (root / "photos" / name).mkdir(parents=True)
+        for number, variant in enumerate(variants(pixels, rng)):
+            path = root / "photos" / name / f"{number}.png"
+            Image.fromarray(variant).save(path)
+            paths.append(path)
+            labels.append(index)
+    spec = backbones.get("efficientnet_lite0")
+    backbone = backbones.load(spec.name)
+    # Decoded and resized as the bottleneck cache does.
+    pixels = np.stack([decode.resize_to_input(decode.decode_rgb(path, target_size=spec.input_size),
+                                              spec.input_size) for path in paths])
+    bottlenecks = backbone.predict(pixels, verbose=0)
+    labels = np.array(labels)
+    validation = np.arange(len(paths)) % VARIANTS == 0
+    trained = train.train_head(bottlenecks[~validation], labels[~validation],
+                               bottlenecks[validation], labels[validation], len(PHOTOS),
+                               how_many_training_steps=300, learning_rate=0.003,
+                               train_batch_size=100, validation_batch_size=-1,
+                               eval_step_interval=10, seed=0, progress=False)
+    graph = export.save_classifier(export.build_classifier(backbone, trained.head, spec.input_size),
+                                   root / "model.keras")
+    labels_file = export.write_labels(list(PHOTOS), root / "labels.txt")
+    return {"graph": str(graph), "labels": str(labels_file), "photos": root / "photos", "root": root,
+            "names": list(PHOTOS), "variants": VARIANTS}

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +36,8 @@ def test_defaults_then_yaml_then_flags(tmp_path):
 
 
 def test_saved_settings_load_back_identically(tmp_path):
-    config = cli.resolve_config(["--image_dir", "photos", "--seed", "3", "--cache_only"])
+    config = cli.resolve_config(["--image_dir", "photos", "--seed", "3", "--cache_only",
+                                 "--tflite", "int8", "float32", "--saved_model_dir", "out/sm"])
     save_yaml(config, tmp_path / "settings.yaml")
     again = cli.resolve_config(["--config", str(tmp_path / "settings.yaml")])
     assert again == config
@@ -49,8 +51,32 @@ def test_unknown_yaml_key_is_an_error_naming_it(tmp_path, capsys):
     assert "learning_rte" in err and "Traceback" not in err
 
 
+def test_tflite_kinds_from_yaml_and_flags(tmp_path):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("image_dir: photos\ntflite: [float16, int8]\n")
+    assert cli.resolve_config(["--config", str(settings)]).tflite == ["float16", "int8"]
+    assert cli.resolve_config(["--config", str(settings), "--tflite", "float32"]).tflite == ["float32"]
+    settings.write_text("image_dir: photos\ntflite: int8\n")
+    config = cli.resolve_config(["--config", str(settings)])
+    assert config.tflite == ["int8"]
+    assert config.tflite_paths() == {"int8": Path("output") / "model_int8.tflite"}
+    assert cli.resolve_config(["--image_dir", "photos"]).tflite == []
+
+
+def test_saved_model_dir_holding_other_files_is_refused_before_any_work(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "none"),
+                              "--saved_model_dir", str(folder))
+    assert status == 2 and "not a SavedModel folder" in err and err.count("\n") == 1
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("learning_rate: fast\n", "learning_rate"),
+    ("tflite: [int8, 3]\n", "tflite"),
+    ("tflite: {int8: 1}\n", "list of strings"),
     ("- a\n- b\n", "mapping"),
     ("image_dir: [unclosed\n", "not valid YAML"),
     ("1: 2\nlearning_rte: 0.5\n", "learning_rte"),
@@ -90,6 +116,11 @@ def test_missing_config_file(tmp_path, capsys):
     (["--image_dir", "x", "--seed", "-1"], "seed=-1"),
     (["--image_dir", "x", "--seed", str(2**32)], f"seed={2**32}"),
     (["--image_dir", "x", "--learning_rate", "inf"], "learning_rate=inf"),
+    (["--image_dir", "x", "--tflite", "int4"], "tflite=['int4']"),
+    (["--image_dir", "x", "--tflite", "int8", "float16", "int8"], "tflite=['int8', 'float16', 'int8']"),
+    (["--image_dir", "x", "--output_dir", "out", "--saved_model_dir", "out"], "saved_model_dir=out"),
+    (["--image_dir", "x", "--output_dir", "out/run", "--saved_model_dir", "out"], "saved_model_dir=out"),
+    (["--image_dir", "x", "--saved_model_dir", ""], "saved_model_dir="),
 ])
 def test_bad_values_exit_2_naming_the_value(capsys, argv, fragment):
     status, _, err = run_main(capsys, *argv)

@@ -5,60 +5,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
-from skimage import data
 
-from retrain import backbones, decode, export, label_image, train
-
-PHOTOS = {"cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket()}
-VARIANTS = 6  # per class: random crops, flips and brightness
-
-
-def variants(pixels, rng):
-    """Crops of 60-90% of each side, flipped half the time, brightness x0.8-1.2: uint8 [h, w, 3]."""
-    height, width, _ = pixels.shape
-    out = []
-    for _ in range(VARIANTS):
-        h, w = (int(side * rng.uniform(0.6, 0.9)) for side in (height, width))
-        top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
-        crop = pixels[top:top + h, left:left + w]
-        crop = crop[:, ::-1] if rng.random() < 0.5 else crop
-        out.append(np.clip(crop * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8))
-    return out
-
+from retrain import label_image
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A classifier trained on Lite0 vectors of the variants, saved with its labels."""
-    root = tmp_path_factory.mktemp("label_image")
-    rng = np.random.default_rng(0)
-    paths, labels = [], []
-    for index, (name, pixels) in enumerate(PHOTOS.items()):
-        (root / "photos" / name).mkdir(parents=True)
-        for number, variant in enumerate(variants(pixels, rng)):
-            path = root / "photos" / name / f"{number}.png"
-            Image.fromarray(variant).save(path)
-            paths.append(path)
-            labels.append(index)
-    spec = backbones.get("efficientnet_lite0")
-    backbone = backbones.load(spec.name)
-    # Decoded and resized as the bottleneck cache does.
-    pixels = np.stack([decode.resize_to_input(decode.decode_rgb(path, target_size=spec.input_size),
-                                              spec.input_size) for path in paths])
-    bottlenecks = backbone.predict(pixels, verbose=0)
-    labels = np.array(labels)
-    validation = np.arange(len(paths)) % VARIANTS == 0
-    trained = train.train_head(bottlenecks[~validation], labels[~validation],
-                               bottlenecks[validation], labels[validation], len(PHOTOS),
-                               how_many_training_steps=300, learning_rate=0.003,
-                               train_batch_size=100, validation_batch_size=-1,
-                               eval_step_interval=10, seed=0, progress=False)
-    graph = export.save_classifier(export.build_classifier(backbone, trained.head, spec.input_size),
-                                   root / "model.keras")
-    labels_file = export.write_labels(list(PHOTOS), root / "labels.txt")
-    return {"graph": str(graph), "labels": str(labels_file), "photos": root / "photos", "root": root}
+def model(photo_model):
+    return photo_model
 
 
 def run(model, *arguments, capsys):
@@ -81,15 +34,16 @@ def parse_text(out):
 
 
 def test_a_training_image_gets_its_class_first(model, capsys):
-    chosen = [str(model["photos"] / name / "1.png") for name in PHOTOS]
+    names = model["names"]
+    chosen = [str(model["photos"] / name / "1.png") for name in names]
     status, out, err = run(model, "--image", *chosen, capsys=capsys)
     assert (status, err) == (0, "")
     result = parse_text(out)
     assert list(result) == chosen
-    for name, path in zip(PHOTOS, chosen):
+    for name, path in zip(names, chosen):
         predictions = result[path]
         assert predictions[0][0] == name, predictions
-        assert len(predictions) == len(PHOTOS)  # top 5 capped at the number of classes
+        assert len(predictions) == len(names)  # top 5 capped at the number of classes
         scores = [score for _, score in predictions]
         assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1, abs=1e-3)
 
@@ -112,7 +66,7 @@ def test_a_folder_is_searched_for_images(model, capsys):
     status, out, err = run(model, "--image", str(model["photos"]), capsys=capsys)
     assert (status, err) == (0, "")
     result = parse_text(out)
-    assert len(result) == len(PHOTOS) * VARIANTS
+    assert len(result) == len(model["names"]) * model["variants"]
     correct = sum(predictions[0][0] == os.path.basename(os.path.dirname(path))
                   for path, predictions in result.items())
     assert correct == len(result)
