@@ -28,6 +28,8 @@ HELP = {
     "bottleneck_dtype": "storage type of cached vectors: float16 or float32",
     "extraction_batch_size": "images per forward pass when filling the cache",
     "cache_only": "build or update the bottleneck cache, then stop",
+    "num_shards": "with --cache_only: split extraction into this many parts, one process each",
+    "shard_index": "with --num_shards: the part this process extracts, 0 to NUM_SHARDS-1",
     "output_dir": "folder for everything a run writes",
     "output_graph": "where to save the exported model (default OUTPUT_DIR/model.keras)",
     "output_labels": "where to save the labels (default OUTPUT_DIR/labels.txt)",
@@ -68,8 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="YAML file of settings (flags given here override it)")
+    add_config_flags(parser)
+    return parser
+
+
+def add_config_flags(parser, names=None):
+    """One flag per Config field named in ``names`` (all when None), help from HELP."""
     defaults = config_lib.Config()
     for field in fields(config_lib.Config):
+        if names is not None and field.name not in names:
+            continue
         default = getattr(defaults, field.name)
         flag = f"--{field.name}"
         if field.type == "bool":
@@ -83,7 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float}.get(field.type.removeprefix("Optional[").removesuffix("]"), str)
         parser.add_argument(flag, type=kind, metavar=field.name.upper(),
                             help=f"{HELP[field.name]} (default: {default})")
-    return parser
 
 
 def resolve_config(argv: list[str] | None = None) -> config_lib.Config:

@@ -39,6 +39,8 @@ class Config:
     bottleneck_dtype: str = "float16"
     extraction_batch_size: int = 32
     cache_only: bool = False
+    num_shards: int = 1
+    shard_index: int = 0
     output_dir: str = "output"
     output_graph: Optional[str] = None
     output_labels: Optional[str] = None
@@ -164,6 +166,7 @@ _RULES = {
     "seed": (lambda v: _count(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     **{name: (lambda v: _real(v) and 0 <= v < 100, "a number in [0, 100)")
        for name in ("testing_percentage", "validation_percentage")},
+    "num_shards": (lambda v: _count(v) and v >= 1, "an integer of at least 1"),
     "bottleneck_dtype": (lambda v: v in BOTTLENECK_DTYPES, " or ".join(BOTTLENECK_DTYPES)),
     "output_graph": (lambda v: v is None or isinstance(v, str) and v.endswith(".keras"),
                      "a file name ending in .keras"),
@@ -197,6 +200,16 @@ def check_split(testing_percentage: float, validation_percentage: float) -> None
         )
 
 
+def check_shard(num_shards: int, shard_index: int) -> None:
+    """num_shards at least 1 and shard_index in [0, num_shards)."""
+    check_setting("num_shards", num_shards)
+    if not (_count(shard_index) and 0 <= shard_index < num_shards):
+        raise RetrainError(
+            "shard_index must be an integer in [0, num_shards). "
+            f"Received: num_shards={num_shards!r}, shard_index={shard_index!r}"
+        )
+
+
 def validate(config: Config) -> None:
     """Raise RetrainError naming the first setting whose value cannot work."""
     for name in _RULES:
@@ -205,6 +218,12 @@ def validate(config: Config) -> None:
     if config.saved_model_dir is not None:
         check_saved_model_dir(config.saved_model_dir,
                               [config.output_dir, *config.resolved_outputs().values()])
+    check_shard(config.num_shards, config.shard_index)
+    if config.num_shards > 1 and not config.cache_only:
+        raise RetrainError(
+            "--num_shards fills one part of the cache and needs --cache_only; train with a "
+            f"run without --num_shards afterwards. Received: num_shards={config.num_shards}"
+        )
     if not config.image_dir:
         raise RetrainError("--image_dir is required: a folder with one sub-folder of images per class.")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from retrain import paths
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -112,14 +113,12 @@ def load(path, input_size, with_state=False):
     bytes decoded) is computed from that read.
     """
     try:
-        with open(path, "rb") as file:
-            status = os.fstat(file.fileno())
-            content = file.read()
+        content, size, mtime_ns = paths.read(path)
     except OSError as error:
         return None, Outcome(None, f"cannot read: {error.strerror or error}")
     state = None
     if with_state:
-        state = FileState(status.st_size, status.st_mtime_ns, hashlib.sha256(content).hexdigest())
+        state = FileState(size, mtime_ns, hashlib.sha256(content).hexdigest())
     try:
         return decode_rgb(path, input_size, content=content), Outcome(state, None)
     except ImageDecodeError as error:

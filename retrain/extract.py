@@ -62,6 +62,7 @@ def bottleneck_batches(paths, model, input_size, batch_size=32):
 
     Memory stays bounded by the batch size: nothing is kept between batches.
     """
+    tf = import_tensorflow()
     outcomes = {}
     dataset = decode.image_batches(paths, input_size, batch_size, outcomes=outcomes,
                                   hash_files=True)
@@ -69,8 +70,13 @@ def bottleneck_batches(paths, model, input_size, batch_size=32):
     feature_dim = model.output_shape[-1]
     for indices, pixels, decoded in dataset:
         indices, decoded = indices.numpy(), decoded.numpy()
+        # A short last batch is padded to batch_size: on CPU some batch sizes
+        # (1 and 3 here) round differently in the last bits, and an image's
+        # vector must not depend on how many images were extracted with it
+        # (a sharded build must equal a single-process one bit for bit).
         if decoded.any():
-            vectors = forward(pixels).numpy()[decoded]
+            padding = [[0, batch_size - len(indices)], [0, 0], [0, 0], [0, 0]]
+            vectors = forward(tf.pad(pixels, padding)).numpy()[: len(indices)][decoded]
         else:
             vectors = np.zeros((0, feature_dim), np.float32)
         results = [outcomes.pop(int(i)) for i in indices]

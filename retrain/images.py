@@ -17,6 +17,7 @@ import stat
 import unicodedata
 from pathlib import Path
 
+from retrain import paths
 from retrain.config import check_split
 from retrain.decode import FORMAT_NAMES, SNIFF_BYTES, sniff_format
 from retrain.errors import RetrainError
@@ -61,8 +62,9 @@ class ImageEntry:
 class ImageList:
     """The images found under ``image_dir``, sorted by class then path.
 
-    ``skipped`` lists files inside class folders that are not images of a
-    supported format, as (relative path, reason).
+    ``image_dir`` is a Path, or a str URL (``gs://...``) read through
+    ``tf.io.gfile``. ``skipped`` lists files inside class folders that are
+    not images of a supported format, as (relative path, reason).
     """
 
     image_dir: Path
@@ -118,10 +120,9 @@ def _rejection(path):
     """Why ``path`` is not a supported image, or None when it is one."""
     try:
         # A FIFO or device in the folder would block or never end a read.
-        if not stat.S_ISREG(os.stat(path).st_mode):
+        if not paths.is_url(path) and not stat.S_ISREG(os.stat(path).st_mode):
             return "not a regular file"
-        with open(path, "rb") as file:
-            head = file.read(SNIFF_BYTES)
+        head, _, _ = paths.read(path, SNIFF_BYTES)
     except FileNotFoundError:
         return "cannot read: broken symbolic link"
     except OSError as error:
@@ -146,14 +147,12 @@ def _is_ignored(name):
 def _class_files(class_dir, seen_dirs):
     """Files below ``class_dir`` (following links, each folder once), sorted."""
     files = []
-    for folder, dirnames, filenames in os.walk(
-        class_dir, followlinks=True, onerror=_warn_unreadable
-    ):
+    for folder, dirnames, filenames in paths.walk(class_dir, onerror=_warn_unreadable):
         kept = []
         for name in sorted(dirnames):
             if _is_ignored(name):
                 continue
-            identity = _dir_identity(os.path.join(folder, name))
+            identity = _dir_identity(paths.join(folder, name))
             if identity in seen_dirs:
                 logger.warning(
                     "ignoring folder %s: it links to a folder already scanned",
@@ -164,7 +163,7 @@ def _class_files(class_dir, seen_dirs):
             kept.append(name)
         dirnames[:] = kept
         files.extend(
-            os.path.join(folder, name) for name in filenames if not _is_ignored(name)
+            paths.join(folder, name) for name in filenames if not _is_ignored(name)
         )
     return sorted(files)
 
@@ -174,6 +173,8 @@ def _warn_unreadable(error):
 
 
 def _dir_identity(path):
+    if paths.is_url(path):
+        return path  # object stores have no links, so no loops
     status = os.stat(path)
     return status.st_dev, status.st_ino
 
@@ -194,14 +195,14 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
     class folders, or bad percentages.
     """
     check_split(testing_percentage, validation_percentage)
-    root = Path(image_dir)
-    if not root.is_dir():
+    root = str(image_dir).rstrip("/") if paths.is_url(image_dir) else Path(image_dir)
+    if not paths.is_dir(root):
         raise RetrainError(
             "image_dir must be an existing folder with one sub-folder per class. "
             f"Received: image_dir={image_dir}"
         )
     try:
-        children = sorted(os.listdir(root))
+        children = sorted(paths.list_dir(root))
     except OSError as error:
         raise RetrainError(
             f"Cannot list image_dir: {error.strerror or error}. Make the folder "
@@ -211,7 +212,7 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
     for child in children:
         if _is_ignored(child):
             continue
-        (class_names if (root / child).is_dir() else loose_files).append(child)
+        (class_names if paths.is_dir(paths.join(root, child)) else loose_files).append(child)
     if not class_names:
         raise RetrainError(
             "image_dir has no class folders; put the images of each class in its "
@@ -228,10 +229,11 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
         )
     entries, skipped = [], []
     path_of_key = {}
-    seen_dirs = {_dir_identity(root / name) for name in class_names}
+    seen_dirs = {_dir_identity(paths.join(root, name)) for name in class_names}
     for label_index, label in enumerate(class_names):
-        for path in _class_files(root / label, seen_dirs):
-            relative_path = Path(path).relative_to(root).as_posix()
+        for path in _class_files(paths.join(root, label), seen_dirs):
+            relative_path = (path[len(root) + 1 :] if paths.is_url(root)
+                             else Path(path).relative_to(root).as_posix())
             key = cache_key(relative_path)
             reason = _rejection(path)
             if not reason and key in path_of_key:

@@ -48,6 +48,9 @@ def run(config: Config) -> RunResult:
     image_list = images.discover(config.image_dir, config.testing_percentage,
                                  config.validation_percentage)
     check_classes(image_list)
+    if config.num_shards > 1:
+        # K shard processes may share output_dir: they write nothing there.
+        return run_shard(config, spec, image_list)
     inputs = (("image_dir", config.image_dir), ("bottleneck_dir", config.bottleneck_dir))
     with output_folder.staged(config.output_dir, inputs) as folder:
         return _run(config, spec, image_list, folder)
@@ -66,8 +69,9 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
     if skipped:
         print(f"{len(skipped)} images skipped; listed in {folder.final / 'skipped_images.txt'}",
               file=sys.stderr)
+    merged = f" ({cache_report.merged} shard files merged)" if cache_report.merged else ""
     print(f"Bottleneck cache {cache_report.path}: {cache_report.extracted} extracted, "
-          f"{cache_report.reused} reused, {len(skipped)} skipped.")
+          f"{cache_report.reused} reused, {len(skipped)} skipped{merged}.")
     if config.cache_only:
         return result
 
@@ -181,6 +185,17 @@ def calibration_entries(training_entries, count: int) -> list:
     turns = itertools.zip_longest(*(by_class[label] for label in sorted(by_class)))
     chosen = [entry for turn in turns for entry in turn if entry is not None]
     return chosen[:count]
+def run_shard(config: Config, spec, image_list) -> RunResult:
+    """--num_shards K --shard_index I: extract part I into shard files, merged later."""
+    cache = BottleneckCache(config.bottleneck_dir, spec.name,
+                            weights_file=config.backbone_weights, dtype=config.bottleneck_dtype)
+    report = cache.update_shard(image_list, config.num_shards, config.shard_index,
+                                batch_size=config.extraction_batch_size)
+    print(f"Shard {config.shard_index} of {config.num_shards}: {report.extracted} extracted, "
+          f"{report.reused} already cached, {len(report.failed)} failed; wrote "
+          f"{len(report.shard_files)} shard file(s) beside {report.path}. The next run without "
+          "--num_shards merges them.")
+    return RunResult(image_list, report)
 
 
 def check_classes(image_list: images.ImageList) -> None:

@@ -1,6 +1,7 @@
-"""Shared test set-up: an isolated RETRAIN_HOME for the whole session, small mounts, and a
-model trained on real photos."""
+"""Shared test set-up: an isolated RETRAIN_HOME for the whole session, small
+mounts, a model trained on real photos, backbone builds shared within a test module."""
 
+import collections
 import os
 import subprocess
 from pathlib import Path
@@ -8,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from skimage import data
+
+from retrain import backbones
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,6 +64,8 @@ def fill(folder, leave=0):
     with open(filler, "wb") as handle:
         handle.write(bytes(max(0, free - leave)))
     return filler
+
+
 PHOTOS = {"cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket()}
 VARIANTS = 6  # per class: random crops, flips and brightness
 
@@ -118,3 +123,20 @@ def photo_model(tmp_path_factory):
     labels_file = export.write_labels(list(PHOTOS), root / "labels.txt")
     return {"graph": str(graph), "labels": str(labels_file), "photos": root / "photos", "root": root,
             "names": list(PHOTOS), "variants": VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def backbone_builds():
+    """backbones.load builds each network once per module; counts the requests."""
+    requests, models = collections.Counter(), {}
+    real_load = backbones.load
+
+    def load(name, include_top=False, weights_file=None):
+        requests[name] += 1
+        if name not in models:
+            models[name] = real_load(name, include_top, weights_file)
+        return models[name]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backbones, "load", load)
+        yield requests

@@ -1,6 +1,5 @@
 """The bottleneck cache with the real EfficientNet-Lite0 (retrain/cache/)."""
 
-import collections
 import io
 import logging
 import os
@@ -16,23 +15,6 @@ from skimage import data
 from retrain import backbones, decode, images
 from retrain.cache import BottleneckCache, journal
 from retrain.errors import RetrainError
-
-
-@pytest.fixture(scope="module")
-def backbone_builds():
-    """backbones.load builds each network once per module; counts the requests."""
-    requests, models = collections.Counter(), {}
-    real_load = backbones.load
-
-    def load(name, include_top=False, weights_file=None):
-        requests[name] += 1
-        if name not in models:
-            models[name] = real_load(name, include_top, weights_file)
-        return models[name]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backbones, "load", load)
-        yield requests
 
 
 def photos(count, seed=0):

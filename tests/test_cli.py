@@ -121,6 +121,10 @@ def test_missing_config_file(tmp_path, capsys):
     (["--image_dir", "x", "--output_dir", "out", "--saved_model_dir", "out"], "saved_model_dir=out"),
     (["--image_dir", "x", "--output_dir", "out/run", "--saved_model_dir", "out"], "saved_model_dir=out"),
     (["--image_dir", "x", "--saved_model_dir", ""], "saved_model_dir="),
+    (["--image_dir", "x", "--num_shards", "2"], "needs --cache_only"),
+    (["--image_dir", "x", "--cache_only", "--num_shards", "2", "--shard_index", "2"],
+     "num_shards=2, shard_index=2"),
+    (["--image_dir", "x", "--cache_only", "--num_shards", "0"], "num_shards=0"),
 ])
 def test_bad_values_exit_2_naming_the_value(capsys, argv, fragment):
     status, _, err = run_main(capsys, *argv)

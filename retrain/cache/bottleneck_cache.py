@@ -1,23 +1,19 @@
 """BottleneckCache: extract what is missing or changed, read what is cached."""
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import errno
 import logging
-import os
 import sys
 from pathlib import Path
 
 import filelock
-import numpy as np
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from retrain import backbones, decode, extract
-from retrain.cache import store
-from retrain.cache.journal import Failure, Journal, Records
-from retrain.config import check_setting
+from retrain import backbones, paths
+from retrain.cache import plan as plan_lib
+from retrain.cache import shards, store
+from retrain.cache.journal import Journal, Records
+from retrain.config import check_setting, check_shard
 from retrain.errors import RetrainError
 
 logger = logging.getLogger(__name__)
@@ -27,26 +23,21 @@ _TOUCHED_BATCH = 1024
 
 @dataclasses.dataclass
 class CacheReport:
-    """What ``BottleneckCache.update`` did.
+    """What ``BottleneckCache.update`` (or ``update_shard``) did.
 
     ``extracted``: images run through the backbone; ``reused``: images whose
-    cached vector was kept; ``failed``: (relative path, reason) of images that
-    could not be read or decoded, with no vector; ``path``: the cache file.
+    cached vector was kept (for a shard: in the cache or in finished shard
+    files); ``failed``: (relative path, reason) of images that could not be
+    read or decoded, with no vector; ``path``: the cache file; ``merged``:
+    shard files merged into it; ``shard_files``: files a shard run wrote.
     """
 
     extracted: int
     reused: int
     failed: list
     path: Path
-
-
-@dataclasses.dataclass
-class _Plan:
-    reused: int = 0
-    # (entry, row in the cache, new FileState): same content, new mtime.
-    touched: list = dataclasses.field(default_factory=list)
-    todo: list = dataclasses.field(default_factory=list)
-    failed: list = dataclasses.field(default_factory=list)
+    merged: int = 0
+    shard_files: list = dataclasses.field(default_factory=list)
 
 
 class BottleneckCache:
@@ -78,16 +69,19 @@ class BottleneckCache:
         self.identity = store.CacheIdentity(
             self._spec.name, fingerprint, self._spec.feature_dim, dtype
         )
+        self.folder = str(bottleneck_dir)
         self.path = Path(bottleneck_dir) / f"{self._spec.name}-{fingerprint[:16]}-{dtype}.h5"
         self.lock_timeout = lock_timeout
 
     def update(self, image_list, batch_size=32, progress=True):
         """Extracts the bottlenecks of ``image_list`` that are missing or stale.
 
-        Builds the backbone only if something must be extracted. Vectors are
-        journalled batch by batch, so memory does not grow with the number of
-        images and a killed run loses at most one batch. Bad images are
-        warned about one line each and listed in ``CacheReport.failed``.
+        First merges every finished shard file (``--num_shards`` runs, the
+        Beam pipeline) into the cache. Builds the backbone only if something
+        must be extracted. Vectors are journalled batch by batch, so memory
+        does not grow with the number of images and a killed run loses at
+        most one batch. Bad images are warned about one line each and listed
+        in ``CacheReport.failed``.
 
         Args:
           image_list: an ImageList from ``images.discover``.
@@ -97,42 +91,150 @@ class BottleneckCache:
         Returns:
           CacheReport.
         """
-        check_setting("extraction_batch_size", batch_size, argument="batch_size")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        _check_batch_size(batch_size)
+        self._check_local()
+        with self._writing():
             with self._locked():
-                plan, extracted, failed = self._update(image_list, batch_size, progress)
-        except OSError as error:
-            # Disk full, permissions, a file where the folder should be: the
-            # user fixes the folder, so say which one instead of a traceback.
-            raise _cache_error("write", self.path, error) from None
+                merged = self.merge()
+                cache = store.open_or_set_aside(self.path, self.identity)
+                journal = Journal(self.path, self.identity)
+                plan, extracted, failed = self._fill(image_list, image_list.entries, cache,
+                                                     journal, batch_size, progress)
+                self.merge()
+        return self._report(plan, extracted, failed, merged=merged)
+
+    def update_shard(self, image_list, num_shards, shard_index, batch_size=32, progress=True,
+                     chunk_rows=shards.CHUNK_ROWS):
+        """Extracts one shard's part of what ``update`` would, into shard files.
+
+        The images whose cache key falls in part ``shard_index`` of
+        ``num_shards`` (``shards.in_part``) and that neither the cache nor a
+        finished shard file holds are extracted into new shard files beside
+        the cache; ``update`` merges them later. Neither takes the cache lock
+        nor changes the cache file, so K processes on K machines can run
+        the K parts at once. Running a part again extracts only what its
+        finished files lack (a killed shard loses at most ``chunk_rows``).
+
+        Returns:
+          CacheReport with ``shard_files``: the files written.
+        """
+        _check_batch_size(batch_size)
+        check_shard(num_shards, shard_index)
+        part = [e for e in image_list.entries if shards.in_part(e.key, num_shards, shard_index)]
+        writer = self.shard_writer(f"{shard_index}of{num_shards}", chunk_rows)
+        with self._writing():
+            plan, extracted, failed = self._fill(image_list, part, self._open_read_only(),
+                                                 writer, batch_size, progress)
+            writer.close()
+        return self._report(plan, extracted, failed, shard_files=writer.files)
+
+    def plan(self, image_list, entries=None, progress=True):
+        """Which of ``entries`` (default: all of ``image_list``) need extraction.
+
+        Read-only: compares each file's size and mtime with the cache and the
+        finished shard files; takes no lock and changes nothing.
+
+        Returns:
+          plan.Plan; ``todo`` lists the entries to extract.
+        """
+        entries = image_list.entries if entries is None else entries
+        cache = self._open_read_only()
+        try:
+            return self._plan(image_list, entries, cache, progress)
+        finally:
+            if cache is not None:
+                cache.close()
+
+    def _plan(self, image_list, entries, cache, progress):
+        recorded = shards.recorded_states(shards.finished(self.folder, self.path.name),
+                                          self.identity)
+        return plan_lib.plan(image_list.image_dir, entries, cache, recorded, progress)
+
+    def extract_to_shard(self, image_dir, entries, writer, batch_size=32, progress=True,
+                         model=None):
+        """Extracts ``entries`` into ``writer`` (a shards.ShardWriter or the journal).
+
+        ``model``: the backbone, when the caller has built it already (a
+        Beam worker builds it once); otherwise it is built here.
+        Returns (number extracted, [(relative path, reason)] of failures).
+        """
+        if not entries:
+            return 0, []
+        if model is None:
+            model = backbones.load(self._spec.name, include_top=False,
+                                   weights_file=self._weights_file)
+        return shards.extract_into(writer, image_dir, entries, model, self._spec.input_size,
+                                   batch_size, progress)
+
+    def shard_writer(self, label, chunk_rows=shards.CHUNK_ROWS):
+        """A new shards.ShardWriter for this cache (``label``: letters and digits)."""
+        return shards.ShardWriter(self.folder, self.path.name, self.identity, label,
+                                  chunk_rows)
+
+    def merge(self):
+        """Merges finished shard files (and a killed run's journal) into the cache.
+
+        The caller holds the cache lock (``update`` does). Returns the number
+        of shard files merged; they are deleted once the cache holds them.
+        """
+        return store.fold(self.path, self.identity)
+
+    def _fill(self, image_list, entries, cache, sink, batch_size, progress):
+        """Plans ``entries`` against ``cache`` (closed here) and extracts the todo into sink."""
+        try:
+            plan = self._plan(image_list, entries, cache, progress)
+            _journal_touched(plan.touched, cache, sink)
+        finally:
+            if cache is not None:
+                cache.close()
+        for relative_path, reason in plan.failed:
+            logger.warning("skipped %s: %s", relative_path, reason)
+        extracted, failed = self.extract_to_shard(image_list.image_dir, plan.todo, sink,
+                                                  batch_size, progress)
+        return plan, extracted, failed
+
+    def _report(self, plan, extracted, failed, **details):
         failed = plan.failed + failed
         if failed:
             logger.warning("%d image(s) could not be read or decoded and were skipped",
                            len(failed))
         return CacheReport(
             extracted=extracted,
-            reused=plan.reused + len(plan.touched),
+            reused=plan.reused + plan.sharded + len(plan.touched),
             failed=sorted(failed),
             path=self.path,
+            **details,
         )
 
-    def _update(self, image_list, batch_size, progress):
-        """update() under the lock: (plan, extracted count, new failures)."""
-        store.fold(self.path, self.identity)
-        journal = Journal(self.path, self.identity)
-        cache = store.open_or_set_aside(self.path, self.identity)
+    def _check_local(self):
+        if paths.is_url(self.folder):
+            raise RetrainError(
+                "The bottleneck cache must be in a local folder; only shard files can be "
+                "written to a URL (by --num_shards runs or python -m retrain.beam): copy "
+                "them into a local bottleneck_dir, where the next run merges them. "
+                f"Received: bottleneck_dir={self.folder}"
+            )
+
+    def _open_read_only(self):
+        """The main file, or None when absent or unreadable (left for ``update``)."""
+        if paths.is_url(self.folder) or not self.path.exists():
+            return None
         try:
-            plan = _plan(image_list, cache, progress)
-            _journal_touched(plan.touched, cache, journal)
-        finally:
-            if cache is not None:
-                cache.close()
-        for relative_path, reason in plan.failed:
-            logger.warning("skipped %s: %s", relative_path, reason)
-        extracted, failed = self._extract(image_list, plan.todo, journal, batch_size, progress)
-        store.fold(self.path, self.identity)
-        return plan, extracted, failed
+            return store.CacheFile(self.path, self.identity)
+        except store.UnreadableCache:
+            return None
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Turns OS errors while writing the cache into a RetrainError naming the folder."""
+        try:
+            if not paths.is_url(self.folder):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            yield
+        except OSError as error:
+            # Disk full, permissions, a file where the folder should be: the
+            # user fixes the folder, so say which one instead of a traceback.
+            raise _cache_error("write", self.path, error) from None
 
     def read(self, entries):
         """The cached bottlenecks of ``entries``, float32 [len(entries), feature_dim].
@@ -140,6 +242,7 @@ class BottleneckCache:
         Raises RetrainError if an entry is not in the cache (run ``update``
         first; images in ``CacheReport.failed`` have no vector).
         """
+        self._check_local()
         if not self.path.exists():
             raise RetrainError(
                 f"There is no bottleneck cache {self.path} yet; run "
@@ -190,36 +293,9 @@ class BottleneckCache:
         finally:
             lock.release()
 
-    def _extract(self, image_list, todo, journal, batch_size, progress):
-        """Runs the backbone over ``todo``; returns (extracted count, failures)."""
-        if not todo:
-            return 0, []
-        model = backbones.load(self._spec.name, include_top=False,
-                               weights_file=self._weights_file)
-        paths = [image_list.image_dir / entry.relative_path for entry in todo]
-        extracted, failed = 0, []
-        with logging_redirect_tqdm(), tqdm(
-            total=len(todo), desc="bottlenecks", unit="img", file=sys.stderr,
-            disable=not progress, smoothing=0.1,
-        ) as bar:
-            for batch in extract.bottleneck_batches(paths, model, self._spec.input_size,
-                                                    batch_size):
-                records = Records()
-                for position, state, vector in zip(batch.positions, batch.states,
-                                                   batch.bottlenecks):
-                    _add_row(records, todo[position], state, vector)
-                for position, reason, state in batch.failures:
-                    entry = todo[position]
-                    failed.append((entry.relative_path, reason))
-                    logger.warning("skipped %s: %s", entry.relative_path, reason)
-                    if state is not None:
-                        records.failures[entry.key] = Failure(
-                            entry.relative_path, state.size, state.mtime_ns, reason
-                        )
-                journal.append(records)
-                extracted += len(batch.positions)
-                bar.update(len(batch))
-        return extracted, failed
+
+def _check_batch_size(batch_size):
+    check_setting("extraction_batch_size", batch_size, argument="batch_size")
 
 
 def _cache_error(action, path, error):
@@ -234,68 +310,12 @@ def _cache_error(action, path, error):
     )
 
 
-def _plan(image_list, cache, progress):
-    """Sorts the entries into reused, touched, to extract and failed."""
-    plan = _Plan()
-    to_check = []
-    for entry in image_list.entries:
-        try:
-            status = os.stat(image_list.image_dir / entry.relative_path)
-        except OSError as error:
-            plan.failed.append((entry.relative_path, f"cannot read: {error.strerror}"))
-            continue
-        stat = (status.st_size, status.st_mtime_ns)
-        row = None if cache is None else cache.rows.get(entry.key)
-        failure = None if cache is None else cache.failures.get(entry.key)
-        if row is not None and (cache.size[row], cache.mtime_ns[row]) == stat:
-            plan.reused += 1
-        elif row is not None and cache.size[row] == stat[0]:
-            to_check.append((entry, row))
-        elif failure is not None and (failure.size, failure.mtime_ns) == stat:
-            plan.failed.append((entry.relative_path, failure.reason))
-        else:
-            plan.todo.append(entry)
-    if to_check:
-        _check_digests(image_list.image_dir, to_check, cache, plan, progress)
-    return plan
-
-
-def _check_digests(image_dir, to_check, cache, plan, progress):
-    """Same size, new mtime: the content digest decides (copies reset mtimes)."""
-    paths = [image_dir / entry.relative_path for entry, _ in to_check]
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        states = tqdm(pool.map(_state_or_none, paths), total=len(paths),
-                      desc="checking changed files", unit="file", file=sys.stderr,
-                      disable=not progress)
-        for (entry, row), state in zip(to_check, states):
-            if state is not None and state.sha256.encode() == cache.sha256[row]:
-                plan.touched.append((entry, row, state))
-            else:
-                plan.todo.append(entry)
-
-
-def _journal_touched(touched, cache, journal):
-    """Journals the cached vectors of touched files under their new mtime."""
+def _journal_touched(touched, cache, sink):
+    """Writes the cached vectors of touched files, under their new mtime, to ``sink``."""
     for start in range(0, len(touched), _TOUCHED_BATCH):
         batch = touched[start : start + _TOUCHED_BATCH]
         vectors = cache.bottlenecks([row for _, row, _ in batch])
         records = Records()
         for (entry, _, state), vector in zip(batch, vectors):
-            _add_row(records, entry, state, vector)
-        journal.append(records)
-
-
-def _state_or_none(path):
-    try:
-        return decode.file_state(path)
-    except OSError:
-        return None
-
-
-def _add_row(records, entry, state, vector):
-    records.key.append(entry.key)
-    records.relative_path.append(entry.relative_path)
-    records.size.append(state.size)
-    records.mtime_ns.append(state.mtime_ns)
-    records.sha256.append(state.sha256)
-    records.bottleneck.append(np.asarray(vector))
+            records.add_row(entry.key, entry.relative_path, state, vector)
+        sink.append(records)

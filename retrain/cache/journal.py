@@ -6,6 +6,7 @@ Extraction appends each batch of records to ``<cache>.h5.journal/`` as one
 """
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ import numpy as np
 
 from retrain import atomic_write
 
-FORMAT_VERSION = 1
+# 2: the file records the whole cache identity, not only the fingerprint.
+FORMAT_VERSION = 2
 # The SIGKILL fault test sets this to "<point>" or "<point>:<count>" to park
 # the process at a named point, so it can kill it exactly there.
 PAUSE_VARIABLE = "RETRAIN_CACHE_PAUSE_AT"
@@ -53,6 +55,21 @@ class Records:
 
     def __len__(self):
         return len(self.key) + len(self.failures)
+
+    def add_row(self, key, relative_path, state, vector):
+        """Adds one image: its FileState (size, mtime_ns, sha256) and bottleneck."""
+        self.key.append(key)
+        self.relative_path.append(relative_path)
+        self.size.append(state.size)
+        self.mtime_ns.append(state.mtime_ns)
+        self.sha256.append(state.sha256)
+        self.bottleneck.append(np.asarray(vector))
+
+    def extend(self, other):
+        """Appends the rows and failures of another Records."""
+        for name in ("key", "relative_path", "size", "mtime_ns", "sha256", "bottleneck"):
+            getattr(self, name).extend(getattr(other, name))
+        self.failures.update(other.failures)
 
 
 def pause_point(name, count=None, marker=None):
@@ -94,24 +111,7 @@ class Journal:
             existing = self.files()
             self._next_number = int(existing[-1].stem) + 1 if existing else 1
         final = self.folder / f"{self._next_number:08d}.npz"
-        failed = list(records.failures.items())
-        arrays = {
-            "format_version": np.array(FORMAT_VERSION),
-            "fingerprint": np.array(self.identity.fingerprint.encode()),
-            "key": np.array([k.encode() for k in records.key], dtype="S64"),
-            "relative_path": _bytes(records.relative_path),
-            "size": np.array(records.size, dtype=np.int64),
-            "mtime_ns": np.array(records.mtime_ns, dtype=np.int64),
-            "sha256": np.array([d.encode() for d in records.sha256], dtype="S64"),
-            "bottleneck": np.asarray(records.bottleneck, dtype=self.identity.dtype).reshape(
-                len(records.key), self.identity.feature_dim
-            ),
-            "failed_key": np.array([k.encode() for k, _ in failed], dtype="S64"),
-            "failed_relative_path": _bytes(f.relative_path for _, f in failed),
-            "failed_size": np.array([f.size for _, f in failed], dtype=np.int64),
-            "failed_mtime_ns": np.array([f.mtime_ns for _, f in failed], dtype=np.int64),
-            "failed_reason": _bytes(f.reason for _, f in failed),
-        }
+        arrays = to_arrays(records, self.identity)
         with atomic_write.atomic_path(final) as temporary:
             np.savez(temporary, **arrays)
         self._next_number += 1
@@ -120,29 +120,68 @@ class Journal:
 
     def load(self, path):
         """The arrays of one journal file; UnreadableCache if damaged or foreign."""
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-            if (
-                int(arrays["format_version"]) != FORMAT_VERSION
-                or arrays["fingerprint"].item().decode() != self.identity.fingerprint
-                or arrays["bottleneck"].shape != (len(arrays["key"]), self.identity.feature_dim)
-            ):
-                raise UnreadableCache("written for another cache format or backbone")
-            return arrays
-        except UnreadableCache:
-            raise
-        except OSError as error:
-            if error.errno is not None:  # permission, I/O: not the file's content
-                raise
-            raise UnreadableCache(f"{type(error).__name__}: {error}") from None
-        except Exception as error:
-            raise UnreadableCache(f"{type(error).__name__}: {error}") from None
+        with open(path, "rb") as file:
+            return load_arrays(file, self.identity)
 
     def clear(self):
         for path in self.folder.glob("*"):
             path.unlink()
         self.folder.rmdir()
+
+
+def to_arrays(records, identity):
+    """The arrays of one journal or shard file: ``records`` plus ``identity``."""
+    failed = list(records.failures.items())
+    return {
+        "format_version": np.array(FORMAT_VERSION),
+        "identity": np.array(json.dumps(identity.attributes(), sort_keys=True).encode()),
+        "key": np.array([k.encode() for k in records.key], dtype="S64"),
+        "relative_path": _bytes(records.relative_path),
+        "size": np.array(records.size, dtype=np.int64),
+        "mtime_ns": np.array(records.mtime_ns, dtype=np.int64),
+        "sha256": np.array([d.encode() for d in records.sha256], dtype="S64"),
+        "bottleneck": np.asarray(records.bottleneck, dtype=identity.dtype).reshape(
+            len(records.key), identity.feature_dim
+        ),
+        "failed_key": np.array([k.encode() for k, _ in failed], dtype="S64"),
+        "failed_relative_path": _bytes(f.relative_path for _, f in failed),
+        "failed_size": np.array([f.size for _, f in failed], dtype=np.int64),
+        "failed_mtime_ns": np.array([f.mtime_ns for _, f in failed], dtype=np.int64),
+        "failed_reason": _bytes(f.reason for _, f in failed),
+    }
+
+
+def load_arrays(file, identity, names=None):
+    """The arrays of a journal or shard file (an open binary file).
+
+    ``names``: the arrays to read (all when None); the identity is always
+    checked. Raises UnreadableCache when the file is damaged or was written
+    for another cache identity (other backbone, weights, dtype or settings);
+    an OSError with an errno (permission, I/O) is not about the content and
+    propagates.
+    """
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            if int(archive["format_version"]) != FORMAT_VERSION:
+                raise UnreadableCache("written for another cache format")
+            found = json.loads(archive["identity"].item().decode())
+            if found != json.loads(json.dumps(identity.attributes())):
+                raise UnreadableCache(f"built for {found}, expected {identity.attributes()}")
+            arrays = {name: archive[name] for name in (names or archive.files)}
+        if "bottleneck" in arrays and (
+            arrays["bottleneck"].shape[1:] != (identity.feature_dim,)
+            or "key" in arrays and len(arrays["bottleneck"]) != len(arrays["key"])
+        ):
+            raise UnreadableCache("bottlenecks of the wrong shape")
+        return arrays
+    except UnreadableCache:
+        raise
+    except OSError as error:
+        if error.errno is not None:
+            raise
+        raise UnreadableCache(f"{type(error).__name__}: {error}") from None
+    except Exception as error:
+        raise UnreadableCache(f"{type(error).__name__}: {error}") from None
 
 
 def _bytes(texts):

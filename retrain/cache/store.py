@@ -10,8 +10,11 @@ no longer opens, so the main file ``<name>.h5`` is never written in place:
   ``<name>.h5`` and renames it over the main file (``retrain.atomic_write``),
   and only then deletes the journal.
 
+Shard files (``shards``), written beside the main file by other processes,
+are merged by ``fold`` the same way and deleted after the rename.
+
 A kill at any instant leaves the old main file or the new one, plus journal
-files that the next ``fold`` merges again; a key is stored once, the newest
+and shard files that the next ``fold`` merges again; a key is stored once, the newest
 record winning, so nothing is duplicated. Callers hold the cache lock.
 
 Layout of the main file (``FORMAT_VERSION`` 1), one row per image:
@@ -30,12 +33,14 @@ import logging
 import os
 import re
 import shutil
+import typing
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from retrain import atomic_write
+from retrain.cache import shards
 from retrain.cache.journal import Failure, Journal, UnreadableCache, pause_point
 
 logger = logging.getLogger(__name__)
@@ -177,10 +182,15 @@ def open_or_set_aside(path, identity):
 
 
 def fold(path, identity):
-    """Merges the journal into the main file, if there is a journal.
+    """Merges the journal and every finished shard file into the main file.
 
-    Also removes what killed runs left behind (temporary files). The newest
-    record of a key wins; main rows it replaces are dropped.
+    Also removes what killed runs left behind (temporary files, stale shard
+    temporaries). The newest record of a key wins (journal files are newer
+    than shard files); main rows it replaces are dropped. A shard file that
+    cannot be used is renamed aside with a warning, never merged.
+
+    Returns:
+      int, the number of shard files merged (and deleted).
     """
     path = Path(path)
     journal = Journal(path, identity)
@@ -189,16 +199,20 @@ def fold(path, identity):
     if journal.folder.is_dir():
         for leftover in atomic_write.leftovers(journal.folder):
             leftover.unlink()
-    files = journal.files()
-    if not files:
-        return
-    winners, journal_keys = _newest_records(journal, files)
+    shards.remove_stale_partials(path.parent, path.name)
+    journal_files = journal.files()
+    sources = [_Source(file, _shard_loader(identity), True)
+               for file in shards.finished(path.parent, path.name)]
+    sources += [_Source(file, journal.load, False) for file in journal_files]
+    if not sources:
+        return 0
+    winners, journal_keys = _newest_records(sources)
     main = open_or_set_aside(path, identity)
     try:
         _check_space(path, identity, main, winners)
         with atomic_write.atomic_path(path) as temporary:
             try:
-                _write_main(temporary, identity, main, journal, winners, journal_keys)
+                _write_main(temporary, identity, main, winners, journal_keys)
             except RuntimeError as error:
                 raise _as_os_error(error, temporary) from None
             pause_point("fold-before-replace", marker=f"{path}.paused")
@@ -206,7 +220,24 @@ def fold(path, identity):
         if main is not None:
             main.close()
     pause_point("fold-after-replace", marker=f"{path}.paused")
-    journal.clear()
+    if journal_files:
+        journal.clear()
+    merged = [source.file for source, _, _ in winners if source.shard]
+    for file in merged:
+        os.unlink(file)
+    return len(merged)
+
+
+class _Source(typing.NamedTuple):
+    """A journal or shard file to merge, and how to load its arrays."""
+
+    file: object
+    load: typing.Callable
+    shard: bool
+
+
+def _shard_loader(identity):
+    return lambda file: shards.load(file, identity)
 
 
 def _check_space(path, identity, main, winners):
@@ -218,7 +249,7 @@ def _check_space(path, identity, main, winners):
     main file and the journal, whole chunks of bottlenecks, generous per-row
     text and 1 MB of HDF5 overhead.
     """
-    rows = sum(len(kept) + len(failed) for kept, failed in winners.values())
+    rows = sum(len(kept) + len(failed) for _, kept, failed in winners)
     if main is not None:
         rows += len(main.keys) + len(main.failures)
     chunks = -(-rows // _CHUNK_ROWS)
@@ -241,14 +272,20 @@ def _as_os_error(error, path):
     return OSError(code, os.strerror(code), str(path))
 
 
-def _newest_records(journal, files):
-    """The surviving records, {file: (rows, failed rows)}, and all their keys."""
-    seen, winners = set(), {}
-    for file in reversed(files):
+def _newest_records(sources):
+    """The surviving records, [(source, rows, failed rows)], and all their keys.
+
+    ``sources``: _Source list, oldest first; unusable ones are left out.
+    """
+    seen, winners = set(), []
+    for source in reversed(sources):
         try:
-            arrays = journal.load(file)
+            arrays = source.load(source.file)
         except UnreadableCache as error:
-            logger.warning("discarding damaged journal file %s (%s)", file, error)
+            if source.shard:
+                shards.set_aside(source.file, error)
+            else:
+                logger.warning("discarding damaged journal file %s (%s)", source.file, error)
             continue
         kept = ([], [])
         for kind, name in enumerate(("key", "failed_key")):
@@ -256,12 +293,12 @@ def _newest_records(journal, files):
                 if key not in seen:
                     seen.add(key)
                     kept[kind].append(row)
-        winners[file] = kept
+        winners.append((source, *kept))
     return winners, seen
 
 
-def _write_main(temporary, identity, main, journal, winners, journal_keys):
-    """Writes main rows not in the journal, then the journal's winners; fsyncs."""
+def _write_main(temporary, identity, main, winners, journal_keys):
+    """Writes main rows not in the journal or shards, then their winners."""
     if main is None:
         main_keep, failures = np.zeros(0, bool), {}
     else:
@@ -269,7 +306,7 @@ def _write_main(temporary, identity, main, journal, winners, journal_keys):
         failures = {
             k: f for k, f in main.failures.items() if k.encode() not in journal_keys
         }
-    total = int(main_keep.sum()) + sum(len(rows) for rows, _ in winners.values())
+    total = int(main_keep.sum()) + sum(len(rows) for _, rows, _ in winners)
     with h5py.File(temporary, "w") as out:
         out.attrs.update(identity.attributes())
         images = out.create_group("images")
@@ -288,8 +325,8 @@ def _write_main(temporary, identity, main, journal, winners, journal_keys):
         written = 0
         for block in blocks:
             written = _write_block(datasets, written, block)
-        for file, (rows, failed) in winners.items():
-            arrays = journal.load(file)
+        for source, rows, failed in winners:
+            arrays = source.load(source.file)
             written = _write_block(
                 datasets, written, {name: arrays[name][rows] for name in _ROW_FIELDS}
             )
