@@ -27,6 +27,8 @@ HELP = {
     "backbone_weights": "local weights file for a Keras-application backbone (offline use)",
     "bottleneck_dtype": "storage type of cached vectors: float16 or float32",
     "extraction_batch_size": "images per forward pass when filling the cache",
+    "engine": "inference engine for extraction: auto (LiteRT on CPU, Keras on a GPU), "
+              "keras or litert",
     "cache_only": "build or update the bottleneck cache, then stop",
     "num_shards": "with --cache_only: split extraction into this many parts, one process each",
     "shard_index": "with --num_shards: the part this process extracts, 0 to NUM_SHARDS-1",

@@ -22,6 +22,7 @@ import yaml
 
 from retrain import atomic_write
 from retrain.backbones import DEFAULT_BACKBONE
+from retrain.engines import ENGINES
 from retrain.errors import RetrainError
 
 # The TFLite exports --tflite can write, each to OUTPUT_DIR/model_<kind>.tflite.
@@ -38,6 +39,7 @@ class Config:
     backbone_weights: Optional[str] = None
     bottleneck_dtype: str = "float16"
     extraction_batch_size: int = 32
+    engine: str = "auto"
     cache_only: bool = False
     num_shards: int = 1
     shard_index: int = 0
@@ -168,6 +170,7 @@ _RULES = {
        for name in ("testing_percentage", "validation_percentage")},
     "num_shards": (lambda v: _count(v) and v >= 1, "an integer of at least 1"),
     "bottleneck_dtype": (lambda v: v in BOTTLENECK_DTYPES, " or ".join(BOTTLENECK_DTYPES)),
+    "engine": (lambda v: v in ENGINES, " or ".join(ENGINES)),
     "output_graph": (lambda v: v is None or isinstance(v, str) and v.endswith(".keras"),
                      "a file name ending in .keras"),
     "class_weights": (lambda v: v in CLASS_WEIGHTS, " or ".join(CLASS_WEIGHTS)),

@@ -9,6 +9,7 @@ pixels from it, so a model sees the same pixels in training and inference.
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import typing
 from pathlib import Path
@@ -29,10 +30,26 @@ SNIFF_BYTES = 16
 # same in extraction and inference.
 ALPHA_BACKGROUND = (255, 255, 255)
 
-# JPEG draft decoding keeps this many times the target side, so that the
-# antialiased resize, not libjpeg's DCT scaling, does most of the shrinking.
-DRAFT_MARGIN = 2
 _READ_CHUNK = 1 << 20
+
+# Everything here that changes the pixels a backbone sees. The bottleneck
+# cache's identity includes ``pixel_settings_id()``, so changing any of them
+# (or bumping "version" after changing the decoding code) starts a new cache
+# file instead of mixing vectors. "jpeg_draft_margin": JPEG draft decoding
+# keeps this many times the target side, so that the antialiased resize, not
+# libjpeg's DCT scaling, does most of the shrinking.
+PIXEL_SETTINGS = {
+    "version": 1,
+    "jpeg_draft_margin": 2,
+    "resize": "tf.image.resize bilinear antialias, squashed to a square",
+    "alpha_background": list(ALPHA_BACKGROUND),
+}
+
+
+def pixel_settings_id():
+    """"px" + the first 8 hex digits of the sha256 of PIXEL_SETTINGS (as JSON)."""
+    canonical = json.dumps(PIXEL_SETTINGS, sort_keys=True)
+    return "px" + hashlib.sha256(canonical.encode()).hexdigest()[:8]
 
 
 # Most memory one decode may need (the pixels at the size decoded, in the
@@ -188,7 +205,8 @@ def decode_rgb(path, target_size=None, *, content=None, memory_budget=None):
             raise ImageDecodeError(path, "empty file")
         with Image.open(io.BytesIO(content), formats=SUPPORTED_FORMATS) as image:
             if target_size and image.format == "JPEG":
-                image.draft(None, (DRAFT_MARGIN * target_size,) * 2)
+                margin = PIXEL_SETTINGS["jpeg_draft_margin"]
+                image.draft(None, (margin * target_size,) * 2)
             needed = _decode_bytes(image)
             if needed > budget:
                 raise ImageDecodeError(

@@ -16,12 +16,12 @@ the pixels training saw:
   Pillow rounds: 1 level off), EXIF orientation outside JPEGs.
 """
 
-from retrain.decode import ALPHA_BACKGROUND, DRAFT_MARGIN, resize_to_input
+from retrain.decode import ALPHA_BACKGROUND, PIXEL_SETTINGS, resize_to_input
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
 
-# decode_rgb asks Pillow's JPEG draft mode for sides of at least DRAFT_MARGIN
+# decode_rgb asks Pillow's JPEG draft mode for sides of at least the draft margin
 # times the input side; Pillow then takes the smallest of these libjpeg scales
 # (1/1 .. 1/8) that keeps them.
 _JPEG_RATIOS = (1, 2, 4, 8)
@@ -44,7 +44,8 @@ def _decode_jpeg(content, size):
     """float32 [h, w, 3] in [0, 255]: Pillow's draft scale (sides >= 2 x size), its ISLOW IDCT,
     the EXIF orientation."""
     height, width = tf.unstack(tf.io.extract_jpeg_shape(content)[:2])
-    fits = tf.minimum(width // (DRAFT_MARGIN * size), height // (DRAFT_MARGIN * size))
+    margin = PIXEL_SETTINGS["jpeg_draft_margin"]
+    fits = tf.minimum(width // (margin * size), height // (margin * size))
     branch = tf.add_n([tf.cast(fits >= ratio, tf.int32) for ratio in _JPEG_RATIOS[1:]])
     image = tf.switch_case(branch, [
         lambda ratio=ratio: tf.io.decode_jpeg(content, channels=3, ratio=ratio,

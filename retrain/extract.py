@@ -1,21 +1,31 @@
 """Bottleneck extraction: image files -> backbone vectors, in batches.
 
-Pixels come from ``decode.image_batches`` (reading, hashing, decoding and
-resizing on tf.data's thread pool) while the main thread runs the backbone on
-the previous batch, so the network is rarely left waiting. A file that
-cannot be read or decoded becomes a failure with a reason; it never stops the
-other images.
+Three stages run at once, with a bounded number of batches between them:
+
+* ``decode.image_batches`` reads, hashes, decodes and resizes on tf.data's
+  thread pool (C++ threads; Pillow, hashlib and the resize release the GIL);
+* one engine thread takes each batch and runs the engine (``retrain.engines``;
+  its forward pass releases the GIL too) and does only per-batch work;
+* the caller's thread receives ExtractedBatch objects and writes them (the
+  cache journal's fsync), while the engine already runs the next batch.
+
+So the forward pass, the slowest stage, never waits on a file write or on
+per-image Python bookkeeping. In flight at most: ``_QUEUED`` finished batches,
+the batch in the engine and ``image_batches``' own prefetch, whatever the
+number of images. A file that cannot be read or decoded becomes a failure
+with a reason; it never stops the other images.
 """
 
 import dataclasses
-import weakref
+import queue
+import threading
 
 import numpy as np
 
 from retrain import decode
-from retrain.quiet_tensorflow import import_tensorflow
 
-_FORWARD = weakref.WeakKeyDictionary()
+# Finished batches waiting for the caller: one being written, one ready.
+_QUEUED = 2
 
 
 @dataclasses.dataclass
@@ -39,54 +49,75 @@ class ExtractedBatch:
         return len(self.positions) + len(self.failures)
 
 
-def _forward_function(model, input_size):
-    """The model's graph function, traced once per model (tracing takes seconds)."""
-    if model not in _FORWARD:
-        tf = import_tensorflow()
-        _FORWARD[model] = tf.function(
-            lambda pixels: model(pixels, training=False),
-            input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.float32)],
-        )
-    return _FORWARD[model]
-
-
-def bottleneck_batches(paths, model, input_size, batch_size=32):
+def bottleneck_batches(paths, engine, input_size, batch_size=32):
     """Yields an ExtractedBatch per ``batch_size`` files, in the order of ``paths``.
 
     Args:
       paths: list of image file paths.
-      model: keras.Model, float32 [batch, input_size, input_size, 3] RGB in
-        [0, 255] -> float32 [batch, feature_dim] (``backbones.load``).
+      engine: an ``engines`` engine (or any callable, such as a keras.Model):
+        float32 [batch, input_size, input_size, 3] RGB in [0, 255] ->
+        float32 [batch, feature_dim].
       input_size: int, the model's square input side.
-      batch_size: int, images per model call.
+      batch_size: int, images per engine call.
 
-    Memory stays bounded by the batch size: nothing is kept between batches.
+    Memory stays bounded by the batch size (see the module docstring).
+    Closing the generator early stops the engine thread after its batch.
     """
-    tf = import_tensorflow()
     outcomes = {}
     dataset = decode.image_batches(paths, input_size, batch_size, outcomes=outcomes,
                                   hash_files=True)
-    forward = _forward_function(model, input_size)
-    feature_dim = model.output_shape[-1]
-    for indices, pixels, decoded in dataset:
-        indices, decoded = indices.numpy(), decoded.numpy()
-        # A short last batch is padded to batch_size: on CPU some batch sizes
-        # (1 and 3 here) round differently in the last bits, and an image's
-        # vector must not depend on how many images were extracted with it
-        # (a sharded build must equal a single-process one bit for bit).
-        if decoded.any():
-            padding = [[0, batch_size - len(indices)], [0, 0], [0, 0], [0, 0]]
-            vectors = forward(tf.pad(pixels, padding)).numpy()[: len(indices)][decoded]
-        else:
-            vectors = np.zeros((0, feature_dim), np.float32)
-        results = [outcomes.pop(int(i)) for i in indices]
-        yield ExtractedBatch(
-            positions=indices[decoded],
-            bottlenecks=vectors,
-            states=[outcome.state for outcome, ok in zip(results, decoded) if ok],
-            failures=[
-                (int(i), outcome.reason, outcome.state if outcome.lasting else None)
-                for i, outcome, ok in zip(indices, results, decoded)
-                if not ok
-            ],
-        )
+    finished = queue.Queue(maxsize=_QUEUED)
+    stop = threading.Event()
+
+    def hand_over(item):
+        """Queues ``item`` for the caller; False once the caller has stopped."""
+        while not stop.is_set():
+            try:
+                finished.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run_engine():
+        try:
+            for indices, pixels, decoded in dataset:
+                batch = _forward(engine, indices.numpy(), pixels, decoded.numpy(), outcomes)
+                if not hand_over(batch):
+                    return
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            hand_over(error)
+            return
+        hand_over(None)
+
+    thread = threading.Thread(target=run_engine, name="retrain-engine", daemon=True)
+    thread.start()
+    try:
+        while (item := finished.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _forward(engine, indices, pixels, decoded, outcomes):
+    """One batch through the engine: an ExtractedBatch (per-batch numpy work)."""
+    if decoded.all():
+        vectors = np.asarray(engine(pixels), dtype=np.float32)
+    elif decoded.any():
+        vectors = np.asarray(engine(pixels.numpy()[decoded]), dtype=np.float32)
+    else:
+        vectors = np.zeros((0, 0), np.float32)
+    results = [outcomes.pop(int(i)) for i in indices]
+    return ExtractedBatch(
+        positions=indices[decoded],
+        bottlenecks=vectors,
+        states=[outcome.state for outcome, ok in zip(results, decoded) if ok],
+        failures=[
+            (int(i), outcome.reason, outcome.state if outcome.lasting else None)
+            for i, outcome, ok in zip(indices, results, decoded)
+            if not ok
+        ],
+    )

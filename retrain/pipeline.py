@@ -61,7 +61,8 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
     save_yaml(config, out_dir / "settings.yaml")
 
     cache = BottleneckCache(config.bottleneck_dir, spec.name,
-                            weights_file=config.backbone_weights, dtype=config.bottleneck_dtype)
+                            weights_file=config.backbone_weights, dtype=config.bottleneck_dtype,
+                            engine=config.engine)
     cache_report = cache.update(image_list, batch_size=config.extraction_batch_size)
     skipped = list(image_list.skipped) + list(cache_report.failed)
     result = RunResult(image_list, cache_report)
@@ -188,7 +189,8 @@ def calibration_entries(training_entries, count: int) -> list:
 def run_shard(config: Config, spec, image_list) -> RunResult:
     """--num_shards K --shard_index I: extract part I into shard files, merged later."""
     cache = BottleneckCache(config.bottleneck_dir, spec.name,
-                            weights_file=config.backbone_weights, dtype=config.bottleneck_dtype)
+                            weights_file=config.backbone_weights, dtype=config.bottleneck_dtype,
+                            engine=config.engine)
     report = cache.update_shard(image_list, config.num_shards, config.shard_index,
                                 batch_size=config.extraction_batch_size)
     print(f"Shard {config.shard_index} of {config.num_shards}: {report.extracted} extracted, "

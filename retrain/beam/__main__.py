@@ -17,7 +17,7 @@ from retrain import config as config_lib
 from retrain.errors import RetrainError
 
 FLAGS = ("image_dir", "bottleneck_dir", "architecture", "backbone_weights",
-         "bottleneck_dtype", "extraction_batch_size")
+         "bottleneck_dtype", "engine", "extraction_batch_size")
 PROG = "python -m retrain.beam"
 
 

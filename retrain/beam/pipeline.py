@@ -17,7 +17,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from retrain import backbones, images, paths
+from retrain import images, paths
 from retrain.cache import BottleneckCache
 
 MAX_BATCH = 256
@@ -30,29 +30,29 @@ CREATE_LIMIT = 20_000
 class ExtractToShard(beam.DoFn):
     """A batch of ImageEntry -> one shard file (its path is the output).
 
-    The backbone is built once per worker, in ``setup``. Counters
+    The engine (backbone) is built once per worker, in ``setup``. Counters
     ``retrain/extracted`` and ``retrain/failed`` count images.
     """
 
     def __init__(self, image_dir, bottleneck_dir, architecture, weights_file=None,
-                 dtype="float16", batch_size=32):
+                 dtype="float16", batch_size=32, engine="keras"):
         self._image_dir = str(image_dir)
         self._cache_arguments = (str(bottleneck_dir), architecture, weights_file, dtype)
+        self._engine_name = engine
         self._batch_size = batch_size
         self._extracted = Metrics.counter(NAMESPACE, "extracted")
         self._failed = Metrics.counter(NAMESPACE, "failed")
-        self._cache = self._model = None
+        self._cache = self._engine = None
 
     def setup(self):
-        self._cache = BottleneckCache(*self._cache_arguments)
-        _, architecture, weights_file, _ = self._cache_arguments
-        self._model = backbones.load(architecture, include_top=False, weights_file=weights_file)
+        self._cache = BottleneckCache(*self._cache_arguments, engine=self._engine_name)
+        self._engine = self._cache.build_engine()
 
     def process(self, entries):
         writer = self._cache.shard_writer("beam", chunk_rows=len(entries))
         extracted, failed = self._cache.extract_to_shard(
             self._image_dir, entries, writer, self._batch_size, progress=False,
-            model=self._model,
+            engine=self._engine,
         )
         writer.close()
         self._extracted.inc(extracted)
@@ -61,7 +61,7 @@ class ExtractToShard(beam.DoFn):
 
 
 def build_pipeline(pipeline, image_dir, entries, bottleneck_dir, architecture,
-                   weights_file=None, dtype="float16", batch_size=32):
+                   weights_file=None, dtype="float16", batch_size=32, engine="keras"):
     """Adds the extraction to ``pipeline``; returns the PCollection of shard file paths.
 
     Args:
@@ -71,6 +71,8 @@ def build_pipeline(pipeline, image_dir, entries, bottleneck_dir, architecture,
         or the path of a listing of them written by ``write_listing``.
       bottleneck_dir: the cache folder (a path or a tf.io.gfile URL); shards go there.
       architecture, weights_file, dtype: as for BottleneckCache.
+      engine: "keras" or "litert", resolved and checked (``BottleneckCache.build_engine``
+        on the launching machine), so every worker makes the same vectors.
       batch_size: int, images per backbone call. BatchElements forms batches
         of the multiple of ``batch_size`` nearest below MAX_BATCH (at least
         one batch), one shard file each.
@@ -86,7 +88,7 @@ def build_pipeline(pipeline, image_dir, entries, bottleneck_dir, architecture,
         found
         | "Batch" >> beam.BatchElements(min_batch_size=shard_rows, max_batch_size=shard_rows)
         | "Extract" >> beam.ParDo(ExtractToShard(image_dir, bottleneck_dir, architecture,
-                                                 weights_file, dtype, batch_size))
+                                                 weights_file, dtype, batch_size, engine))
     )
 
 
@@ -104,8 +106,17 @@ def run(config, pipeline_args, image_list=None):
     """
     image_list = image_list or images.discover(config.image_dir)
     cache = BottleneckCache(config.bottleneck_dir, config.architecture,
-                            weights_file=config.backbone_weights, dtype=config.bottleneck_dtype)
+                            weights_file=config.backbone_weights, dtype=config.bottleneck_dtype,
+                            engine=config.engine)
     plan = cache.plan(image_list)
+    if plan.todo and cache.engine != "keras":
+        # Convert and check LiteRT once here; if the check fails the cache
+        # switches to the Keras engine's file, whose plan differs.
+        engine = cache.engine
+        cache.build_engine(check_paths=[paths.join(image_list.image_dir, entry.relative_path)
+                                        for entry in plan.todo[:8]])
+        if cache.engine != engine:
+            plan = cache.plan(image_list)
     summary = {"to_extract": len(plan.todo),
                "already_cached": plan.reused + plan.sharded + len(plan.touched),
                "extracted": 0, "failed": len(plan.failed)}
@@ -121,7 +132,7 @@ def run(config, pipeline_args, image_list=None):
     try:
         build_pipeline(pipeline, image_list.image_dir, listing or plan.todo, cache.folder,
                        config.architecture, config.backbone_weights, config.bottleneck_dtype,
-                       config.extraction_batch_size)
+                       config.extraction_batch_size, cache.engine)
         result = pipeline.run()
         result.wait_until_finish()
     finally:

@@ -5,11 +5,12 @@ import dataclasses
 import errno
 import logging
 import sys
+import time
 from pathlib import Path
 
 import filelock
 
-from retrain import backbones, paths
+from retrain import backbones, decode, engines, paths
 from retrain.cache import plan as plan_lib
 from retrain.cache import shards, store
 from retrain.cache.journal import Journal, Records
@@ -29,7 +30,10 @@ class CacheReport:
     cached vector was kept (for a shard: in the cache or in finished shard
     files); ``failed``: (relative path, reason) of images that could not be
     read or decoded, with no vector; ``path``: the cache file; ``merged``:
-    shard files merged into it; ``shard_files``: files a shard run wrote.
+    shard files merged into it; ``shard_files``: files a shard run wrote. ``engine``: the engine that made the
+    vectors; ``extract_seconds``: wall time of extraction once the engine is
+    built (decoding, forward passes, journal writes), 0.0 when nothing was
+    extracted.
     """
 
     extracted: int
@@ -38,13 +42,17 @@ class CacheReport:
     path: Path
     merged: int = 0
     shard_files: list = dataclasses.field(default_factory=list)
+    engine: str = "keras"
+    extract_seconds: float = 0.0
 
 
 class BottleneckCache:
     """The HDF5 bottleneck cache of one backbone in ``bottleneck_dir``.
 
-    The file is ``<backbone>-<fingerprint[:16]>-<dtype>.h5``: another backbone,
-    other weights or another storage dtype never share vectors. Rows are keyed
+    The file is ``<backbone>-<fingerprint[:16]>-<engine>-<pixels>-<dtype>.h5``
+    (``store.CacheIdentity``): another backbone, other weights, another
+    engine, other decoding settings or another storage dtype never share
+    vectors. Rows are keyed
     by ``ImageEntry.key``; each records the file's size, mtime and sha256, so
     a replaced image is extracted again and a merely touched one is not.
     Images that fail to decode are remembered with their size and mtime and
@@ -58,20 +66,33 @@ class BottleneckCache:
         returns float32.
       lock_timeout: seconds to wait for another process using the same cache
         before raising RetrainError.
+      engine: "keras" (the reference, default here), "litert" or "auto" (the
+        command line's default; ``engines.resolve``); a LiteRT conversion
+        that fails its check falls back to Keras with a warning.
     """
 
     def __init__(self, bottleneck_dir, backbone_name, weights_file=None,
-                 dtype="float16", lock_timeout=6 * 3600.0):
+                 dtype="float16", lock_timeout=6 * 3600.0, engine="keras"):
         check_setting("bottleneck_dtype", dtype, argument="dtype")
+        check_setting("engine", engine)
         self._spec = backbones.get(backbone_name)
         self._weights_file = weights_file
-        fingerprint = backbones.fingerprint(self._spec.name, weights_file)
-        self.identity = store.CacheIdentity(
-            self._spec.name, fingerprint, self._spec.feature_dim, dtype
-        )
         self.folder = str(bottleneck_dir)
-        self.path = Path(bottleneck_dir) / f"{self._spec.name}-{fingerprint[:16]}-{dtype}.h5"
+        self._folder = Path(bottleneck_dir)
+        self._fingerprint = backbones.fingerprint(self._spec.name, weights_file)
+        self._dtype = dtype
+        self._use_engine(engines.resolve(engine, self._spec.name, weights_file))
         self.lock_timeout = lock_timeout
+        self.extract_seconds = 0.0
+
+    def _use_engine(self, engine):
+        """Points identity and path at the cache of vectors made by ``engine``."""
+        self.engine = engine
+        self.identity = store.CacheIdentity(
+            self._spec.name, self._fingerprint, self._spec.feature_dim, self._dtype,
+            engine, decode.pixel_settings_id(),
+        )
+        self.path = self._folder / self.identity.file_name()
 
     def update(self, image_list, batch_size=32, progress=True):
         """Extracts the bottlenecks of ``image_list`` that are missing or stale.
@@ -93,6 +114,9 @@ class BottleneckCache:
         """
         _check_batch_size(batch_size)
         self._check_local()
+        return self._falling_back(self._update, image_list, batch_size, progress)
+
+    def _update(self, image_list, batch_size, progress):
         with self._writing():
             with self._locked():
                 merged = self.merge()
@@ -102,6 +126,17 @@ class BottleneckCache:
                                                      journal, batch_size, progress)
                 self.merge()
         return self._report(plan, extracted, failed, merged=merged)
+
+    def _falling_back(self, work, *args):
+        """Runs ``work``; if the LiteRT engine fails its check against Keras (which
+        happens before any vector is written), warns and runs it again on the
+        Keras engine's cache file."""
+        try:
+            return work(*args)
+        except engines.EngineCheckFailed as error:
+            logger.warning("%s", error)
+            self._use_engine("keras")
+            return work(*args)
 
     def update_shard(self, image_list, num_shards, shard_index, batch_size=32, progress=True,
                      chunk_rows=shards.CHUNK_ROWS):
@@ -121,7 +156,12 @@ class BottleneckCache:
         _check_batch_size(batch_size)
         check_shard(num_shards, shard_index)
         part = [e for e in image_list.entries if shards.in_part(e.key, num_shards, shard_index)]
-        writer = self.shard_writer(f"{shard_index}of{num_shards}", chunk_rows)
+        return self._falling_back(self._update_shard, image_list, part,
+                                  f"{shard_index}of{num_shards}", batch_size, progress,
+                                  chunk_rows)
+
+    def _update_shard(self, image_list, part, label, batch_size, progress, chunk_rows):
+        writer = self.shard_writer(label, chunk_rows)
         with self._writing():
             plan, extracted, failed = self._fill(image_list, part, self._open_read_only(),
                                                  writer, batch_size, progress)
@@ -151,20 +191,39 @@ class BottleneckCache:
         return plan_lib.plan(image_list.image_dir, entries, cache, recorded, progress)
 
     def extract_to_shard(self, image_dir, entries, writer, batch_size=32, progress=True,
-                         model=None):
+                         engine=None):
         """Extracts ``entries`` into ``writer`` (a shards.ShardWriter or the journal).
 
-        ``model``: the backbone, when the caller has built it already (a
-        Beam worker builds it once); otherwise it is built here.
-        Returns (number extracted, [(relative path, reason)] of failures).
+        ``engine``: the engine (``build_engine``), when the caller has built it
+        already (a Beam worker builds it once); otherwise it is built here.
+        Returns (number extracted, [(relative path, reason)] of failures);
+        ``extract_seconds`` is set to the time taken once the engine is built.
         """
         if not entries:
             return 0, []
-        if model is None:
-            model = backbones.load(self._spec.name, include_top=False,
-                                   weights_file=self._weights_file)
-        return shards.extract_into(writer, image_dir, entries, model, self._spec.input_size,
-                                   batch_size, progress)
+        if engine is None:
+            check = [paths.join(image_dir, entry.relative_path) for entry in entries[:8]]
+            engine = engines.build(self.engine, self._spec.name, self._weights_file,
+                                   check_paths=check)
+        started = time.perf_counter()
+        counts = shards.extract_into(writer, image_dir, entries, engine, self._spec.input_size,
+                                     batch_size, progress)
+        self.extract_seconds = time.perf_counter() - started
+        return counts
+
+    def build_engine(self, check_paths=()):
+        """The engine of this cache's vectors, converted and checked if needed.
+
+        If the LiteRT engine fails its check against Keras, warns and switches
+        this cache to the Keras engine (and its cache file) first.
+        """
+        try:
+            return engines.build(self.engine, self._spec.name, self._weights_file,
+                                 check_paths=check_paths)
+        except engines.EngineCheckFailed as error:
+            logger.warning("%s", error)
+            self._use_engine("keras")
+            return engines.build("keras", self._spec.name, self._weights_file)
 
     def shard_writer(self, label, chunk_rows=shards.CHUNK_ROWS):
         """A new shards.ShardWriter for this cache (``label``: letters and digits)."""
@@ -204,6 +263,8 @@ class BottleneckCache:
             failed=sorted(failed),
             path=self.path,
             **details,
+            engine=self.engine,
+            extract_seconds=self.extract_seconds,
         )
 
     def _check_local(self):

@@ -177,7 +177,7 @@ def _npz_bytes(arrays):
     return stream.getvalue()
 
 
-def extract_into(sink, image_dir, entries, model, input_size, batch_size=32, progress=True):
+def extract_into(sink, image_dir, entries, engine, input_size, batch_size=32, progress=True):
     """Runs the backbone over ``entries`` and appends each batch to ``sink``.
 
     The one extraction loop of the cache: the single-process path passes its
@@ -189,7 +189,7 @@ def extract_into(sink, image_dir, entries, model, input_size, batch_size=32, pro
       sink: has ``append(journal.Records)``.
       image_dir: the folder ``entries`` are relative to (path or URL).
       entries: list of images.ImageEntry.
-      model: keras.Model from ``backbones.load(..., include_top=False)``.
+      engine: an ``engines`` engine: float32 pixels -> float32 vectors.
       input_size: int, the backbone's square input side.
       batch_size: int, images per backbone call.
       progress: show a progress bar on stderr.
@@ -205,7 +205,7 @@ def extract_into(sink, image_dir, entries, model, input_size, batch_size=32, pro
         total=len(entries), desc="bottlenecks", unit="img", file=sys.stderr,
         disable=not progress, smoothing=0.1,
     ) as bar:
-        for batch in extract.bottleneck_batches(files, model, input_size, batch_size):
+        for batch in extract.bottleneck_batches(files, engine, input_size, batch_size):
             records = Records()
             for position, state, vector in zip(batch.positions, batch.states,
                                                batch.bottlenecks):

@@ -1,0 +1,155 @@
+"""Where a cold cache fill spends its time, stage by stage, per image.
+
+    python benchmarks/profile_extraction.py [--data FOLDER] [--images 320]
+
+Each stage runs alone, on one thread unless said, over the same photos
+(spread over all classes of ``--data``, ../shared/data/caltech101/train by
+default), and prints milliseconds per image: reading the file, sha256,
+Pillow decoding (JPEG draft mode as extraction does it), the antialiased
+resize, the ``tf.numpy_function`` hop of the tf.data pipeline, the forward
+pass of each engine at several batch sizes, and the cache's journal writes
+and fold. Then the whole pipeline (``extract.bottleneck_batches``) with each
+engine, for comparison with its forward-only figure. Stages that overlap in
+the pipeline (decoding runs beside the forward pass) add up to more than the
+pipeline's time per image.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retrain import backbones, decode, engines, extract, images
+from retrain.cache import journal as journal_lib
+from retrain.cache import store
+from retrain.quiet_tensorflow import import_tensorflow
+
+DEFAULT_DATA = next(
+    (folder / "shared" / "data" / "caltech101" / "train"
+     for folder in Path(__file__).resolve().parents
+     if (folder / "shared" / "data").is_dir()),
+    Path("../shared/data/caltech101/train"),
+)
+
+
+def per_image_ms(function, count, repeats=3):
+    """Median over ``repeats`` of the ms per image of ``function()`` doing ``count`` images."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times) / count
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--backbone", default=backbones.DEFAULT_BACKBONE)
+    args = parser.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"No photos: {args.data} is not a folder. Pass --data FOLDER.", file=sys.stderr)
+        return 2
+    tf = import_tensorflow()
+    spec = backbones.get(args.backbone)
+    size = spec.input_size
+    found = images.discover(args.data)
+    step = max(1, len(found.entries) // args.images)
+    paths = [str(found.image_dir / e.relative_path) for e in found.entries[::step][: args.images]]
+    count = len(paths)
+    contents = [Path(p).read_bytes() for p in paths]
+    print(f"{count} photos from {args.data}; {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}; ms per image, median of 3")
+
+    rows = []
+    rows.append(("read file", per_image_ms(lambda: [Path(p).read_bytes() for p in paths], count)))
+    rows.append(("sha256", per_image_ms(
+        lambda: [hashlib.sha256(c).hexdigest() for c in contents], count)))
+    rows.append(("Pillow decode (draft), to RGB array", per_image_ms(
+        lambda: [decode.decode_rgb(p, size, content=c) for p, c in zip(paths, contents)], count)))
+    decoded = [decode.decode_rgb(p, size, content=c) for p, c in zip(paths, contents)]
+    rows.append(("  same, no draft mode", per_image_ms(
+        lambda: [decode.decode_rgb(p, None, content=c) for p, c in zip(paths, contents)], count)))
+    sides = [max(a.shape[:2]) for a in decoded]
+    resize = tf.function(lambda x: tf.image.resize(tf.cast(x, tf.float32), (size, size),
+                                                   antialias=True))
+    for array in decoded[:3]:
+        resize(array)
+    rows.append(("antialiased resize (tf graph op)", per_image_ms(
+        lambda: [resize(tf.constant(a)).numpy() for a in decoded], count)))
+    small = np.zeros((1, 1, 3), np.uint8)
+    hop = tf.data.Dataset.range(count).map(
+        lambda i: tf.numpy_function(lambda j: small, [i], tf.uint8))
+    rows.append(("tf.numpy_function hop, 1 thread", per_image_ms(lambda: list(hop), count)))
+    with tempfile.TemporaryDirectory() as folder:
+        identity = store.CacheIdentity(spec.name, "0" * 64, spec.feature_dim, "float16",
+                                       "litert", "profile")
+        path = Path(folder) / "profile.h5"
+
+        def journal_and_fold():
+            journal = journal_lib.Journal(path, identity)
+            for start in range(0, count, 32):
+                records = journal_lib.Records()
+                for i in range(start, min(count, start + 32)):
+                    records.key.append(f"{i:064x}")
+                    records.relative_path.append(paths[i])
+                    records.size.append(1)
+                    records.mtime_ns.append(1)
+                    records.sha256.append("0" * 64)
+                    records.bottleneck.append(np.ones(spec.feature_dim, np.float32))
+                journal.append(records)
+            store.fold(path, identity)
+            path.unlink()
+
+        rows.append(("journal writes (batches of 32) + fold", per_image_ms(journal_and_fold,
+                                                                         count)))
+
+    pixels = np.stack([decode.resize_to_input(a, size) for a in decoded[:64]])
+    model = backbones.load(spec.name, include_top=False)
+    keras_engine = engines.KerasEngine(model, size)
+    forward = {}
+    for batch in (8, 32, 64):
+        chunks = [pixels[i : i + batch] for i in range(0, 64, batch)]
+        keras_engine(chunks[0])
+        forward[("keras", batch)] = per_image_ms(lambda: [keras_engine(c) for c in chunks], 64)
+    litert = None
+    if engines.runtime_available():
+        with contextlib.suppress(engines.EngineCheckFailed):
+            litert = engines.build("litert", spec.name, model=model)
+    if litert is not None:
+        for batch in (1, 4, 8, 16, 32):
+            data = engines.convert(model, size, batch)
+            with tempfile.NamedTemporaryFile(suffix=".tflite") as file:
+                file.write(data)
+                file.flush()
+                engine = engines.LiteRTEngine(file.name)
+                engine(pixels[:batch])
+                forward[("litert", batch)] = per_image_ms(lambda: engine(pixels), 64)
+    for (name, batch), ms in forward.items():
+        rows.append((f"forward {name}, batch {batch}, all threads", ms))
+
+    for name, engine in (("keras", keras_engine), ("litert", litert)):
+        if engine is None:
+            continue
+        def pipeline():
+            for _ in extract.bottleneck_batches(paths, engine, size, 32):
+                pass
+        rows.append((f"whole pipeline ({name}), batch 32", per_image_ms(pipeline, count, 1)))
+
+    width = max(len(name) for name, _ in rows)
+    for name, ms in rows:
+        print(f"{name:<{width}}  {ms:7.2f} ms  ({1000 / ms:6.0f} images/s)")
+    print(f"decoded sides: median {int(np.median(sides))} px (largest side, after draft)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
