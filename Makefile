@@ -1,4 +1,4 @@
-# retrain: make demo | make test | make cache IMAGE_DIR=... | make train IMAGE_DIR=... | make label IMAGE=...
+# retrain: make demo | make test | make cache IMAGE_DIR=... | make train IMAGE_DIR=... | make label IMAGE=... | make bench [BENCH_ARGS=...]
 #          make report-screenshot [OUTPUT_DIR=...]  (rebuilds OUTPUT_DIR/report.html, renders it to report.png; needs chromium)
 # Every target creates the virtual environment .venv first if it is missing.
 
@@ -13,7 +13,7 @@ ARCHITECTURE ?= efficientnet_lite0
 IMAGE ?= examples/digits/3/digit_0003.png
 DEMO_OUTPUT := output/digits
 
-.PHONY: venv demo test cache train label report-screenshot bench-exports clean
+.PHONY: venv demo test cache train label report-screenshot bench-exports bench clean
 
 venv: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ report-screenshot: venv
 EXPORTS_DATA ?= ../shared/data/flowers128
 bench-exports: venv
 	$(PYTHON) benchmarks/exports.py --image_dir $(EXPORTS_DATA) --work_dir output/bench_exports
+
+# One table: engines' forward-only speed, our cold and warm runs, retrain.py's
+# method and the Keras recipe (see benchmarks/bench.py; e.g. BENCH_ARGS="--data DIR --images 0").
+bench: venv
+	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf output examples/digits

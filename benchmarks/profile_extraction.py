@@ -79,8 +79,8 @@ def main(argv=None):
     rows.append(("  same, no draft mode", per_image_ms(
         lambda: [decode.decode_rgb(p, None, content=c) for p, c in zip(paths, contents)], count)))
     sides = [max(a.shape[:2]) for a in decoded]
-    resize = tf.function(lambda x: tf.image.resize(tf.cast(x, tf.float32), (size, size),
-                                                   antialias=True))
+    resize = tf.function(lambda x: decode.resize_to_input(x, size),
+                         input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
     for array in decoded[:3]:
         resize(array)
     rows.append(("antialiased resize (tf graph op)", per_image_ms(

@@ -31,6 +31,7 @@ SNIFF_BYTES = 16
 ALPHA_BACKGROUND = (255, 255, 255)
 
 _READ_CHUNK = 1 << 20
+_BATCHES_AHEAD = 2
 
 # Everything here that changes the pixels a backbone sees. The bottleneck
 # cache's identity includes ``pixel_settings_id()``, so changing any of them
@@ -272,8 +273,9 @@ def image_batches(paths, input_size, batch_size, *, distort=None, outcomes=None,
     """The one dataset builder: image files -> batches of model-ready pixels.
 
     Reading and decoding (Pillow, ``decode_rgb``) and resizing run on tf.data's
-    thread pool (both release the GIL), batches are prefetched, so whoever
-    consumes the batches (a backbone, a training step) rarely waits.
+    thread pool (both release the GIL), two batches are prefetched, so whoever
+    consumes the batches (a backbone, a training step) rarely waits, and
+    memory does not grow with the number of images.
 
     Args:
       paths: sequence of image file paths (str or Path).
@@ -325,4 +327,7 @@ def image_batches(paths, input_size, batch_size, *, distort=None, outcomes=None,
                           deterministic=shuffle_seed is None)
     if drop_failed:
         dataset = dataset.filter(lambda index, pixels, ok: ok)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    # A fixed prefetch, not AUTOTUNE (whose buffer may grow with free RAM):
+    # memory stays flat in the number of images, and two ready batches are
+    # enough to keep a consumer that is slower than decoding busy.
+    return dataset.batch(batch_size).prefetch(_BATCHES_AHEAD)

@@ -1,0 +1,342 @@
+"""`make bench`: retrain against what a user would run instead, in one table.
+
+    python benchmarks/bench.py [--data FOLDER] [--images 1000] [--repeats 3] [--epochs 10]
+
+On one folder of labelled photos (../shared/data/caltech101/train by default,
+``--images`` of them spread evenly over the classes, linked into a temporary
+folder so every method sees the same files and the same hash split), one run
+measures:
+
+1. forward-only images/s of each engine (Keras graph, LiteRT) on pre-decoded,
+   pre-resized tensors: the limit of a cache fill;
+2. our cold run (``python -m retrain`` with an empty bottleneck cache; the
+   LiteRT conversion already done, as after any first run on a machine):
+   extraction images/s once the engine is built, its ratio to the best of (1),
+   and the whole run end to end (wall, test accuracy);
+3. retrain.py's method: decode one image, one forward call per image;
+4. the Keras transfer-learning recipe: ``image_dataset_from_directory`` +
+   the same frozen backbone + a Dense head, ``model.fit`` for ``--epochs``
+   epochs (the backbone recomputed every epoch), trained on our training
+   bucket, validated on our validation bucket, tested on our test bucket;
+5. our warm rerun (every vector cached), with where its seconds go;
+
+and the peak resident memory of each (every measurement runs in its own
+process). Figures of several repeats are medians; ratios come from this run.
+The machine may be shared: compare ratios, not absolute speeds, across runs.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED_DATA = next(
+    (folder / "shared" / "data" for folder in Path(__file__).resolve().parents
+     if (folder / "shared" / "data").is_dir()),
+    Path("../shared/data"),
+)
+DEFAULT_DATA = SHARED_DATA / "caltech101" / "train"
+_FORWARD_IMAGES = 64
+
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_rate(function, count, repeats):
+    """Median images/s of ``repeats`` calls of ``function`` doing ``count`` images."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        rates.append(count / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+# --- parts: each runs in its own process and prints one JSON line ------------
+
+
+def part_forward(args):
+    """Forward-only images/s of each engine on pre-decoded tensors."""
+    import numpy as np
+
+    from retrain import backbones, decode, engines, images
+
+    spec = backbones.get(args.backbone)
+    found = images.discover(args.folder)
+    paths = [found.image_dir / e.relative_path for e in found.entries[:_FORWARD_IMAGES]]
+    pixels = np.stack([decode.resize_to_input(decode.decode_rgb(p, spec.input_size),
+                                              spec.input_size) for p in paths])
+    model = backbones.load(spec.name)
+    candidates = {"keras": engines.KerasEngine(model, spec.input_size)}
+    if engines.runtime_available():
+        candidates["litert"] = engines.build("litert", spec.name, model=model)
+    result = {}
+    for name, engine in candidates.items():
+        batch = 32 if name == "keras" else engines.LITERT_BATCH
+        chunks = [pixels[i : i + batch] for i in range(0, len(pixels), batch)]
+        engine(chunks[0])
+        rate = median_rate(lambda: [engine(chunk) for chunk in chunks], len(pixels),
+                           args.repeats)
+        result[name] = {"images_per_s": rate, "batch": batch}
+    result["peak_mib"] = peak_mib()
+    return result
+
+
+def part_retrain_py(args):
+    """retrain.py's method: decode (full size), resize, one forward call per image."""
+    from retrain import backbones, decode, engines, images
+
+    spec = backbones.get(args.backbone)
+    found = images.discover(args.folder)
+    step = max(1, len(found.entries) // args.retrain_py_images)
+    paths = [found.image_dir / e.relative_path for e in found.entries[::step]]
+    paths = paths[: args.retrain_py_images]
+    engine = engines.KerasEngine(backbones.load(spec.name), spec.input_size)
+
+    def one(path):
+        pixels = decode.resize_to_input(decode.decode_rgb(path), spec.input_size)
+        return engine(pixels[None])
+
+    one(paths[0])
+    rate = median_rate(lambda: [one(path) for path in paths], len(paths), args.repeats)
+    return {"images_per_s": rate, "images": len(paths),
+            "peak_mib": peak_mib()}
+
+
+def part_ours(args):
+    """One `python -m retrain` run in this process, timed phase by phase."""
+    started = time.perf_counter()
+    from retrain.quiet_tensorflow import import_tensorflow
+
+    import_tensorflow()
+    from retrain import backbones, export, pipeline, report, train
+    from retrain.cache import bottleneck_cache
+    from retrain.config import Config
+
+    phases = {"import": time.perf_counter() - started}
+
+    def timed(owner, name, phase):
+        original = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+
+    timed(bottleneck_cache.BottleneckCache, "update", "cache (plan, extract)")
+    timed(bottleneck_cache.BottleneckCache, "read", "read vectors")
+    timed(train, "train_head", "train head")
+    timed(report, "write_report", "evaluate, report")
+    timed(backbones, "load", "export: build backbone")
+    timed(export, "build_classifier", "export: build classifier")
+    timed(export, "save_classifier", "export: save .keras")
+    config = Config(image_dir=str(args.folder), bottleneck_dir=str(args.cache),
+                    output_dir=str(args.output), engine=args.engine)
+    result = pipeline.run(config)
+    phases["total in process"] = time.perf_counter() - started
+    accounted = sum(v for k, v in phases.items() if k != "total in process")
+    phases["other (discover, settings, prints)"] = phases["total in process"] - accounted
+    cache = result.cache_report
+    return {
+        "extracted": cache.extracted, "reused": cache.reused, "engine": cache.engine,
+        "extract_seconds": cache.extract_seconds,
+        "accuracy": result.evaluation.accuracy if result.evaluation else None,
+        "phases": phases, "peak_mib": peak_mib(),
+    }
+
+
+def part_keras_recipe(args):
+    """image_dataset_from_directory + frozen backbone + Dense head, model.fit."""
+    from retrain.quiet_tensorflow import import_tensorflow
+
+    tf = import_tensorflow()
+    import keras
+
+    from retrain import backbones
+
+    spec = backbones.get(args.backbone)
+    size = (spec.input_size, spec.input_size)
+
+    def dataset(bucket, shuffle):
+        return keras.utils.image_dataset_from_directory(
+            args.folder / bucket, image_size=size, batch_size=32, shuffle=shuffle,
+            seed=0, verbose=False).prefetch(tf.data.AUTOTUNE)
+
+    train_ds, val_ds = dataset("training", True), dataset("validation", False)
+    test_ds = dataset("testing", False)
+    classes = len(os.listdir(args.folder / "training"))
+    base = backbones.load(spec.name)
+    base.trainable = False
+    inputs = keras.Input(size + (3,))
+    x = base(inputs, training=False)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(classes)(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(train_ds, validation_data=val_ds, epochs=args.epochs, verbose=0)
+    _, accuracy = model.evaluate(test_ds, verbose=0)
+    return {"accuracy": float(accuracy), "peak_mib": peak_mib()}
+
+
+PARTS = {"forward": part_forward, "retrain_py": part_retrain_py, "ours": part_ours,
+         "keras_recipe": part_keras_recipe}
+
+
+def run_part(name, **options):
+    """Runs a part in a fresh interpreter: (its JSON result, wall seconds)."""
+    command = [sys.executable, __file__, "--part", name]
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"bench: part {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), seconds
+
+
+# --- the table -----------------------------------------------------------------
+
+
+def link_sample(image_dir, count, folder):
+    """Links ``count`` images of ``image_dir`` (evenly over classes) under ``folder``.
+
+    Returns {bucket: folder} trees for the Keras recipe, with the same hash
+    split as retrain's (which runs on ``folder / "all"``).
+    """
+    from retrain import images
+
+    found = images.discover(image_dir)
+    step = max(1, len(found.entries) // count) if count else 1
+    entries = found.entries[::step][:count] if count else found.entries
+    for entry in entries:
+        source = (found.image_dir / entry.relative_path).resolve()
+        for tree in ("all", entry.split_bucket):
+            target = folder / tree / entry.relative_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(source, target)
+    for bucket in images.BUCKETS:  # image_dataset_from_directory needs every class
+        for name in found.class_names:
+            (folder / bucket / name).mkdir(parents=True, exist_ok=True)
+    return len(entries), len(found.class_names)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="folder with one sub-folder of photos per class")
+    parser.add_argument("--images", type=int, default=1000,
+                        help="photos to use, spread over the classes (0: all)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--retrain_py_images", type=int, default=200)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.part:
+        print(json.dumps(PARTS[args.part](args)))
+        return 0
+    if not args.data.is_dir():
+        print(f"bench: no photos at {args.data}; pass --data FOLDER (one sub-folder per "
+              "class).", file=sys.stderr)
+        return 2
+    if args.repeats < 1 or args.epochs < 1 or args.images < 0:
+        parser.error(f"need --repeats >= 1, --epochs >= 1, --images >= 0. Received: "
+                     f"repeats={args.repeats}, epochs={args.epochs}, images={args.images}")
+
+    work = Path(tempfile.mkdtemp(prefix="retrain-bench-"))
+    try:
+        return bench(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench(args, work):
+    count, classes = link_sample(args.data, args.images, work / "photos")
+    photos = work / "photos"
+    common = {"backbone": args.backbone, "repeats": args.repeats}
+    print(f"bench: {count} photos, {classes} classes from {args.data}; {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at the start", file=sys.stderr)
+
+    forward, _ = run_part("forward", folder=photos / "all", **common)
+    best_name = max((k for k in forward if k != "peak_mib"),
+                    key=lambda k: forward[k]["images_per_s"])
+    best = forward[best_name]["images_per_s"]
+
+    colds, warms = [], []
+    for repeat in range(args.repeats):
+        cache, output = work / f"cache{repeat}", work / f"out{repeat}"
+        colds.append(run_part("ours", folder=photos / "all", cache=cache, output=output,
+                              engine=args.engine, **common))
+        warms.append(run_part("ours", folder=photos / "all", cache=cache, output=output,
+                              engine=args.engine, **common))
+    retrain_py, _ = run_part("retrain_py", folder=photos / "all",
+                             retrain_py_images=args.retrain_py_images, **common)
+    recipe, recipe_seconds = run_part("keras_recipe", folder=photos, epochs=args.epochs,
+                                      **common)
+
+    cold_rate = statistics.median(c["extracted"] / c["extract_seconds"] for c, _ in colds)
+    cold_wall = statistics.median(s for _, s in colds)
+    warm_wall = statistics.median(s for _, s in warms)
+    cold, warm = colds[0][0], warms[0][0]
+
+    rows = [("method", "images/s", "wall s", "vs", "test acc", "peak RSS MiB")]
+    for name in ("keras", "litert"):
+        if name in forward:
+            rows.append((f"forward only, {name} engine (batch {forward[name]['batch']})",
+                         f"{forward[name]['images_per_s']:.1f}", "", "", "",
+                         f"{forward['peak_mib']:.0f}"))
+    rows.append((f"our cold extraction ({cold['engine']}, start-up excluded)",
+                 f"{cold_rate:.1f}", "", f"{cold_rate / best:.2f} x best forward", "",
+                 f"{cold['peak_mib']:.0f}"))
+    rows.append(("retrain.py's method (one image per forward call)",
+                 f"{retrain_py['images_per_s']:.1f}", "",
+                 f"ours {cold_rate / retrain_py['images_per_s']:.1f} x this", "",
+                 f"{retrain_py['peak_mib']:.0f}"))
+    rows.append((f"Keras recipe, {args.epochs} epochs, end to end", "",
+                 f"{recipe_seconds:.0f}", "1", f"{recipe['accuracy']:.3f}",
+                 f"{recipe['peak_mib']:.0f}"))
+    rows.append(("our cold run, end to end", "", f"{cold_wall:.1f}",
+                 f"{recipe_seconds / cold_wall:.1f} x faster", f"{cold['accuracy']:.3f}",
+                 f"{cold['peak_mib']:.0f}"))
+    rows.append(("our warm rerun, end to end", "", f"{warm_wall:.1f}",
+                 f"{recipe_seconds / warm_wall:.1f} x faster", f"{warm['accuracy']:.3f}",
+                 f"{warm['peak_mib']:.0f}"))
+    print(f"{count} photos, {classes} classes ({args.data}); {os.cpu_count()} CPUs; medians "
+          f"of {args.repeats} (forward, our runs, retrain.py's method); the recipe ran once")
+    print_table(rows)
+    phases = {k: statistics.median(w["phases"][k] for w, _ in warms) for k in warm["phases"]}
+    phases["interpreter start, exit (wall - in process)"] = warm_wall - phases["total in process"]
+    print(f"\nwhere the warm rerun's {warm_wall:.1f} s go (medians):")
+    print_table([("phase", "s")] + [(k, f"{v:.2f}") for k, v in phases.items()])
+    return 0
+
+
+def print_table(rows):
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for number, row in enumerate(rows):
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
+        if number == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
