@@ -71,7 +71,11 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
         print(f"{len(skipped)} images skipped; listed in {folder.final / 'skipped_images.txt'}",
               file=sys.stderr)
     merged = f" ({cache_report.merged} shard files merged)" if cache_report.merged else ""
-    print(f"Bottleneck cache {cache_report.path}: {cache_report.extracted} extracted, "
+    rate = ""
+    if cache_report.extracted and cache_report.extract_seconds > 0:
+        rate = (f" ({cache_report.extracted / cache_report.extract_seconds:.1f} images/s, "
+                f"{cache_report.engine} engine)")
+    print(f"Bottleneck cache {cache_report.path}: {cache_report.extracted} extracted{rate}, "
           f"{cache_report.reused} reused, {len(skipped)} skipped{merged}.")
     if config.cache_only:
         return result
