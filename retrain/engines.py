@@ -5,7 +5,7 @@
 * ``LiteRTEngine``: the same backbone converted once with
   ``tf.lite.TFLiteConverter.from_keras_model`` at a fixed batch size into a
   flatbuffer with the weights frozen in, run by ai-edge-litert's interpreter
-  with XNNPACK. On a 2-core CPU it is 1.5-3x faster than the Keras graph.
+  with XNNPACK. On a 2-core CPU it is 1.3-3x faster than the Keras graph.
 
 The converted file is kept under ``$RETRAIN_HOME/backbones`` beside the
 converted weights, named after the backbone fingerprint, the batch size and
@@ -84,10 +84,12 @@ def resolve(requested, backbone_name, weights_file=None):
     if not runtime_available():
         _fall_back(requested, "the ai-edge-litert runtime is not installed")
         return "keras"
-    record = _read_record(_litert_path(backbone_name, weights_file))
+    path = _litert_path(backbone_name, weights_file)
+    record = _read_record(path)
     if record is not None and not record.get("passed"):
         _fall_back(requested, f"its conversion failed the check against Keras "
-                              f"({record.get('reason')})")
+                              f"({record.get('reason')}); delete {_record_path(path)} "
+                              "to convert again")
         return "keras"
     return "litert"
 

@@ -112,6 +112,7 @@ def test_missing_config_file(tmp_path, capsys):
      "testing_percentage=60"),
     (["--image_dir", "x", "--validation_batch_size", "0"], "validation_batch_size=0"),
     (["--image_dir", "x", "--bottleneck_dtype", "int8"], "bottleneck_dtype='int8'"),
+    (["--image_dir", "x", "--engine", "tpu"], "engine='tpu'"),
     (["--image_dir", "x", "--output_graph", "model.pb"], "output_graph='model.pb'"),
     (["--image_dir", "x", "--seed", "-1"], "seed=-1"),
     (["--image_dir", "x", "--seed", str(2**32)], f"seed={2**32}"),
