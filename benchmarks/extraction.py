@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import backbones, decode, extract, images
+from retrain import backbones, decode, engines, extract, images
 from retrain.cache import BottleneckCache
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -58,7 +58,8 @@ def cache_build(image_list, backbone, batch_size):
 
 def pipeline(paths, model, input_size, batch_size):
     """Images/s of the extraction pipeline after its first batch (warm-up)."""
-    batches = extract.bottleneck_batches(paths, model, input_size, batch_size)
+    engine = engines.KerasEngine(model, input_size)
+    batches = extract.bottleneck_batches(paths, engine, input_size, batch_size)
     warm = len(next(batches))
     seconds, done = timed(lambda: sum(len(batch) for batch in batches))
     return done / seconds if done else warm / seconds
