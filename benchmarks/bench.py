@@ -253,6 +253,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.part:
         print(json.dumps(PARTS[args.part](args)))
+        if args.part == "ours":  # ends as `python -m retrain` does
+            from retrain.cli import exit_without_teardown
+
+            exit_without_teardown(0)
         return 0
     if not args.data.is_dir():
         print(f"bench: no photos at {args.data}; pass --data FOLDER (one sub-folder per "

@@ -1,7 +1,5 @@
 """`python -m retrain`: see retrain.cli."""
 
-import sys
+from retrain.cli import entry_point
 
-from retrain.cli import main
-
-sys.exit(main())
+entry_point()
