@@ -29,11 +29,10 @@ import io
 import json
 import logging
 import os
-import tempfile
 
 import numpy as np
 
-from retrain import backbones
+from retrain import atomic_write, backbones
 from retrain.backbones import conversion_cache
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
@@ -212,7 +211,7 @@ def build(name, backbone_name, weights_file=None, model=None, check_paths=()):
     logger.warning("converting %s to LiteRT once (about half a minute); it is kept in %s",
                    spec.name, path.parent)
     try:
-        _write_bytes(path, convert(model, spec.input_size, LITERT_BATCH))
+        atomic_write.write_bytes(path, convert(model, spec.input_size, LITERT_BATCH))
         engine = LiteRTEngine(path)
         pixels = check_pixels(spec.input_size, check_paths)
         deviation = compare(KerasEngine(model, spec.input_size), engine, pixels)
@@ -227,7 +226,7 @@ def build(name, backbone_name, weights_file=None, model=None, check_paths=()):
     if not record["passed"]:
         path.unlink(missing_ok=True)
     try:
-        _write_bytes(_record_path(path), json.dumps(record, indent=1).encode())
+        atomic_write.write_bytes(_record_path(path), json.dumps(record, indent=1).encode())
     except OSError as error:
         logger.warning("cannot record the LiteRT conversion in %s (%s); set RETRAIN_HOME "
                        "to a writable folder", path.parent, error.strerror or error)
@@ -311,22 +310,6 @@ def _file_sha256(path):
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return None
-
-
-def _write_bytes(path, data):
-    """Atomic: a reader sees no file or the complete one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
 
 
 @contextlib.contextmanager
