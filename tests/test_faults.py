@@ -25,6 +25,7 @@ from skimage import data
 
 from retrain import cli, decode, export, images, label_image
 from retrain.cache import BottleneckCache, journal, store
+from retrain.config import Config
 from retrain.errors import RetrainError
 
 # Folder names that are legal on Linux and macOS and that broke labels.txt or
@@ -180,7 +181,9 @@ def test_a_signal_keeps_finished_batches_and_the_previous_outputs(tmp_path, caps
     before = contents(out)
     argv = ["--image_dir", str(photos), "--bottleneck_dir", str(cache), "--output_dir", str(out),
             *FAST]
-    pending = Path(f"{BottleneckCache(cache, 'efficientnet_lite0').path}.journal")
+    # The command line's engine (auto), which names the cache file.
+    engine = Config().engine
+    pending = Path(f"{BottleneckCache(cache, 'efficientnet_lite0', engine=engine).path}.journal")
 
     first = start(argv, pause="journal:1")  # parks after its first batch of 4 is journalled
     wait_for(f"{pending}.paused", first)
@@ -199,7 +202,8 @@ def test_a_signal_keeps_finished_batches_and_the_previous_outputs(tmp_path, caps
 
     assert cli.main(argv) == 0  # the rerun resumes: only the unfinished images are extracted
     total = len(NAMES) * PER_CLASS
-    assert f"{total - 4} extracted, 4 reused" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{total - 4} extracted (" in printed and "engine), 4 reused" in printed
     assert export.read_labels(out / "labels.txt") == sorted(NAMES)
 
 
