@@ -117,7 +117,7 @@ def part_ours(args):
     from retrain.quiet_tensorflow import import_tensorflow
 
     import_tensorflow()
-    from retrain import backbones, export, pipeline, report, train
+    from retrain import backbones, evaluation, export, pipeline, report, train
     from retrain.cache import bottleneck_cache
     from retrain.config import Config
 
@@ -138,7 +138,8 @@ def part_ours(args):
     timed(bottleneck_cache.BottleneckCache, "update", "cache (plan, extract)")
     timed(bottleneck_cache.BottleneckCache, "read", "read vectors")
     timed(train, "train_head", "train head")
-    timed(report, "write_report", "evaluate, report")
+    timed(evaluation, "write_metrics", "evaluate, metrics")
+    timed(report, "write_run_report", "report page, data checks")
     timed(backbones, "load", "export: build backbone")
     timed(export, "build_classifier", "export: build classifier")
     timed(export, "save_classifier", "export: save .keras")
