@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from retrain import atomic_write, backbones, cli, decode, extract, images, pipeline
+from retrain import atomic_write, backbones, cli, decode, engines, extract, images, pipeline
 from retrain.cache import BottleneckCache, journal, shards
 from retrain.config import Config
 from retrain.errors import RetrainError
@@ -98,9 +98,9 @@ def test_two_shards_then_merge_equal_a_single_process_build(tmp_path, image_dir,
 def test_a_vector_does_not_depend_on_the_batch_it_was_extracted_in(image_dir, backbone_builds):
     found = images.discover(image_dir)
     files = [image_dir / entry.relative_path for entry in found.entries[:4]]
-    model = backbones.load(LITE0)
-    together = next(extract.bottleneck_batches(files, model, 224, batch_size=4)).bottlenecks
-    alone = [next(extract.bottleneck_batches([path], model, 224, batch_size=4)).bottlenecks[0]
+    engine = engines.KerasEngine(backbones.load(LITE0), 224)
+    together = next(extract.bottleneck_batches(files, engine, 224, batch_size=4)).bottlenecks
+    alone = [next(extract.bottleneck_batches([path], engine, 224, batch_size=4)).bottlenecks[0]
              for path in files]
     assert together.shape == (4, 1280)
     assert np.array_equal(np.stack(alone), together)
@@ -138,7 +138,7 @@ def test_killed_shard_process_is_redone(tmp_path, image_dir, single_build,
     cache_dir, output_dir = tmp_path / "cache", tmp_path / "out"
     argv = ["--image_dir", str(image_dir), "--bottleneck_dir", str(cache_dir),
             "--output_dir", str(output_dir), "--cache_only", "--num_shards", "2",
-            "--extraction_batch_size", "4"]
+            "--extraction_batch_size", "4", "--engine", "keras"]
     env = dict(os.environ, **{journal.PAUSE_VARIABLE: "shard-partial:1"})
     process = subprocess.Popen([sys.executable, "-m", "retrain", *argv, "--shard_index", "0"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -167,7 +167,8 @@ def test_killed_shard_process_is_redone(tmp_path, image_dir, single_build,
     # A normal run merges the finished shards and ignores the fresh .partial file;
     # once stale it is removed.
     report = pipeline.run(Config(image_dir=str(image_dir), bottleneck_dir=str(cache_dir),
-                                 output_dir=str(output_dir), cache_only=True)).cache_report
+                                 output_dir=str(output_dir), cache_only=True,
+                                 engine="keras")).cache_report
     assert report.extracted == 0 and report.merged >= 2
     assert contents(cache.path) == single_build
     assert not shards.finished(cache_dir, cache.path.name)
@@ -188,7 +189,8 @@ def test_beam_direct_runner_fills_the_same_rows(tmp_path, image_dir, single_buil
     runner = ["--runner", "DirectRunner", "--direct_num_workers", "1",
               "--direct_running_mode", "in_memory"]
     config, pipeline_args = parse(["--image_dir", str(image_dir), "--bottleneck_dir",
-                                   str(cache_dir), "--extraction_batch_size", "4", *runner])
+                                   str(cache_dir), "--extraction_batch_size", "4",
+                                   "--engine", "keras", *runner])
     assert pipeline_args == runner
     # Long lists reach the workers through a listing file instead of the job graph.
     monkeypatch.setattr(beam_pipeline, "CREATE_LIMIT", 5)
@@ -222,7 +224,7 @@ def test_beam_reads_images_and_writes_shards_through_gfile_urls(tmp_path, image_
         gfile.makedirs(target.rsplit("/", 1)[0])
         gfile.copy(str(path), target)
     config, pipeline_args = parse(["--image_dir", f"{bucket}/photos/", "--bottleneck_dir",
-                                   f"{bucket}/cache", "--runner", "DirectRunner"])
+                                   f"{bucket}/cache", "--engine", "keras", "--runner", "DirectRunner"])
     summary = beam_pipeline.run(config, pipeline_args)
     assert (summary["extracted"], summary["failed"]) == (14, 1)
     written = gfile.glob(f"{bucket}/cache/*.shard-beam-*.npz")
