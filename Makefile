@@ -13,7 +13,7 @@ ARCHITECTURE ?= efficientnet_lite0
 IMAGE ?= examples/digits/3/digit_0003.png
 DEMO_OUTPUT := output/digits
 
-.PHONY: venv demo test cache train label report-screenshot bench-exports bench clean
+.PHONY: venv demo test cache train label report-screenshot bench-exports bench bench-paths bench-memory clean
 
 venv: $(VENV)/.installed
 
@@ -58,6 +58,11 @@ bench-exports: venv
 # method and the Keras recipe (see benchmarks/bench.py; e.g. BENCH_ARGS="--data DIR --images 0").
 bench: venv
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
+bench-paths: venv
+	$(PYTHON) benchmarks/paths.py
+
+bench-memory: venv
+	$(PYTHON) benchmarks/cache_memory.py --rows 2000000
 
 clean:
 	rm -rf output examples/digits

@@ -53,6 +53,14 @@ HELP = {
     "class_weights": "none, or balanced: weight the loss inversely to class frequency",
     "report": "write report.html, its figures and the data checks (label_issues.csv, near_duplicates.csv)",
     "seed": "random seed of the training run",
+    "flip_left_right": "randomly mirror training images (turns the distortion path on)",
+    "random_crop": "percentage of margin to randomly crop training images from (distortion path)",
+    "random_scale": "percentage by which to randomly enlarge training images (distortion path)",
+    "random_brightness": "percentage by which to randomly brighten or darken training images (distortion path)",
+    "fine_tune_layers": "after the head, also train the top N backbone layers; -1 = all, 0 = off",
+    "fine_tune_epochs": "passes over the training images when fine-tuning",
+    "fine_tune_learning_rate": "Adam learning rate of fine-tuning (head and unfrozen layers)",
+    "fine_tune_batch_size": "images per fine-tuning step",
 }
 
 

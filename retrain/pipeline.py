@@ -60,6 +60,15 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
     out_dir = folder.staging
     save_yaml(config, out_dir / "settings.yaml")
 
+    backbone = None
+    if config.fine_tune_layers:
+        # Built before any long work, so a bad --fine_tune_layers fails fast.
+        from retrain import fine_tune
+
+        backbone = backbones.load(spec.name, include_top=False, weights_file=config.backbone_weights)
+        fine_tune.unfreeze(backbone, config.fine_tune_layers)
+        fine_tune.freeze(backbone)
+
     cache = BottleneckCache(config.bottleneck_dir, spec.name,
                             weights_file=config.backbone_weights, dtype=config.bottleneck_dtype,
                             engine=config.engine)
@@ -86,26 +95,31 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
     by_bucket = {name: [e for e in usable if e.split_bucket == name] for name in images.BUCKETS}
     check_training_classes(image_list.class_names, by_bucket["training"], config)
 
-    from retrain import evaluation, export, run_record, train  # deferred: these import TensorFlow
+    from retrain import evaluation, export, run_record, train, train_paths  # deferred: these import TensorFlow
 
+    # In memory for the run record and the data checks; training streams the cache.
     arrays = {name: bucket_arrays(cache, entries) for name, entries in by_bucket.items()}
     outputs = config.resolved_outputs()
     class_weights = None
     if config.class_weights == "balanced":
         class_weights = train.balanced_class_weights(arrays["training"][1], len(image_list.class_names))
-    trained = train.train_head(
-        *arrays["training"], *arrays["validation"], len(image_list.class_names),
-        how_many_training_steps=config.how_many_training_steps,
-        learning_rate=config.learning_rate,
-        train_batch_size=config.train_batch_size,
-        validation_batch_size=config.validation_batch_size,
-        eval_step_interval=config.eval_step_interval,
-        seed=config.seed,
-        summaries_dir=str(folder.place_folder(outputs["summaries_dir"])),
-        class_weights=class_weights,
-    )
-    probabilities = {name: predict(trained.head, arrays[name][0], config.test_batch_size)
-                     for name in run_record.EVALUATED_SPLITS}
+    # The checkpoint lives beside the output folder, not in the staging folder,
+    # which a killed run's successor removes.
+    checkpoint_root = folder.final.parent / f".{folder.final.name}.checkpoint"
+    trained = train_paths.train_classifier(config, spec, cache, image_list.image_dir, by_bucket,
+                                           len(image_list.class_names),
+                                           folder.place_folder(outputs["summaries_dir"]),
+                                           checkpoint_root, backbone, class_weights=class_weights)
+    backbone = trained.backbone
+    if trained.fine_tune_result is None:
+        probabilities = {name: predict(trained.head, arrays[name][0], config.test_batch_size)
+                         for name in run_record.EVALUATED_SPLITS}
+    else:
+        # The tuned backbone no longer matches the cached vectors: decode the images.
+        probabilities = {name: train_paths.test_probabilities(config, spec, cache,
+                                                              image_list.image_dir,
+                                                              by_bucket[name], trained)
+                         for name in run_record.EVALUATED_SPLITS}
 
     test_entries = by_bucket["testing"]
     if test_entries:
@@ -129,13 +143,15 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
         images=[entry.relative_path for entry in ordered],
         labels=np.array([entry.label_index for entry in ordered], dtype=np.int64),
         splits=[entry.split_bucket for entry in ordered],
-        history=trained.history, best_step=trained.best_step, stopped_early=trained.stopped_early,
+        history=trained.head_result.history, best_step=trained.head_result.best_step,
+        stopped_early=trained.head_result.stopped_early,
         class_weights=None if class_weights is None else class_weights.tolist(),
         probabilities=probabilities, skipped=[(str(path), str(reason)) for path, reason in skipped],
     )
     run_record.save(record, out_dir)
 
-    backbone = backbones.load(spec.name, include_top=False, weights_file=config.backbone_weights)
+    if backbone is None:
+        backbone = backbones.load(spec.name, include_top=False, weights_file=config.backbone_weights)
     classifier = export.build_classifier(backbone, trained.head, spec.input_size)
     export.save_classifier(classifier, folder.place(outputs["output_graph"]))
     export.write_labels(image_list.class_names, folder.place(outputs["output_labels"]))

@@ -1,7 +1,8 @@
-"""Training the new softmax layer on cached bottleneck vectors.
+"""Fitting: the new softmax layer, and the one fit loop every training path uses.
 
 The head is one Dense layer with a softmax, trained with Adam on shuffled
-mini-batches of bottlenecks. Every `eval_step_interval` steps it is scored on
+mini-batches of bottlenecks (cached, or computed from distorted images: the
+datasets come from `retrain.training_data`). Every `eval_step_interval` steps it is scored on
 the validation vectors; when the validation loss stalls the learning rate is
 cut, when it stalls longer training stops, and the weights of the best
 evaluation are kept.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrain import checkpoints, training_data
 from retrain.config import check_setting
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
@@ -93,35 +95,20 @@ def train_head(
     progress: bool = True,
     class_weights: np.ndarray | None = None,
 ) -> TrainResult:
-    """Trains a softmax layer on bottlenecks, with early stopping on validation loss.
+    """Trains a softmax layer on bottleneck arrays already in memory; see `fit_head`.
 
     Args:
       train_x: float32 [n, feature_dim] training bottlenecks.
       train_y: int [n] class indices in [0, num_classes).
       val_x, val_y: the same for validation; may be empty (n = 0), which
         turns early stopping off (a warning says so).
-      num_classes: number of output classes.
-      how_many_training_steps: most optimizer steps. Training runs in whole
-        intervals of `eval_step_interval` steps, so the budget is rounded up to
-        a multiple of it.
-      learning_rate: Adam's initial learning rate (cut tenfold when the
-        validation loss stalls).
-      train_batch_size: bottlenecks per step.
       validation_batch_size: validation bottlenecks scored at each evaluation;
         -1 = all of them. A positive value scores a random sample of that size,
         drawn once (with `seed`) so that evaluations are comparable.
-      eval_step_interval: steps between evaluations.
-      seed: makes shuffling and initial weights reproducible.
-      summaries_dir: if set, TensorBoard scalars go to summaries_dir/train and
-        summaries_dir/validation, against the step number; event files of an
-        earlier run there are deleted first.
-      progress: show a progress bar on stderr.
       class_weights: float [num_classes] loss weight of each class (e.g.
         `balanced_class_weights`), or None for an unweighted loss. Only the
         training loss is weighted; validation loss (early stopping) is not.
-
-    Returns:
-      TrainResult whose head holds the weights of the best evaluation.
+      The other arguments are `fit_head`'s.
 
     Raises:
       RetrainError for inconsistent shapes, labels out of range or bad settings.
@@ -139,27 +126,80 @@ def train_head(
                         ("learning_rate", learning_rate),
                         ("validation_batch_size", validation_batch_size), ("seed", seed)):
         check_setting(name, value)
+    keras.utils.set_random_seed(seed)  # before the dataset, whose shuffle draws from it
+    training = training_data.array_training(train_x, train_y, train_batch_size, seed)
+    return fit_head(training, _validation_sample(val_x, val_y, validation_batch_size, seed),
+                    feature_dim=train_x.shape[1], num_classes=num_classes,
+                    train_count=len(train_x), how_many_training_steps=how_many_training_steps,
+                    learning_rate=learning_rate, train_batch_size=train_batch_size,
+                    eval_step_interval=eval_step_interval, seed=seed,
+                    summaries_dir=summaries_dir, progress=progress, class_weights=class_weights)
 
+
+def fit_head(
+    training,
+    validation: tuple[np.ndarray, np.ndarray],
+    *,
+    feature_dim: int,
+    num_classes: int,
+    train_count: int,
+    how_many_training_steps: int,
+    learning_rate: float,
+    train_batch_size: int,
+    eval_step_interval: int,
+    seed: int,
+    summaries_dir: str | None = None,
+    progress: bool = True,
+    description: str = "Training",
+    checkpoint=None,
+    class_weights: np.ndarray | None = None,
+) -> TrainResult:
+    """Trains a softmax layer on a stream of bottlenecks, with early stopping on validation loss.
+
+    Args:
+      training: endless tf.data.Dataset of (float32 [train_batch_size,
+        feature_dim] bottlenecks, int64 [train_batch_size] labels): cached
+        vectors or vectors of distorted images (`retrain.training_data`).
+      validation: (float32 [k, feature_dim], int64 [k]); k = 0 turns early
+        stopping off (a warning says so).
+      feature_dim, num_classes: the head's input and output widths.
+      train_count: training images (the L2 penalty is per example).
+      how_many_training_steps: most optimizer steps. Training runs in whole
+        intervals of `eval_step_interval` steps, so the budget is rounded up to
+        a multiple of it.
+      learning_rate: Adam's initial learning rate (cut tenfold when the
+        validation loss stalls).
+      train_batch_size: bottlenecks per step (for the progress bar's images/s).
+      eval_step_interval: steps between evaluations.
+      seed: makes initial weights reproducible.
+      summaries_dir: if set, TensorBoard scalars go to summaries_dir/train and
+        summaries_dir/validation, against the step number; event files of an
+        earlier run there are deleted first.
+      progress: show a progress bar (images/s, ETA) on stderr.
+      description: the progress bar's label.
+      class_weights: float [num_classes] training-loss weight of each class, or None.
+      checkpoint: None or (folder, fingerprint), see `fit` (an evaluation
+        interval is an epoch there; early stopping restarts its count after
+        a resume).
+
+    Returns:
+      TrainResult whose head holds the weights of the best evaluation.
+    """
     keras.utils.set_random_seed(seed)
     interval = min(eval_step_interval, how_many_training_steps)
     evaluations = math.ceil(how_many_training_steps / interval)
-    head = build_head(train_x.shape[1], num_classes, l2=L2_PER_EXAMPLE / len(train_x))
+    head = build_head(feature_dim, num_classes, l2=L2_PER_EXAMPLE / train_count)
     # Running `interval` steps per call keeps Python out of the inner loop;
     # evaluation then dominates, and it is one pass over cached vectors.
     head.compile(optimizer=keras.optimizers.Adam(learning_rate),
                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                  steps_per_execution=interval)
-    training = (tf.data.Dataset.from_tensor_slices((train_x, train_y))
-                .shuffle(len(train_x), seed=seed, reshuffle_each_iteration=True)
-                .repeat().batch(train_batch_size).prefetch(2))
-
-    log_callback = EvaluationLog(interval, evaluations * interval, summaries_dir, progress)
-    callbacks = [log_callback]
-    validation = None
+    val_x, val_y = validation
+    callbacks = []
+    validation_data = None
     early_stopping = None
     if len(val_x):
-        val_x, val_y = _validation_sample(val_x, val_y, validation_batch_size, seed)
-        validation = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(4096).cache()
+        validation_data = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(4096).cache()
         early_stopping = keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=max(5, math.ceil(PATIENCE_STEPS / interval)),
             restore_best_weights=True)
@@ -173,19 +213,64 @@ def train_head(
 
     if class_weights is not None:
         class_weights = _check_class_weights(class_weights, num_classes)
-    try:
-        head.fit(training, steps_per_epoch=interval, epochs=evaluations,
-                 validation_data=validation, callbacks=callbacks, shuffle=False, verbose=0,
-                 class_weight=class_weights)
-    finally:
-        log_callback.close()
-
-    history = log_callback.history
+    history, _ = fit(head, training, validation_data, steps_per_epoch=interval,
+                     epochs=evaluations, batch_size=train_batch_size, summaries_dir=summaries_dir,
+                     progress=progress, callbacks=callbacks, description=description,
+                     checkpoint=checkpoint, class_weight=class_weights)
     if early_stopping is None:
         return TrainResult(head, history, best_step=history[-1]["step"], stopped_early=False)
-    return TrainResult(head, history,
-                       best_step=history[early_stopping.best_epoch]["step"],
+    # best_epoch counts from the first epoch, also when a checkpoint supplied some.
+    return TrainResult(head, history, best_step=(early_stopping.best_epoch + 1) * interval,
                        stopped_early=early_stopping.stopped_epoch > 0)
+
+
+def fit(model: keras.Model, training, validation, *, steps_per_epoch: int, epochs: int,
+        batch_size: int, summaries_dir: str | None, progress: bool, callbacks=(),
+        description: str = "Training", checkpoint=None, run_names=("train", "validation"),
+        class_weight=None):
+    """The one fit loop of every path: a compiled model, an endless training dataset.
+
+    Args:
+      model: compiled keras.Model with an "accuracy" metric.
+      training: endless tf.data.Dataset of (inputs, int64 labels) batches.
+      validation: finite tf.data.Dataset of the same, or None.
+      steps_per_epoch, epochs: Keras's; an "epoch" ends with an evaluation, a
+        history entry and TensorBoard scalars.
+      batch_size: images per step, for the progress bar's images/s and ETA.
+      summaries_dir: TensorBoard folder or None; scalars go to its
+        `run_names` sub-folders, against the step number.
+      progress: show the progress bar on stderr.
+      callbacks: further Keras callbacks (early stopping, ...).
+      description: the progress bar's label.
+      checkpoint: None, or (folder, fingerprint): the model and optimizer are
+        saved in folder after every epoch (keras.callbacks.BackupAndRestore,
+        two generations, so a kill mid-save leaves the previous one); a rerun
+        whose fingerprint (`checkpoints.run_fingerprint`) matches resumes from it and says
+        so, any other starts over. The folder is removed when fit finishes.
+      run_names: TensorBoard sub-folders for training and validation scalars.
+      class_weight: Keras's {class index: loss weight}, or None.
+
+    Returns:
+      (history, initial_epoch): one dict per epoch run here (see
+      TrainResult.history), and the epochs a checkpoint supplied.
+    """
+    initial_epoch = 0
+    if checkpoint is not None:
+        folder, fingerprint = Path(checkpoint[0]), checkpoint[1]
+        initial_epoch = checkpoints.resume_point(folder, fingerprint, epochs, description)
+        callbacks = [*callbacks, keras.callbacks.BackupAndRestore(str(folder), double_checkpoint=True),
+                     checkpoints.AfterCheckpoint(folder)]
+    log_callback = EvaluationLog(steps_per_epoch, epochs, batch_size, summaries_dir, progress,
+                                 description=description, run_names=run_names,
+                                 initial_epoch=initial_epoch)
+    try:
+        model.fit(training, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                  initial_epoch=initial_epoch, validation_data=validation,
+                  callbacks=[log_callback, *callbacks], shuffle=False, verbose=0,
+                  class_weight=class_weight)
+    finally:
+        log_callback.close()
+    return log_callback.history, initial_epoch
 
 
 # tf.summary.scalar lives in the tensorboard package, which TensorFlow 2.21 no
@@ -200,33 +285,52 @@ VALIDATION_SCALARS = (("loss", "val_loss"), ("accuracy", "val_accuracy"))
 
 
 class EvaluationLog(keras.callbacks.Callback):
-    """Records each evaluation against its step; mirrors it to TensorBoard and a progress bar."""
+    """Records each evaluation against its step; mirrors it to TensorBoard and a progress bar.
 
-    def __init__(self, interval: int, total_steps: int, summaries_dir: str | None, progress: bool):
+    The bar counts images, so it shows images/s and the time left.
+    """
+
+    def __init__(self, interval: int, epochs: int, batch_size: int, summaries_dir: str | None,
+                 progress: bool, description: str = "Training", run_names=("train", "validation"),
+                 initial_epoch: int = 0):
         super().__init__()
         self.interval = interval
+        self.batch_size = batch_size
         self.history: list[dict] = []
         self.writers = {}
         if summaries_dir:
             # Like retrain.py, each run starts fresh logs: an earlier run's
             # events at the same steps would be drawn as one zig-zag line.
-            for name in ("train", "validation"):
+            for name in run_names:
                 for old in Path(summaries_dir, name).glob("events.out.tfevents.*"):
                     old.unlink()
-            self.writers = {name: tf.summary.create_file_writer(f"{summaries_dir}/{name}")
-                            for name in ("train", "validation")}
+            self.writers = dict(zip(("train", "validation"), (
+                tf.summary.create_file_writer(f"{summaries_dir}/{name}") for name in run_names)))
         self.bar = None
+        self.epoch_start = self.steps_shown = initial_epoch * interval
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="Training", unit="step", leave=False)
+            self.bar = tqdm(total=epochs * interval * batch_size, initial=self.steps_shown * batch_size,
+                            desc=description, unit="img", unit_scale=True, leave=False,
+                            smoothing=0.1)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.bar is not None:
+            # With steps_per_execution, Keras reports the last step of each call.
+            step = self.epoch_start + batch + 1
+            self.bar.update((step - self.steps_shown) * self.batch_size)
+            self.steps_shown = step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = epoch * self.interval
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         # The rate the steps since the last evaluation used (callbacks after
         # this one may cut it).
         entry = {"step": (epoch + 1) * self.interval,
-                 "learning_rate": float(self.model.optimizer.learning_rate.numpy())}
+                 "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             entry[key] = float(logs[key]) if key in logs else None
         self.history.append(entry)
@@ -237,11 +341,10 @@ class EvaluationLog(keras.callbacks.Callback):
             with writer.as_default(step=entry["step"]):
                 for tag, key in tags:
                     tf.summary.write(tag, entry[key], metadata=SCALAR_METADATA)
-        if self.bar is not None:
-            self.bar.update(self.interval)
-            if entry["val_loss"] is not None:
-                self.bar.set_postfix(val_loss=f"{entry['val_loss']:.4f}",
-                                     val_accuracy=f"{entry['val_accuracy']:.3f}", refresh=False)
+            writer.flush()
+        if self.bar is not None and entry["val_loss"] is not None:
+            self.bar.set_postfix(val_loss=f"{entry['val_loss']:.4f}",
+                                 val_accuracy=f"{entry['val_accuracy']:.3f}", refresh=False)
 
     def close(self):
         for writer in self.writers.values():

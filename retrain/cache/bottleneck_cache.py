@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import filelock
+import numpy as np
 
 from retrain import backbones, decode, engines, paths
 from retrain.cache import plan as plan_lib
@@ -303,6 +304,51 @@ class BottleneckCache:
         Raises RetrainError if an entry is not in the cache (run ``update``
         first; images in ``CacheReport.failed`` have no vector).
         """
+        cache = self._open_for_reading(entries)
+        try:
+            return cache.bottlenecks([cache.rows[e.key] for e in entries])
+        finally:
+            cache.close()
+
+    def stream(self, entries, block_rows=256, order_seed=None):
+        """The cached bottlenecks of ``entries`` block by block.
+
+        Memory holds one block of vectors at a time (plus the cache's index),
+        so a cache larger than RAM can be read through. Rows are grouped by
+        ``block_rows`` consecutive rows of the file (the HDF5 chunk size), each
+        group read as one contiguous slice.
+
+        Args:
+          entries: ImageEntry list, all in the cache.
+          block_rows: int, rows of the file per block.
+          order_seed: None yields the blocks in file order; an int, in an
+            order shuffled with that seed.
+
+        Returns:
+          an iterator of (positions int64 [k] into ``entries``, float32
+          [k, feature_dim]); the file stays open until it is exhausted or
+          closed.
+
+        Raises RetrainError as ``read`` does, at the call (not at the first block).
+        """
+        return self._blocks(self._open_for_reading(entries), entries, block_rows, order_seed)
+
+    @staticmethod
+    def _blocks(cache, entries, block_rows, order_seed):
+        try:
+            rows = np.fromiter((cache.rows[e.key] for e in entries), np.int64, len(entries))
+            order = np.argsort(rows, kind="stable")
+            starts = np.flatnonzero(np.diff(rows[order] // block_rows, prepend=-1))
+            groups = np.split(order, starts[1:])
+            if order_seed is not None:
+                np.random.default_rng(order_seed).shuffle(groups)
+            for positions in groups:
+                yield positions, cache.bottlenecks(rows[positions])
+        finally:
+            cache.close()
+
+    def _open_for_reading(self, entries):
+        """The main file opened for reading, with every entry in it; else RetrainError."""
         self._check_local()
         if not self.path.exists():
             raise RetrainError(
@@ -318,17 +364,15 @@ class BottleneckCache:
                 f"The bottleneck cache {self.path} cannot be read ({error}); "
                 "run BottleneckCache.update (or retrain --cache_only) to build it."
             ) from None
-        try:
-            missing = [e.relative_path for e in entries if e.key not in cache.rows]
-            if missing:
-                raise RetrainError(
-                    f"{len(missing)} of {len(entries)} images are not in the bottleneck "
-                    f"cache {self.path}, e.g. {missing[0]}; run BottleneckCache.update "
-                    "on their ImageList first and leave out CacheReport.failed."
-                )
-            return cache.bottlenecks([cache.rows[e.key] for e in entries])
-        finally:
+        missing = [e.relative_path for e in entries if e.key not in cache.rows]
+        if missing:
             cache.close()
+            raise RetrainError(
+                f"{len(missing)} of {len(entries)} images are not in the bottleneck "
+                f"cache {self.path}, e.g. {missing[0]}; run BottleneckCache.update "
+                "on their ImageList first and leave out CacheReport.failed."
+            )
+        return cache
 
     @contextlib.contextmanager
     def _locked(self):

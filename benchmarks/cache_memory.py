@@ -1,0 +1,160 @@
+"""Peak memory of training on the bottleneck cache, against the cache's size.
+
+    python benchmarks/cache_memory.py [--rows 2000000] [--folder DIR] [--steps 2000]
+
+Writes (once) a synthetic cache of --rows EfficientNet-Lite0-shaped float16
+vectors in the real format (through the cache's own journal and fold), ten
+classes of noisy cluster centres, then trains the head on it in a fresh
+process for a small and the full share of its rows and prints each child's
+peak resident memory (VmHWM, reset after start-up). Training streams the cache block by block
+through a bounded shuffle buffer, so peak memory must stay flat while the
+vectors grow far past it; what does grow is the cache's index (keys and file
+states, loaded whole) and the image list.
+
+Also imported by tests/test_cache_memory.py for `write_synthetic_cache` and
+`train_child`.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FEATURE_DIM = 1280
+CLASSES = 10
+BLOCK = 16384
+
+
+def entries(rows, validation_every=50):
+    """ImageEntry objects of the synthetic rows: class = row % CLASSES."""
+    from retrain.images import ImageEntry, cache_key
+
+    result = []
+    for row in range(rows):
+        path = f"class{row % CLASSES}/{row}.png"
+        bucket = "validation" if row % validation_every == 0 else "training"
+        result.append(ImageEntry(path, f"class{row % CLASSES}", row % CLASSES, bucket,
+                                 cache_key(path)))
+    return result
+
+
+def write_synthetic_cache(folder, rows, seed=0):
+    """A Lite0 cache in `folder` with `rows` rows; returns its path. Kept if already complete."""
+    from retrain.cache import BottleneckCache
+    from retrain.cache import store
+    from retrain.cache.journal import Journal, Records
+
+    cache = BottleneckCache(folder, "efficientnet_lite0")
+    done = Path(f"{cache.path}.rows")
+    if cache.path.exists() and done.exists() and int(done.read_text()) == rows:
+        return cache.path
+    cache.path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (CLASSES, FEATURE_DIM)).astype(np.float32)
+    journal = Journal(cache.path, cache.identity)
+    all_entries = entries(rows)
+    for start in range(0, rows, BLOCK):
+        block = all_entries[start:start + BLOCK]
+        labels = np.array([entry.label_index for entry in block])
+        records = Records(
+            key=[entry.key for entry in block],
+            relative_path=[entry.relative_path for entry in block],
+            size=[1000] * len(block), mtime_ns=[0] * len(block),
+            sha256=["0" * 64] * len(block),
+            bottleneck=(centres[labels] + rng.normal(0, 2, (len(block), FEATURE_DIM))).astype(
+                np.float16))
+        journal.append(records)
+    store.fold(cache.path, cache.identity)
+    done.write_text(str(rows))
+    return cache.path
+
+
+def train_child(folder, rows, steps, batch_size=256, shuffle_buffer=None):
+    """Trains the head on the first `rows` rows in a fresh process; returns its report dict.
+
+    The child prints JSON: rows, seconds, peak_rss_mb (VmHWM, reset just
+    before training), baseline_rss_mb (resident memory just before training: after
+    importing TensorFlow and building the image list), validation accuracy;
+    their difference is what training on the cache costs.
+    """
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--folder", str(folder),
+               "--rows", str(rows), "--steps", str(steps), "--batch_size", str(batch_size)]
+    if shuffle_buffer:
+        command += ["--shuffle_buffer", str(shuffle_buffer)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    if done.returncode:
+        raise RuntimeError(f"training child failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child(args):
+    from retrain.quiet_tensorflow import import_tensorflow
+
+    import_tensorflow()
+    from retrain import train, training_data
+    from retrain.cache import BottleneckCache
+
+    def status_mb(field):
+        # Linux: /proc/self/status holds VmRSS (now) and VmHWM (peak) in kB.
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no {field} in /proc/self/status")
+
+    chosen = entries(args.rows)
+    training = [e for e in chosen if e.split_bucket == "training"]
+    validation = [e for e in chosen if e.split_bucket == "validation"][:2000]
+    cache = BottleneckCache(args.folder, "efficientnet_lite0")
+    # Forget the peak of start-up (importing TensorFlow), so the peak measured
+    # after training is training's own (Linux: clear_refs 5 resets VmHWM).
+    Path("/proc/self/clear_refs").write_text("5")
+    baseline = status_mb("VmRSS")
+    start = time.perf_counter()
+    buffer = args.shuffle_buffer or training_data.SHUFFLE_BUFFER
+    result = train.fit_head(
+        training_data.cached_training(cache, training, args.batch_size, 0, shuffle_buffer=buffer),
+        training_data.cached_sample(cache, validation, -1, 0),
+        feature_dim=FEATURE_DIM, num_classes=CLASSES, train_count=len(training),
+        how_many_training_steps=args.steps, learning_rate=0.003,
+        train_batch_size=args.batch_size, eval_step_interval=100, seed=0, progress=False)
+    print(json.dumps({
+        "rows": args.rows, "seconds": round(time.perf_counter() - start, 1),
+        "baseline_rss_mb": round(baseline), "peak_rss_mb": round(status_mb("VmHWM")),
+        "val_accuracy": result.history[-1]["val_accuracy"],
+        "images_seen": args.steps * args.batch_size,
+    }))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--folder", default="benchmarks/.cache_memory")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--shuffle_buffer", type=int, default=None)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return _child(args)
+    start = time.perf_counter()
+    path = write_synthetic_cache(args.folder, args.rows)
+    print(f"synthetic cache {path}: {args.rows:,} rows, {path.stat().st_size / 2**30:.2f} GiB "
+          f"on disk ({args.rows * FEATURE_DIM * 4 / 2**30:.2f} GiB as float32), "
+          f"written in {time.perf_counter() - start:.0f} s", flush=True)
+    print("rows       vectors(float32)  RSS before training  peak RSS  peak - before  seconds  val_accuracy")
+    for rows in (args.rows // 16, args.rows // 4, args.rows):
+        report = train_child(args.folder, rows, args.steps, args.batch_size, args.shuffle_buffer)
+        print(f"{rows:>9,}  {rows * FEATURE_DIM * 4 / 2**20:>12,.0f} MB  "
+              f"{report['baseline_rss_mb']:>16,} MB  {report['peak_rss_mb']:>6,} MB  "
+              f"{report['peak_rss_mb'] - report['baseline_rss_mb']:>10,} MB  "
+              f"{report['seconds']:>7}  {report['val_accuracy']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
