@@ -18,6 +18,7 @@ from `retrain.training_data`, fitting from `retrain.train` / `retrain.fine_tune`
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
+
+log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class TrainedClassifier:
@@ -112,7 +115,23 @@ def train_classifier(config, spec, cache, image_dir, by_bucket, num_classes, sum
         epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate,
         batch_size=batch, checkpoint_dir=checkpoint_root / "fine_tune", fingerprint=fingerprint,
         summaries_dir=str(summaries_dir), progress=progress)
+    _warn_if_worse(head_result, result)
     return TrainedClassifier(head_result.head, backbone, "fine-tuning", head_result, result)
+
+
+def _warn_if_worse(head_result, fine_tune_result) -> None:
+    """Warns when fine-tuning ended below the cached head on the validation images.
+
+    The tuned weights are kept (they are what was asked for), but on photos
+    that ImageNet features already fit, fine-tuning can cost accuracy.
+    """
+    before = next((entry["val_accuracy"] for entry in head_result.history
+                   if entry["step"] == head_result.best_step), None)
+    after = fine_tune_result.history[-1]["val_accuracy"] if fine_tune_result.history else None
+    if before is not None and after is not None and after < before:
+        log.warning("Fine-tuning ended at validation accuracy %.3f, below the cached head's %.3f: "
+                    "these photos may suit the cached head better; or try a lower "
+                    "--fine_tune_learning_rate or fewer --fine_tune_layers.", after, before)
 
 
 def test_probabilities(config, spec, cache, image_dir, entries, trained: TrainedClassifier):
