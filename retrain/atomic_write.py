@@ -16,6 +16,8 @@ process left behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import secrets
 import shutil
@@ -73,31 +75,18 @@ def atomic_folder(path):
     """Yields a temporary folder beside ``path`` for the caller to fill (a SavedModel).
 
     When the block ends normally the folder is fsynced and takes the place of
-    ``path``. A folder cannot replace another in one rename, so an existing
-    one is first renamed aside (a temporary name ``leftovers`` finds) and
-    deleted once the new one is in place: a crash leaves the old or the new
-    folder at ``path``, or, between the two renames, the old one aside. When
-    the block raises, the temporary folder is removed and ``path`` is untouched.
+    ``path`` (``swap_folder``); the previous one is deleted. When the block
+    raises, the temporary folder is removed and ``path`` is untouched.
     OSError propagates unchanged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary, aside = temporary_path(path), temporary_path(path)
+    temporary = temporary_path(path)
     temporary.mkdir()
     try:
         yield temporary
         fsync_tree(temporary)
-        if path.exists():
-            os.rename(path, aside)
-            try:
-                os.rename(temporary, path)
-            except OSError:
-                os.rename(aside, path)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(temporary, path)
-        fsync_path(path.parent)
+        swap_folder(temporary, path)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
@@ -135,3 +124,43 @@ def fsync_tree(folder) -> None:
             if not os.path.islink(path):
                 fsync_path(path)
     fsync_path(folder)
+
+
+def swap_folder(staging: Path, final: Path) -> None:
+    """Makes the folder ``staging`` the folder at ``final``; the old ``final``
+    (if any) ends up at ``staging``, for the caller to delete.
+
+    One renameat2(RENAME_EXCHANGE) where the kernel and file system have it,
+    so a crash leaves the old or the new folder at ``final``; elsewhere two
+    renames, with the old folder briefly under a hidden name beside it.
+    """
+    if not final.exists():
+        os.rename(staging, final)
+    elif not _exchange(staging, final):
+        previous = final.parent / f".{final.name}.previous-{os.getpid()}"
+        os.rename(final, previous)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            os.rename(previous, final)
+            raise
+        os.rename(previous, staging)
+    fsync_path(final.parent)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Atomically swaps two paths with renameat2; False where that is not available."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
+                 _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))

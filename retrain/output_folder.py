@@ -22,8 +22,6 @@ and the image and cache folders must lie outside it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import os
 import shutil
 from pathlib import Path
@@ -82,7 +80,7 @@ class OutputFolder:
         for temporary, _ in self._outside:
             if temporary.exists():
                 atomic_write.fsync_path(temporary)
-        _swap_in(self.staging, self.final)
+        atomic_write.swap_folder(self.staging, self.final)
         for temporary, final in self._outside:
             if temporary.exists():
                 os.replace(temporary, final)
@@ -197,37 +195,3 @@ def _write_error(error: OSError, final: Path) -> RetrainError:
         f"outputs in {final} are unchanged; free space or choose a writable --output_dir. "
         f"Received: output_dir={final}"
     )
-
-
-def _swap_in(staging: Path, final: Path) -> None:
-    """Makes `staging` the folder at `final`; the old `final` ends up at `staging`."""
-    if not final.exists():
-        os.rename(staging, final)
-    elif not _exchange(staging, final):
-        previous = final.parent / f".{final.name}.previous-{os.getpid()}"
-        os.rename(final, previous)
-        try:
-            os.rename(staging, final)
-        except OSError:
-            os.rename(previous, final)
-            raise
-        os.rename(previous, staging)
-    atomic_write.fsync_path(final.parent)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Atomically swaps two paths with renameat2; False where that is not available."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
-                 _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(second))

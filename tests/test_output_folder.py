@@ -78,7 +78,7 @@ def test_staging_folders_of_killed_runs_are_removed(tmp_path):
 
 
 def test_the_swap_works_without_rename_exchange(tmp_path, monkeypatch):
-    monkeypatch.setattr(output_folder, "_exchange", lambda first, second: False)
+    monkeypatch.setattr(atomic_write, "_exchange", lambda first, second: False)
     out = tmp_path / "out"
     for number in (1, 2):
         with output_folder.staged(out) as folder:
