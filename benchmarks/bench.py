@@ -99,7 +99,8 @@ def part_retrain_py(args):
     step = max(1, len(found.entries) // args.retrain_py_images)
     paths = [found.image_dir / e.relative_path for e in found.entries[::step]]
     paths = paths[: args.retrain_py_images]
-    engine = engines.KerasEngine(backbones.load(spec.name), spec.input_size)
+    # One image per call, as retrain.py's session.run on a batch-1 graph.
+    engine = engines.KerasEngine(backbones.load(spec.name), spec.input_size, batch_size=1)
 
     def one(path):
         pixels = decode.resize_to_input(decode.decode_rgb(path), spec.input_size)
@@ -117,7 +118,7 @@ def part_ours(args):
     from retrain.quiet_tensorflow import import_tensorflow
 
     import_tensorflow()
-    from retrain import backbones, evaluation, export, pipeline, report, train
+    from retrain import backbones, evaluation, export, pipeline, report, train_paths
     from retrain.cache import bottleneck_cache
     from retrain.config import Config
 
@@ -137,7 +138,7 @@ def part_ours(args):
 
     timed(bottleneck_cache.BottleneckCache, "update", "cache (plan, extract)")
     timed(bottleneck_cache.BottleneckCache, "read", "read vectors")
-    timed(train, "train_head", "train head")
+    timed(train_paths, "train_classifier", "train head")
     timed(evaluation, "write_metrics", "evaluate, metrics")
     timed(report, "write_run_report", "report page, data checks")
     timed(backbones, "load", "export: build backbone")
