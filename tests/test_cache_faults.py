@@ -107,22 +107,26 @@ def test_sigkill_at_any_point_then_rerun_equals_clean_build(image_dir, clean_bui
     path = BottleneckCache(cache_dir, "efficientnet_lite0").path
     journal = path.with_name(path.name + ".journal")
 
+    def complete_journal_files():
+        # Not "*.npz": that also matches a killed writer's hidden temporary.
+        return list(journal.glob("[0-9]*.npz"))
+
     early = start(image_dir, cache_dir)  # still importing TensorFlow
     time.sleep(0.5)
     kill(early)
 
     anywhere = start(image_dir, cache_dir)  # mid-extraction, wherever it is
-    wait_until(lambda: any(journal.glob("*.npz")), anywhere)
+    wait_until(lambda: any(complete_journal_files()), anywhere)
     kill(anywhere)
 
     # What each kill must leave behind shows that the point was really hit.
     for pause, marker, left_behind in [
         ("journal:2", f"{journal}.paused",
-         lambda: len(list(journal.glob("*.npz"))) == 2 and path.exists()),
+         lambda: len(complete_journal_files()) == 2 and path.exists()),
         ("fold-before-replace", f"{path}.paused",
-         lambda: list(cache_dir.glob("*.tmp-*")) and any(journal.glob("*.npz"))),
+         lambda: list(cache_dir.glob("*.tmp-*")) and any(complete_journal_files())),
         ("fold-after-replace", f"{path}.paused",
-         lambda: path.exists() and any(journal.glob("*.npz"))),
+         lambda: path.exists() and any(complete_journal_files())),
     ]:
         process = start(image_dir, cache_dir, pause)
         wait_until(lambda: os.path.exists(marker), process)
