@@ -8,6 +8,8 @@ builds the Config and calls it, and a notebook can do the same.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -52,11 +54,29 @@ def run(config: Config) -> RunResult:
         # K shard processes may share output_dir: they write nothing there.
         return run_shard(config, spec, image_list)
     inputs = (("image_dir", config.image_dir), ("bottleneck_dir", config.bottleneck_dir))
-    with output_folder.staged(config.output_dir, inputs) as folder:
-        return _run(config, spec, image_list, folder)
+    with output_folder.staged(config.output_dir, inputs) as folder, _beside_training() as background:
+        return _run(config, spec, image_list, folder, background)
 
 
-def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -> RunResult:
+@contextlib.contextmanager
+def _beside_training():
+    """Two threads for work that needs neither the head nor the main thread.
+
+    They run beside training on the second core: the data checks and, on the
+    cached path, building the backbone the export needs (README, "Where a
+    warm rerun's time goes"); then the report page while the model is saved.
+    A failing run does not wait for them.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+                                                 thread_name_prefix="retrain-background")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
+         background: concurrent.futures.Executor) -> RunResult:
     out_dir = folder.staging
     save_yaml(config, out_dir / "settings.yaml")
 
@@ -95,10 +115,23 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
     by_bucket = {name: [e for e in usable if e.split_bucket == name] for name in images.BUCKETS}
     check_training_classes(image_list.class_names, by_bucket["training"], config)
 
-    from retrain import evaluation, export, run_record, train, train_paths  # deferred: these import TensorFlow
-
     # In memory for the run record and the data checks; training streams the cache.
     arrays = {name: bucket_arrays(cache, entries) for name, entries in by_bucket.items()}
+    ordered = [entry for name in images.BUCKETS for entry in by_bucket[name]]
+    from retrain import evaluation, export, run_record, train, train_paths  # deferred: these import TensorFlow
+
+    checks = export_backbone = None
+    if config.report:
+        from retrain import report  # deferred: matplotlib, Jinja2 and cleanlab, only when needed
+
+        checks = background.submit(
+            report.find_data_checks, np.concatenate([arrays[name][0] for name in images.BUCKETS]),
+            np.array([entry.label_index for entry in ordered], dtype=np.int64),
+            image_list.class_names, [entry.relative_path for entry in ordered],
+            [entry.split_bucket for entry in ordered], config.seed)
+    if backbone is None and not config.distorted():
+        export_backbone = background.submit(backbones.load, spec.name, include_top=False,
+                                            weights_file=config.backbone_weights)
     outputs = config.resolved_outputs()
     class_weights = None
     if config.class_weights == "balanced":
@@ -136,7 +169,6 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
         log.warning("The test bucket is empty (testing_percentage=%s): no test accuracy.",
                     config.testing_percentage)
 
-    ordered = [entry for name in images.BUCKETS for entry in by_bucket[name]]
     record = run_record.RunRecord(
         image_dir=str(image_list.image_dir), class_names=image_list.class_names,
         settings=dataclasses.asdict(config),
@@ -149,20 +181,28 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder) -
         probabilities=probabilities, skipped=[(str(path), str(reason)) for path, reason in skipped],
     )
     run_record.save(record, out_dir)
+    page = None
+    if checks is not None:
+        # The figures and the page are drawn while the model is exported.
+        page = background.submit(lambda: report.write_run_report(record, checks.result(), out_dir))
 
-    if backbone is None:
-        backbone = backbones.load(spec.name, include_top=False, weights_file=config.backbone_weights)
-    classifier = export.build_classifier(backbone, trained.head, spec.input_size)
-    export.save_classifier(classifier, folder.place(outputs["output_graph"]))
-    export.write_labels(image_list.class_names, folder.place(outputs["output_labels"]))
+    try:
+        if backbone is None:
+            backbone = (export_backbone.result() if export_backbone is not None else
+                        backbones.load(spec.name, include_top=False,
+                                       weights_file=config.backbone_weights))
+        classifier = export.build_classifier(backbone, trained.head, spec.input_size)
+        export.save_classifier(classifier, folder.place(outputs["output_graph"]))
+        export.write_labels(image_list.class_names, folder.place(outputs["output_labels"]))
+    finally:
+        if page is not None:  # it writes into the staging folder: done before that goes
+            concurrent.futures.wait([page])
     result.model_path, result.labels_path = outputs["output_graph"], outputs["output_labels"]
     print(f"Saved model {result.model_path} and labels {result.labels_path}.")
-    if config.report:
-        from retrain import report  # deferred: matplotlib, Jinja2 and cleanlab, only when needed
-
-        vectors = np.concatenate([arrays[name][0] for name in images.BUCKETS])
-        page = report.write_run_report(record, vectors, out_dir, seed=config.seed)
-        print(f"Report: {folder.final / page.name}")
+    if page is not None:
+        page_path = page.result()
+        print(report.checks_summary(*checks.result()))
+        print(f"Report: {folder.final / page_path.name}")
     if config.saved_model_dir or config.tflite:
         result.deployment_paths = export_for_deployment(classifier, image_list, by_bucket["training"],
                                                         config, folder)

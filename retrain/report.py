@@ -7,9 +7,10 @@ from what a run saved there (retrain.run_record, label_issues.csv,
 near_duplicates.csv, thumbnails/), without the cache, the model or TensorFlow;
 `--screenshot FILE.png` also renders the page with headless Chromium.
 
-At the end of a run, `write_run_report` first runs the data checks on the
-bottleneck vectors (retrain.data_checks), writes a small JPEG thumbnail of
-every image the page shows into OUTPUT_DIR/thumbnails/, then calls `build`.
+During a run, `find_data_checks` runs the data checks on the bottleneck
+vectors (retrain.data_checks) while the head trains; at the end,
+`write_run_report` writes their CSVs and a small JPEG thumbnail of every
+image the page shows into OUTPUT_DIR/thumbnails/, then calls `build`.
 The page is one HTML file with inline CSS and no scripts; it refers only to
 files beside it, so it opens from disk in any browser, with no network.
 """
@@ -103,29 +104,37 @@ def write_thumbnails(image_dir, paths: list[str], output_dir) -> int:
     return written
 
 
-def run_data_checks(record: run_record.RunRecord, bottlenecks: np.ndarray, output_dir,
-                    seed: int = 0) -> tuple[list, list]:
-    """Finds label issues and near-duplicates among the record's images; writes both CSVs.
+def find_data_checks(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],
+                     images: list[str], splits: list[str], seed: int = 0) -> tuple[list, list]:
+    """(label issues, near-duplicate pairs) of the images; nothing is written.
 
-    bottlenecks: float [n, d], one row per record image, in record order.
+    bottlenecks: float [n, d]; labels: int [n]; images, splits: n relative
+    paths and split buckets. It needs neither the head nor TensorFlow, so a
+    run computes it while the head trains.
     """
-    out = Path(output_dir)
-    issues = data_checks.find_label_issues(bottlenecks, record.labels, record.class_names,
-                                           record.images, seed=seed)
-    duplicates = data_checks.find_near_duplicates(bottlenecks, record.images, record.splits)
-    data_checks.write_label_issues(issues, out / data_checks.LABEL_ISSUES_FILE)
-    data_checks.write_near_duplicates(duplicates, out / data_checks.NEAR_DUPLICATES_FILE)
-    straddling = sum(pair.straddles_splits for pair in duplicates)
-    print(f"Data checks: {len(issues)} suspicious labels in {data_checks.LABEL_ISSUES_FILE}, "
-          f"{len(duplicates)} near-duplicate pairs in {data_checks.NEAR_DUPLICATES_FILE} "
-          f"({straddling} across splits).")
+    issues = data_checks.find_label_issues(bottlenecks, labels, class_names, images, seed=seed)
+    duplicates = data_checks.find_near_duplicates(bottlenecks, images, splits)
     return issues, duplicates
 
 
-def write_run_report(record: run_record.RunRecord, bottlenecks: np.ndarray, output_dir,
-                     seed: int = 0) -> Path:
-    """The end of a run: data checks, thumbnails, figures and report.html; returns the page's path."""
-    issues, duplicates = run_data_checks(record, bottlenecks, output_dir, seed)
+def checks_summary(issues: list, duplicates: list) -> str:
+    """The run's one line about the data checks."""
+    straddling = sum(pair.straddles_splits for pair in duplicates)
+    return (f"Data checks: {len(issues)} suspicious labels in {data_checks.LABEL_ISSUES_FILE}, "
+            f"{len(duplicates)} near-duplicate pairs in {data_checks.NEAR_DUPLICATES_FILE} "
+            f"({straddling} across splits).")
+
+
+def write_run_report(record: run_record.RunRecord, checks: tuple[list, list], output_dir) -> Path:
+    """The end of a run: the data checks' CSVs, thumbnails, figures and report.html.
+
+    checks: (issues, duplicates) from `find_data_checks` on the record's images.
+    Returns the page's path.
+    """
+    out = Path(output_dir)
+    issues, duplicates = checks
+    data_checks.write_label_issues(issues, out / data_checks.LABEL_ISSUES_FILE)
+    data_checks.write_near_duplicates(duplicates, out / data_checks.NEAR_DUPLICATES_FILE)
     write_thumbnails(record.image_dir, shown_images(record, issues, duplicates), output_dir)
     return build(output_dir)
 

@@ -51,11 +51,14 @@ def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
     assert sorted(seen) == list(range(len(chosen)))
     assert seen != sorted(seen)  # the blocks came in a shuffled order
 
-    # One epoch of training batches (a buffer of one keeps epochs apart).
-    batches = training_data.cached_training(cache, chosen, 100, seed=0, shuffle_buffer=1)
-    vectors, labels = map(np.concatenate, zip(*[(x.numpy(), y.numpy())
-                                                for x, y in batches.take(len(chosen) // 100)]))
+    # One epoch of training batches, streamed (a buffer of one keeps epochs
+    # apart) and read at once (all 1,000 fit in the buffer).
     rows = {vector.tobytes(): entry.label_index for vector, entry in zip(expected, chosen)}
-    assert len(vectors) == len(chosen)
-    assert len({vector.tobytes() for vector in vectors}) == len(chosen)
-    assert all(rows[vector.tobytes()] == label for vector, label in zip(vectors, labels))
+    for buffer in (1, len(chosen)):
+        batches = training_data.cached_training(cache, chosen, 100, seed=0, shuffle_buffer=buffer)
+        vectors, labels = map(np.concatenate, zip(*[(x.numpy(), y.numpy())
+                                                    for x, y in batches.take(len(chosen) // 100)]))
+        assert len(vectors) == len(chosen)
+        assert len({vector.tobytes() for vector in vectors}) == len(chosen)
+        assert all(rows[vector.tobytes()] == label for vector, label in zip(vectors, labels))
+        assert [rows[v.tobytes()] for v in vectors[:50]] != [e.label_index for e in chosen[:50]]

@@ -168,3 +168,26 @@ def test_bad_class_weights_are_named(weights):
     (tx, ty), (vx, vy) = clusters(50, 1), clusters(20, 2)
     with pytest.raises(RetrainError, match="class_weights must be 4 finite weights"):
         train.train_head(tx, ty, vx, vy, CLASSES, **settings(class_weights=weights))
+
+
+def test_validation_scores_equal_keras_evaluate():
+    """The in-memory validation callback reports what Keras's own validation pass would,
+    L2 term included, at the weights of each evaluation."""
+    (tx, ty), (vx, vy) = clusters(300, 1, spread=3.0), clusters(120, 2, spread=3.0)
+    head = train.build_head(FEATURES, CLASSES, l2=0.05)
+    head.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    scores = train.ValidationScores(vx, vy)
+    seen = []
+
+    class Compare(train.keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            expected = head.evaluate(vx, vy, verbose=0, return_dict=True)
+            seen.append((logs["val_loss"], expected["loss"], logs["val_accuracy"],
+                         expected["accuracy"]))
+
+    head.fit(tx, ty, epochs=3, batch_size=50, verbose=0, callbacks=[scores, Compare()])
+    assert len(seen) == 3 and seen[0][0] != seen[-1][0]
+    for loss, expected_loss, hits, expected_hits in seen:
+        assert loss == pytest.approx(expected_loss, rel=1e-5)
+        assert hits == pytest.approx(expected_hits, abs=1e-6)
+    assert 0.2 < seen[-1][2] < 1.0  # overlapping clusters: not trivially 0 or 1
