@@ -36,7 +36,6 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.neighbors import NearestNeighbors
-from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, normalize
 from threadpoolctl import threadpool_limits
 
@@ -107,10 +106,11 @@ def out_of_sample_probabilities(bottlenecks: np.ndarray, labels: np.ndarray, num
                                 seed: int = 0) -> np.ndarray:
     """Class probabilities float32 [n, num_classes] from models that never saw the row's image.
 
-    bottlenecks: float [n, d]; labels: int [n] in [0, num_classes). A
-    StandardScaler + PCA + LogisticRegression pipeline is cross-validated with
-    stratified folds (at most LABEL_ISSUE_FOLDS, at least 2), each fit on at
-    most LABEL_ISSUE_FIT_ROWS images.
+    bottlenecks: float [n, d]; labels: int [n] in [0, num_classes). The
+    vectors are standardized and projected on LABEL_ISSUE_COMPONENTS principal
+    components (fit without labels, on all rows); a LogisticRegression is
+    cross-validated on them with stratified folds (at most LABEL_ISSUE_FOLDS,
+    at least 2), each fit on at most LABEL_ISSUE_FIT_ROWS images.
     """
     x, labels = _check(bottlenecks, labels, num_classes)
     with threadpool_limits(THREADS):
@@ -120,9 +120,15 @@ def out_of_sample_probabilities(bottlenecks: np.ndarray, labels: np.ndarray, num
 def _cross_validated(x, labels, num_classes, seed):
     counts = np.bincount(labels, minlength=num_classes)
     folds = int(np.clip(counts[counts > 0].min(), 2, LABEL_ISSUE_FOLDS))
-    components = min(LABEL_ISSUE_COMPONENTS, x.shape[1], len(x) - len(x) // folds - 1)
-    model = make_pipeline(StandardScaler(), PCA(components, random_state=seed),
-                          LogisticRegression(C=0.1, max_iter=100))
+    # The projection is fit once on every image's vector: it never sees a
+    # label, so no fold learns anything of its held-out labels from it, and
+    # it costs one PCA instead of one a fold.
+    scaled = StandardScaler().fit_transform(x)
+    components = min(LABEL_ISSUE_COMPONENTS, x.shape[1], len(x) - 1)
+    if components < x.shape[1]:
+        pca = PCA(components, random_state=seed).fit(scaled[_sample(len(x), PCA_SAMPLE)])
+        scaled = pca.transform(scaled)
+    model = LogisticRegression(C=0.1, max_iter=100)
     with warnings.catch_warnings():
         # A class smaller than the fold count, or absent from one fold's
         # training part, is expected in small data; cross_val_predict then
@@ -131,7 +137,7 @@ def _cross_validated(x, labels, num_classes, seed):
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.simplefilter("ignore", ConvergenceWarning)
         probabilities = cross_val_predict(
-            model, x, labels, method="predict_proba",
+            model, scaled, labels, method="predict_proba",
             cv=list(_capped_folds(labels, folds, LABEL_ISSUE_FIT_ROWS, seed)))
     full = np.zeros((len(x), num_classes), np.float32)
     full[:, np.unique(labels)] = probabilities
