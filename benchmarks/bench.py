@@ -92,25 +92,46 @@ def part_forward(args):
 
 
 def part_retrain_py(args):
-    """retrain.py's method: decode (full size), resize, one forward call per image."""
-    from retrain import backbones, decode, engines, images
+    """retrain.py's method of filling its cache, image by image, with the same weights.
 
+    Per image, as retrain.py's ``create_bottleneck_file``: read the file,
+    one call that decodes (TensorFlow's decoder, full size) and resizes
+    bilinearly, one forward call on a batch of one, then the vector written
+    as a comma-separated text file (its cache format).
+    """
+    import numpy as np
+
+    from retrain import backbones, engines, images
+    from retrain.quiet_tensorflow import import_tensorflow
+
+    tf = import_tensorflow()
     spec = backbones.get(args.backbone)
     found = images.discover(args.folder)
     step = max(1, len(found.entries) // args.retrain_py_images)
     paths = [found.image_dir / e.relative_path for e in found.entries[::step]]
     paths = paths[: args.retrain_py_images]
-    # One image per call, as retrain.py's session.run on a batch-1 graph.
     engine = engines.KerasEngine(backbones.load(spec.name), spec.input_size, batch_size=1)
 
-    def one(path):
-        pixels = decode.resize_to_input(decode.decode_rgb(path), spec.input_size)
-        return engine(pixels[None])
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    def decode_and_resize(contents):
+        pixels = tf.io.decode_image(contents, channels=3, expand_animations=False)
+        pixels = tf.expand_dims(tf.cast(pixels, tf.float32), 0)
+        return tf.image.resize(pixels, [spec.input_size, spec.input_size], method="bilinear")
 
-    one(paths[0])
-    rate = median_rate(lambda: [one(path) for path in paths], len(paths), args.repeats)
-    return {"images_per_s": rate, "images": len(paths),
-            "peak_mib": peak_mib()}
+    folder = Path(tempfile.mkdtemp(prefix="retrain-py-bottlenecks-"))
+
+    def one(number, path):
+        contents = tf.io.gfile.GFile(str(path), "rb").read()
+        vector = np.squeeze(engine(decode_and_resize(tf.constant(contents)).numpy()))
+        (folder / f"{number}.txt").write_text(",".join(str(x) for x in vector))
+
+    try:
+        one(0, paths[0])
+        rate = median_rate(lambda: [one(n, path) for n, path in enumerate(paths)], len(paths),
+                           args.repeats)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"images_per_s": rate, "images": len(paths), "peak_mib": peak_mib()}
 
 
 def part_ours(args):

@@ -8,9 +8,10 @@ near_duplicates.csv, thumbnails/), without the cache, the model or TensorFlow;
 `--screenshot FILE.png` also renders the page with headless Chromium.
 
 During a run, `find_data_checks` runs the data checks on the bottleneck
-vectors (retrain.data_checks) while the head trains; at the end,
-`write_run_report` writes their CSVs and a small JPEG thumbnail of every
-image the page shows into OUTPUT_DIR/thumbnails/, then calls `build`.
+vectors (retrain.data_checks) and renders thumbnails of what they found
+while the head trains; at the end, `write_run_report` writes their CSVs and a
+small JPEG thumbnail of every image the page shows into
+OUTPUT_DIR/thumbnails/, then calls `build`.
 The page is one HTML file with inline CSS and no scripts; it refers only to
 files beside it, so it opens from disk in any browser, with no network.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,43 +80,73 @@ def thumbnail_path(image: str) -> str:
     return f"{THUMBNAIL_DIR}/{cache_key(image)[:24]}.jpg"
 
 
-def write_thumbnails(image_dir, paths: list[str], output_dir) -> int:
-    """Writes a JPEG of at most THUMBNAIL_SIDE px per side for each path; returns how many.
+def render_thumbnails(image_dir, paths: list[str]) -> dict[str, bytes]:
+    """{relative path: JPEG bytes of at most THUMBNAIL_SIDE px per side} of the paths.
 
-    An image that no longer decodes gets no thumbnail (the page then shows
-    its path only); one is never written twice.
+    Nothing is written. An image that no longer decodes gets no thumbnail
+    (the page then shows its path only).
     """
     from PIL import Image
 
-    folder = Path(output_dir) / THUMBNAIL_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    written = 0
-    for relative in paths:
-        target = Path(output_dir) / thumbnail_path(relative)
-        if target.exists():
-            continue
+    rendered = {}
+    for relative in dict.fromkeys(paths):
         try:
             pixels = decode_rgb(Path(image_dir) / relative, target_size=THUMBNAIL_SIDE)
         except (ImageDecodeError, FileNotFoundError):
             continue
         image = Image.fromarray(pixels)
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.LANCZOS)
-        image.save(target, format="JPEG", quality=85)
-        written += 1
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        rendered[relative] = buffer.getvalue()
+    return rendered
+
+
+def write_thumbnails(image_dir, paths: list[str], output_dir, rendered=None) -> int:
+    """Writes the thumbnail of each path into output_dir; returns how many were written.
+
+    ``rendered``: thumbnails already made ({path: JPEG bytes}, see
+    `render_thumbnails`); the others are made here. One is never written twice.
+    """
+    folder = Path(output_dir) / THUMBNAIL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    rendered = dict(rendered or {})
+    missing = [path for path in paths if path not in rendered
+               and not (Path(output_dir) / thumbnail_path(path)).exists()]
+    rendered.update(render_thumbnails(image_dir, missing))
+    written = 0
+    for relative in dict.fromkeys(paths):
+        target = Path(output_dir) / thumbnail_path(relative)
+        if relative in rendered and not target.exists():
+            target.write_bytes(rendered[relative])
+            written += 1
     return written
 
 
+@dataclass
+class DataChecks:
+    """The data checks' findings, and thumbnails of the images the page shows for them."""
+
+    issues: list
+    duplicates: list
+    thumbnails: dict[str, bytes]
+
+
 def find_data_checks(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],
-                     images: list[str], splits: list[str], seed: int = 0) -> tuple[list, list]:
-    """(label issues, near-duplicate pairs) of the images; nothing is written.
+                     images: list[str], splits: list[str], image_dir, seed: int = 0) -> DataChecks:
+    """Label issues and near-duplicate pairs of the images; nothing is written.
 
     bottlenecks: float [n, d]; labels: int [n]; images, splits: n relative
-    paths and split buckets. It needs neither the head nor TensorFlow, so a
-    run computes it while the head trains.
+    paths (under image_dir) and split buckets. It needs neither the head nor
+    TensorFlow, so a run computes it, and the thumbnails the page will show
+    of its findings, while the head trains.
     """
     issues = data_checks.find_label_issues(bottlenecks, labels, class_names, images, seed=seed)
     duplicates = data_checks.find_near_duplicates(bottlenecks, images, splits)
-    return issues, duplicates
+    shown = [issue.image for issue in issues[:SHOWN_LABEL_ISSUES]]
+    for pair in duplicates[:SHOWN_DUPLICATES]:
+        shown += [pair.image_a, pair.image_b]
+    return DataChecks(issues, duplicates, render_thumbnails(image_dir, shown))
 
 
 def checks_summary(issues: list, duplicates: list) -> str:
@@ -125,17 +157,16 @@ def checks_summary(issues: list, duplicates: list) -> str:
             f"({straddling} across splits).")
 
 
-def write_run_report(record: run_record.RunRecord, checks: tuple[list, list], output_dir) -> Path:
+def write_run_report(record: run_record.RunRecord, checks: DataChecks, output_dir) -> Path:
     """The end of a run: the data checks' CSVs, thumbnails, figures and report.html.
 
-    checks: (issues, duplicates) from `find_data_checks` on the record's images.
-    Returns the page's path.
+    checks: `find_data_checks` of the record's images. Returns the page's path.
     """
     out = Path(output_dir)
-    issues, duplicates = checks
-    data_checks.write_label_issues(issues, out / data_checks.LABEL_ISSUES_FILE)
-    data_checks.write_near_duplicates(duplicates, out / data_checks.NEAR_DUPLICATES_FILE)
-    write_thumbnails(record.image_dir, shown_images(record, issues, duplicates), output_dir)
+    data_checks.write_label_issues(checks.issues, out / data_checks.LABEL_ISSUES_FILE)
+    data_checks.write_near_duplicates(checks.duplicates, out / data_checks.NEAR_DUPLICATES_FILE)
+    write_thumbnails(record.image_dir, shown_images(record, checks.issues, checks.duplicates),
+                     output_dir, checks.thumbnails)
     return build(output_dir)
 
 

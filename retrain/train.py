@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -327,6 +328,8 @@ SCALAR_METADATA = summary_pb2.SummaryMetadata(
 # TensorBoard draws them on one chart.
 TRAIN_SCALARS = (("loss", "loss"), ("accuracy", "accuracy"), ("learning_rate", "learning_rate"))
 VALIDATION_SCALARS = (("loss", "val_loss"), ("accuracy", "val_accuracy"))
+# Most seconds between the event files' flushes during training (and at the end).
+FLUSH_SECONDS = 5.0
 
 
 class EvaluationLog(keras.callbacks.Callback):
@@ -351,6 +354,7 @@ class EvaluationLog(keras.callbacks.Callback):
                     old.unlink()
             self.writers = dict(zip(("train", "validation"), (
                 tf.summary.create_file_writer(f"{summaries_dir}/{name}") for name in run_names)))
+        self.flushed = time.monotonic()
         self.bar = None
         self.epoch_start = self.steps_shown = initial_epoch * interval
         if progress:
@@ -386,7 +390,12 @@ class EvaluationLog(keras.callbacks.Callback):
             with writer.as_default(step=entry["step"]):
                 for tag, key in tags:
                     tf.summary.write(tag, entry[key], metadata=SCALAR_METADATA)
-            writer.flush()
+        # A live TensorBoard sees the scalars within FLUSH_SECONDS; flushing
+        # at every evaluation cost the head's short epochs several ms each.
+        if self.writers and time.monotonic() - self.flushed > FLUSH_SECONDS:
+            for writer in self.writers.values():
+                writer.flush()
+            self.flushed = time.monotonic()
         if self.bar is not None and entry["val_loss"] is not None:
             self.bar.set_postfix(val_loss=f"{entry['val_loss']:.4f}",
                                  val_accuracy=f"{entry['val_accuracy']:.3f}", refresh=False)
