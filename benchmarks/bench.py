@@ -1,6 +1,6 @@
 """`make bench`: retrain against what a user would run instead, in one table.
 
-    python benchmarks/bench.py [--data FOLDER] [--images 1000] [--repeats 3] [--epochs 10]
+    python benchmarks/bench.py [--data FOLDER] [--images 3000] [--repeats 3] [--epochs 10]
 
 On one folder of labelled photos (../shared/data/caltech101/train by default,
 ``--images`` of them spread evenly over the classes, linked into a temporary
@@ -251,8 +251,9 @@ def link_sample(image_dir, count, folder):
     from retrain import images
 
     found = images.discover(image_dir)
-    step = max(1, len(found.entries) // count) if count else 1
-    entries = found.entries[::step][:count] if count else found.entries
+    entries = found.entries
+    if 0 < count < len(entries):  # evenly spaced over the folder's (class-sorted) images
+        entries = [entries[i * len(entries) // count] for i in range(count)]
     for entry in entries:
         source = (found.image_dir / entry.relative_path).resolve()
         for tree in ("all", entry.split_bucket):
@@ -269,8 +270,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="folder with one sub-folder of photos per class")
-    parser.add_argument("--images", type=int, default=1000,
-                        help="photos to use, spread over the classes (0: all)")
+    parser.add_argument("--images", type=int, default=3000,
+                        help="photos to use, spread over the classes (0: all; a folder of at most this many is used whole)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--retrain_py_images", type=int, default=200)
