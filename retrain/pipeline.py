@@ -63,9 +63,10 @@ def _beside_training():
     """Two threads for work that needs neither the head nor the main thread.
 
     They run beside training on the second core: the data checks and, on the
-    cached path, building the backbone the export needs (README, "Where a
-    warm rerun's time goes"); then the report page while the model is saved.
-    A failing run does not wait for them.
+    cached path, building the backbone the export needs; then the report
+    page while the model is saved (README, How it works: "What runs beside
+    training"). A failing run waits only for the page, which writes into the
+    staging folder.
     """
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2,
                                                  thread_name_prefix="retrain-background")
