@@ -91,6 +91,7 @@ def fine_tune(
     fingerprint: str,
     summaries_dir: str | None = None,
     progress: bool = True,
+    class_weights=None,
 ) -> FineTuneResult:
     """Trains head and the top `layers` of the backbone together; weights change in place.
 
@@ -112,6 +113,8 @@ def fine_tune(
         starts over.
       summaries_dir: TensorBoard folder; scalars go to fine_tune_train and
         fine_tune_validation in it.
+      class_weights: float [num_classes] training-loss weight of each class
+        (`train.balanced_class_weights`), or None, as the head was trained.
 
     Returns:
       FineTuneResult.
@@ -127,7 +130,9 @@ def fine_tune(
             model, training, validation, steps_per_epoch=steps_per_epoch, epochs=epochs,
             batch_size=batch_size, summaries_dir=summaries_dir, progress=progress,
             description="Fine-tuning", checkpoint=(checkpoint_dir, fingerprint),
-            run_names=("fine_tune_train", "fine_tune_validation"))
+            run_names=("fine_tune_train", "fine_tune_validation"),
+            class_weight=(None if class_weights is None else
+                          train.class_weight_dict(class_weights, head.output_shape[-1])))
     finally:
         freeze(backbone)
     return FineTuneResult(history, resumed, trainable_layers)

@@ -213,7 +213,7 @@ def fit_head(
                     evaluations * interval)
 
     if class_weights is not None:
-        class_weights = _check_class_weights(class_weights, num_classes)
+        class_weights = class_weight_dict(class_weights, num_classes)
     history, _ = fit(head, training, validation_data, steps_per_epoch=interval,
                      epochs=evaluations, batch_size=train_batch_size, summaries_dir=summaries_dir,
                      progress=progress, callbacks=callbacks, description=description,
@@ -438,7 +438,8 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.divide(len(labels), num_classes * counts, out=np.zeros(num_classes), where=counts > 0)
 
 
-def _check_class_weights(class_weights, num_classes) -> dict[int, float]:
+def class_weight_dict(class_weights, num_classes) -> dict[int, float]:
+    """Keras's {class index: weight} of float [num_classes] weights; RetrainError if malformed."""
     weights = np.asarray(class_weights, dtype=np.float64)
     if weights.shape != (num_classes,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
         raise RetrainError(f"class_weights must be {num_classes} finite weights >= 0, one per class. "

@@ -70,7 +70,7 @@ def train_classifier(config, spec, cache, image_dir, by_bucket, num_classes, sum
       backbone: an already loaded backbone (fine-tuning loads it early), or None.
       progress: progress bars on stderr.
       class_weights: float [num_classes] loss weights of the head's training
-        (`train.balanced_class_weights`), or None; fine-tuning is unweighted.
+        and of fine-tuning (`train.balanced_class_weights`), or None.
     """
     keras.utils.set_random_seed(config.seed)  # before any dataset, whose shuffles draw from it
     image_dir = Path(image_dir)
@@ -114,7 +114,7 @@ def train_classifier(config, spec, cache, image_dir, by_bucket, num_classes, sum
         steps_per_epoch=fine_tune.steps_per_epoch(len(train_entries), batch),
         epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate,
         batch_size=batch, checkpoint_dir=checkpoint_root / "fine_tune", fingerprint=fingerprint,
-        summaries_dir=str(summaries_dir), progress=progress)
+        summaries_dir=str(summaries_dir), progress=progress, class_weights=class_weights)
     _warn_if_worse(head_result, result)
     return TrainedClassifier(head_result.head, backbone, "fine-tuning", head_result, result)
 

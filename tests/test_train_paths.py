@@ -141,6 +141,31 @@ def test_fine_tuning_changes_only_the_chosen_layers_and_no_batchnorm_statistics(
     assert all(layer.trainable for layer in backbone.layers)  # as loaded, for export
 
 
+def test_fine_tuning_weights_its_loss_by_class(photos):
+    """--class_weights reaches fine-tuning: with every class weighted 0 the loss is 0,
+    so nothing moves; class 0 alone weighted moves the same layers as an unweighted run."""
+    spec = backbones.get("efficientnet_lite0")
+    entries = [type("Entry", (), {"relative_path": str(path.relative_to(photos)),
+                                  "label_index": list(PHOTOS).index(path.parent.name)})()
+               for path in sorted(photos.rglob("*.png"))][::3]
+    moved = {}
+    for name, weights in (("none", np.zeros(3)), ("first", np.array([1.0, 0.0, 0.0]))):
+        backbone = backbones.load(spec.name)
+        head = keras.Sequential([keras.Input((spec.feature_dim,)),
+                                 keras.layers.Dense(3, activation="softmax")])
+        before = [w.numpy().copy() for w in backbone.weights + head.weights]
+        fine_tune.fine_tune(backbone, head, training_data.decoded_training(photos, entries, SIZE, 4,
+                                                                           seed=0),
+                            None, input_size=SIZE, layers=12, steps_per_epoch=2, epochs=1,
+                            learning_rate=1e-3, batch_size=4,
+                            checkpoint_dir=photos.parent / f"checkpoint-{name}", fingerprint=name,
+                            progress=False, class_weights=weights)
+        after = [w.numpy() for w in backbone.weights + head.weights]
+        moved[name] = sum(not np.array_equal(a, b) for a, b in zip(before, after))
+    assert moved["none"] == 0
+    assert moved["first"] > 0
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--random_crop", "-5"], "random_crop"),
     (["--random_scale", "-1"], "random_scale"),
