@@ -8,13 +8,13 @@ from them or starts over, and says which in the log.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
+from retrain import digests
 from retrain.cache.journal import pause_point
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -44,8 +44,7 @@ def run_fingerprint(settings: dict, images: list) -> str:
       images: JSON-serialisable records of the training images (path, label,
         size, mtime), in a fixed order.
     """
-    canonical = json.dumps({"settings": settings, "images": images}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return digests.json_digest({"settings": settings, "images": images})
 
 
 # Beside the files keras.callbacks.BackupAndRestore writes; it names the run

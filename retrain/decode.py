@@ -9,7 +9,6 @@ pixels from it, so a model sees the same pixels in training and inference.
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import typing
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from retrain import paths
+from retrain import digests, paths
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -49,8 +48,7 @@ PIXEL_SETTINGS = {
 
 def pixel_settings_id():
     """"px" + the first 8 hex digits of the sha256 of PIXEL_SETTINGS (as JSON)."""
-    canonical = json.dumps(PIXEL_SETTINGS, sort_keys=True)
-    return "px" + hashlib.sha256(canonical.encode()).hexdigest()[:8]
+    return "px" + digests.json_digest(PIXEL_SETTINGS)[:8]
 
 
 # Most memory one decode may need (the pixels at the size decoded, in the

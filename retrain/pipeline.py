@@ -129,7 +129,8 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
             report.find_data_checks, np.concatenate([arrays[name][0] for name in images.BUCKETS]),
             np.array([entry.label_index for entry in ordered], dtype=np.int64),
             image_list.class_names, [entry.relative_path for entry in ordered],
-            [entry.split_bucket for entry in ordered], image_list.image_dir, config.seed)
+            [entry.split_bucket for entry in ordered], image_list.image_dir, config.seed,
+            previous_dir=folder.final)
     if backbone is None and not config.distorted():
         export_backbone = background.submit(backbones.load, spec.name, include_top=False,
                                             weights_file=config.backbone_weights)
@@ -202,7 +203,7 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     print(f"Saved model {result.model_path} and labels {result.labels_path}.")
     if page is not None:
         page_path = page.result()
-        print(report.checks_summary(checks.result().issues, checks.result().duplicates))
+        print(report.checks_summary(checks.result()))
         print(f"Report: {folder.final / page_path.name}")
     if config.saved_model_dir or config.tflite:
         result.deployment_paths = export_for_deployment(classifier, image_list, by_bucket["training"],

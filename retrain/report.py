@@ -19,15 +19,17 @@ files beside it, so it opens from disk in any browser, with no network.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import io
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from retrain import data_checks, evaluation, figures, run_record
+from retrain import data_checks, digests, evaluation, figures, run_record
 from retrain.decode import ImageDecodeError, decode_rgb
 from retrain.errors import RetrainError
 from retrain.images import cache_key
@@ -41,6 +43,10 @@ THUMBNAIL_SIDE = 128
 SHOWN_MISCLASSIFIED = 60
 SHOWN_LABEL_ISSUES = 48
 SHOWN_DUPLICATES = 24
+# Beside the CSVs: the key of the inputs they were computed from (`data_checks_key`).
+CHECKS_FILE = "data_checks.json"
+# Raise when the checks' method changes, so that no run reuses older findings.
+CHECKS_VERSION = 2
 
 
 @dataclass
@@ -125,36 +131,91 @@ def write_thumbnails(image_dir, paths: list[str], output_dir, rendered=None) -> 
 
 @dataclass
 class DataChecks:
-    """The data checks' findings, and thumbnails of the images the page shows for them."""
+    """The data checks' findings, and thumbnails of the images the page shows for them.
+
+    key: `data_checks_key` of the inputs; reused: True when the findings were
+    read from the previous run's output folder instead of computed.
+    """
 
     issues: list
     duplicates: list
     thumbnails: dict[str, bytes]
+    key: str = ""
+    reused: bool = False
+
+
+def data_checks_key(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],
+                    images: list[str], splits: list[str], seed: int = 0) -> str:
+    """Hex sha256 of everything the data checks' findings depend on.
+
+    The vectors themselves (float32 bytes), every image's path, class and
+    split, the class names, the seed and the checks' method (CHECKS_VERSION,
+    the near-duplicate threshold).
+    """
+    return digests.json_digest({
+        "version": CHECKS_VERSION, "class_names": list(class_names), "seed": seed,
+        "max_distance": data_checks.DUPLICATE_DISTANCE,
+        "vectors": digests.array_digest(np.asarray(bottlenecks, dtype=np.float32)),
+        "images": [[image, int(label), split] for image, label, split in zip(images, labels, splits)],
+    })
 
 
 def find_data_checks(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],
-                     images: list[str], splits: list[str], image_dir, seed: int = 0) -> DataChecks:
+                     images: list[str], splits: list[str], image_dir, seed: int = 0,
+                     previous_dir=None) -> DataChecks:
     """Label issues and near-duplicate pairs of the images; nothing is written.
 
     bottlenecks: float [n, d]; labels: int [n]; images, splits: n relative
     paths (under image_dir) and split buckets. It needs neither the head nor
     TensorFlow, so a run computes it, and the thumbnails the page will show
     of its findings, while the head trains.
+
+    previous_dir: the previous run's output folder, or None. When its
+    findings were computed from the same inputs (`data_checks_key`, kept in
+    CHECKS_FILE), they and their thumbnails are read from it instead: a
+    rerun that only changes training settings does not redo the checks
+    (minutes for 100,000 images).
     """
-    issues = data_checks.find_label_issues(bottlenecks, labels, class_names, images, seed=seed)
-    duplicates = data_checks.find_near_duplicates(bottlenecks, images, splits)
+    key = data_checks_key(bottlenecks, labels, class_names, images, splits, seed)
+    previous = _previous_checks(previous_dir, key) if previous_dir is not None else None
+    if previous is not None:
+        issues, duplicates = previous
+    else:
+        issues = data_checks.find_label_issues(bottlenecks, labels, class_names, images, seed=seed)
+        duplicates = data_checks.find_near_duplicates(bottlenecks, images, splits)
     shown = [issue.image for issue in issues[:SHOWN_LABEL_ISSUES]]
     for pair in duplicates[:SHOWN_DUPLICATES]:
         shown += [pair.image_a, pair.image_b]
-    return DataChecks(issues, duplicates, render_thumbnails(image_dir, shown))
+    thumbnails = {}
+    if previous is not None:
+        for image in shown:
+            with contextlib.suppress(OSError):
+                thumbnails[image] = (Path(previous_dir) / thumbnail_path(image)).read_bytes()
+    thumbnails.update(render_thumbnails(image_dir, [image for image in shown
+                                                    if image not in thumbnails]))
+    return DataChecks(issues, duplicates, thumbnails, key, reused=previous is not None)
 
 
-def checks_summary(issues: list, duplicates: list) -> str:
+def _previous_checks(previous_dir, key):
+    """(issues, duplicates) of previous_dir if computed from inputs with this key, else None."""
+    folder = Path(previous_dir)
+    try:
+        if json.loads((folder / CHECKS_FILE).read_text(encoding="utf-8")).get("key") != key:
+            return None
+        return (data_checks.read_label_issues(folder / data_checks.LABEL_ISSUES_FILE),
+                data_checks.read_near_duplicates(folder / data_checks.NEAR_DUPLICATES_FILE))
+    except (OSError, ValueError, AttributeError, KeyError, RetrainError):
+        return None  # no previous run, another one, or files not ours: compute afresh
+
+
+def checks_summary(checks: DataChecks) -> str:
     """The run's one line about the data checks."""
-    straddling = sum(pair.straddles_splits for pair in duplicates)
-    return (f"Data checks: {len(issues)} suspicious labels in {data_checks.LABEL_ISSUES_FILE}, "
-            f"{len(duplicates)} near-duplicate pairs in {data_checks.NEAR_DUPLICATES_FILE} "
-            f"({straddling} across splits).")
+    straddling = sum(pair.straddles_splits for pair in checks.duplicates)
+    reused = (" Unchanged images, labels, split and vectors: reused from the previous run."
+              if checks.reused else "")
+    return (f"Data checks: {len(checks.issues)} suspicious labels in "
+            f"{data_checks.LABEL_ISSUES_FILE}, {len(checks.duplicates)} near-duplicate pairs in "
+            f"{data_checks.NEAR_DUPLICATES_FILE} ({straddling} across splits).{reused}")
 
 
 def write_run_report(record: run_record.RunRecord, checks: DataChecks, output_dir) -> Path:
@@ -165,6 +226,7 @@ def write_run_report(record: run_record.RunRecord, checks: DataChecks, output_di
     out = Path(output_dir)
     data_checks.write_label_issues(checks.issues, out / data_checks.LABEL_ISSUES_FILE)
     data_checks.write_near_duplicates(checks.duplicates, out / data_checks.NEAR_DUPLICATES_FILE)
+    (out / CHECKS_FILE).write_text(json.dumps({"key": checks.key}) + "\n", encoding="utf-8")
     write_thumbnails(record.image_dir, shown_images(record, checks.issues, checks.duplicates),
                      output_dir, checks.thumbnails)
     return build(output_dir)

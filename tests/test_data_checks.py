@@ -4,6 +4,8 @@ The vectors here are built by the test (clusters with planted mistakes); the
 same checks on real photos through the real backbone are in test_run_report.py.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -131,3 +133,42 @@ def test_a_group_of_copies_is_listed_once_per_image():
     group = {paths[7], "copy_a.jpg", "copy_b.jpg", "copy_c.jpg"}
     assert len(pairs) == 3
     assert set().union(*({p.image_a, p.image_b} for p in pairs)) == group
+
+
+def test_checks_are_reused_only_for_the_same_inputs(tmp_path):
+    """find_data_checks reads the previous run's findings when, and only when, the
+    vectors, labels, paths, splits and seed are those they were computed from."""
+    from retrain import report
+
+    vectors, labels, paths = clustered()
+    names, splits = ["a", "b", "c", "d"], ["training"] * len(paths)
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    fresh = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path,
+                                    previous_dir=previous)
+    assert not fresh.reused and fresh.key
+    # A previous run's files from these inputs, with a finding the checks would not make.
+    planted = [data_checks.LabelIssue("c0/000.jpg", "a", "b", 0.001)]
+    data_checks.write_label_issues(planted, previous / data_checks.LABEL_ISSUES_FILE)
+    data_checks.write_near_duplicates([], previous / data_checks.NEAR_DUPLICATES_FILE)
+    (previous / report.CHECKS_FILE).write_text(json.dumps({"key": fresh.key}))
+
+    again = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path,
+                                    previous_dir=previous)
+    assert again.reused and again.issues == planted and again.duplicates == []
+    moved = labels.copy()
+    moved[3] = 1
+    nudged = vectors.copy()
+    nudged[7, 0] += 1e-3
+    for changed in (dict(labels=moved), dict(bottlenecks=nudged), dict(seed=1),
+                    dict(splits=["testing"] + splits[1:]), dict(images=paths[::-1])):
+        arguments = dict(bottlenecks=vectors, labels=labels, class_names=names, images=paths,
+                         splits=splits, image_dir=tmp_path, seed=0, previous_dir=previous)
+        arguments.update(changed)
+        checks = report.find_data_checks(**arguments)
+        assert not checks.reused and checks.key != fresh.key, changed
+    # A damaged previous file is not an error: the checks run again.
+    (previous / data_checks.LABEL_ISSUES_FILE).write_text("not,our,header\n")
+    damaged = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path,
+                                      previous_dir=previous)
+    assert not damaged.reused and damaged.issues == fresh.issues

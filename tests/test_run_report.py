@@ -9,6 +9,7 @@ then go through `python -m retrain` with the real EfficientNet-Lite0 weights.
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -19,7 +20,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics
 
-from retrain import page_screenshot
+from retrain import page_screenshot, report
 from test_end_to_end import load_demo_writer, run_command
 from test_figures import assert_png
 
@@ -196,6 +197,27 @@ def test_no_report_skips_page_and_checks_and_balanced_weights_are_recorded(plant
     counts = np.bincount([image["label"] for image in record["images"] if image["split"] == "training"])
     weights = np.array(record["class_weights"])
     np.testing.assert_allclose(weights * counts, counts.sum() / len(counts))  # n / (k * n_c)
+
+
+def test_a_rerun_with_the_same_images_reuses_the_data_checks(planted_run, tmp_path):
+    """Only a training setting changes: the checks' files come back byte for byte from
+    the previous run, and the thumbnails of their top rows are there."""
+    out = tmp_path / "out"
+    shutil.copytree(planted_run["out"], out)
+    before = {name: (out / name).read_bytes()
+              for name in ("label_issues.csv", "near_duplicates.csv", "data_checks.json")}
+    done = run_command("retrain", "--image_dir", str(planted_run["image_dir"]),
+                       "--bottleneck_dir", str(planted_run["cache_dir"]), "--output_dir", str(out),
+                       "--how_many_training_steps", "60")
+    assert done.returncode == 0, done.stderr
+    assert "reused from the previous run" in done.stdout
+    assert "reused from the previous run" not in planted_run["stdout"]
+    for name, content in before.items():
+        assert (out / name).read_bytes() == content, name
+    for name in ("label_issues.csv", "near_duplicates.csv"):
+        for row in read_csv(out / name)[:5]:
+            for image in [value for key, value in row.items() if key.startswith("image")]:
+                assert (out / report.thumbnail_path(image)).is_file(), image
 
 
 @pytest.mark.skipif(page_screenshot.find_chromium() is None,
