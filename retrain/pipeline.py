@@ -119,6 +119,9 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     # In memory for the run record and the data checks; training streams the cache.
     arrays = {name: bucket_arrays(cache, entries) for name, entries in by_bucket.items()}
     ordered = [entry for name in images.BUCKETS for entry in by_bucket[name]]
+    ordered_paths = [entry.relative_path for entry in ordered]
+    ordered_labels = np.array([entry.label_index for entry in ordered], dtype=np.int64)
+    ordered_splits = [entry.split_bucket for entry in ordered]
     from retrain import evaluation, export, run_record, train, train_paths  # deferred: these import TensorFlow
 
     checks = export_backbone = None
@@ -127,10 +130,8 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
 
         checks = background.submit(
             report.find_data_checks, np.concatenate([arrays[name][0] for name in images.BUCKETS]),
-            np.array([entry.label_index for entry in ordered], dtype=np.int64),
-            image_list.class_names, [entry.relative_path for entry in ordered],
-            [entry.split_bucket for entry in ordered], image_list.image_dir, config.seed,
-            previous_dir=folder.final)
+            ordered_labels, image_list.class_names, ordered_paths, ordered_splits,
+            image_list.image_dir, config.seed, previous_dir=folder.final)
     if backbone is None and not config.distorted():
         export_backbone = background.submit(backbones.load, spec.name, include_top=False,
                                             weights_file=config.backbone_weights)
@@ -174,9 +175,7 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     record = run_record.RunRecord(
         image_dir=str(image_list.image_dir), class_names=image_list.class_names,
         settings=dataclasses.asdict(config),
-        images=[entry.relative_path for entry in ordered],
-        labels=np.array([entry.label_index for entry in ordered], dtype=np.int64),
-        splits=[entry.split_bucket for entry in ordered],
+        images=ordered_paths, labels=ordered_labels, splits=ordered_splits,
         history=trained.head_result.history, best_step=trained.head_result.best_step,
         stopped_early=trained.head_result.stopped_early,
         class_weights=None if class_weights is None else class_weights.tolist(),

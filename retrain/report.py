@@ -75,7 +75,12 @@ def misclassified_tests(record: run_record.RunRecord) -> list[Mistake]:
 def shown_images(record, issues, duplicates) -> list[str]:
     """The relative paths of every image the page shows a thumbnail of (no repeats)."""
     paths = [m.image for m in misclassified_tests(record)[:SHOWN_MISCLASSIFIED]]
-    paths += [issue.image for issue in issues[:SHOWN_LABEL_ISSUES]]
+    return list(dict.fromkeys(paths + shown_check_images(issues, duplicates)))
+
+
+def shown_check_images(issues, duplicates) -> list[str]:
+    """The relative paths the page shows for the data checks' top rows (no repeats)."""
+    paths = [issue.image for issue in issues[:SHOWN_LABEL_ISSUES]]
     for pair in duplicates[:SHOWN_DUPLICATES]:
         paths += [pair.image_a, pair.image_b]
     return list(dict.fromkeys(paths))
@@ -183,9 +188,7 @@ def find_data_checks(bottlenecks: np.ndarray, labels: np.ndarray, class_names: l
     else:
         issues = data_checks.find_label_issues(bottlenecks, labels, class_names, images, seed=seed)
         duplicates = data_checks.find_near_duplicates(bottlenecks, images, splits)
-    shown = [issue.image for issue in issues[:SHOWN_LABEL_ISSUES]]
-    for pair in duplicates[:SHOWN_DUPLICATES]:
-        shown += [pair.image_a, pair.image_b]
+    shown = shown_check_images(issues, duplicates)
     thumbnails = {}
     if previous is not None:
         for image in shown:

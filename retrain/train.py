@@ -197,10 +197,8 @@ def fit_head(
                  steps_per_execution=interval)
     val_x, val_y = validation
     callbacks = []
-    validation_data = None
     early_stopping = None
     if len(val_x):
-        validation_data = (val_x, val_y)
         early_stopping = keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=max(5, math.ceil(PATIENCE_STEPS / interval)),
             restore_best_weights=True)
@@ -214,8 +212,8 @@ def fit_head(
 
     if class_weights is not None:
         class_weights = class_weight_dict(class_weights, num_classes)
-    history, _ = fit(head, training, validation_data, steps_per_epoch=interval,
-                     epochs=evaluations, batch_size=train_batch_size, summaries_dir=summaries_dir,
+    history, _ = fit(head, training, (val_x, val_y) if len(val_x) else None,
+                     steps_per_epoch=interval, epochs=evaluations, batch_size=train_batch_size, summaries_dir=summaries_dir,
                      progress=progress, callbacks=callbacks, description=description,
                      checkpoint=checkpoint, class_weight=class_weights)
     if early_stopping is None:
