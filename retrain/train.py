@@ -214,8 +214,8 @@ def fit_head(
         class_weights = class_weight_dict(class_weights, num_classes)
     history, _ = fit(head, training, (val_x, val_y) if len(val_x) else None,
                      steps_per_epoch=interval, epochs=evaluations, batch_size=train_batch_size,
-                     summaries_dir=summaries_dir, progress=progress, callbacks=callbacks, description=description,
-                     checkpoint=checkpoint, class_weight=class_weights)
+                     summaries_dir=summaries_dir, progress=progress, callbacks=callbacks,
+                     description=description, checkpoint=checkpoint, class_weight=class_weights)
     if early_stopping is None:
         return TrainResult(head, history, best_step=history[-1]["step"], stopped_early=False)
     # best_epoch counts from the first epoch, also when a checkpoint supplied some.
