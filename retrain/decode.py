@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from retrain import digests, paths
+from retrain import digests, paths, tf_data
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -328,4 +328,4 @@ def image_batches(paths, input_size, batch_size, *, distort=None, outcomes=None,
     # A fixed prefetch, not AUTOTUNE (whose buffer may grow with free RAM):
     # memory stays flat in the number of images, and two ready batches are
     # enough to keep a consumer that is slower than decoding busy.
-    return dataset.batch(batch_size).prefetch(_BATCHES_AHEAD)
+    return tf_data.finished(dataset.batch(batch_size).prefetch(_BATCHES_AHEAD))

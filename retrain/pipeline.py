@@ -300,7 +300,10 @@ def predict(head, bottlenecks: np.ndarray, batch_size: int) -> np.ndarray:
     if not len(bottlenecks):
         return np.zeros((0, head.output_shape[-1]), np.float32)
     batch = len(bottlenecks) if batch_size == -1 else batch_size
-    return head.predict(bottlenecks, batch_size=batch, verbose=0)
+    # predict_on_batch, not predict: predict builds a tf.data pipeline with
+    # the autotuner on, whose teardown can wait seconds (see retrain.tf_data).
+    return np.concatenate([head.predict_on_batch(bottlenecks[start:start + batch])
+                           for start in range(0, len(bottlenecks), batch)])
 
 
 def bucket_arrays(cache: BottleneckCache, entries) -> tuple[np.ndarray, np.ndarray]:

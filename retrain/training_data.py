@@ -19,7 +19,7 @@ import itertools
 
 import numpy as np
 
-from retrain import decode
+from retrain import decode, tf_data
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
@@ -70,16 +70,18 @@ def cached_training(cache, entries, batch_size: int, seed: int, shuffle_buffer: 
     feature_dim = cache.identity.feature_dim
     dataset = tf.data.Dataset.from_generator(blocks, output_signature=(
         tf.TensorSpec([None, feature_dim], tf.float32), tf.TensorSpec([None], tf.int64)))
-    return (dataset.repeat().unbatch()
-            .shuffle(min(shuffle_buffer, len(entries)), seed=seed, reshuffle_each_iteration=True)
-            .batch(batch_size).prefetch(2))
+    return tf_data.finished(
+        dataset.repeat().unbatch()
+        .shuffle(min(shuffle_buffer, len(entries)), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size).prefetch(2))
 
 
 def array_training(vectors: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
     """Endless shuffled batches of (float32 [b, d], int64 [b]) from arrays already in memory."""
-    return (tf.data.Dataset.from_tensor_slices((vectors, labels))
-            .shuffle(len(vectors), seed=seed, reshuffle_each_iteration=True)
-            .repeat().batch(batch_size).prefetch(2))
+    return tf_data.finished(
+        tf.data.Dataset.from_tensor_slices((vectors, labels))
+        .shuffle(len(vectors), seed=seed, reshuffle_each_iteration=True)
+        .repeat().batch(batch_size).prefetch(2))
 
 
 def cached_sample(cache, entries, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

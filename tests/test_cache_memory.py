@@ -56,6 +56,7 @@ def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
     rows = {vector.tobytes(): entry.label_index for vector, entry in zip(expected, chosen)}
     for buffer in (1, len(chosen)):
         batches = training_data.cached_training(cache, chosen, 100, seed=0, shuffle_buffer=buffer)
+        assert batches.options().autotune.enabled is False  # see retrain.tf_data
         vectors, labels = map(np.concatenate, zip(*[(x.numpy(), y.numpy())
                                                     for x, y in batches.take(len(chosen) // 100)]))
         assert len(vectors) == len(chosen)
