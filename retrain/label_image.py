@@ -148,8 +148,9 @@ class Labeller:
         """Yields (path, [(label, score), ...] best first) or (path, RetrainError), in order.
 
         Pixels come from the same dataset builder as extraction, resized up
-        front with the .keras model's own resizing op, so images of any size
-        share a batch and every export format sees the same pixels.
+        front as extraction resizes them (``decode.resize_to_input``, the
+        .keras model's own resizing within float rounding), so images of any
+        size share a batch and every export format sees the same pixels.
         """
         import numpy as np
 

@@ -171,24 +171,40 @@ def test_decode_from_content_reads_no_file(tmp_path, photo):
 
 def test_resize_is_the_exported_models_resizing_layer(photo):
     import keras
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
 
     layer = keras.layers.Resizing(224, 224, interpolation="bilinear", antialias=True)
-    ours = decode.resize_to_input(photo, 224)
-    theirs = keras.ops.convert_to_numpy(layer(photo[None].astype("float32")))[0]
-    assert ours.dtype == np.float32 and ours.shape == (224, 224, 3)
-    assert np.array_equal(ours, theirs)
+
+    def theirs(pixels):
+        return keras.ops.convert_to_numpy(layer(pixels[None].astype("float32")))[0]
+
+    digit = np.repeat((load_digits().images[0] * 16).clip(0, 255).astype(np.uint8)[..., None], 3, -1)
+    cases = {"photo": photo, "astronaut, shrunk": data.astronaut(), "digit, enlarged": digit,
+             "one pixel": photo[:1, :1], "panorama": data.coffee()[:50],
+             "tall, float input": data.rocket()[:, :80].astype(np.float64)}
+    for name, pixels in cases.items():
+        ours = decode.resize_to_input(pixels, 224)  # numpy: Pillow's float resampling
+        assert ours.dtype == np.float32 and ours.shape == (224, 224, 3), name
+        assert np.abs(ours - theirs(pixels)).max() <= decode.RESIZE_TOLERANCE, name
+    # A tensor goes through the layer's own op, exactly.
+    in_graph = tf.function(lambda x: decode.resize_to_input(x, 224))(tf.constant(photo))
+    np.testing.assert_array_equal(in_graph.numpy(), theirs(photo))
+    # Antialiased: shrinking is smoothed, not sampled.
     shrunk = decode.resize_to_input(data.astronaut(), 224)
-    theirs = keras.ops.convert_to_numpy(layer(data.astronaut()[None].astype("float32")))[0]
-    assert np.array_equal(shrunk, theirs)
     plain = keras.layers.Resizing(224, 224, interpolation="bilinear")
     unsmoothed = keras.ops.convert_to_numpy(plain(data.astronaut()[None].astype("float32")))[0]
     assert not np.allclose(shrunk, unsmoothed, atol=1.0)
     assert 0 <= shrunk.min() and shrunk.max() <= 255
+    batch = decode.resize_to_input(np.stack([photo, photo[::-1]]), 32)
+    np.testing.assert_array_equal(batch[1], decode.resize_to_input(photo[::-1], 32))
 
 
 def test_resize_refuses_bad_sizes(photo):
     with pytest.raises(RetrainError, match="Received: size=0"):
         decode.resize_to_input(photo, 0)
+    with pytest.raises(RetrainError, match=r"Received: shape=\(5, 5\)"):
+        decode.resize_to_input(np.zeros((5, 5), np.uint8), 8)
 
 
 @pytest.fixture

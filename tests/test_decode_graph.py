@@ -41,10 +41,17 @@ in_graph = tf.function(lambda content: decode_graph.decode_image_bytes(content, 
 
 
 def compare(content):
-    """Largest difference between the graph's pixels and Pillow's, both resized to SIZE."""
-    expected = decode.resize_to_input(decode.decode_rgb("test image", SIZE, content=content), SIZE)
+    """Largest difference between the graph's pixels and Pillow's, both resized to SIZE.
+
+    Both go through TensorFlow's resize op, so this compares the decoding;
+    extraction's own resize (Pillow's, on numpy) is within RESIZE_TOLERANCE.
+    """
+    pixels = decode.decode_rgb("test image", SIZE, content=content)
+    expected = decode.resize_to_input(tf.constant(pixels), SIZE)
     decoded = in_graph(tf.constant(content)).numpy()
     assert decoded.shape == expected.shape == (SIZE, SIZE, 3)
+    extraction = decode.resize_to_input(pixels, SIZE)
+    assert np.abs(extraction - expected).max() <= decode.RESIZE_TOLERANCE
     return np.abs(decoded - expected).max()
 
 
