@@ -40,9 +40,12 @@ from retrain.quiet_tensorflow import import_tensorflow
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "keras", "litert")
-# The interpreter's fixed batch: on 2 cores, batch 8 gave the best images/s
-# of 1, 4, 8, 16 and 32 (benchmarks/profile_extraction.py).
-LITERT_BATCH = 8
+# The interpreter's fixed batch. On 2 cores, batch 4 gave the most images/s
+# (medians of 5, interleaved, 64 photos: 305 against 292 at batch 8, 299 at
+# 1; another run 255 against 237). Batches 1, 2, 4 and 8 gave bit-identical
+# vectors, and a vector does not depend on the images beside it in a call
+# (tested), so the batch is not part of the cache's identity.
+LITERT_BATCH = 4
 # Largest allowed |litert - keras| of any bottleneck element, relative to the
 # largest element of that image's Keras vector. Measured on photos: 6e-6
 # (float32 rounding in other kernels); float16 storage alone rounds at 5e-4,
