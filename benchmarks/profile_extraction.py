@@ -6,7 +6,7 @@ Each stage runs alone, on one thread unless said, over the same photos
 (spread over all classes of ``--data``, ../shared/data/caltech101/train by
 default), and prints milliseconds per image: reading the file, sha256,
 Pillow decoding (JPEG draft mode as extraction does it), the antialiased
-resize, the ``tf.numpy_function`` hop of the tf.data pipeline, the forward
+resize (extraction's and TensorFlow's), the ``tf.numpy_function`` hop of the tf.data pipeline, the forward
 pass of each engine at several batch sizes, and the cache's journal writes
 and fold. Then the whole pipeline (``extract.bottleneck_batches``) with each
 engine, for comparison with its forward-only figure. Stages that overlap in
@@ -83,7 +83,9 @@ def main(argv=None):
                          input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
     for array in decoded[:3]:
         resize(array)
-    rows.append(("antialiased resize (tf graph op)", per_image_ms(
+    rows.append(("antialiased resize, Pillow float (extraction's)", per_image_ms(
+        lambda: [decode.resize_to_input(a, size) for a in decoded], count)))
+    rows.append(("  same filter, tf graph op (the exported model's)", per_image_ms(
         lambda: [resize(tf.constant(a)).numpy() for a in decoded], count)))
     small = np.zeros((1, 1, 3), np.uint8)
     hop = tf.data.Dataset.range(count).map(
