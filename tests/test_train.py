@@ -191,3 +191,16 @@ def test_validation_scores_equal_keras_evaluate():
         assert loss == pytest.approx(expected_loss, rel=1e-5)
         assert hits == pytest.approx(expected_hits, abs=1e-6)
     assert 0.2 < seen[-1][2] < 1.0  # overlapping clusters: not trivially 0 or 1
+
+
+def test_pipeline_predict_is_the_heads_probabilities_in_any_batch_size():
+    from retrain import pipeline
+
+    head = train.build_head(16, 3)
+    vectors = np.random.default_rng(0).normal(size=(23, 16)).astype(np.float32)
+    expected = head.predict(vectors, verbose=0)
+    for batch_size in (-1, 1, 7, 23, 100):
+        found = pipeline.predict(head, vectors, batch_size)
+        assert found.shape == (23, 3)
+        np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-7)
+    assert pipeline.predict(head, vectors[:0], -1).shape == (0, 3)
