@@ -6,7 +6,9 @@ the pixels training saw:
 
 - JPEG: decoded at the reduced libjpeg scale Pillow's draft mode picks, with
   the accurate integer IDCT Pillow uses (libjpeg's default; TensorFlow's
-  default is the fast one, several levels off): the pixels are bit-identical.
+  default is the fast one, several levels off): the decoded pixels are
+  bit-identical. The resize is TensorFlow's op, which extraction's Pillow
+  resampling matches within `decode.RESIZE_TOLERANCE` (float rounding).
   The EXIF orientation (APP1 segment, IFD0 tag 0x0112) is applied as
   `PIL.ImageOps.exif_transpose` does.
 - PNG, BMP, GIF (first frame), WebP: gray becomes RGB, alpha is composited
