@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from retrain import decode, images
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,17 +36,19 @@ def main(argv=None):
         parser.error(f"--size must be WIDTHxHEIGHT, e.g. 500x375. Received: {args.size!r}")
     if not args.source.is_dir():
         parser.error(f"no folder at {args.source}")
-    files = sorted(path for path in args.source.glob("*/*") if path.is_file())
+    found = images.discover(args.source)  # the tool's own walk: class, then path order
     rng = np.random.default_rng(0)
     written = 0
-    for path in tqdm(files, desc="writing", unit="img"):
+    for entry in tqdm(found.entries, desc="writing", unit="img"):
+        path = found.image_dir / entry.relative_path
         try:
-            image = Image.open(path).convert("RGB")
-        except OSError as error:
-            print(f"skipped {path}: {error}", file=sys.stderr)
+            pixels = decode.decode_rgb(path)
+        except decode.ImageDecodeError as error:
+            print(f"skipped {path}: {error.reason}", file=sys.stderr)
             continue
-        pixels = np.asarray(image.resize((width, height), Image.Resampling.LANCZOS), np.float32)
-        pixels = np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
+        resized = np.asarray(Image.fromarray(pixels).resize((width, height),
+                                                            Image.Resampling.LANCZOS), np.float32)
+        pixels = np.clip(resized + rng.normal(0, 4, resized.shape), 0, 255).astype(np.uint8)
         target = args.target / path.parent.name / (path.stem + ".jpg")
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(target, quality=args.quality)
