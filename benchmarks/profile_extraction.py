@@ -6,9 +6,9 @@ Each stage runs alone, on one thread unless said, over the same photos
 (spread over all classes of ``--data``, ../shared/data/caltech101/train by
 default), and prints milliseconds per image: reading the file, sha256,
 Pillow decoding (JPEG draft mode as extraction does it), the antialiased
-resize (extraction's and TensorFlow's), the ``tf.numpy_function`` hop of the tf.data pipeline, the forward
-pass of each engine at several batch sizes, and the cache's journal writes
-and fold. Then the whole pipeline (``extract.bottleneck_batches``) with each
+resize (extraction's and TensorFlow's), the ``tf.numpy_function`` hop of the
+tf.data pipeline, the forward pass of each engine at several batch sizes,
+and the cache's journal writes and fold. Then the whole pipeline (``extract.bottleneck_batches``) with each
 engine, for comparison with its forward-only figure. Stages that overlap in
 the pipeline (decoding runs beside the forward pass) add up to more than the
 pipeline's time per image.
