@@ -109,6 +109,12 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
           f"{cache_report.reused} reused, {len(skipped)} skipped{merged}.")
     if config.cache_only:
         return result
+    export_backbone = None
+    if backbone is None and not config.distorted():
+        # Built beside everything from here on: a warm rerun otherwise waited
+        # for it after training.
+        export_backbone = background.submit(backbones.load, spec.name, include_top=False,
+                                            weights_file=config.backbone_weights)
 
     failed = {path for path, _ in cache_report.failed}
     usable = [e for e in image_list.entries if e.relative_path not in failed]
@@ -124,7 +130,7 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     ordered_splits = [entry.split_bucket for entry in ordered]
     from retrain import evaluation, export, run_record, train, train_paths  # deferred: these import TensorFlow
 
-    checks = export_backbone = None
+    checks = None
     if config.report:
         from retrain import report  # deferred: matplotlib, Jinja2 and cleanlab, only when needed
 
@@ -132,9 +138,6 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
             report.find_data_checks, np.concatenate([arrays[name][0] for name in images.BUCKETS]),
             ordered_labels, image_list.class_names, ordered_paths, ordered_splits,
             image_list.image_dir, config.seed, previous_dir=folder.final)
-    if backbone is None and not config.distorted():
-        export_backbone = background.submit(backbones.load, spec.name, include_top=False,
-                                            weights_file=config.backbone_weights)
     outputs = config.resolved_outputs()
     class_weights = None
     if config.class_weights == "balanced":
