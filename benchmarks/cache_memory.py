@@ -1,6 +1,7 @@
 """Peak memory of training on the bottleneck cache, against the cache's size.
 
     python benchmarks/cache_memory.py [--rows 2000000] [--folder DIR] [--steps 2000]
+    python benchmarks/cache_memory.py --whole_run [--rows 400000] [--folder DIR]
 
 Writes (once) a synthetic cache of --rows EfficientNet-Lite0-shaped float16
 vectors in the real format (through the cache's own journal and fold), ten
@@ -10,6 +11,12 @@ peak resident memory (VmHWM, reset after start-up). Training streams the cache b
 through a bounded shuffle buffer, so peak memory must stay flat while the
 vectors grow far past it; what does grow is the cache's index (keys and file
 states, loaded whole) and the image list.
+
+With --whole_run it runs `python -m retrain` itself (defaults: report,
+data checks, export) on a quarter and on all of the rows, each row an image
+file stub that the cache already holds (so nothing is decoded), and prints
+each run's peak resident memory: the vectors are never all in memory there
+either, only the image list grows.
 
 Also imported by tests/test_cache_memory.py for `write_synthetic_cache` and
 `train_child`.
@@ -71,6 +78,63 @@ def write_synthetic_cache(folder, rows, seed=0):
     store.fold(cache.path, cache.identity)
     done.write_text(str(rows))
     return cache.path
+
+
+# What write_synthetic_cache records of every row's file.
+STUB_SIZE = 1000
+STUB_MTIME_NS = 0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_image_stubs(folder, rows):
+    """Files for the first `rows` synthetic rows under folder/classK/ROW.png; returns folder.
+
+    Each starts with a PNG signature (discovery accepts it) and has the size
+    and mtime the cache records, so a run finds its vector cached and never
+    decodes it. Kept if already complete.
+    """
+    import os
+
+    folder = Path(folder)
+    done = folder / ".rows"
+    if done.exists() and int(done.read_text()) == rows:
+        return folder
+    stub = PNG_SIGNATURE.ljust(STUB_SIZE, b"\0")
+    for entry in entries(rows):
+        path = folder / entry.relative_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(stub)
+        os.utime(path, ns=(STUB_MTIME_NS, STUB_MTIME_NS))
+    done.write_text(str(rows))
+    return folder
+
+
+def whole_run_child(image_dir, cache_folder, output_dir):
+    """`python -m retrain` with default settings (but the engine) in a fresh process: its report dict.
+
+    peak_rss_mb: the process's peak resident memory (wait4's ru_maxrss).
+    """
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    # --engine keras: the engine the synthetic cache is written as (nothing is extracted).
+    command = [sys.executable, "-m", "retrain", "--image_dir", str(image_dir),
+               "--bottleneck_dir", str(cache_folder), "--output_dir", str(output_dir),
+               "--engine", "keras"]
+    start = time.perf_counter()
+    with open(Path(output_dir).parent / f"{Path(output_dir).name}.log", "w") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                                 env={**os.environ, "PYTHONPATH": str(root)})
+        _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"retrain failed: see {log.name}")
+    text = Path(log.name).read_text(errors="replace")
+    return {"seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024),
+            "cache_line": next((line for line in text.splitlines()
+                                if line.startswith("Bottleneck cache")), ""),
+            "checks_line": next((line for line in text.splitlines()
+                                 if line.startswith("Data checks")), "")}
 
 
 def train_child(folder, rows, steps, batch_size=256, shuffle_buffer=None):
@@ -138,6 +202,8 @@ def main():
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--shuffle_buffer", type=int, default=None)
+    parser.add_argument("--whole_run", action="store_true",
+                        help="run python -m retrain on file stubs instead of training alone")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -147,6 +213,8 @@ def main():
     print(f"synthetic cache {path}: {args.rows:,} rows, {path.stat().st_size / 2**30:.2f} GiB "
           f"on disk ({args.rows * FEATURE_DIM * 4 / 2**30:.2f} GiB as float32), "
           f"written in {time.perf_counter() - start:.0f} s", flush=True)
+    if args.whole_run:
+        return _whole_runs(args)
     print("rows       vectors(float32)  RSS before training  peak RSS  peak - before  seconds  val_accuracy")
     for rows in (args.rows // 16, args.rows // 4, args.rows):
         report = train_child(args.folder, rows, args.steps, args.batch_size, args.shuffle_buffer)
@@ -154,6 +222,16 @@ def main():
               f"{report['baseline_rss_mb']:>16,} MB  {report['peak_rss_mb']:>6,} MB  "
               f"{report['peak_rss_mb'] - report['baseline_rss_mb']:>10,} MB  "
               f"{report['seconds']:>7}  {report['val_accuracy']:.3f}", flush=True)
+
+
+def _whole_runs(args):
+    print("rows       vectors(float32)  peak RSS of the run  seconds")
+    for rows in (args.rows // 4, args.rows):
+        images = write_image_stubs(Path(args.folder) / f"images_{rows}", rows)
+        report = whole_run_child(images, args.folder, Path(args.folder) / f"output_{rows}")
+        print(f"{rows:>9,}  {rows * FEATURE_DIM * 4 / 2**20:>12,.0f} MB  "
+              f"{report['peak_rss_mb']:>15,} MB  {report['seconds']:>7}", flush=True)
+        print(f"           {report['cache_line']}\n           {report['checks_line']}", flush=True)
 
 
 if __name__ == "__main__":

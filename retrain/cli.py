@@ -44,7 +44,8 @@ HELP = {
     "how_many_training_steps": "most optimizer steps for the new layer (early stopping may end sooner)",
     "learning_rate": "learning rate of the new layer",
     "train_batch_size": "bottlenecks per training step",
-    "validation_batch_size": "bottlenecks per validation pass, -1 for the whole validation set",
+    "validation_batch_size": "bottlenecks per validation pass, -1 for the whole validation set "
+                             "(at most 50,000: a random sample of a larger one)",
     "test_batch_size": "bottlenecks per test batch, -1 for the whole test set",
     "eval_step_interval": "training steps between validation passes",
     "testing_percentage": "percentage of images in the test bucket",

@@ -65,6 +65,12 @@ DUPLICATE_COMPONENTS = 32
 DUPLICATE_DISTANCE = 0.1
 # Above this many images, the PCA bases are fit on a random sample of this size.
 PCA_SAMPLE = 20_000
+# Most images the checks look at (`checked_rows`): every vector checked is in
+# memory (50,000 Lite0 vectors are 256 MB as float32) and the neighbour search
+# grows as n^2, so a larger set is checked on a random sample of this size
+# (drawn with the run's seed). A near-duplicate pair is then found only when
+# both of its images are in the sample.
+CHECKED_IMAGES = 50_000
 # BLAS / OpenMP threads of the checks. These are small dense problems: a
 # second thread gains little, and on a busy machine the threads' hand-offs
 # lose a lot (one regression fit on 1,034 vectors: 0.7 s with 1 thread,
@@ -256,10 +262,15 @@ def _spanning_pairs(pairs: np.ndarray, distance: np.ndarray, n: int):
             yield a, b, d
 
 
-def _sample(n: int, size: int) -> np.ndarray:
+def checked_rows(n: int, seed: int = 0, most: int = CHECKED_IMAGES) -> np.ndarray:
+    """int64 rows, ascending, of the images the checks look at out of n: all, or `most` at random."""
+    return _sample(n, most, seed)
+
+
+def _sample(n: int, size: int, seed: int = 0) -> np.ndarray:
     if n <= size:
         return np.arange(n)
-    return np.sort(np.random.default_rng(0).choice(n, size, replace=False))
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
 def _check(bottlenecks, labels, num_classes):

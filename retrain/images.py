@@ -17,6 +17,8 @@ import stat
 import unicodedata
 from pathlib import Path
 
+import numpy as np
+
 from retrain import paths
 from retrain.config import check_split
 from retrain.decode import FORMAT_NAMES, SNIFF_BYTES, sniff_format
@@ -56,6 +58,11 @@ class ImageEntry:
     label_index: int
     split_bucket: str
     key: str
+
+
+def labels_of(entries):
+    """int64 [n] class indices of ImageEntry objects."""
+    return np.fromiter((entry.label_index for entry in entries), np.int64, len(entries))
 
 
 @dataclasses.dataclass

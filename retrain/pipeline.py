@@ -122,26 +122,30 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     by_bucket = {name: [e for e in usable if e.split_bucket == name] for name in images.BUCKETS}
     check_training_classes(image_list.class_names, by_bucket["training"], config)
 
-    # In memory for the run record and the data checks; training streams the cache.
-    arrays = {name: bucket_arrays(cache, entries) for name, entries in by_bucket.items()}
+    # Vectors are never all in memory: training and the predictions stream the
+    # cache, and the data checks read at most data_checks.CHECKED_IMAGES of them.
+    labels = {name: images.labels_of(entries) for name, entries in by_bucket.items()}
     ordered = [entry for name in images.BUCKETS for entry in by_bucket[name]]
     ordered_paths = [entry.relative_path for entry in ordered]
-    ordered_labels = np.array([entry.label_index for entry in ordered], dtype=np.int64)
+    ordered_labels = images.labels_of(ordered)
     ordered_splits = [entry.split_bucket for entry in ordered]
     from retrain import evaluation, export, run_record, train, train_paths  # deferred: these import TensorFlow
 
     checks = None
     if config.report:
-        from retrain import report  # deferred: matplotlib, Jinja2 and cleanlab, only when needed
+        from retrain import data_checks, report  # deferred: matplotlib, Jinja2 and cleanlab, only when needed
 
+        checked = data_checks.checked_rows(len(ordered), config.seed)
         checks = background.submit(
-            report.find_data_checks, np.concatenate([arrays[name][0] for name in images.BUCKETS]),
-            ordered_labels, image_list.class_names, ordered_paths, ordered_splits,
-            image_list.image_dir, config.seed, previous_dir=folder.final)
+            report.find_data_checks, cache.read([ordered[row] for row in checked]),
+            ordered_labels[checked], image_list.class_names,
+            [ordered_paths[row] for row in checked], [ordered_splits[row] for row in checked],
+            image_list.image_dir, config.seed, previous_dir=folder.final,
+            total_images=len(ordered))
     outputs = config.resolved_outputs()
     class_weights = None
     if config.class_weights == "balanced":
-        class_weights = train.balanced_class_weights(arrays["training"][1], len(image_list.class_names))
+        class_weights = train.balanced_class_weights(labels["training"], len(image_list.class_names))
     # The checkpoint lives beside the output folder, not in the staging folder,
     # which a killed run's successor removes.
     checkpoint_root = folder.final.parent / f".{folder.final.name}.checkpoint"
@@ -151,7 +155,8 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
                                            checkpoint_root, backbone, class_weights=class_weights)
     backbone = trained.backbone
     if trained.fine_tune_result is None:
-        probabilities = {name: predict(trained.head, arrays[name][0], config.test_batch_size)
+        probabilities = {name: predict_cached(trained.head, cache, by_bucket[name],
+                                              config.test_batch_size)
                          for name in run_record.EVALUATED_SPLITS}
     else:
         # The tuned backbone no longer matches the cached vectors: decode the images.
@@ -162,7 +167,7 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
 
     test_entries = by_bucket["testing"]
     if test_entries:
-        test_evaluation = evaluation.evaluate(probabilities["testing"], arrays["testing"][1],
+        test_evaluation = evaluation.evaluate(probabilities["testing"], labels["testing"],
                                               image_list.class_names)
         misclassified = evaluation.misclassified(probabilities["testing"], test_entries,
                                                  image_list.class_names)
@@ -309,10 +314,19 @@ def predict(head, bottlenecks: np.ndarray, batch_size: int) -> np.ndarray:
                            for start in range(0, len(bottlenecks), batch)])
 
 
-def bucket_arrays(cache: BottleneckCache, entries) -> tuple[np.ndarray, np.ndarray]:
-    """Bottlenecks float32 [n, feature_dim] and labels int64 [n] of some cache entries."""
-    labels = np.array([entry.label_index for entry in entries], dtype=np.int64)
-    return cache.read(entries), labels
+# File rows per block when predicting from the cache: at most 8,192 vectors
+# (42 MB of Lite0 float32) in memory at once, whatever the set's size.
+PREDICT_BLOCK_ROWS = 8192
+
+
+def predict_cached(head, cache: BottleneckCache, entries, batch_size: int,
+                   block_rows: int = PREDICT_BLOCK_ROWS) -> np.ndarray:
+    """`predict` on the cached bottlenecks of entries, read block by block; rows in entry order."""
+    probabilities = np.zeros((len(entries), head.output_shape[-1]), np.float32)
+    if entries:
+        for positions, vectors in cache.stream(entries, block_rows=block_rows):
+            probabilities[positions] = predict(head, vectors, batch_size)
+    return probabilities
 
 
 def write_skipped(skipped, path: Path) -> None:

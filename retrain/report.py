@@ -140,6 +140,8 @@ class DataChecks:
 
     key: `data_checks_key` of the inputs; reused: True when the findings were
     read from the previous run's output folder instead of computed.
+    checked, total: images the checks looked at, of the run's images
+    (fewer when a large set was sampled, `data_checks.checked_rows`).
     """
 
     issues: list
@@ -147,18 +149,34 @@ class DataChecks:
     thumbnails: dict[str, bytes]
     key: str = ""
     reused: bool = False
+    checked: int = 0
+    total: int = 0
+
+    @property
+    def sampled(self) -> str:
+        return sample_note(self.checked, self.total)
+
+
+def sample_note(checked: int, total: int) -> str:
+    """" (on a random sample of k of the n images)" when the checks saw a sample, else ""."""
+    if checked >= total:
+        return ""
+    return f" (on a random sample of {checked:,} of the {total:,} images)"
 
 
 def data_checks_key(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],
-                    images: list[str], splits: list[str], seed: int = 0) -> str:
+                    images: list[str], splits: list[str], seed: int = 0,
+                    total_images: int | None = None) -> str:
     """Hex sha256 of everything the data checks' findings depend on.
 
-    The vectors themselves (float32 bytes), every image's path, class and
-    split, the class names, the seed and the checks' method (CHECKS_VERSION,
-    the near-duplicate threshold).
+    The vectors themselves (float32 bytes), every checked image's path, class
+    and split, how many images the run has (the checked ones may be a sample),
+    the class names, the seed and the checks' method (CHECKS_VERSION, the
+    near-duplicate threshold).
     """
     return digests.json_digest({
         "version": CHECKS_VERSION, "class_names": list(class_names), "seed": seed,
+        "total_images": len(labels) if total_images is None else int(total_images),
         "max_distance": data_checks.DUPLICATE_DISTANCE,
         "vectors": digests.array_digest(np.asarray(bottlenecks, dtype=np.float32)),
         "images": [[image, int(label), split] for image, label, split in zip(images, labels, splits)],
@@ -167,7 +185,7 @@ def data_checks_key(bottlenecks: np.ndarray, labels: np.ndarray, class_names: li
 
 def find_data_checks(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],
                      images: list[str], splits: list[str], image_dir, seed: int = 0,
-                     previous_dir=None) -> DataChecks:
+                     previous_dir=None, total_images: int | None = None) -> DataChecks:
     """Label issues and near-duplicate pairs of the images; nothing is written.
 
     bottlenecks: float [n, d]; labels: int [n]; images, splits: n relative
@@ -179,9 +197,12 @@ def find_data_checks(bottlenecks: np.ndarray, labels: np.ndarray, class_names: l
     findings were computed from the same inputs (`data_checks_key`, kept in
     CHECKS_FILE), they and their thumbnails are read from it instead: a
     rerun that only changes training settings does not redo the checks
-    (minutes for 100,000 images).
+    (minutes for 50,000 images).
+    total_images: the run's images when these n are a sample of them
+    (`data_checks.checked_rows`); None when they are all.
     """
-    key = data_checks_key(bottlenecks, labels, class_names, images, splits, seed)
+    total = len(labels) if total_images is None else int(total_images)
+    key = data_checks_key(bottlenecks, labels, class_names, images, splits, seed, total)
     previous = _previous_checks(previous_dir, key) if previous_dir is not None else None
     if previous is not None:
         issues, duplicates = previous
@@ -196,7 +217,8 @@ def find_data_checks(bottlenecks: np.ndarray, labels: np.ndarray, class_names: l
                 thumbnails[image] = (Path(previous_dir) / thumbnail_path(image)).read_bytes()
     thumbnails.update(render_thumbnails(image_dir, [image for image in shown
                                                     if image not in thumbnails]))
-    return DataChecks(issues, duplicates, thumbnails, key, reused=previous is not None)
+    return DataChecks(issues, duplicates, thumbnails, key, reused=previous is not None,
+                      checked=len(labels), total=total)
 
 
 def _previous_checks(previous_dir, key):
@@ -218,7 +240,8 @@ def checks_summary(checks: DataChecks) -> str:
               if checks.reused else "")
     return (f"Data checks: {len(checks.issues)} suspicious labels in "
             f"{data_checks.LABEL_ISSUES_FILE}, {len(checks.duplicates)} near-duplicate pairs in "
-            f"{data_checks.NEAR_DUPLICATES_FILE} ({straddling} across splits).{reused}")
+            f"{data_checks.NEAR_DUPLICATES_FILE} ({straddling} across splits){checks.sampled}."
+            f"{reused}")
 
 
 def write_run_report(record: run_record.RunRecord, checks: DataChecks, output_dir) -> Path:
@@ -229,7 +252,8 @@ def write_run_report(record: run_record.RunRecord, checks: DataChecks, output_di
     out = Path(output_dir)
     data_checks.write_label_issues(checks.issues, out / data_checks.LABEL_ISSUES_FILE)
     data_checks.write_near_duplicates(checks.duplicates, out / data_checks.NEAR_DUPLICATES_FILE)
-    (out / CHECKS_FILE).write_text(json.dumps({"key": checks.key}) + "\n", encoding="utf-8")
+    (out / CHECKS_FILE).write_text(json.dumps({"key": checks.key, "checked": checks.checked,
+                                               "total": checks.total}) + "\n", encoding="utf-8")
     write_thumbnails(record.image_dir, shown_images(record, checks.issues, checks.duplicates),
                      output_dir, checks.thumbnails)
     return build(output_dir)
@@ -246,11 +270,17 @@ def _evaluations(record) -> dict[str, evaluation.Evaluation]:
 
 
 def _read_checks(out: Path):
+    """(issues, duplicates, sample note) of an output folder; None for a list not written."""
     issues_path = out / data_checks.LABEL_ISSUES_FILE
     duplicates_path = out / data_checks.NEAR_DUPLICATES_FILE
     issues = data_checks.read_label_issues(issues_path) if issues_path.exists() else None
     duplicates = data_checks.read_near_duplicates(duplicates_path) if duplicates_path.exists() else None
-    return issues, duplicates
+    try:
+        counts = json.loads((out / CHECKS_FILE).read_text(encoding="utf-8"))
+        note = sample_note(int(counts["checked"]), int(counts["total"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        note = ""  # a run from before the counts were kept: it checked every image
+    return issues, duplicates, note
 
 
 def class_table(record, evaluations) -> list[dict]:
@@ -294,7 +324,7 @@ def build(output_dir) -> Path:
         figures.plot_confusion_matrix(evaluations[confusion_split].confusion, record.class_names,
                                       out / CONFUSION_FILE,
                                       title=f"Confusion matrix ({'test' if confusion_split == 'testing' else 'validation'})")
-    issues, duplicates = _read_checks(out)
+    issues, duplicates, checks_sample = _read_checks(out)
 
     def thumbnail(image):
         relative = thumbnail_path(image)
@@ -320,6 +350,7 @@ def build(output_dir) -> Path:
         issues=issues, shown_issues=SHOWN_LABEL_ISSUES,
         duplicates=duplicates, shown_duplicates=SHOWN_DUPLICATES,
         straddling=sum(pair.straddles_splits for pair in duplicates or []),
+        checks_sample=checks_sample,
         thumbnail=thumbnail,
         files={"issues": data_checks.LABEL_ISSUES_FILE, "duplicates": data_checks.NEAR_DUPLICATES_FILE},
     )

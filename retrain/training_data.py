@@ -19,7 +19,7 @@ import itertools
 
 import numpy as np
 
-from retrain import decode, tf_data
+from retrain import decode, images, tf_data
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
@@ -28,11 +28,11 @@ tf = import_tensorflow()
 # float32 is 84 MB, whatever the size of the cache. Blocks come in a random
 # order, so the buffer mixes images from all over the cache.
 SHUFFLE_BUFFER = 16384
-
-
-def labels_of(entries) -> np.ndarray:
-    """int64 [n] class indices of ImageEntry objects."""
-    return np.fromiter((entry.label_index for entry in entries), np.int64, len(entries))
+# Validation vectors the head is scored on when all are asked for
+# (validation_batch_size -1): 50,000 x 1,280 float32 is 256 MB, held for the
+# whole training; a larger validation set is sampled (with the seed) to this
+# size, so memory stays flat in the set's size.
+MOST_VALIDATION_VECTORS = 50_000
 
 
 def cached_training(cache, entries, batch_size: int, seed: int, shuffle_buffer: int = SHUFFLE_BUFFER):
@@ -57,7 +57,7 @@ def cached_training(cache, entries, batch_size: int, seed: int, shuffle_buffer: 
 
     Raises RetrainError at once if an entry is missing from the cache.
     """
-    labels = labels_of(entries)
+    labels = images.labels_of(entries)
     if len(entries) <= shuffle_buffer:
         return array_training(cache.read(entries), labels, batch_size, seed)
     cache.stream(entries).close()  # errors now, not inside tf.data
@@ -84,13 +84,18 @@ def array_training(vectors: np.ndarray, labels: np.ndarray, batch_size: int, see
         .repeat().batch(batch_size).prefetch(2))
 
 
-def cached_sample(cache, entries, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def cached_sample(cache, entries, size: int, seed: int,
+                  most: int = MOST_VALIDATION_VECTORS) -> tuple[np.ndarray, np.ndarray]:
     """Bottlenecks float32 [k, d] and labels int64 [k] of a random sample of entries.
 
-    `size` -1 (or at least len(entries)) takes them all, in entry order; the
-    sample is drawn once with `seed`, so evaluations stay comparable.
+    `size` -1 takes them all, up to `most` (a random sample of that size
+    beyond); a size of at least len(entries) takes them all. Entries keep
+    their order; the sample is drawn once with `seed`, so evaluations stay
+    comparable.
     """
-    labels = labels_of(entries)
+    labels = images.labels_of(entries)
+    if size == -1:
+        size = most
     if 0 < size < len(entries):
         chosen = np.sort(np.random.default_rng(seed).choice(len(entries), size, replace=False))
         entries, labels = [entries[i] for i in chosen], labels[chosen]
@@ -107,7 +112,7 @@ def decoded_training(image_dir, entries, input_size: int, batch_size: int, seed:
       tf.data.Dataset of (float32 [b, input_size, input_size, 3] RGB in
       [0, 255], int64 [b] labels).
     """
-    labels = tf.constant(labels_of(entries))
+    labels = tf.constant(images.labels_of(entries))
     paths = [image_dir / entry.relative_path for entry in entries]
     batches = decode.image_batches(paths, input_size, batch_size, distort=distort,
                                    shuffle_seed=seed, drop_failed=True)
@@ -121,7 +126,7 @@ def decoded_evaluation(image_dir, entries, input_size: int, batch_size: int):
       tf.data.Dataset of (float32 [b, input_size, input_size, 3] RGB in
       [0, 255], int64 [b] labels); one pass.
     """
-    labels = tf.constant(labels_of(entries))
+    labels = tf.constant(images.labels_of(entries))
     paths = [image_dir / entry.relative_path for entry in entries]
     batches = decode.image_batches(paths, input_size, batch_size)
     return batches.map(lambda index, pixels, ok: (pixels, tf.gather(labels, index)))

@@ -63,3 +63,41 @@ def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
         assert len({vector.tobytes() for vector in vectors}) == len(chosen)
         assert all(rows[vector.tobytes()] == label for vector, label in zip(vectors, labels))
         assert [rows[v.tobytes()] for v in vectors[:50]] != [e.label_index for e in chosen[:50]]
+
+
+def test_predictions_and_the_validation_sample_read_a_bounded_part_of_the_cache(tmp_path, monkeypatch):
+    from retrain import pipeline, train, training_data
+    from retrain.cache import BottleneckCache
+
+    benchmark = load_benchmark()
+    benchmark.write_synthetic_cache(tmp_path, 3000)
+    cache = BottleneckCache(tmp_path, "efficientnet_lite0")
+    chosen = benchmark.entries(3000)[::-7]  # scattered rows, not in file order
+    head = train.build_head(benchmark.FEATURE_DIM, 3)
+    expected = pipeline.predict(head, cache.read(chosen), -1)
+
+    read_sizes = []
+    stream = BottleneckCache.stream
+
+    def recorded(self, entries, **options):
+        for positions, vectors in stream(self, entries, **options):
+            read_sizes.append(len(vectors))
+            yield positions, vectors
+
+    monkeypatch.setattr(BottleneckCache, "stream", recorded)
+    found = pipeline.predict_cached(head, cache, chosen, -1, block_rows=512)
+    np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-7)
+    assert len(read_sizes) > 1 and max(read_sizes) <= 512 // 7 + 1
+    assert pipeline.predict_cached(head, cache, [], -1).shape == (0, 3)
+
+    # validation_batch_size -1: all of a small set in order, a seeded sample of a large one.
+    labels = np.array([entry.label_index for entry in chosen])
+    vectors, sample_labels = training_data.cached_sample(cache, chosen, -1, seed=0)
+    np.testing.assert_array_equal(vectors, cache.read(chosen))
+    np.testing.assert_array_equal(sample_labels, labels)
+    vectors, sample_labels = training_data.cached_sample(cache, chosen, -1, seed=0, most=100)
+    assert vectors.shape == (100, benchmark.FEATURE_DIM)
+    rows = {vector.tobytes(): i for i, vector in enumerate(cache.read(chosen))}
+    positions = [rows[vector.tobytes()] for vector in vectors]
+    assert positions == sorted(positions) and list(labels[positions]) == list(sample_labels)
+    assert len(training_data.cached_sample(cache, chosen, 200, seed=0, most=100)[0]) == 200

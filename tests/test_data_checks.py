@@ -161,7 +161,8 @@ def test_checks_are_reused_only_for_the_same_inputs(tmp_path):
     nudged = vectors.copy()
     nudged[7, 0] += 1e-3
     for changed in (dict(labels=moved), dict(bottlenecks=nudged), dict(seed=1),
-                    dict(splits=["testing"] + splits[1:]), dict(images=paths[::-1])):
+                    dict(splits=["testing"] + splits[1:]), dict(images=paths[::-1]),
+                    dict(total_images=len(paths) + 1)):
         arguments = dict(bottlenecks=vectors, labels=labels, class_names=names, images=paths,
                          splits=splits, image_dir=tmp_path, seed=0, previous_dir=previous)
         arguments.update(changed)
@@ -172,3 +173,25 @@ def test_checks_are_reused_only_for_the_same_inputs(tmp_path):
     damaged = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path,
                                       previous_dir=previous)
     assert not damaged.reused and damaged.issues == fresh.issues
+
+
+def test_a_large_set_is_checked_on_a_seeded_sample_and_says_so(tmp_path):
+    from retrain import report
+
+    assert list(data_checks.checked_rows(5, seed=3, most=5)) == [0, 1, 2, 3, 4]
+    rows = data_checks.checked_rows(1000, seed=3, most=100)
+    assert len(rows) == 100 == len(set(rows.tolist())) and list(rows) == sorted(rows)
+    assert 0 <= rows.min() and rows.max() < 1000
+    assert np.array_equal(rows, data_checks.checked_rows(1000, seed=3, most=100))
+    assert not np.array_equal(rows, data_checks.checked_rows(1000, seed=4, most=100))
+
+    vectors, labels, paths = clustered()
+    names, splits = ["a", "b", "c", "d"], ["training"] * len(paths)
+    every = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path)
+    assert (every.checked, every.total, every.sampled) == (160, 160, "")
+    assert "sample" not in report.checks_summary(every)
+    sampled = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path,
+                                      total_images=16_000)
+    assert (sampled.checked, sampled.total) == (160, 16_000)
+    assert "on a random sample of 160 of the 16,000 images" in report.checks_summary(sampled)
+    assert sampled.key != every.key
