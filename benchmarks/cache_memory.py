@@ -109,7 +109,7 @@ def write_image_stubs(folder, rows):
     return folder
 
 
-def whole_run_child(image_dir, cache_folder, output_dir):
+def whole_run_child(image_dir, cache_folder, output_dir, extra=()):
     """`python -m retrain` with default settings (but the engine) in a fresh process: its report dict.
 
     peak_rss_mb: the process's peak resident memory (wait4's ru_maxrss).
@@ -120,7 +120,7 @@ def whole_run_child(image_dir, cache_folder, output_dir):
     # --engine keras: the engine the synthetic cache is written as (nothing is extracted).
     command = [sys.executable, "-m", "retrain", "--image_dir", str(image_dir),
                "--bottleneck_dir", str(cache_folder), "--output_dir", str(output_dir),
-               "--engine", "keras"]
+               "--engine", "keras", *extra]
     start = time.perf_counter()
     with open(Path(output_dir).parent / f"{Path(output_dir).name}.log", "w") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root,
@@ -204,6 +204,8 @@ def main():
     parser.add_argument("--shuffle_buffer", type=int, default=None)
     parser.add_argument("--whole_run", action="store_true",
                         help="run python -m retrain on file stubs instead of training alone")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="with --whole_run: the runs skip the report and data checks")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -228,7 +230,8 @@ def _whole_runs(args):
     print("rows       vectors(float32)  peak RSS of the run  seconds")
     for rows in (args.rows // 4, args.rows):
         images = write_image_stubs(Path(args.folder) / f"images_{rows}", rows)
-        report = whole_run_child(images, args.folder, Path(args.folder) / f"output_{rows}")
+        report = whole_run_child(images, args.folder, Path(args.folder) / f"output_{rows}",
+                                 () if args.report else ("--no-report",))
         print(f"{rows:>9,}  {rows * FEATURE_DIM * 4 / 2**20:>12,.0f} MB  "
               f"{report['peak_rss_mb']:>15,} MB  {report['seconds']:>7}", flush=True)
         print(f"           {report['cache_line']}\n           {report['checks_line']}", flush=True)

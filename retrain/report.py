@@ -158,10 +158,10 @@ class DataChecks:
 
 
 def sample_note(checked: int, total: int) -> str:
-    """" (on a random sample of k of the n images)" when the checks saw a sample, else ""."""
+    """", among a random sample of k of the n images" when the checks saw a sample, else ""."""
     if checked >= total:
         return ""
-    return f" (on a random sample of {checked:,} of the {total:,} images)"
+    return f", among a random sample of {checked:,} of the {total:,} images"
 
 
 def data_checks_key(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],

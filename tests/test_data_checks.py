@@ -193,5 +193,5 @@ def test_a_large_set_is_checked_on_a_seeded_sample_and_says_so(tmp_path):
     sampled = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path,
                                       total_images=16_000)
     assert (sampled.checked, sampled.total) == (160, 16_000)
-    assert "on a random sample of 160 of the 16,000 images" in report.checks_summary(sampled)
+    assert "), among a random sample of 160 of the 16,000 images." in report.checks_summary(sampled)
     assert sampled.key != every.key

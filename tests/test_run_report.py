@@ -169,6 +169,21 @@ def test_report_command_rebuilds_the_page_from_the_output_folder(planted_run, tm
     assert_png(copy / "confusion_matrix.png")
 
 
+def test_the_page_says_when_the_checks_saw_a_sample(planted_run, tmp_path):
+    checks = json.loads((planted_run["out"] / report.CHECKS_FILE).read_text(encoding="utf-8"))
+    images = len(json.loads((planted_run["out"] / "run_record.json").read_text())["images"])
+    assert (checks["checked"], checks["total"]) == (images, images)
+    assert "random sample" not in (planted_run["out"] / "report.html").read_text(encoding="utf-8")
+    assert "random sample" not in planted_run["stdout"]
+
+    copy = tmp_path / "sampled"
+    shutil.copytree(planted_run["out"], copy)
+    (copy / report.CHECKS_FILE).write_text(json.dumps({**checks, "total": 100_000}))
+    page = report.build(copy).read_text(encoding="utf-8")
+    note = f"among a random sample of {images:,} of the 100,000 images"
+    assert page.count(note) == 2  # the label issues and the near-duplicates sections
+
+
 @pytest.mark.parametrize("folder, message", [
     ("missing", "No such output folder"),
     ("empty", "has no run_record.json"),
