@@ -195,3 +195,15 @@ def test_a_large_set_is_checked_on_a_seeded_sample_and_says_so(tmp_path):
     assert (sampled.checked, sampled.total) == (160, 16_000)
     assert "), among a random sample of 160 of the 16,000 images." in report.checks_summary(sampled)
     assert sampled.key != every.key
+
+
+def test_pair_distances_in_chunks_equal_all_at_once():
+    vectors, _, _ = clustered()
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    pairs = np.random.default_rng(0).integers(0, len(unit), (50, 2))
+    pairs[0] = [4, 4]  # a vector with itself: distance 0, not a rounding error below it
+    whole = data_checks._cosine_distances(unit, pairs, chunk=len(pairs))
+    np.testing.assert_array_equal(data_checks._cosine_distances(unit, pairs, chunk=3), whole)
+    expected = 1 - np.sum(unit[pairs[:, 0]] * unit[pairs[:, 1]], axis=1)
+    np.testing.assert_allclose(whole, np.maximum(expected, 0), atol=1e-6)
+    assert whole[0] == 0 and whole.min() >= 0
