@@ -16,6 +16,7 @@ vectors; fine-tuning changes the backbone, so it scores decoded pixels.
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from retrain import decode, images, tf_data
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
+log = logging.getLogger(__name__)
 
 # Vectors held by the shuffle buffer of the cached path: 16,384 x 1,280
 # float32 is 84 MB, whatever the size of the cache. Blocks come in a random
@@ -96,6 +98,10 @@ def cached_sample(cache, entries, size: int, seed: int,
     labels = images.labels_of(entries)
     if size == -1:
         size = most
+        if len(entries) > most:
+            log.warning("%d validation images: the head is scored on a fixed random %d of them "
+                        "(--validation_batch_size -1 takes at most %d; give a size to choose).",
+                        len(entries), most, most)
     if 0 < size < len(entries):
         chosen = np.sort(np.random.default_rng(seed).choice(len(entries), size, replace=False))
         entries, labels = [entries[i] for i in chosen], labels[chosen]

@@ -65,7 +65,8 @@ def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
         assert [rows[v.tobytes()] for v in vectors[:50]] != [e.label_index for e in chosen[:50]]
 
 
-def test_predictions_and_the_validation_sample_read_a_bounded_part_of_the_cache(tmp_path, monkeypatch):
+def test_predictions_and_the_validation_sample_read_a_bounded_part_of_the_cache(tmp_path, monkeypatch,
+                                                                               caplog):
     from retrain import pipeline, train, training_data
     from retrain.cache import BottleneckCache
 
@@ -95,7 +96,9 @@ def test_predictions_and_the_validation_sample_read_a_bounded_part_of_the_cache(
     vectors, sample_labels = training_data.cached_sample(cache, chosen, -1, seed=0)
     np.testing.assert_array_equal(vectors, cache.read(chosen))
     np.testing.assert_array_equal(sample_labels, labels)
+    assert "validation images" not in caplog.text
     vectors, sample_labels = training_data.cached_sample(cache, chosen, -1, seed=0, most=100)
+    assert f"{len(chosen)} validation images: the head is scored on a fixed random 100" in caplog.text
     assert vectors.shape == (100, benchmark.FEATURE_DIM)
     rows = {vector.tobytes(): i for i, vector in enumerate(cache.read(chosen))}
     positions = [rows[vector.tobytes()] for vector in vectors]
