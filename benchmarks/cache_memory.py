@@ -24,6 +24,7 @@ Also imported by tests/test_cache_memory.py for `write_synthetic_cache` and
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -93,8 +94,6 @@ def write_image_stubs(folder, rows):
     and mtime the cache records, so a run finds its vector cached and never
     decodes it. Kept if already complete.
     """
-    import os
-
     folder = Path(folder)
     done = folder / ".rows"
     if done.exists() and int(done.read_text()) == rows:
@@ -114,8 +113,6 @@ def whole_run_child(image_dir, cache_folder, output_dir, extra=()):
 
     peak_rss_mb: the process's peak resident memory (wait4's ru_maxrss).
     """
-    import os
-
     root = Path(__file__).resolve().parents[1]
     # --engine keras: the engine the synthetic cache is written as (nothing is extracted).
     command = [sys.executable, "-m", "retrain", "--image_dir", str(image_dir),
@@ -151,7 +148,7 @@ def train_child(folder, rows, steps, batch_size=256, shuffle_buffer=None):
     if shuffle_buffer:
         command += ["--shuffle_buffer", str(shuffle_buffer)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=root,
-                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+                          env={**os.environ, "PYTHONPATH": str(root)})
     if done.returncode:
         raise RuntimeError(f"training child failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

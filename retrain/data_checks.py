@@ -40,6 +40,7 @@ from sklearn.preprocessing import StandardScaler, normalize
 from threadpoolctl import threadpool_limits
 
 from retrain.errors import RetrainError
+from retrain.sampling import sample_rows
 
 # Cross-validation folds for the out-of-sample probabilities (fewer when the
 # smallest class has fewer images).
@@ -135,7 +136,7 @@ def _cross_validated(x, labels, num_classes, seed):
     scaled = StandardScaler().fit_transform(x)
     components = min(LABEL_ISSUE_COMPONENTS, x.shape[1], len(x) - 1)
     if components < x.shape[1]:
-        pca = PCA(components, random_state=seed).fit(scaled[_sample(len(x), PCA_SAMPLE)])
+        pca = PCA(components, random_state=seed).fit(scaled[sample_rows(len(x), PCA_SAMPLE)])
         scaled = pca.transform(scaled)
     model = LogisticRegression(C=0.1, max_iter=100)
     with warnings.catch_warnings():
@@ -225,7 +226,7 @@ def _near_duplicates(x, images, splits, max_distance):
     search = unit
     components = min(DUPLICATE_COMPONENTS, x.shape[1], len(x))
     if components < x.shape[1]:
-        sample = _sample(len(x), PCA_SAMPLE)
+        sample = sample_rows(len(x), PCA_SAMPLE)
         pca = PCA(components, random_state=0).fit(unit[sample])
         search = normalize(pca.transform(unit)).astype(np.float32)
     neighbours = min(DUPLICATE_NEIGHBOURS + 1, len(x))
@@ -279,13 +280,7 @@ def _spanning_pairs(pairs: np.ndarray, distance: np.ndarray, n: int):
 
 def checked_rows(n: int, seed: int = 0, most: int = CHECKED_IMAGES) -> np.ndarray:
     """int64 rows, ascending, of the images the checks look at out of n: all, or `most` at random."""
-    return _sample(n, most, seed)
-
-
-def _sample(n: int, size: int, seed: int = 0) -> np.ndarray:
-    if n <= size:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+    return sample_rows(n, most, seed)
 
 
 def _check(bottlenecks, labels, num_classes):

@@ -127,7 +127,7 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     labels = {name: images.labels_of(entries) for name, entries in by_bucket.items()}
     ordered = [entry for name in images.BUCKETS for entry in by_bucket[name]]
     ordered_paths = [entry.relative_path for entry in ordered]
-    ordered_labels = images.labels_of(ordered)
+    ordered_labels = np.concatenate([labels[name] for name in images.BUCKETS])
     ordered_splits = [entry.split_bucket for entry in ordered]
     from retrain import evaluation, export, run_record, train, train_paths  # deferred: these import TensorFlow
 

@@ -25,6 +25,7 @@ from retrain import checkpoints, training_data
 from retrain.config import check_setting
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
+from retrain.sampling import sample_rows
 
 tf = import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
@@ -448,5 +449,5 @@ def class_weight_dict(class_weights, num_classes) -> dict[int, float]:
 def _validation_sample(val_x, val_y, size, seed):
     if size == -1 or size >= len(val_x):
         return val_x, val_y
-    chosen = np.random.default_rng(seed).choice(len(val_x), size, replace=False)
+    chosen = sample_rows(len(val_x), size, seed)
     return val_x[chosen], val_y[chosen]

@@ -22,6 +22,7 @@ import numpy as np
 
 from retrain import decode, images, tf_data
 from retrain.quiet_tensorflow import import_tensorflow
+from retrain.sampling import sample_rows
 
 tf = import_tensorflow()
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def cached_sample(cache, entries, size: int, seed: int,
                         "(--validation_batch_size -1 takes at most %d; give a size to choose).",
                         len(entries), most, most)
     if 0 < size < len(entries):
-        chosen = np.sort(np.random.default_rng(seed).choice(len(entries), size, replace=False))
+        chosen = sample_rows(len(entries), size, seed)
         entries, labels = [entries[i] for i in chosen], labels[chosen]
     return cache.read(entries), labels
 
