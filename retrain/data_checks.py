@@ -24,6 +24,7 @@ folder and `read_label_issues` / `read_near_duplicates` read them back.
 from __future__ import annotations
 
 import csv
+import io
 import warnings
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
@@ -39,8 +40,10 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler, normalize
 from threadpoolctl import threadpool_limits
 
+from retrain import atomic_write, received_files, text_escapes
 from retrain.errors import RetrainError
 from retrain.sampling import sample_rows
+from retrain.text_escapes import one_line
 
 # Cross-validation folds for the out-of-sample probabilities (fewer when the
 # smallest class has fewer images).
@@ -310,34 +313,69 @@ def write_near_duplicates(pairs: list[NearDuplicate], path) -> Path:
 
 
 def read_label_issues(path) -> list[LabelIssue]:
-    return [LabelIssue(row["image"], row["given"], row["suggested"], float(row["score"]))
-            for row in _read_rows(LabelIssue, path)]
+    """The issues `write_label_issues` wrote (RetrainError naming the file if it cannot be)."""
+    return _parsed(path, lambda row: LabelIssue(row["image"], row["given"], row["suggested"],
+                                                _number(row["score"])),
+                   _read_rows(LabelIssue, path))
 
 
 def read_near_duplicates(path) -> list[NearDuplicate]:
-    return [NearDuplicate(row["image_a"], row["image_b"], row["split_a"], row["split_b"],
-                          float(row["distance"]))
-            for row in _read_rows(NearDuplicate, path)]
+    """The pairs `write_near_duplicates` wrote (RetrainError naming the file if it cannot be)."""
+    return _parsed(path, lambda row: NearDuplicate(row["image_a"], row["image_b"], row["split_a"],
+                                                   row["split_b"], _number(row["distance"])),
+                   _read_rows(NearDuplicate, path))
+
+
+def _number(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
+
+
+def _parsed(path, make, rows):
+    try:
+        return [make(row) for row in rows]
+    except ValueError as error:
+        raise RetrainError(f"{path} holds a value retrain did not write: {error}. "
+                           "Rerun retrain to write it again.") from None
 
 
 def _write_rows(kind, rows, path) -> Path:
-    path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([f.name for f in fields(kind)])
-        writer.writerows(astuple(row) for row in rows)
-    return path
+    """Writes rows of dataclass `kind` as CSV, atomically (a link at `path` is replaced,
+    not followed); image paths as `text_escapes.one_line`, formula-like cells quoted."""
+    header = [f.name for f in fields(kind)]
+    paths = [name for name in header if name.startswith("image")]
+    cells = ([one_line(value) if name in paths else value for name, value in zip(header, astuple(row))]
+             for row in rows)
+    return atomic_write.write_text(path, text_escapes.csv_rows(header, cells))
 
 
 def _read_rows(kind, path) -> list[dict]:
+    """The rows of a CSV `_write_rows` wrote, as {column: original text}.
+
+    Raises:
+      RetrainError naming the file when it is missing, not a regular file,
+      too large, not UTF-8 or not a retrain CSV of this kind.
+    """
     expected = [f.name for f in fields(kind)]
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames != expected:
-                raise RetrainError(f"{path} is not a retrain {Path(path).name}: its header must be "
-                                   f"{','.join(expected)}. Received: {reader.fieldnames}")
-            return list(reader)
-    except OSError as error:
-        raise RetrainError(f"Cannot read {path}: {error.strerror or error}. "
+        text = received_files.read_text(path)
+    except RetrainError:
+        raise
+    except (OSError, ValueError) as error:
+        raise RetrainError(f"Cannot read {path}: {getattr(error, 'strerror', None) or error}. "
                            "Rerun retrain without --no-report to write it.") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames != expected:
+        raise RetrainError(f"{path} is not a retrain {Path(path).name}: its header must be "
+                           f"{','.join(expected)}. Received: {reader.fieldnames}")
+    try:
+        rows = list(reader)
+    except csv.Error as error:
+        raise RetrainError(f"{path} is not a valid CSV file: {error}. "
+                           "Rerun retrain to write it again.") from None
+    if any(None in row or None in row.values() for row in rows):
+        raise RetrainError(f"{path} has rows with more or fewer cells than its header "
+                           f"{','.join(expected)}. Rerun retrain to write it again.")
+    return [{name: text_escapes.from_csv(value) for name, value in row.items()} for row in rows]

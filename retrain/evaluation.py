@@ -9,7 +9,6 @@ confusion_matrix.csv. The figures (retrain.figures) and the HTML page
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics
 
+from retrain import atomic_write, text_escapes
 from retrain.errors import RetrainError
+from retrain.text_escapes import one_line
 
 
 @dataclass
@@ -124,27 +125,28 @@ def print_misclassified(wrong: list[tuple]) -> None:
     """Prints misclassified images to stdout like retrain.py: path, then predicted class."""
     print("=== MISCLASSIFIED TEST IMAGES ===")
     for relative_path, true, predicted, score in wrong:
-        print(f"{relative_path:>70}  {predicted} ({score:.3f}, true: {true})")
+        # one_line: a path with undecodable bytes would stop a strict UTF-8 stdout.
+        print(f"{one_line(relative_path):>70}  {predicted} ({score:.3f}, true: {true})")
 
 
 def write_metrics(evaluation: Evaluation, output_dir, misclassified: list[tuple] = ()) -> dict[str, Path]:
     """Writes metrics.json and confusion_matrix.csv into output_dir; returns their paths.
 
     misclassified: (relative_path, true, predicted, score) tuples, listed in
-    metrics.json under "misclassified".
+    metrics.json under "misclassified" (paths as `text_escapes.one_line`).
+    Both files replace any file or link at their names (atomic_write).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json", "confusion_matrix": out / "confusion_matrix.csv"}
     document = evaluation.to_dict()
     document["misclassified"] = [
-        {"path": path, "true": true, "predicted": predicted, "score": score}
+        {"path": one_line(path), "true": true, "predicted": predicted, "score": score}
         for path, true, predicted, score in misclassified
     ]
-    paths["metrics"].write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    with open(paths["confusion_matrix"], "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["true \\ predicted", *evaluation.class_names])
-        for name, row in zip(evaluation.class_names, evaluation.confusion):
-            writer.writerow([name, *row.tolist()])
+    atomic_write.write_text(paths["metrics"], json.dumps(document, indent=2) + "\n")
+    # Class names may start like a formula (a class "=1+2"): csv_rows quotes them.
+    rows = ([name, *row.tolist()] for name, row in zip(evaluation.class_names, evaluation.confusion))
+    atomic_write.write_text(paths["confusion_matrix"], text_escapes.csv_rows(
+        ["true \\ predicted", *evaluation.class_names], rows))
     return paths

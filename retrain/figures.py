@@ -6,11 +6,16 @@
   coloured by the share of each true class (row-normalised), classes sorted by
   recall (worst first) so that the problem classes are together at the top.
   The figure grows with the number of classes so that every tick label keeps
-  its own line: readable with hundreds of classes.
+  its own line: readable with hundreds of classes. Class names are drawn as
+  written (never parsed as mathtext or TeX).
+
+Files are written with retrain.atomic_write: a symbolic link left at a
+figure's name in a received output folder is replaced, never written through.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
+
+from retrain import atomic_write
 
 # Height given to each class row of the confusion matrix, in points; the tick
 # label font is smaller than this, so neighbouring labels never overlap.
@@ -57,8 +64,14 @@ def plot_training_curves(history: list[dict], path, best_step: int | None = None
             axis.legend(loc="best", fontsize=9)
     if history and any(entry.get("loss") for entry in history):
         axes[0].set_yscale("log")
-    figure.savefig(path, format="png")
-    return Path(path)
+    return save_png(figure, path)
+
+
+def save_png(figure: Figure, path) -> Path:
+    """Writes the figure as PNG to `path` atomically (a link at `path` is replaced, not followed)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return atomic_write.write_bytes(path, buffer.getvalue())
 
 
 def recall_order(confusion: np.ndarray, class_names: list[str]) -> np.ndarray:
@@ -74,8 +87,7 @@ def recall_order(confusion: np.ndarray, class_names: list[str]) -> np.ndarray:
 def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str], path,
                           title: str = "Confusion matrix (test)") -> Path:
     """Writes `draw_confusion_matrix(confusion, class_names, title)` to `path` (PNG)."""
-    draw_confusion_matrix(confusion, class_names, title).savefig(path, format="png")
-    return Path(path)
+    return save_png(draw_confusion_matrix(confusion, class_names, title), path)
 
 
 def draw_confusion_matrix(confusion: np.ndarray, class_names: list[str],
@@ -107,8 +119,12 @@ def draw_confusion_matrix(confusion: np.ndarray, class_names: list[str],
     # A square-root colour scale: one mistake among many images still shows.
     image = axis.imshow(shares, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1),
                         interpolation="nearest", aspect="equal")
-    axis.set_xticks(range(k), names, rotation=90, fontsize=LABEL_POINTS)
-    axis.set_yticks(range(k), names, fontsize=LABEL_POINTS)
+    # Class names are folder names, never TeX: drawn as written, so "$\alpha$" or
+    # "$\frac{" cannot fail in the mathtext parser (or in LaTeX, under a
+    # matplotlibrc with text.usetex).
+    plain = {"fontsize": LABEL_POINTS, "parse_math": False, "usetex": False}
+    axis.set_xticks(range(k), names, rotation=90, **plain)
+    axis.set_yticks(range(k), names, **plain)
     axis.set_xlabel("predicted class")
     axis.set_ylabel("true class (sorted by recall, worst first)")
     axis.set_title(f"{title}: {int(matrix.sum())} images, colour = share of the true class")

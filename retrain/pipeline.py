@@ -23,6 +23,7 @@ from retrain import backbones, images, output_folder
 from retrain.cache import BottleneckCache, CacheReport
 from retrain.config import Config, save_yaml
 from retrain.errors import RetrainError
+from retrain.text_escapes import one_line
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +136,17 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     if config.report:
         from retrain import data_checks, report  # deferred: matplotlib, Jinja2 and cleanlab, only when needed
 
-        checked = data_checks.checked_rows(len(ordered), config.seed)
-        checks = background.submit(
-            report.find_data_checks, cache.read([ordered[row] for row in checked]),
-            ordered_labels[checked], image_list.class_names,
-            [ordered_paths[row] for row in checked], [ordered_splits[row] for row in checked],
-            image_list.image_dir, config.seed, previous_dir=folder.final,
-            total_images=len(ordered))
+        try:
+            checked = data_checks.checked_rows(len(ordered), config.seed)
+            checks = background.submit(
+                report.find_data_checks, cache.read([ordered[row] for row in checked]),
+                ordered_labels[checked], image_list.class_names,
+                [ordered_paths[row] for row in checked], [ordered_splits[row] for row in checked],
+                image_list.image_dir, config.seed, previous_dir=folder.final,
+                total_images=len(ordered))
+        except Exception as error:  # noqa: BLE001 - the report's failure, said at its end
+            checks = concurrent.futures.Future()
+            checks.set_exception(error)
     outputs = config.resolved_outputs()
     class_weights = None
     if config.class_weights == "balanced":
@@ -193,7 +198,8 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     page = None
     if checks is not None:
         # The figures and the page are drawn while the model is exported.
-        page = background.submit(lambda: report.write_run_report(record, checks.result(), out_dir))
+        # write_run_report turns any failure of the checks or of a report part into a warning.
+        page = background.submit(report.write_run_report, record, checks.result, out_dir)
 
     try:
         if backbone is None:
@@ -209,9 +215,13 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     result.model_path, result.labels_path = outputs["output_graph"], outputs["output_labels"]
     print(f"Saved model {result.model_path} and labels {result.labels_path}.")
     if page is not None:
-        page_path = page.result()
-        print(report.checks_summary(checks.result()))
-        print(f"Report: {folder.final / page_path.name}")
+        outcome = page.result()
+        if outcome.checks is not None:
+            print(report.checks_summary(outcome.checks))
+        if outcome.page is not None:
+            print(f"Report: {folder.final / outcome.page.name}")
+        if outcome.parts.missing:
+            print(outcome.parts.line(), file=sys.stderr)
     if config.saved_model_dir or config.tflite:
         result.deployment_paths = export_for_deployment(classifier, image_list, by_bucket["training"],
                                                         config, folder)
@@ -330,13 +340,10 @@ def predict_cached(head, cache: BottleneckCache, entries, batch_size: int,
 
 
 def write_skipped(skipped, path: Path) -> None:
-    """List every image the run could not use, one `path<TAB>reason` line each (none: no file)."""
+    """List every image the run could not use, one `path<TAB>reason` line each (none: no file).
+
+    Paths and reasons as `text_escapes.one_line`, the escapes of every file a run writes.
+    """
     if skipped:
-        path.write_text("".join(f"{_one_line(rel)}\t{reason}\n" for rel, reason in skipped),
-                        encoding="utf-8")
-
-
-def _one_line(relative_path: str) -> str:
-    """A path as one line of UTF-8 text: line breaks, tabs and undecodable bytes escaped."""
-    escaped = relative_path.encode("utf-8", "backslashreplace").decode("utf-8")
-    return "".join(repr(c)[1:-1] if c.isspace() and c != " " else c for c in escaped)
+        path.write_text("".join(f"{one_line(rel)}\t{one_line(str(reason))}\n"
+                                for rel, reason in skipped), encoding="utf-8")

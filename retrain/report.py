@@ -23,16 +23,21 @@ import contextlib
 import datetime
 import io
 import json
+import logging
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from retrain import data_checks, digests, evaluation, figures, run_record
+from retrain import atomic_write, data_checks, digests, evaluation, figures, received_files, run_record
 from retrain.decode import ImageDecodeError, decode_rgb
 from retrain.errors import RetrainError
 from retrain.images import cache_key
+from retrain.text_escapes import one_line, utf8
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 CURVES_FILE = "training_curves.png"
@@ -47,6 +52,47 @@ SHOWN_DUPLICATES = 24
 CHECKS_FILE = "data_checks.json"
 # Raise when the checks' method changes, so that no run reuses older findings.
 CHECKS_VERSION = 2
+# Largest thumbnail read back from a previous run's folder (they are ~5 KB).
+MAX_THUMBNAIL_BYTES = 1 << 20
+
+
+class ReportParts:
+    """The parts of a report that could not be made, each with its reason.
+
+    The model is the product and the report secondary: `part(name)` turns any
+    failure inside it (every Exception; KeyboardInterrupt and SystemExit
+    still end the run) into one warning line naming the part, and remembers
+    it, so the run goes on and can say at the end what is missing.
+    """
+
+    def __init__(self):
+        self.missing: list[tuple[str, str]] = []
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - any failure of a report part is a warning
+            reason = one_line(f"{type(error).__name__}: {error}")
+            logger.warning("Report: %s not written (%s); the run goes on without it.", name, reason)
+            self.missing.append((name, reason))
+
+    def line(self) -> str:
+        """"Report incomplete: X missing (reason); ..." or "" when nothing is missing."""
+        if not self.missing:
+            return ""
+        return "Report incomplete: " + "; ".join(f"{name} missing ({reason})"
+                                                 for name, reason in self.missing)
+
+
+@dataclass
+class ReportOutcome:
+    """What `write_run_report` made: the page (None if it could not be written), the
+    data checks (None if they failed) and the parts that are missing."""
+
+    page: Path | None
+    checks: "DataChecks | None"
+    parts: ReportParts = field(default_factory=ReportParts)
 
 
 @dataclass
@@ -87,30 +133,41 @@ def shown_check_images(issues, duplicates) -> list[str]:
 
 
 def thumbnail_path(image: str) -> str:
-    """Where the thumbnail of a relative image path lives, relative to the output folder."""
-    return f"{THUMBNAIL_DIR}/{cache_key(image)[:24]}.jpg"
+    """Where the thumbnail of a relative image path lives, relative to the output folder.
+
+    Named from the path as the record and CSVs write it (`one_line`), so an
+    image whose name is not UTF-8 finds its thumbnail on a rebuilt page too.
+    """
+    return f"{THUMBNAIL_DIR}/{cache_key(one_line(image))[:24]}.jpg"
 
 
 def render_thumbnails(image_dir, paths: list[str]) -> dict[str, bytes]:
     """{relative path: JPEG bytes of at most THUMBNAIL_SIDE px per side} of the paths.
 
     Nothing is written. An image that no longer decodes gets no thumbnail
-    (the page then shows its path only).
+    (the page then shows its path only); any other failure for one image is
+    a warning naming it, and the others are still made.
     """
-    from PIL import Image
-
     rendered = {}
     for relative in dict.fromkeys(paths):
         try:
-            pixels = decode_rgb(Path(image_dir) / relative, target_size=THUMBNAIL_SIDE)
+            rendered[relative] = _thumbnail_jpeg(Path(image_dir) / relative)
         except (ImageDecodeError, FileNotFoundError):
-            continue
-        image = Image.fromarray(pixels)
-        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.LANCZOS)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
-        rendered[relative] = buffer.getvalue()
+            continue  # removed or damaged since the run read it: the page shows the path
+        except Exception as error:  # noqa: BLE001 - one thumbnail never costs the others
+            logger.warning("Report: no thumbnail of %s (%s: %s).", one_line(relative),
+                           type(error).__name__, one_line(str(error)))
     return rendered
+
+
+def _thumbnail_jpeg(path: Path) -> bytes:
+    from PIL import Image
+
+    image = Image.fromarray(decode_rgb(path, target_size=THUMBNAIL_SIDE))
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
 
 
 def write_thumbnails(image_dir, paths: list[str], output_dir, rendered=None) -> int:
@@ -118,18 +175,25 @@ def write_thumbnails(image_dir, paths: list[str], output_dir, rendered=None) -> 
 
     ``rendered``: thumbnails already made ({path: JPEG bytes}, see
     `render_thumbnails`); the others are made here. One is never written twice.
+
+    Raises:
+      RetrainError when output_dir/thumbnails is a symbolic link (never
+      written through).
     """
     folder = Path(output_dir) / THUMBNAIL_DIR
+    if folder.is_symlink():
+        raise RetrainError(f"{folder} is a symbolic link; retrain writes thumbnails only into "
+                           "a folder of its own. Remove the link.")
     folder.mkdir(parents=True, exist_ok=True)
     rendered = dict(rendered or {})
     missing = [path for path in paths if path not in rendered
-               and not (Path(output_dir) / thumbnail_path(path)).exists()]
+               and not os.path.lexists(Path(output_dir) / thumbnail_path(path))]
     rendered.update(render_thumbnails(image_dir, missing))
     written = 0
     for relative in dict.fromkeys(paths):
         target = Path(output_dir) / thumbnail_path(relative)
-        if relative in rendered and not target.exists():
-            target.write_bytes(rendered[relative])
+        if relative in rendered and not os.path.lexists(target):
+            atomic_write.write_bytes(target, rendered[relative])
             written += 1
     return written
 
@@ -213,8 +277,10 @@ def find_data_checks(bottlenecks: np.ndarray, labels: np.ndarray, class_names: l
     thumbnails = {}
     if previous is not None:
         for image in shown:
-            with contextlib.suppress(OSError):
-                thumbnails[image] = (Path(previous_dir) / thumbnail_path(image)).read_bytes()
+            # A thumbnail that cannot be read (or is no regular file) is made again below.
+            with contextlib.suppress(OSError, RetrainError):
+                thumbnails[image] = received_files.read_bytes(
+                    Path(previous_dir) / thumbnail_path(image), MAX_THUMBNAIL_BYTES)
     thumbnails.update(render_thumbnails(image_dir, [image for image in shown
                                                     if image not in thumbnails]))
     return DataChecks(issues, duplicates, thumbnails, key, reused=previous is not None,
@@ -222,15 +288,23 @@ def find_data_checks(bottlenecks: np.ndarray, labels: np.ndarray, class_names: l
 
 
 def _previous_checks(previous_dir, key):
-    """(issues, duplicates) of previous_dir if computed from inputs with this key, else None."""
+    """(issues, duplicates) of previous_dir if computed from inputs with this key, else None.
+
+    The folder may hold anything: only regular files of bounded size are read.
+    """
     folder = Path(previous_dir)
     try:
-        if json.loads((folder / CHECKS_FILE).read_text(encoding="utf-8")).get("key") != key:
+        if json.loads(received_files.read_text(folder / CHECKS_FILE)).get("key") != key:
             return None
         return (data_checks.read_label_issues(folder / data_checks.LABEL_ISSUES_FILE),
                 data_checks.read_near_duplicates(folder / data_checks.NEAR_DUPLICATES_FILE))
-    except (OSError, ValueError, AttributeError, KeyError, RetrainError):
-        return None  # no previous run, another one, or files not ours: compute afresh
+    except FileNotFoundError:
+        return None  # no previous run with data checks
+    except (OSError, ValueError, AttributeError, KeyError, RetrainError) as error:
+        # Files not ours, or damaged: the checks are computed afresh.
+        logger.info("Not reusing the previous data checks in %s: %s", one_line(str(folder)),
+                    one_line(str(error)))
+        return None
 
 
 def checks_summary(checks: DataChecks) -> str:
@@ -244,19 +318,46 @@ def checks_summary(checks: DataChecks) -> str:
             f"{reused}")
 
 
-def write_run_report(record: run_record.RunRecord, checks: DataChecks, output_dir) -> Path:
+def write_run_report(record: run_record.RunRecord, checks, output_dir) -> ReportOutcome:
     """The end of a run: the data checks' CSVs, thumbnails, figures and report.html.
 
-    checks: `find_data_checks` of the record's images. Returns the page's path.
+    checks: the `find_data_checks` of the record's images, or a callable
+    returning it (a Future's `result`), called here so that its failure is
+    one of the report's. Never raises an Exception: a part that fails is a
+    warning and is listed in the outcome's parts (see ReportParts); the
+    page is still written without it when it can be.
     """
     out = Path(output_dir)
-    data_checks.write_label_issues(checks.issues, out / data_checks.LABEL_ISSUES_FILE)
-    data_checks.write_near_duplicates(checks.duplicates, out / data_checks.NEAR_DUPLICATES_FILE)
-    (out / CHECKS_FILE).write_text(json.dumps({"key": checks.key, "checked": checks.checked,
-                                               "total": checks.total}) + "\n", encoding="utf-8")
-    write_thumbnails(record.image_dir, shown_images(record, checks.issues, checks.duplicates),
-                     output_dir, checks.thumbnails)
-    return build(output_dir)
+    parts = ReportParts()
+    found = None
+    with parts.part(f"data checks ({data_checks.LABEL_ISSUES_FILE}, "
+                    f"{data_checks.NEAR_DUPLICATES_FILE})"):
+        found = checks() if callable(checks) else checks
+    if found is not None:
+        _write_checks(found, out, parts)
+    issues, duplicates = (found.issues, found.duplicates) if found is not None else ([], [])
+    with parts.part(THUMBNAIL_DIR + "/"):
+        write_thumbnails(record.image_dir, shown_images(record, issues, duplicates), out,
+                         found.thumbnails if found is not None else None)
+    page = None
+    with parts.part(REPORT_FILE):
+        page = build(out, parts)
+    return ReportOutcome(page, found, parts)
+
+
+def _write_checks(checks: DataChecks, out: Path, parts: ReportParts) -> None:
+    """The checks' two CSVs, then data_checks.json (only beside both: a later run reuses them)."""
+    written = 0
+    with parts.part(data_checks.LABEL_ISSUES_FILE):
+        data_checks.write_label_issues(checks.issues, out / data_checks.LABEL_ISSUES_FILE)
+        written += 1
+    with parts.part(data_checks.NEAR_DUPLICATES_FILE):
+        data_checks.write_near_duplicates(checks.duplicates, out / data_checks.NEAR_DUPLICATES_FILE)
+        written += 1
+    if written == 2:
+        with parts.part(CHECKS_FILE):
+            atomic_write.write_text(out / CHECKS_FILE, json.dumps(
+                {"key": checks.key, "checked": checks.checked, "total": checks.total}) + "\n")
 
 
 def _evaluations(record) -> dict[str, evaluation.Evaluation]:
@@ -270,16 +371,25 @@ def _evaluations(record) -> dict[str, evaluation.Evaluation]:
 
 
 def _read_checks(out: Path):
-    """(issues, duplicates, sample note) of an output folder; None for a list not written."""
+    """(issues, duplicates, sample note) of an output folder; None for a list not written.
+
+    Raises:
+      RetrainError naming a file that is there but is no regular file, too
+      large or not a CSV retrain wrote.
+    """
     issues_path = out / data_checks.LABEL_ISSUES_FILE
     duplicates_path = out / data_checks.NEAR_DUPLICATES_FILE
-    issues = data_checks.read_label_issues(issues_path) if issues_path.exists() else None
-    duplicates = data_checks.read_near_duplicates(duplicates_path) if duplicates_path.exists() else None
+    issues = data_checks.read_label_issues(issues_path) if os.path.lexists(issues_path) else None
+    duplicates = (data_checks.read_near_duplicates(duplicates_path)
+                  if os.path.lexists(duplicates_path) else None)
     try:
-        counts = json.loads((out / CHECKS_FILE).read_text(encoding="utf-8"))
+        counts = json.loads(received_files.read_text(out / CHECKS_FILE))
         note = sample_note(int(counts["checked"]), int(counts["total"]))
-    except (OSError, ValueError, TypeError, KeyError):
+    except FileNotFoundError:
         note = ""  # a run from before the counts were kept: it checked every image
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise RetrainError(f"Cannot read {out / CHECKS_FILE}: {type(error).__name__}: {error}. "
+                           "Rerun retrain to write it again.") from None
     return issues, duplicates, note
 
 
@@ -307,60 +417,87 @@ def class_table(record, evaluations) -> list[dict]:
     return rows
 
 
-def build(output_dir) -> Path:
+def build(output_dir, parts: ReportParts | None = None) -> Path:
     """Draws the figures and writes report.html from the record in output_dir; returns its path.
 
-    Raises:
-      RetrainError when output_dir holds no readable run record.
-    """
-    import jinja2
+    A figure that cannot be drawn is a warning recorded in `parts` (a new
+    ReportParts when None) and the page is written without it. Every file is
+    written with atomic_write: a link left at its name is replaced, never
+    written through; only regular files of bounded size are read.
 
+    Raises:
+      RetrainError when output_dir holds no readable run record or holds
+      data-check files retrain did not write; OSError when the page itself
+      cannot be written.
+    """
     out = Path(output_dir)
+    parts = ReportParts() if parts is None else parts
     record = run_record.load(out)
     evaluations = _evaluations(record)
-    figures.plot_training_curves(record.history, out / CURVES_FILE, record.best_step)
+    issues, duplicates, checks_sample = _read_checks(out)
+    curves = confusion = None
+    with parts.part(CURVES_FILE):
+        figures.plot_training_curves(record.history, out / CURVES_FILE, record.best_step)
+        curves = CURVES_FILE if record.history else None
     confusion_split = "testing" if "testing" in evaluations else "validation"
     if confusion_split in evaluations:
-        figures.plot_confusion_matrix(evaluations[confusion_split].confusion, record.class_names,
-                                      out / CONFUSION_FILE,
-                                      title=f"Confusion matrix ({'test' if confusion_split == 'testing' else 'validation'})")
-    issues, duplicates, checks_sample = _read_checks(out)
+        with parts.part(CONFUSION_FILE):
+            figures.plot_confusion_matrix(
+                evaluations[confusion_split].confusion, record.class_names, out / CONFUSION_FILE,
+                title=f"Confusion matrix ({'test' if confusion_split == 'testing' else 'validation'})")
+            confusion = CONFUSION_FILE
+    thumbnails_linked = os.path.islink(out / THUMBNAIL_DIR)
 
     def thumbnail(image):
         relative = thumbnail_path(image)
-        return relative if (out / relative).is_file() else None
+        usable = not thumbnails_linked and received_files.is_regular(out / relative)
+        return relative if usable else None
+
+    page = _render_page(
+        record=record, evaluations=evaluations, curves=curves, confusion=confusion,
+        confusion_split=confusion_split, issues=issues, duplicates=duplicates,
+        checks_sample=checks_sample, thumbnail=thumbnail)
+    return atomic_write.write_text(out / REPORT_FILE, page)
+
+
+def _render_page(record, evaluations, issues, duplicates, **values) -> str:
+    """report.html.j2 rendered with the run's values (autoescaped HTML)."""
+    import jinja2
 
     counts = record.counts()
     training_counts = counts[:, 0][counts[:, 0] > 0]
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("retrain", "templates"),
-        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    page = environment.get_template("report.html.j2").render(
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        # Every text value on the page as UTF-8 can hold it: a settings value
+        # with a name that is not UTF-8 (a lone surrogate) shows as \xNN.
+        finalize=lambda value: utf8(value) if type(value) is str else value)
+    return environment.get_template("report.html.j2").render(
         record=record,
         generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         evaluations=evaluations,
         split_totals=counts.sum(axis=0).tolist(),
         imbalance=(int(training_counts.max()) / int(training_counts.min())) if len(training_counts) else 1.0,
         classes=class_table(record, evaluations),
-        curves=CURVES_FILE if record.history else None,
-        confusion=CONFUSION_FILE if confusion_split in evaluations else None,
-        confusion_split=confusion_split,
         mistakes=misclassified_tests(record),
         shown_mistakes=SHOWN_MISCLASSIFIED,
         issues=issues, shown_issues=SHOWN_LABEL_ISSUES,
         duplicates=duplicates, shown_duplicates=SHOWN_DUPLICATES,
         straddling=sum(pair.straddles_splits for pair in duplicates or []),
-        checks_sample=checks_sample,
-        thumbnail=thumbnail,
         files={"issues": data_checks.LABEL_ISSUES_FILE, "duplicates": data_checks.NEAR_DUPLICATES_FILE},
+        **values,
     )
-    path = out / REPORT_FILE
-    path.write_text(page, encoding="utf-8")
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m retrain.report` and the `retrain-report` console script."""
+    """Entry point of `python -m retrain.report` and the `retrain-report` console script.
+
+    Exit status 0 when the page was written (a missing figure is a warning and
+    a "Report incomplete" line on stderr); 2 with one stderr line when the
+    folder cannot give a page (no record, a file that is no regular file, too
+    large, or not what retrain wrote).
+    """
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     parser = argparse.ArgumentParser(
         prog="python -m retrain.report",
         description="Rebuild report.html and its figures from the output folder of a retrain run.")
@@ -370,15 +507,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1280, help="screenshot width in pixels (default 1280)")
     parser.add_argument("--height", type=int, default=3000, help="screenshot height in pixels (default 3000)")
     args = parser.parse_args(argv)
+    parts = ReportParts()
     try:
-        path = build(args.output_dir)
+        path = build(args.output_dir, parts)
         print(f"Wrote {path}")
+        if parts.missing:
+            print(parts.line(), file=sys.stderr)
         if args.screenshot:
             from retrain import page_screenshot
 
             print(f"Wrote {page_screenshot.screenshot(path, args.screenshot, args.width, args.height)}")
     except RetrainError as error:
-        print(f"retrain.report: error: {error}", file=sys.stderr)
+        print(f"retrain.report: error: {one_line(str(error))}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - a received folder's content must not give a traceback
+        print(f"retrain.report: error: cannot rebuild the page in {one_line(args.output_dir)}: "
+              f"{type(error).__name__}: {one_line(str(error))}. Is it the output folder of a "
+              "retrain run, unchanged?", file=sys.stderr)
         return 2
     return 0
 

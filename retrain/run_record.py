@@ -16,13 +16,17 @@ the model or TensorFlow.
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from retrain import atomic_write, received_files
 from retrain.errors import RetrainError
+from retrain.text_escapes import one_line, utf8
 
 RECORD_FILE = "run_record.json"
 PROBABILITIES_FILE = "probabilities.npz"
@@ -67,7 +71,13 @@ class RunRecord:
 
 
 def save(record: RunRecord, output_dir) -> tuple[Path, Path]:
-    """Writes run_record.json and probabilities.npz into output_dir; returns their paths."""
+    """Writes run_record.json and probabilities.npz into output_dir; returns their paths.
+
+    Paths (image_dir, every image and skipped file) are written as
+    `text_escapes.one_line`, so a name that is not UTF-8 cannot stop the run;
+    both files are replaced atomically (a link at their names is replaced,
+    not followed).
+    """
     out = Path(output_dir)
     for split, array in record.probabilities.items():
         if split not in EVALUATED_SPLITS or array.shape != (len(record.rows(split)), len(record.class_names)):
@@ -75,29 +85,38 @@ def save(record: RunRecord, output_dir) -> tuple[Path, Path]:
                                f"Received: shape={np.shape(array)}")
     document = {
         "format_version": FORMAT_VERSION,
-        "image_dir": str(record.image_dir),
+        "image_dir": one_line(record.image_dir),
         "class_names": list(record.class_names),
         "settings": record.settings,
         "history": record.history,
         "best_step": int(record.best_step),
         "stopped_early": bool(record.stopped_early),
         "class_weights": None if record.class_weights is None else [float(w) for w in record.class_weights],
-        "images": [{"path": path, "label": int(label), "split": split}
+        "images": [{"path": one_line(path), "label": int(label), "split": split}
                    for path, label, split in zip(record.images, record.labels, record.splits)],
-        "skipped": [{"path": path, "reason": reason} for path, reason in record.skipped],
+        "skipped": [{"path": one_line(path), "reason": utf8(str(reason))}
+                    for path, reason in record.skipped],
     }
     record_path, probabilities_path = out / RECORD_FILE, out / PROBABILITIES_FILE
-    record_path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
-    np.savez_compressed(probabilities_path, **{split: np.asarray(array, np.float32)
-                                                for split, array in record.probabilities.items()})
+    # ensure_ascii (the default): settings keep any undecodable path exactly, as \udcNN.
+    atomic_write.write_text(record_path, json.dumps(document, indent=1) + "\n")
+    with atomic_write.atomic_path(probabilities_path) as temporary:
+        np.savez_compressed(temporary, **{split: np.asarray(array, np.float32)
+                                          for split, array in record.probabilities.items()})
     return record_path, probabilities_path
 
 
 def load(output_dir) -> RunRecord:
     """Reads the record of the run whose output folder is output_dir.
 
+    The folder may come from someone else: only regular files of bounded
+    size are read (retrain.received_files), the record is checked to be one
+    a run could have written, and probabilities.npz is read without pickles
+    and only after its arrays' headers give the shapes the record implies.
+
     Raises:
-      RetrainError naming the folder when the record is missing or unreadable.
+      RetrainError naming the folder or file when the record is missing,
+      unreadable or not one retrain wrote.
     """
     out = Path(output_dir)
     record_path = out / RECORD_FILE
@@ -105,35 +124,87 @@ def load(output_dir) -> RunRecord:
         raise RetrainError(f"No such output folder: {out}. Pass the --output_dir of a retrain run. "
                            f"Received: output_dir={output_dir}")
     try:
-        document = json.loads(record_path.read_text(encoding="utf-8"))
-        images = document["images"]
-        record = RunRecord(
-            image_dir=document["image_dir"],
-            class_names=document["class_names"],
-            settings=document["settings"],
-            images=[image["path"] for image in images],
-            labels=np.array([image["label"] for image in images], dtype=np.int64),
-            splits=[image["split"] for image in images],
-            history=document["history"],
-            best_step=document["best_step"],
-            stopped_early=document["stopped_early"],
-            class_weights=document["class_weights"],
-            skipped=[(entry["path"], entry["reason"]) for entry in document["skipped"]],
-        )
+        record = _from_document(json.loads(received_files.read_text(record_path)))
     except FileNotFoundError:
         raise RetrainError(f"{out} has no {RECORD_FILE}: it is not the output folder of a finished "
                            f"retrain run (or one from before run records). Received: output_dir={output_dir}"
                            ) from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except RetrainError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise RetrainError(f"Cannot read {record_path}: {type(error).__name__}: {error}. "
                            "Rerun retrain to write it again.") from None
+    record.probabilities = _load_probabilities(out, record)
+    return record
+
+
+def _from_document(document) -> RunRecord:
+    """The RunRecord of a parsed run_record.json; ValueError/TypeError/KeyError if malformed."""
+    images = document["images"]
+    class_names = document["class_names"]
+    if not isinstance(class_names, list) or not all(isinstance(name, str) for name in class_names):
+        raise TypeError("class_names must be a list of strings")
+    record = RunRecord(
+        image_dir=str(document["image_dir"]),
+        class_names=class_names,
+        settings=dict(document["settings"]),
+        images=[str(image["path"]) for image in images],
+        labels=np.array([image["label"] for image in images], dtype=np.int64),
+        splits=[image["split"] for image in images],
+        history=[dict(entry) for entry in document["history"]],
+        best_step=int(document["best_step"]),
+        stopped_early=bool(document["stopped_early"]),
+        class_weights=document["class_weights"],
+        skipped=[(str(entry["path"]), str(entry["reason"])) for entry in document["skipped"]],
+    )
+    if len(record.labels) and (record.labels.min() < 0 or record.labels.max() >= len(class_names)):
+        raise ValueError(f"image labels must be in [0, {len(class_names)})")
+    if not set(record.splits) <= {"training", *EVALUATED_SPLITS}:
+        raise ValueError(f"unknown splits {sorted(set(record.splits) - {'training', *EVALUATED_SPLITS})}")
+    weights = record.class_weights
+    if weights is not None and (not isinstance(weights, list) or len(weights) != len(class_names)):
+        raise ValueError("class_weights must be null or one number per class")
+    return record
+
+
+def _npy_header(archive: zipfile.ZipFile, member: str):
+    """(shape, dtype) from the .npy header of a zip member; its data is not read."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    with archive.open(member) as handle:
+        version = np.lib.format.read_magic(handle)
+        if version not in readers:
+            raise ValueError(f"{member} has .npy format version {version}, not one numpy's savez writes")
+        shape, _, dtype = readers[version](handle)
+    return shape, dtype
+
+
+def _load_probabilities(out: Path, record: RunRecord) -> dict[str, np.ndarray]:
+    """probabilities.npz of `out`, each array float32 [images of the split, classes].
+
+    The file is read whole (bounded by the shapes the record implies) and each
+    member's .npy header is checked before its data is: a small compressed
+    file that claims a huge array is refused, never expanded.
+    """
+    path = out / PROBABILITIES_FILE
+    expected = {split: (len(record.rows(split)), len(record.class_names)) for split in EVALUATED_SPLITS}
+    largest = sum(rows * k * 4 for rows, k in expected.values())
     try:
-        with np.load(out / PROBABILITIES_FILE, allow_pickle=False) as archive:
-            record.probabilities = {split: archive[split] for split in archive.files}
+        # Compression can only shrink float32 rows much; 2x + 1 MB allows for any overhead.
+        data = received_files.read_bytes(path, limit=2 * largest + (1 << 20))
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            for name in archive.files:
+                if name not in expected:
+                    raise ValueError(f"unexpected array {name!r}")
+                shape, dtype = _npy_header(archive.zip, name + ".npy")
+                if shape != expected[name] or dtype != np.float32:
+                    raise ValueError(f"{name} is {dtype} {shape}; the record implies float32 "
+                                     f"{expected[name]}")
+            return {name: archive[name] for name in archive.files}
     except FileNotFoundError:
         raise RetrainError(f"{out} has {RECORD_FILE} but no {PROBABILITIES_FILE}. "
                            "Rerun retrain to write it again.") from None
-    except (OSError, ValueError) as error:
-        raise RetrainError(f"Cannot read {out / PROBABILITIES_FILE}: {error}. "
-                           "Rerun retrain to write it again.") from None
-    return record
+    except RetrainError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+        raise RetrainError(f"Cannot read {path}: {error}. Rerun retrain to write it again.") from None
