@@ -6,12 +6,11 @@ the distortion and fine-tuning paths and ``label_image`` all take their
 pixels from it, so a model sees the same pixels in training and inference.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import io
-import os
 import typing
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -56,11 +55,50 @@ def pixel_settings_id():
     return "px" + digests.json_digest(PIXEL_SETTINGS)[:8]
 
 
-# Most memory one decode may need (the pixels at the size decoded, in the
-# file's mode and as RGB). Decodes run on several threads at once, so this is
-# per image. A 24-megapixel RGBA PNG needs 168 MB; JPEGs are decoded at
-# reduced scale (draft) and rarely come near it.
+# Most memory one image's decode and resize may need (``peak_bytes``).
+# Decodes run on several threads at once, so this is per image. A
+# 24-megapixel RGBA PNG needs about 200 MB; JPEGs are decoded at reduced
+# scale (draft) and rarely come near it.
 MEMORY_BUDGET = 512 * 2**20
+
+# Largest image file read at all; larger ones are skipped unread. A real photo
+# stays far below: a 100-megapixel camera JPEG is about 50 MB, a 50-megapixel
+# 8-bit RGBA PNG at most about 200 MB. And a PNG, GIF, BMP or WebP file is
+# rarely larger than its raw pixels, so one over half the budget would need
+# more than MEMORY_BUDGET to decode anyway (its pixels, then as RGB). It is
+# what keeps a sparse 64 GB "x.jpg" (or a device linked as one) from being
+# read into memory.
+MAX_FILE_BYTES = MEMORY_BUDGET // 2
+
+# The first bytes of a file, read to check its header (dimensions, mode)
+# against the budget before the rest is read. Headers of camera JPEGs with
+# EXIF thumbnails fit; a file whose header does not is checked once read whole
+# (still at most MAX_FILE_BYTES).
+HEADER_BYTES = 64 * 1024
+
+# Peak memory of a decode, in bytes per pixel at the size decoded (measured:
+# ``tests/test_hostile_images.py`` checks ``peak_bytes`` against the peak RSS
+# of a real decode and resize for each mode). Pillow keeps 1 byte a pixel for
+# "1", "L" and "P" images, 2 for 16-bit gray and 4 for every other mode (RGB
+# too). Decoding holds the file's bytes, the image in its mode, a transposed
+# copy while the EXIF orientation is applied, then the uint8 RGB result (3)
+# built a strip of rows at a time (``_STRIP_PIXELS``), so conversions never
+# hold a whole-image temporary. The resize then holds the RGB pixels, one
+# band and its float32 copy (3 + 1 + 4, 5.5 measured beyond the pixels).
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_RESIZE_BYTES = 9
+# Decoder state (libjpeg's and zlib's buffers) and small objects: measured
+# about 1 MB beyond the pixels on drafted JPEGs.
+_FIXED_BYTES = 3 * 2**19
+_STRIP_PIXELS = 1 << 17
+# A strip's temporaries, per pixel: its crop, the conversion's images and the
+# packed RGB bytes; 16-bit gray adds int64 arithmetic (8 bytes a value, 3 at
+# once), alpha compositing 3 RGBA images.
+_STRIP_BYTES = {"16-bit": 40, "alpha": 24, "other": 12}
+# libwebp decodes a frame into its own buffers and Pillow copies it out as
+# bytes: about 10 bytes a pixel more (measured 8.2 for RGB, 10.2 for RGBA),
+# and a second copy of the file.
+_WEBP_BYTES = 11
 
 
 class ImageDecodeError(RetrainError):
@@ -108,11 +146,10 @@ class FileState(typing.NamedTuple):
 def file_state(path):
     """The FileState of ``path``, reading the whole file for the digest."""
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        status = os.fstat(file.fileno())
+    with paths.open_regular(path) as (file, size, mtime_ns):  # a FIFO must not block
         while chunk := file.read(_READ_CHUNK):
             digest.update(chunk)
-    return FileState(status.st_size, status.st_mtime_ns, digest.hexdigest())
+    return FileState(size, mtime_ns, digest.hexdigest())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,49 +163,193 @@ class Outcome:
     lasting: bool = True
 
 
-def load(path, input_size, with_state=False):
+def file_too_large(size):
+    """The reason a file of ``size`` bytes is not read as an image (over MAX_FILE_BYTES)."""
+    return (f"file too large ({size:,} bytes; images over {MAX_FILE_BYTES / 2**20:.0f} MB "
+            "are not read): shrink it or save it as JPEG")
+
+
+def load(path, input_size, with_state=False, *, memory_budget=None):
     """Reads and decodes one image file for a model of input side ``input_size``.
 
-    Returns (uint8 [h, w, 3] pixels or None, Outcome). The file is read once;
-    with ``with_state`` its FileState (including the sha256 of exactly the
-    bytes decoded) is computed from that read.
+    Never reads more than it checked: the file must be a regular file (see
+    ``paths.open_regular``: a FIFO or device put in its place is refused
+    without blocking) of at most ``MAX_FILE_BYTES``, and its header (the
+    first ``HEADER_BYTES``) must fit ``memory_budget`` (see ``decode_rgb``)
+    before the rest is read. The file is read once more, whole, for decoding.
+
+    Returns (uint8 [h, w, 3] pixels or None, Outcome). With ``with_state``
+    its FileState is computed from that read (the sha256 covers exactly the
+    bytes decoded); a file refused before it was read whole gets size and
+    mtime with an empty sha256 (its failure is remembered by size and mtime).
     """
+    budget = MEMORY_BUDGET if memory_budget is None else memory_budget
     try:
-        content, size, mtime_ns = paths.read(path)
+        with paths.open_regular(path) as (file, size, mtime_ns):
+            unread = FileState(size, mtime_ns, "") if with_state else None
+            if size > MAX_FILE_BYTES:
+                return None, Outcome(unread, file_too_large(size))
+            head = file.read(HEADER_BYTES)
+            refusal = _header_refusal(path, head, size, input_size, budget)
+            if refusal:
+                return None, Outcome(unread, refusal)
+            content = head
+            if len(head) == HEADER_BYTES:
+                # Read again from the start into one bytes object (head + rest
+                # would hold the file twice). If the file changed meanwhile,
+                # decode_rgb checks the header of what was read.
+                file.seek(0)
+                content = file.read(MAX_FILE_BYTES + 1)
     except OSError as error:
         return None, Outcome(None, f"cannot read: {error.strerror or error}")
+    if len(content) > MAX_FILE_BYTES:  # grew since fstat
+        return None, Outcome(None, file_too_large(len(content)))
     state = None
     if with_state:
         state = FileState(size, mtime_ns, hashlib.sha256(content).hexdigest())
     try:
-        return decode_rgb(path, input_size, content=content), Outcome(state, None)
+        pixels = decode_rgb(path, input_size, content=content, memory_budget=budget)
+        return pixels, Outcome(state, None)
     except ImageDecodeError as error:
         return None, Outcome(state, error.reason, error.lasting)
 
 
+def _header_refusal(path, head, file_bytes, target_size, budget):
+    """Why an image whose first bytes are ``head`` is refused before its body is read, or None.
+
+    None also when the header does not fit in ``head`` or is damaged: the
+    whole file (at most MAX_FILE_BYTES) is then read, and ``decode_rgb``
+    checks it before decoding any pixel.
+    """
+    try:
+        with _open_within_budget(path, head, target_size, budget, file_bytes):
+            return None
+    except ImageDecodeError as error:
+        return error.reason
+    except Image.DecompressionBombError as error:
+        return f"image too large ({error})"
+    except Exception:  # noqa: BLE001 - any damage is reported by the full decode
+        return None
+
+
+def _conversion(image):
+    """How ``_to_rgb`` converts an image: "16-bit", "alpha" or "other"."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return "16-bit"
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    ):
+        return "alpha"
+    return "other"
+
+
 def _to_rgb(image):
     """Any Pillow mode of the supported formats -> an RGB image, 8 bits."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    conversion = _conversion(image)
+    if conversion == "16-bit":
         # convert("RGB") clips 16-bit values at 255 instead of scaling them.
         wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
         gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    ):
+    if conversion == "alpha":
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def _decode_bytes(image):
-    """Bytes the pixels of an opened (not yet loaded) image need: its mode and RGB."""
+def _rgb_pixels(image):
+    """uint8 [h, w, 3] RGB of a loaded image, converted a strip of rows at a time.
+
+    Every conversion of ``_to_rgb`` works pixel by pixel, so strips give the
+    same pixels as the whole image, while their temporaries (int64 copies of
+    16-bit images, the RGBA images of alpha compositing) stay at most
+    ``_STRIP_PIXELS`` (or one row) in size instead of several whole images.
+    """
     width, height = image.size
-    source = len(image.getbands()) * (2 if image.mode.startswith("I;16") else 1)
-    if image.mode in ("I", "F"):
-        source = 4
-    return width * height * (source + 3)
+    rows = max(1, _STRIP_PIXELS // width)
+    pixels = np.empty((height, width, 3), np.uint8)
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        strip = image if rows >= height else image.crop((0, top, width, bottom))
+        pixels[top:bottom] = np.asarray(_to_rgb(strip))
+    return pixels
+
+
+def peak_bytes(image, file_bytes, full_size=None):
+    """Most bytes ``decode_rgb`` and then ``resize_to_input`` need for an image.
+
+    Args:
+      image: an opened, not yet loaded Pillow image (JPEG draft already
+        applied: its size is the size decoded).
+      file_bytes: int, the size of the file (held in memory while decoding).
+      full_size: (width, height) before the draft, for progressive JPEGs.
+
+    Returns an int, an upper bound of the peak resident memory measured for
+    each mode (see ``_STORED_BYTES``); see ``MEMORY_BUDGET``.
+    """
+    width, height = image.size
+    count = width * height
+    stored = _STORED_BYTES.get(image.mode, 4)
+    # The image, then either its transposed copy or the RGB result beside it.
+    decoding = count * max(2 * stored, stored + 3)
+    # A strip's temporaries: see _rgb_pixels (a strip is one row at least).
+    decoding += _STRIP_BYTES[_conversion(image)] * min(count, max(_STRIP_PIXELS, width))
+    if image.format == "WEBP":
+        decoding += count * _WEBP_BYTES + file_bytes
+    if image.format == "JPEG" and image.info.get("progressive"):
+        decoding += _jpeg_coefficient_bytes(image, full_size or image.size)
+    return _FIXED_BYTES + file_bytes + max(decoding, count * _RESIZE_BYTES)
+
+
+def _jpeg_coefficient_bytes(image, full_size):
+    """Bytes libjpeg holds for a progressive JPEG: every DCT coefficient of the
+    full-size image (2 bytes each), whatever the draft scale."""
+    layers = getattr(image, "layer", None) or [(None, 1, 1, None)] * len(image.getbands())
+    most = max(h * v for _, h, v, _ in layers)
+    samples = sum(h * v for _, h, v, _ in layers) / most
+    return int(2 * samples * full_size[0] * full_size[1])
+
+
+@contextlib.contextmanager
+def _open_within_budget(path, content, target_size, budget, file_bytes=None):
+    """Yields the Pillow image of ``content`` (draft applied, not loaded) once
+    its ``peak_bytes`` fit ``budget``; raises ImageDecodeError if they do not.
+
+    Pillow's own errors (unidentified, damaged, decompression bomb) propagate.
+    """
+    with Image.open(io.BytesIO(content), formats=SUPPORTED_FORMATS) as image:
+        full_size = image.size
+        if target_size and image.format == "JPEG":
+            margin = PIXEL_SETTINGS["jpeg_draft_margin"]
+            image.draft(None, (margin * target_size,) * 2)
+        needed = peak_bytes(image, len(content) if file_bytes is None else file_bytes,
+                            full_size)
+        if needed > budget:
+            raise ImageDecodeError(
+                path, f"too large to decode within the memory budget: "
+                f"{full_size[0]}x{full_size[1]} {image.format} needs about "
+                f"{needed / 2**20:.0f} MB, the budget is {budget / 2**20:.0f} MB; "
+                "shrink it or save it as JPEG")
+        yield image
+
+
+def _read_image(path):
+    """The bytes of an image file (a regular file of at most MAX_FILE_BYTES).
+
+    Raises ImageDecodeError when it cannot be read, is not a regular file
+    (never blocking on a FIFO) or is too large.
+    """
+    try:
+        with paths.open_regular(path) as (file, size, _):
+            if size > MAX_FILE_BYTES:
+                raise ImageDecodeError(path, file_too_large(size))
+            content = file.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        raise ImageDecodeError(path, f"cannot read: {error.strerror or error}") from None
+    if len(content) > MAX_FILE_BYTES:
+        raise ImageDecodeError(path, file_too_large(len(content)))
+    return content
 
 
 def decode_rgb(path, target_size=None, *, content=None, memory_budget=None):
@@ -204,23 +385,13 @@ def decode_rgb(path, target_size=None, *, content=None, memory_budget=None):
     budget = MEMORY_BUDGET if memory_budget is None else memory_budget
     try:
         if content is None:
-            content = Path(path).read_bytes()
+            content = _read_image(path)
         if not content:
             raise ImageDecodeError(path, "empty file")
-        with Image.open(io.BytesIO(content), formats=SUPPORTED_FORMATS) as image:
-            if target_size and image.format == "JPEG":
-                margin = PIXEL_SETTINGS["jpeg_draft_margin"]
-                image.draft(None, (margin * target_size,) * 2)
-            needed = _decode_bytes(image)
-            if needed > budget:
-                raise ImageDecodeError(
-                    path, f"too large to decode within the memory budget: "
-                    f"{image.size[0]}x{image.size[1]} {image.format} needs about "
-                    f"{needed / 2**20:.0f} MB, the budget is {budget / 2**20:.0f} MB; "
-                    "shrink it or save it as JPEG")
+        with _open_within_budget(path, content, target_size, budget) as image:
             image.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
-            return np.asarray(rgb, dtype=np.uint8).copy()
+            ImageOps.exif_transpose(image, in_place=True)
+            return _rgb_pixels(image)
     except ImageDecodeError:
         raise
     except Image.UnidentifiedImageError:
@@ -287,13 +458,23 @@ def _resize_with_pillow(pixels, size):
     """float32 [size, size, 3] of one [h, w, 3] image (see ``resize_to_input``)."""
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise RetrainError(f"Pixels must be [height, width, 3]. Received: shape={pixels.shape}")
-    if pixels.dtype == np.uint8:
-        bands = [band.convert("F") for band in Image.fromarray(pixels).split()]
-    else:
-        bands = [Image.fromarray(np.ascontiguousarray(pixels[..., c], dtype=np.float32), "F")
-                 for c in range(3)]
-    resized = [np.asarray(band.resize((size, size), Image.Resampling.BILINEAR)) for band in bands]
-    return np.stack(resized, axis=-1)
+    # One band at a time, through one reused uint8 buffer that Pillow maps
+    # rather than copies: float32 copies of all three bands (12 bytes a pixel)
+    # would be the largest buffer of a whole decode; a new buffer per band
+    # left the allocator's holes too small for the next band (9 bytes a pixel
+    # measured, 5.5 now).
+    height, width = pixels.shape[:2]
+    resized = np.empty((size, size, 3), np.float32)
+    band = np.empty((height, width), np.uint8 if pixels.dtype == np.uint8 else np.float32)
+    for channel in range(3):
+        band[...] = pixels[..., channel]
+        if band.dtype == np.uint8:  # L, then F: the values Pillow's split gave
+            image = Image.frombuffer("L", (width, height), band, "raw", "L", 0, 1).convert("F")
+        else:
+            image = Image.fromarray(band)
+        resized[..., channel] = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+        del image  # before the next band is written into the buffer it may map
+    return resized
 
 
 def image_batches(paths, input_size, batch_size, *, distort=None, outcomes=None,

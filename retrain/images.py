@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import re
-import stat
 import unicodedata
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import numpy as np
 
 from retrain import paths
 from retrain.config import check_split
-from retrain.decode import FORMAT_NAMES, SNIFF_BYTES, sniff_format
+from retrain.decode import (FORMAT_NAMES, MAX_FILE_BYTES, SNIFF_BYTES, file_too_large,
+                            sniff_format)
 from retrain.errors import RetrainError
 
 logger = logging.getLogger(__name__)
@@ -123,17 +123,31 @@ def split_bucket(relative_path, testing_percentage=10.0, validation_percentage=1
     return "training"
 
 
-def _rejection(path):
-    """Why ``path`` is not a supported image, or None when it is one."""
+def rejection(path):
+    """Why ``path`` is not a supported image, or None when it is one.
+
+    Reads at most its first SNIFF_BYTES, and nothing of a file that is not a
+    regular file (FIFO, socket, device; links followed) or is larger than
+    ``decode.MAX_FILE_BYTES``. Discovery and label_image's folder walk use it.
+    """
     try:
-        # A FIFO or device in the folder would block or never end a read.
-        if not paths.is_url(path) and not stat.S_ISREG(os.stat(path).st_mode):
-            return "not a regular file"
-        head, _, _ = paths.read(path, SNIFF_BYTES)
+        if not paths.is_url(path):
+            # Judged before anything is opened (links followed): a FIFO, socket
+            # or device would block or never end a read, and a huge (even
+            # sparse) file is not read at all.
+            status = os.stat(path)
+            reason = paths.not_regular(status.st_mode)
+            if reason:
+                return reason
+            if status.st_size > MAX_FILE_BYTES:
+                return file_too_large(status.st_size)
+        head, size, _ = paths.read(path, SNIFF_BYTES)
     except FileNotFoundError:
         return "cannot read: broken symbolic link"
     except OSError as error:
         return f"cannot read: {error.strerror or error}"
+    if size > MAX_FILE_BYTES:  # a URL, or a file that grew meanwhile
+        return file_too_large(size)
     if not head:
         return "empty file"
     if sniff_format(head):
@@ -242,7 +256,7 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
             relative_path = (path[len(root) + 1 :] if paths.is_url(root)
                              else Path(path).relative_to(root).as_posix())
             key = cache_key(relative_path)
-            reason = _rejection(path)
+            reason = rejection(path)
             if not reason and key in path_of_key:
                 # Two spellings of one name (NFC and NFD) can coexist on Linux;
                 # sharing a cache key, they would share one cached vector.

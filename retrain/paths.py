@@ -3,13 +3,18 @@
 A path with a scheme (``gs://bucket/photos``, ``ram://...``) goes through
 TensorFlow's file systems, so a Beam job on a cluster can read images from,
 and write shards to, a bucket; a local path goes through the operating system
-(exact nanosecond mtimes, fsync, symbolic links). URLs stay ``str``: a
+(exact nanosecond mtimes, fsync, symbolic links). A local file is read only
+when it is a regular file: it is opened without waiting (a FIFO would block
+``open`` until a writer comes) and checked on the opened descriptor, so a file
+swapped for a FIFO or device after a check is still refused. URLs stay ``str``: a
 ``pathlib.Path`` would fold their ``//``. Errors from TensorFlow are raised
 as OSError, like the local ones, with the reason in ``strerror``.
 """
 
 import contextlib
+import errno
 import os
+import stat as stat_module
 
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -50,14 +55,65 @@ def stat(path):
     return status.length, status.mtime_nsec
 
 
+def kind(mode):
+    """What an ``st_mode`` is, in words for an error: "FIFO", "socket", ..."""
+    for test, name in ((stat_module.S_ISREG, "regular file"), (stat_module.S_ISDIR, "folder"),
+                       (stat_module.S_ISFIFO, "FIFO"), (stat_module.S_ISSOCK, "socket"),
+                       (stat_module.S_ISCHR, "character device"),
+                       (stat_module.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def not_regular(mode):
+    """The reason a file of ``st_mode`` is not read ("not a regular file (FIFO)"), or None."""
+    if stat_module.S_ISREG(mode):
+        return None
+    return f"not a regular file ({kind(mode)})"
+
+
+@contextlib.contextmanager
+def open_regular(path):
+    """Opens a regular file for reading: yields (binary file, size in bytes, mtime in ns).
+
+    A local path is opened with O_NONBLOCK (opening a FIFO returns at once
+    instead of waiting for a writer; a socket fails to open) and must be a
+    regular file by ``fstat`` of that descriptor, so what is read is what was
+    checked. Symbolic links are followed: image folders may link to photos.
+    O_NONBLOCK is cleared again before any read.
+
+    Raises:
+      OSError: cannot be opened; or (errno EINVAL) not a regular file, with
+        ``strerror`` naming what it is ("not a regular file (FIFO)").
+    """
+    if is_url(path):
+        length, mtime_ns = stat(path)
+        with _as_os_error() as gfile, gfile.GFile(path, "rb") as file:
+            yield file, length, mtime_ns
+        return
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        status = os.fstat(descriptor)
+        reason = not_regular(status.st_mode)
+        if reason:
+            raise OSError(errno.EINVAL, reason, str(path))
+        os.set_blocking(descriptor, True)
+        file = os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with file:
+        yield file, status.st_size, status.st_mtime_ns
+
+
 def read(path, size=-1):
-    """(the first ``size`` bytes, or all, of a file, its size, its mtime in ns)."""
-    if not is_url(path):
-        with open(path, "rb") as file:
-            status = os.fstat(file.fileno())
-            return file.read(size), status.st_size, status.st_mtime_ns
-    length, mtime_ns = stat(path)
-    with _as_os_error() as gfile, gfile.GFile(path, "rb") as file:
+    """(the first ``size`` bytes, or all, of a file, its size, its mtime in ns).
+
+    Only regular files are read (see ``open_regular``); to bound what is
+    read, pass ``size``.
+    """
+    with open_regular(path) as (file, length, mtime_ns):
         return file.read(size), length, mtime_ns
 
 

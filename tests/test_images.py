@@ -112,7 +112,7 @@ def test_symlinks_are_followed_once_without_looping_nor_blocking(tmp_path, photo
     found = images.discover(root)
     assert [e.relative_path for e in found.entries] == ["cats/a.jpg", "cats/linked/x.jpg"]
     assert found.skipped == [("cats/broken.jpg", "cannot read: broken symbolic link"),
-                             ("cats/pipe.jpg", "not a regular file")]
+                             ("cats/pipe.jpg", "not a regular file (FIFO)")]
 
 
 def test_split_does_not_move_when_folder_moves_or_grows(tree, tmp_path, photo):
