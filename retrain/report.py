@@ -14,6 +14,12 @@ small JPEG thumbnail of every image the page shows into
 OUTPUT_DIR/thumbnails/, then calls `build`.
 The page is one HTML file with inline CSS and no scripts; it refers only to
 files beside it, so it opens from disk in any browser, with no network.
+
+A part that fails (the checks, a CSV, the thumbnails, a figure, the page) is a
+warning, never a lost run (retrain.report_parts). The folder may come from
+someone else: only regular files of bounded size are read from it
+(retrain.received_files), and every file is written with retrain.atomic_write,
+so a symbolic link at its name is replaced, never written through.
 """
 
 from __future__ import annotations
@@ -21,29 +27,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import io
 import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from retrain import atomic_write, data_checks, digests, evaluation, figures, received_files, run_record
-from retrain.decode import ImageDecodeError, decode_rgb
 from retrain.errors import RetrainError
-from retrain.images import cache_key
+from retrain.report_parts import ReportOutcome, ReportParts
 from retrain.text_escapes import one_line, utf8
+from retrain.thumbnails import (MAX_THUMBNAIL_BYTES, THUMBNAIL_DIR, render_thumbnails,
+                                thumbnail_path, write_thumbnails)
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 CURVES_FILE = "training_curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
-THUMBNAIL_DIR = "thumbnails"
-THUMBNAIL_SIDE = 128
 # How many rows of each list get thumbnails on the page; the CSV files hold all.
 SHOWN_MISCLASSIFIED = 60
 SHOWN_LABEL_ISSUES = 48
@@ -52,47 +56,6 @@ SHOWN_DUPLICATES = 24
 CHECKS_FILE = "data_checks.json"
 # Raise when the checks' method changes, so that no run reuses older findings.
 CHECKS_VERSION = 2
-# Largest thumbnail read back from a previous run's folder (they are ~5 KB).
-MAX_THUMBNAIL_BYTES = 1 << 20
-
-
-class ReportParts:
-    """The parts of a report that could not be made, each with its reason.
-
-    The model is the product and the report secondary: `part(name)` turns any
-    failure inside it (every Exception; KeyboardInterrupt and SystemExit
-    still end the run) into one warning line naming the part, and remembers
-    it, so the run goes on and can say at the end what is missing.
-    """
-
-    def __init__(self):
-        self.missing: list[tuple[str, str]] = []
-
-    @contextlib.contextmanager
-    def part(self, name: str):
-        try:
-            yield
-        except Exception as error:  # noqa: BLE001 - any failure of a report part is a warning
-            reason = one_line(f"{type(error).__name__}: {error}")
-            logger.warning("Report: %s not written (%s); the run goes on without it.", name, reason)
-            self.missing.append((name, reason))
-
-    def line(self) -> str:
-        """"Report incomplete: X missing (reason); ..." or "" when nothing is missing."""
-        if not self.missing:
-            return ""
-        return "Report incomplete: " + "; ".join(f"{name} missing ({reason})"
-                                                 for name, reason in self.missing)
-
-
-@dataclass
-class ReportOutcome:
-    """What `write_run_report` made: the page (None if it could not be written), the
-    data checks (None if they failed) and the parts that are missing."""
-
-    page: Path | None
-    checks: "DataChecks | None"
-    parts: ReportParts = field(default_factory=ReportParts)
 
 
 @dataclass
@@ -130,72 +93,6 @@ def shown_check_images(issues, duplicates) -> list[str]:
     for pair in duplicates[:SHOWN_DUPLICATES]:
         paths += [pair.image_a, pair.image_b]
     return list(dict.fromkeys(paths))
-
-
-def thumbnail_path(image: str) -> str:
-    """Where the thumbnail of a relative image path lives, relative to the output folder.
-
-    Named from the path as the record and CSVs write it (`one_line`), so an
-    image whose name is not UTF-8 finds its thumbnail on a rebuilt page too.
-    """
-    return f"{THUMBNAIL_DIR}/{cache_key(one_line(image))[:24]}.jpg"
-
-
-def render_thumbnails(image_dir, paths: list[str]) -> dict[str, bytes]:
-    """{relative path: JPEG bytes of at most THUMBNAIL_SIDE px per side} of the paths.
-
-    Nothing is written. An image that no longer decodes gets no thumbnail
-    (the page then shows its path only); any other failure for one image is
-    a warning naming it, and the others are still made.
-    """
-    rendered = {}
-    for relative in dict.fromkeys(paths):
-        try:
-            rendered[relative] = _thumbnail_jpeg(Path(image_dir) / relative)
-        except (ImageDecodeError, FileNotFoundError):
-            continue  # removed or damaged since the run read it: the page shows the path
-        except Exception as error:  # noqa: BLE001 - one thumbnail never costs the others
-            logger.warning("Report: no thumbnail of %s (%s: %s).", one_line(relative),
-                           type(error).__name__, one_line(str(error)))
-    return rendered
-
-
-def _thumbnail_jpeg(path: Path) -> bytes:
-    from PIL import Image
-
-    image = Image.fromarray(decode_rgb(path, target_size=THUMBNAIL_SIDE))
-    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
-
-
-def write_thumbnails(image_dir, paths: list[str], output_dir, rendered=None) -> int:
-    """Writes the thumbnail of each path into output_dir; returns how many were written.
-
-    ``rendered``: thumbnails already made ({path: JPEG bytes}, see
-    `render_thumbnails`); the others are made here. One is never written twice.
-
-    Raises:
-      RetrainError when output_dir/thumbnails is a symbolic link (never
-      written through).
-    """
-    folder = Path(output_dir) / THUMBNAIL_DIR
-    if folder.is_symlink():
-        raise RetrainError(f"{folder} is a symbolic link; retrain writes thumbnails only into "
-                           "a folder of its own. Remove the link.")
-    folder.mkdir(parents=True, exist_ok=True)
-    rendered = dict(rendered or {})
-    missing = [path for path in paths if path not in rendered
-               and not os.path.lexists(Path(output_dir) / thumbnail_path(path))]
-    rendered.update(render_thumbnails(image_dir, missing))
-    written = 0
-    for relative in dict.fromkeys(paths):
-        target = Path(output_dir) / thumbnail_path(relative)
-        if relative in rendered and not os.path.lexists(target):
-            atomic_write.write_bytes(target, rendered[relative])
-            written += 1
-    return written
 
 
 @dataclass
