@@ -87,9 +87,13 @@ HEADER_BYTES = 64 * 1024
 # band and its float32 copy (3 + 1 + 4, 5.5 measured beyond the pixels).
 _STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 _RESIZE_BYTES = 9
+# 32-bit "I" images (no supported format gives one in Pillow 13; a plugin
+# change could): their whole-image int32 buffer left holes the resize could
+# not reuse, 11.3 bytes a pixel measured at the peak.
+_EXTRA_BYTES = {"I": 4}
 # Decoder state (libjpeg's and zlib's buffers) and small objects: measured
-# about 1 MB beyond the pixels on drafted JPEGs.
-_FIXED_BYTES = 3 * 2**19
+# 1 to 2 MB beyond the pixels on drafted JPEGs.
+_FIXED_BYTES = 2 * 2**20
 _STRIP_PIXELS = 1 << 17
 # A strip's temporaries, per pixel: its crop, the conversion's images and the
 # packed RGB bytes; 16-bit gray adds int64 arithmetic (8 bytes a value, 3 at
@@ -163,9 +167,11 @@ class Outcome:
     lasting: bool = True
 
 
-def file_too_large(size):
-    """The reason a file of ``size`` bytes is not read as an image (over MAX_FILE_BYTES)."""
-    return (f"file too large ({size:,} bytes; images over {MAX_FILE_BYTES / 2**20:.0f} MB "
+def file_too_large(size=None):
+    """The reason a file of ``size`` bytes (None: one that grew past the cap while
+    it was read) is not read as an image (over MAX_FILE_BYTES)."""
+    found = f"{size:,} bytes" if size is not None else "it grew past that while read"
+    return (f"file too large ({found}; images over {MAX_FILE_BYTES / 2**20:.0f} MB "
             "are not read): shrink it or save it as JPEG")
 
 
@@ -203,7 +209,7 @@ def load(path, input_size, with_state=False, *, memory_budget=None):
     except OSError as error:
         return None, Outcome(None, f"cannot read: {error.strerror or error}")
     if len(content) > MAX_FILE_BYTES:  # grew since fstat
-        return None, Outcome(None, file_too_large(len(content)))
+        return None, Outcome(None, file_too_large())
     state = None
     if with_state:
         state = FileState(size, mtime_ns, hashlib.sha256(content).hexdigest())
@@ -276,7 +282,7 @@ def _rgb_pixels(image):
     return pixels
 
 
-def peak_bytes(image, file_bytes, full_size=None):
+def peak_bytes(image, file_bytes, full_size=None, target_size=None):
     """Most bytes ``decode_rgb`` and then ``resize_to_input`` need for an image.
 
     Args:
@@ -284,6 +290,7 @@ def peak_bytes(image, file_bytes, full_size=None):
         applied: its size is the size decoded).
       file_bytes: int, the size of the file (held in memory while decoding).
       full_size: (width, height) before the draft, for progressive JPEGs.
+      target_size: the side resized to, or None.
 
     Returns an int, an upper bound of the peak resident memory measured for
     each mode (see ``_STORED_BYTES``); see ``MEMORY_BUDGET``.
@@ -292,14 +299,16 @@ def peak_bytes(image, file_bytes, full_size=None):
     count = width * height
     stored = _STORED_BYTES.get(image.mode, 4)
     # The image, then either its transposed copy or the RGB result beside it.
-    decoding = count * max(2 * stored, stored + 3)
+    decoding = count * (max(2 * stored, stored + 3) + _EXTRA_BYTES.get(image.mode, 0))
     # A strip's temporaries: see _rgb_pixels (a strip is one row at least).
     decoding += _STRIP_BYTES[_conversion(image)] * min(count, max(_STRIP_PIXELS, width))
     if image.format == "WEBP":
         decoding += count * _WEBP_BYTES + file_bytes
     if image.format == "JPEG" and image.info.get("progressive"):
         decoding += _jpeg_coefficient_bytes(image, full_size or image.size)
-    return _FIXED_BYTES + file_bytes + max(decoding, count * _RESIZE_BYTES)
+    # The resized float32 pixels, and one band's resized image and its copy.
+    resizing = count * _RESIZE_BYTES + (target_size or 0) ** 2 * (12 + 4 + 4)
+    return _FIXED_BYTES + file_bytes + max(decoding, resizing)
 
 
 def _jpeg_coefficient_bytes(image, full_size):
@@ -324,7 +333,7 @@ def _open_within_budget(path, content, target_size, budget, file_bytes=None):
             margin = PIXEL_SETTINGS["jpeg_draft_margin"]
             image.draft(None, (margin * target_size,) * 2)
         needed = peak_bytes(image, len(content) if file_bytes is None else file_bytes,
-                            full_size)
+                            full_size, target_size)
         if needed > budget:
             raise ImageDecodeError(
                 path, f"too large to decode within the memory budget: "
@@ -348,7 +357,7 @@ def _read_image(path):
     except OSError as error:
         raise ImageDecodeError(path, f"cannot read: {error.strerror or error}") from None
     if len(content) > MAX_FILE_BYTES:
-        raise ImageDecodeError(path, file_too_large(len(content)))
+        raise ImageDecodeError(path, file_too_large())
     return content
 
 
