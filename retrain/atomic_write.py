@@ -86,7 +86,9 @@ def atomic_folder(path):
     try:
         yield temporary
         fsync_tree(temporary)
-        swap_folder(temporary, path)
+        old = swap_folder(temporary, path)
+        if old is not None and old != temporary:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
@@ -126,26 +128,41 @@ def fsync_tree(folder) -> None:
     fsync_path(folder)
 
 
-def swap_folder(staging: Path, final: Path) -> None:
-    """Makes the folder ``staging`` the folder at ``final``; the old ``final``
-    (if any) ends up at ``staging``, for the caller to delete.
+def swap_folder(staging: Path, final: Path) -> Path | None:
+    """Makes the folder ``staging`` the folder at ``final``.
+
+    Returns where the old ``final`` is now, for the caller to empty: ``staging``
+    after an exchange, a hidden name beside ``final``
+    (``.<name>.previous-<pid>``) after two renames, None when there was none.
 
     One renameat2(RENAME_EXCHANGE) where the kernel and file system have it,
-    so a crash leaves the old or the new folder at ``final``; elsewhere two
-    renames, with the old folder briefly under a hidden name beside it.
+    so a crash leaves the old or the new folder at ``final``. Elsewhere two
+    renames: old ``final`` -> previous, ``staging`` -> ``final``; when the
+    second fails the first is undone, so ``final`` keeps the old folder. Raises
+    OSError, unchanged, when nothing moved or the old folder was put back; if
+    even that fails, the error's message says where the old folder is.
     """
-    if not final.exists():
+    if not os.path.lexists(final):
         os.rename(staging, final)
-    elif not _exchange(staging, final):
-        previous = final.parent / f".{final.name}.previous-{os.getpid()}"
-        os.rename(final, previous)
+        fsync_path(final.parent)
+        return None
+    if _exchange(staging, final):
+        fsync_path(final.parent)
+        return staging
+    previous = final.parent / f".{final.name}.previous-{os.getpid()}"
+    os.rename(final, previous)
+    try:
+        os.rename(staging, final)
+    except OSError as error:
         try:
-            os.rename(staging, final)
-        except OSError:
             os.rename(previous, final)
-            raise
-        os.rename(previous, staging)
+        except OSError:
+            raise OSError(error.errno, f"{error.strerror}; the previous folder {final} could not "
+                          f"be put back and is now at {previous} (the next run puts it back)",
+                          error.filename) from error
+        raise
     fsync_path(final.parent)
+    return previous
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h

@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import fill, remount_read_only
 
-from retrain import atomic_write, output_folder
+from retrain import atomic_write, output_folder, run_marker
 from retrain.errors import RetrainError
 
 
@@ -22,9 +22,10 @@ def write_run(folder, number, extra=()):
 
 
 def contents(folder):
-    """{relative path: bytes} of every file below folder."""
+    """{relative path: bytes} of every file below folder but the run marker."""
     return {str(path.relative_to(folder)): path.read_bytes()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+            for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != run_marker.MARKER}
 
 
 def test_a_completed_run_replaces_the_whole_folder(tmp_path):
@@ -40,6 +41,9 @@ def test_a_completed_run_replaces_the_whole_folder(tmp_path):
     assert contents(out) == {"settings.yaml": b"run: 2\n", "model.keras": bytes([2]) * 1000,
                              "summaries/events": b"2"}
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]
+    marker = run_marker.read_marker(out)  # the run's id and every name it wrote
+    assert marker.run_id == folder.run_id and len(marker.run_id) == 32
+    assert marker.files == {"settings.yaml", "model.keras", "summaries/", "summaries/events"}
 
 
 @pytest.mark.parametrize("failure", [OSError(errno.EIO, "Input/output error"), KeyboardInterrupt(),
@@ -65,16 +69,6 @@ def test_a_second_run_on_a_folder_in_use_exits_saying_so(tmp_path):
                 pass
         write_run(first.staging, 1)
     assert contents(out)["settings.yaml"] == b"run: 1\n"
-
-
-def test_staging_folders_of_killed_runs_are_removed(tmp_path):
-    out = tmp_path / "out"
-    killed = tmp_path / ".out.staging-99999"
-    killed.mkdir()
-    (killed / "model.keras").write_bytes(b"half")
-    with output_folder.staged(out) as folder:
-        write_run(folder.staging, 1)
-    assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]
 
 
 def test_the_swap_works_without_rename_exchange(tmp_path, monkeypatch):
@@ -108,7 +102,7 @@ def test_files_outside_the_folder_are_renamed_at_the_end(tmp_path):
 def test_folders_a_swap_would_destroy_are_refused(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "thesis.tex").write_text("months of work")
-    with pytest.raises(RetrainError, match="holds files that retrain did not write.*thesis.tex"):
+    with pytest.raises(RetrainError, match="holds files but no .retrain-run.json.*thesis.tex"):
         with output_folder.staged(tmp_path / "notes"):
             pass
     photos = tmp_path / "out" / "photos"
