@@ -105,6 +105,18 @@ def test_run_record_writes_undecodable_paths_escaped(tmp_path):
     assert loaded.images[0] == "cat/caf\\xe9.jpg" and loaded.skipped[0][0] == "dog/caf\\xe9.jpg"
 
 
+def test_the_page_shows_undecodable_settings_escaped(tmp_path):
+    from test_run_record import small_record
+
+    record = small_record()
+    record.settings["image_dir"] = record.image_dir = f"/photos/{LATIN1}"
+    run_record.save(record, tmp_path)
+    assert json.loads((tmp_path / run_record.RECORD_FILE).read_text())["settings"]["image_dir"] \
+        == f"/photos/{LATIN1}"  # kept exactly (as \\udce9 in the JSON)
+    page = report.build(tmp_path).read_text(encoding="utf-8")  # UnicodeEncodeError before
+    assert page.count("/photos/caf\\xe9.jpg") >= 3  # title, lead line, settings
+
+
 # ---------------------------------------------------------------- a received output folder
 
 @pytest.fixture
