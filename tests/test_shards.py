@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from retrain import atomic_write, backbones, cli, decode, engines, extract, images, pipeline
-from retrain.cache import BottleneckCache, journal, shards
+from retrain.cache import BottleneckCache, journal, plan, shards
 from retrain.config import Config
 from retrain.errors import RetrainError
 from test_cache import photos, write
@@ -115,7 +115,8 @@ def test_shards_of_other_settings_or_damaged_are_never_merged(tmp_path, image_di
     other = dataclasses.replace(cache.identity, fingerprint="0" * 64)
     foreign = shards.ShardWriter(tmp_path, cache.path.name, other, "0of1")
     record = journal.Records()
-    record.add_row(entry.key, entry.relative_path, state, np.ones(1280, np.float32))
+    record.add_row(entry.key, entry.relative_path, state, np.ones(1280, np.float32),
+                   plan.folder_id(image_dir))
     foreign.append(record)
     foreign.close()
     damaged = tmp_path / f"{cache.path.name}.shard-0of1-feedfeedfeed-000001.npz"

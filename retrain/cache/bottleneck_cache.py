@@ -13,7 +13,7 @@ import numpy as np
 
 from retrain import backbones, decode, engines, paths
 from retrain.cache import plan as plan_lib
-from retrain.cache import shards, store
+from retrain.cache import shards, store, view
 from retrain.cache.journal import Journal, Records
 from retrain.config import check_setting, check_shard
 from retrain.errors import RetrainError
@@ -120,12 +120,15 @@ class BottleneckCache:
     def _update(self, image_list, batch_size, progress):
         with self._writing():
             with self._locked():
-                merged = self.merge()
-                cache = store.open_or_set_aside(self.path, self.identity)
+                # Either merge may be deferred (too little space for the new
+                # file): the plan and later reads then see the journal too.
+                merged = store.fold(self.path, self.identity).merged
+                cache = view.open_view(self.folder, self.path, self.identity,
+                                       lambda: store.open_or_set_aside(self.path, self.identity))
                 journal = Journal(self.path, self.identity)
                 plan, extracted, failed = self._fill(image_list, image_list.entries, cache,
                                                      journal, batch_size, progress)
-                self.merge()
+                merged += self.merge()
         return self._report(plan, extracted, failed, merged=merged)
 
     def _falling_back(self, work, *args):
@@ -187,9 +190,7 @@ class BottleneckCache:
                 cache.close()
 
     def _plan(self, image_list, entries, cache, progress):
-        recorded = shards.recorded_states(shards.finished(self.folder, self.path.name),
-                                          self.identity)
-        return plan_lib.plan(image_list.image_dir, entries, cache, recorded, progress)
+        return plan_lib.plan(image_list.image_dir, entries, cache, progress)
 
     def extract_to_shard(self, image_dir, entries, writer, batch_size=32, progress=True,
                          engine=None):
@@ -236,14 +237,20 @@ class BottleneckCache:
 
         The caller holds the cache lock (``update`` does). Returns the number
         of shard files merged; they are deleted once the cache holds them.
+        When the merged file would not fit on the disk, the merge is deferred
+        with a warning (the journal and shard files are read beside the main
+        file until a later merge has the space) and 0 is returned.
         """
-        return store.fold(self.path, self.identity)
+        folded = store.fold(self.path, self.identity)
+        if folded.deferred:
+            logger.warning("%s", folded.deferred)
+        return folded.merged
 
     def _fill(self, image_list, entries, cache, sink, batch_size, progress):
         """Plans ``entries`` against ``cache`` (closed here) and extracts the todo into sink."""
         try:
             plan = self._plan(image_list, entries, cache, progress)
-            _journal_touched(plan.touched, cache, sink)
+            _journal_touched(plan.touched, cache, sink, plan_lib.folder_id(image_list.image_dir))
         finally:
             if cache is not None:
                 cache.close()
@@ -278,7 +285,11 @@ class BottleneckCache:
             )
 
     def _open_read_only(self):
-        """The main file, or None when absent or unreadable (left for ``update``)."""
+        """A view.CacheView of the main file (left out when absent or unreadable:
+        ``update`` deals with it) and the unmerged records, or None."""
+        return view.open_view(self.folder, self.path, self.identity, self._main_read_only)
+
+    def _main_read_only(self):
         if paths.is_url(self.folder) or not self.path.exists():
             return None
         try:
@@ -348,22 +359,20 @@ class BottleneckCache:
             cache.close()
 
     def _open_for_reading(self, entries):
-        """The main file opened for reading, with every entry in it; else RetrainError."""
+        """The cache (view.CacheView: the main file and any records whose merge
+        was deferred) with every entry in it; else RetrainError."""
         self._check_local()
-        if not self.path.exists():
+        try:
+            cache = view.open_view(self.folder, self.path, self.identity, self._main_for_reading)
+            if cache is not None and cache.pending:
+                cache.load_pending()  # now, while the files are certainly there
+        except OSError as error:
+            raise _cache_error("read", self.path, error) from None
+        if cache is None:
             raise RetrainError(
                 f"There is no bottleneck cache {self.path} yet; run "
                 "BottleneckCache.update (or retrain --cache_only) first."
             )
-        try:
-            cache = store.CacheFile(self.path, self.identity)
-        except OSError as error:
-            raise _cache_error("read", self.path, error) from None
-        except store.UnreadableCache as error:
-            raise RetrainError(
-                f"The bottleneck cache {self.path} cannot be read ({error}); "
-                "run BottleneckCache.update (or retrain --cache_only) to build it."
-            ) from None
         missing = [e.relative_path for e in entries if e.key not in cache.rows]
         if missing:
             cache.close()
@@ -373,6 +382,17 @@ class BottleneckCache:
                 "on their ImageList first and leave out CacheReport.failed."
             )
         return cache
+
+    def _main_for_reading(self):
+        if not self.path.exists():
+            return None
+        try:
+            return store.CacheFile(self.path, self.identity)
+        except store.UnreadableCache as error:
+            raise RetrainError(
+                f"The bottleneck cache {self.path} cannot be read ({error}); "
+                "run BottleneckCache.update (or retrain --cache_only) to build it."
+            ) from None
 
     @contextlib.contextmanager
     def _locked(self):
@@ -415,12 +435,13 @@ def _cache_error(action, path, error):
     )
 
 
-def _journal_touched(touched, cache, sink):
-    """Writes the cached vectors of touched files, under their new mtime, to ``sink``."""
+def _journal_touched(touched, cache, sink, folder):
+    """Writes the cached vectors of touched files, under their new mtime and
+    image ``folder`` (``plan.folder_id``), to ``sink``."""
     for start in range(0, len(touched), _TOUCHED_BATCH):
         batch = touched[start : start + _TOUCHED_BATCH]
         vectors = cache.bottlenecks([row for _, row, _ in batch])
         records = Records()
         for (entry, _, state), vector in zip(batch, vectors):
-            records.add_row(entry.key, entry.relative_path, state, vector)
+            records.add_row(entry.key, entry.relative_path, state, vector, folder)
         sink.append(records)

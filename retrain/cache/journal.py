@@ -22,6 +22,12 @@ FORMAT_VERSION = 2
 PAUSE_VARIABLE = "RETRAIN_CACHE_PAUSE_AT"
 
 
+# The per-row arrays of a journal or shard file ("failed_" + the Failure
+# fields for failures). Files written before "folder" existed lack it:
+# ``folders`` reads it as unknown.
+ROW_NAMES = ("key", "relative_path", "size", "mtime_ns", "sha256", "folder", "bottleneck")
+
+
 class UnreadableCache(Exception):
     """A cache or journal file that cannot be used; the message says why."""
 
@@ -34,15 +40,20 @@ class Failure:
     size: int
     mtime_ns: int
     reason: str
+    # The image folder it was read from (plan.folder_id); "" when unknown
+    # (records written before folders were recorded).
+    folder: str = ""
 
 
 @dataclasses.dataclass
 class Records:
     """One batch of cache records: images with bottlenecks, and failures.
 
-    The row fields are lists of equal length: str ``key``, ``relative_path``
-    and ``sha256``, int ``size`` and ``mtime_ns``, and ``bottleneck`` one
-    float array [feature_dim] per row. ``failures`` maps key -> Failure.
+    The row fields are lists of equal length: str ``key``, ``relative_path``,
+    ``sha256`` and ``folder`` (``plan.folder_id`` of the image folder), int
+    ``size`` and ``mtime_ns``, and ``bottleneck`` one float array
+    [feature_dim] per row. ``failures`` maps key -> Failure. Records built
+    without ``folder`` (an empty list) are written with the folder unknown.
     """
 
     key: list = dataclasses.field(default_factory=list)
@@ -51,13 +62,15 @@ class Records:
     mtime_ns: list = dataclasses.field(default_factory=list)
     sha256: list = dataclasses.field(default_factory=list)
     bottleneck: list = dataclasses.field(default_factory=list)
+    folder: list = dataclasses.field(default_factory=list)
     failures: dict = dataclasses.field(default_factory=dict)
 
     def __len__(self):
         return len(self.key) + len(self.failures)
 
-    def add_row(self, key, relative_path, state, vector):
-        """Adds one image: its FileState (size, mtime_ns, sha256) and bottleneck."""
+    def add_row(self, key, relative_path, state, vector, folder):
+        """Adds one image: its FileState (size, mtime_ns, sha256), bottleneck and folder id."""
+        self.folder.append(folder)
         self.key.append(key)
         self.relative_path.append(relative_path)
         self.size.append(state.size)
@@ -67,7 +80,7 @@ class Records:
 
     def extend(self, other):
         """Appends the rows and failures of another Records."""
-        for name in ("key", "relative_path", "size", "mtime_ns", "sha256", "bottleneck"):
+        for name in ROW_NAMES:
             getattr(self, name).extend(getattr(other, name))
         self.failures.update(other.failures)
 
@@ -140,6 +153,8 @@ def to_arrays(records, identity):
         "size": np.array(records.size, dtype=np.int64),
         "mtime_ns": np.array(records.mtime_ns, dtype=np.int64),
         "sha256": np.array([d.encode() for d in records.sha256], dtype="S64"),
+        "folder": np.array([f.encode() for f in records.folder or [""] * len(records.key)],
+                           dtype="S16"),
         "bottleneck": np.asarray(records.bottleneck, dtype=identity.dtype).reshape(
             len(records.key), identity.feature_dim
         ),
@@ -148,7 +163,16 @@ def to_arrays(records, identity):
         "failed_size": np.array([f.size for _, f in failed], dtype=np.int64),
         "failed_mtime_ns": np.array([f.mtime_ns for _, f in failed], dtype=np.int64),
         "failed_reason": _bytes(f.reason for _, f in failed),
+        "failed_folder": np.array([f.folder.encode() for _, f in failed], dtype="S16"),
     }
+
+
+def folders(arrays, prefix=""):
+    """S16 [rows]: the ``folder`` (or ``failed_folder``) array of a journal or
+    shard file's arrays, b"" (unknown) for each row of a file written before
+    folders were recorded."""
+    found = arrays.get(f"{prefix}folder")
+    return np.zeros(len(arrays[f"{prefix}key"]), "S16") if found is None else found
 
 
 def load_arrays(file, identity, names=None):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from retrain import atomic_write, extract, paths
+from retrain.cache.plan import folder_id
 from retrain.cache.journal import (
     Failure, Records, UnreadableCache, load_arrays, pause_point, to_arrays,
 )
@@ -70,25 +71,6 @@ def load(path, identity, names=None):
             return load_arrays(file, identity, names)
     with open(path, "rb") as file:
         return load_arrays(file, identity, names)
-
-
-def recorded_states(files, identity):
-    """{key: (size, mtime_ns)} of the rows and failures in finished shard files.
-
-    Files that cannot be used are left out here; the merge reports them.
-    """
-    states = {}
-    for path in files:
-        try:
-            arrays = load(path, identity, ("key", "size", "mtime_ns", "failed_key",
-                                           "failed_size", "failed_mtime_ns"))
-        except UnreadableCache:
-            continue
-        for prefix in ("", "failed_"):
-            for key, size, mtime_ns in zip(arrays[f"{prefix}key"], arrays[f"{prefix}size"],
-                                           arrays[f"{prefix}mtime_ns"]):
-                states[key.decode()] = (int(size), int(mtime_ns))
-    return states
 
 
 def set_aside(path, reason):
@@ -200,6 +182,7 @@ def extract_into(sink, image_dir, entries, engine, input_size, batch_size=32, pr
     if not entries:
         return 0, []
     files = [paths.join(image_dir, entry.relative_path) for entry in entries]
+    folder = folder_id(image_dir)
     extracted, failed = 0, []
     with logging_redirect_tqdm(), tqdm(
         total=len(entries), desc="bottlenecks", unit="img", file=sys.stderr,
@@ -210,14 +193,14 @@ def extract_into(sink, image_dir, entries, engine, input_size, batch_size=32, pr
             for position, state, vector in zip(batch.positions, batch.states,
                                                batch.bottlenecks):
                 entry = entries[position]
-                records.add_row(entry.key, entry.relative_path, state, vector)
+                records.add_row(entry.key, entry.relative_path, state, vector, folder)
             for position, reason, state in batch.failures:
                 entry = entries[position]
                 failed.append((entry.relative_path, reason))
                 logger.warning("skipped %s: %s", entry.relative_path, reason)
                 if state is not None:
                     records.failures[entry.key] = Failure(
-                        entry.relative_path, state.size, state.mtime_ns, reason
+                        entry.relative_path, state.size, state.mtime_ns, reason, folder
                     )
             sink.append(records)
             extracted += len(batch.positions)

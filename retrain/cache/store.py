@@ -20,9 +20,11 @@ record winning, so nothing is duplicated. Callers hold the cache lock.
 Layout of the main file (``FORMAT_VERSION`` 1), one row per image:
 ``images/key`` S64 (sha256 hex of the relative path), ``images/relative_path``
 (utf-8), ``images/size`` and ``images/mtime_ns`` int64, ``images/sha256`` S64
-(content digest), ``images/bottleneck`` [rows, feature_dim] in the cache dtype;
-``failed/*`` the same for images that could not be decoded, with ``reason``
-instead of digest and bottleneck. File attributes hold the backbone name,
+(content digest), ``images/folder`` S16 (``plan.folder_id`` of the image
+folder the row was extracted from; absent in files written before it
+existed, read as b"" = unknown), ``images/bottleneck`` [rows, feature_dim]
+in the cache dtype; ``failed/*`` the same for images that could not be
+decoded, with ``reason`` instead of digest and bottleneck. File attributes hold the backbone name,
 fingerprint, feature_dim, dtype and format version, checked on every open.
 """
 
@@ -41,7 +43,7 @@ import numpy as np
 
 from retrain import atomic_write
 from retrain.cache import shards
-from retrain.cache.journal import Failure, Journal, UnreadableCache, pause_point
+from retrain.cache.journal import Failure, Journal, UnreadableCache, folders, pause_point
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ _CHUNK_ROWS = 256
 _TEXT = h5py.string_dtype("utf-8")
 _ROW_FIELDS = ("key", "relative_path", "size", "mtime_ns", "sha256", "bottleneck")
 _FAILED_FIELDS = ("key", "relative_path", "size", "mtime_ns", "reason")
+# Optional in both groups: files written before it existed lack it.
+_FOLDER = "folder"
+_OPTIONAL_FIELDS = ("folder",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +124,15 @@ class CacheFile:
             self.size = images["size"][()]
             self.mtime_ns = images["mtime_ns"][()]
             self.sha256 = images["sha256"][()]
+            self.folder = _folder_field(images, len(self.keys))
             self.rows = {key.decode(): row for row, key in enumerate(self.keys)}
             failed = self._file["failed"]
             self.failures = {
-                key.decode(): Failure(path.decode(), int(size), int(mtime), reason.decode())
-                for key, path, size, mtime, reason in zip(
-                    *(failed[name][()] for name in _FAILED_FIELDS)
+                key.decode(): Failure(path.decode(), int(size), int(mtime), reason.decode(),
+                                      folder.decode())
+                for key, path, size, mtime, reason, folder in zip(
+                    *(failed[name][()] for name in _FAILED_FIELDS),
+                    _folder_field(failed, len(failed["key"])),
                 )
             }
         except Exception as error:
@@ -167,13 +175,24 @@ class CacheFile:
         for start in range(0, len(keep), _BLOCK_ROWS):
             mask = keep[start : start + _BLOCK_ROWS]
             if mask.any():
-                yield {
+                block = {
                     name: images[name][start : start + len(mask)][mask]
                     for name in _ROW_FIELDS
                 }
+                block[_FOLDER] = self.folder[start : start + len(mask)][mask]
+                yield block
 
     def close(self):
         self._file.close()
+
+
+def _folder_field(group, count):
+    """S16 [count]: the group's ``folder`` dataset, b"" (unknown) when absent."""
+    if _FOLDER not in group:
+        return np.zeros(count, "S16")
+    if group[_FOLDER].shape != (count,):
+        raise UnreadableCache("datasets of unequal length or wrong width")
+    return group[_FOLDER][()]
 
 
 def open_or_set_aside(path, identity):
@@ -198,16 +217,27 @@ def open_or_set_aside(path, identity):
         return None
 
 
+class Folded(typing.NamedTuple):
+    """What ``fold`` did: ``merged`` shard files (deleted), and ``deferred``:
+    None, or the one-line reason the merge was put off (too little free space)."""
+
+    merged: int
+    deferred: typing.Optional[str]
+
+
 def fold(path, identity):
     """Merges the journal and every finished shard file into the main file.
 
     Also removes what killed runs left behind (temporary files, stale shard
     temporaries). The newest record of a key wins (journal files are newer
     than shard files); main rows it replaces are dropped. A shard file that
-    cannot be used is renamed aside with a warning, never merged.
+    cannot be used is renamed aside with a warning, never merged. When the
+    new main file would not fit on the disk, nothing is written: the journal
+    and shard files stay, are read beside the main file (``view.CacheView``)
+    and are merged by a later fold with space.
 
     Returns:
-      int, the number of shard files merged (and deleted).
+      Folded.
     """
     path = Path(path)
     journal = Journal(path, identity)
@@ -217,16 +247,16 @@ def fold(path, identity):
         for leftover in atomic_write.leftovers(journal.folder):
             leftover.unlink()
     shards.remove_stale_partials(path.parent, path.name)
-    journal_files = journal.files()
-    sources = [_Source(file, _shard_loader(identity), True)
-               for file in shards.finished(path.parent, path.name)]
-    sources += [_Source(file, journal.load, False) for file in journal_files]
+    sources = pending_sources(str(path.parent), path, identity)
     if not sources:
-        return 0
-    winners, journal_keys = _newest_records(sources)
+        return Folded(0, None)
+    winners, journal_keys = newest_records(sources)
     main = open_or_set_aside(path, identity)
     try:
-        _check_space(path, identity, main, winners)
+        needed, free = _space(path, identity, main, winners, journal_keys)
+        if needed > free:
+            return Folded(0, f"merge deferred: needs {needed / 1e6:.1f} MB, {free / 1e6:.1f} "
+                             f"MB free in {path.parent}; the journal keeps the new vectors")
         with atomic_write.atomic_path(path) as temporary:
             try:
                 _write_main(temporary, identity, main, winners, journal_keys)
@@ -237,12 +267,12 @@ def fold(path, identity):
         if main is not None:
             main.close()
     pause_point("fold-after-replace", marker=f"{path}.paused")
-    if journal_files:
+    if any(not source.shard for source in sources):
         journal.clear()
-    merged = [source.file for source, _, _ in winners if source.shard]
+    merged = [winner.source.file for winner in winners if winner.source.shard]
     for file in merged:
         os.unlink(file)
-    return len(merged)
+    return Folded(len(merged), None)
 
 
 class _Source(typing.NamedTuple):
@@ -253,30 +283,85 @@ class _Source(typing.NamedTuple):
     shard: bool
 
 
+def pending_sources(folder, path, identity):
+    """The records not merged into the main file ``path`` yet, oldest first:
+    finished shard files in ``folder`` (a path or URL), then journal files."""
+    sources = [_Source(file, _shard_loader(identity), True)
+               for file in shards.finished(folder, Path(path).name)]
+    journal = Journal(path, identity)
+    return sources + [_Source(file, journal.load, False) for file in journal.files()]
+
+
 def _shard_loader(identity):
     return lambda file: shards.load(file, identity)
 
 
-def _check_space(path, identity, main, winners):
-    """Raises OSError(ENOSPC) when the new main file may not fit on the disk.
+class Winner(typing.NamedTuple):
+    """The records of one journal or shard file that no newer file replaces.
+
+    ``rows``: int64 [n] positions in the file's row arrays; ``index``: their
+    ``key``, ``size``, ``mtime_ns``, ``sha256`` and ``folder`` arrays [n];
+    ``text_bytes``: int, the utf-8 length of their relative paths; ``failures``:
+    {str key: Failure} of its winning failures.
+    """
+
+    source: _Source
+    rows: np.ndarray
+    index: dict
+    text_bytes: int
+    failures: dict
+
+
+def _space(path, identity, main, winners, journal_keys):
+    """(bytes the new main file needs, bytes free on its disk).
 
     HDF5 reports a full disk only when the file is closed, and h5py crashes
     the process (segmentation fault) when that failed file object is freed;
-    so the space is checked before writing. The bound counts every row of the
-    main file and the journal, whole chunks of bottlenecks, generous per-row
-    text and 1 MB of HDF5 overhead.
+    so the space is checked before writing. The new file is written beside
+    the old one, so its whole size is needed (``_estimate``).
     """
-    rows = sum(len(kept) + len(failed) for _, kept, failed in winners)
+    rows = sum(len(winner.rows) for winner in winners)
+    text = sum(winner.text_bytes for winner in winners)
+    failures = sum(len(winner.failures) for winner in winners)
     if main is not None:
-        rows += len(main.keys) + len(main.failures)
+        main_keep = ~np.isin(main.keys, np.array(sorted(journal_keys), dtype="S64"))
+        rows += int(main_keep.sum())
+        text += _text_bytes(main, main_keep)
+        failures += sum(1 for key in main.failures if key.encode() not in journal_keys)
+    needed = _estimate(identity, rows, text, failures)
+    return needed, shutil.disk_usage(path.parent).free
+
+
+def _text_bytes(main, keep):
+    """The utf-8 length of the relative paths of the main rows where ``keep`` is set."""
+    dataset = main._file["images/relative_path"]
+    total = 0
+    for start in range(0, len(keep), _BLOCK_ROWS):
+        mask = keep[start : start + _BLOCK_ROWS]
+        if mask.any():
+            total += sum(len(text) for text in dataset[start : start + len(mask)][mask])
+    return total
+
+
+def _estimate(identity, rows, text_bytes, failures):
+    """Bytes of a main file of ``rows`` rows and ``failures`` failures, at most
+    1.5x what h5py writes (tests/test_cache_space.py measures it).
+
+    Measured with h5py 3 / HDF5 1.14: bottlenecks take whole chunks; a row's
+    fixed fields take 176 bytes (key 64, sha256 64, folder 16, size and
+    mtime 8 each, the variable-length string's reference 16) and its path a
+    global-heap object (16-byte header, data padded to 8 bytes); the file's
+    own structures (superblock, object headers, chunk B-tree) about 10 kB.
+    """
     chunks = -(-rows // _CHUNK_ROWS)
     vectors = chunks * _CHUNK_ROWS * identity.feature_dim * np.dtype(identity.dtype).itemsize
-    needed = vectors + rows * 1024 + (1 << 20)
-    free = shutil.disk_usage(path.parent).free
-    if needed > free:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (merging the new vectors "
-                      f"needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free)",
-                      str(path.parent))
+    # Rounded up (176 + 16 + 8 for the padding, plus slack for partly filled
+    # heap collections): a run that waits for space costs more than 5%.
+    per_row = 256
+    # A failure: key, size, mtime, folder, two strings' references and heap
+    # objects; its reason is a short sentence.
+    per_failure = 256 + 512
+    return vectors + rows * per_row + text_bytes * 11 // 10 + failures * per_failure + chunks * 64 + (64 << 10)
 
 
 def _as_os_error(error, path):
@@ -289,29 +374,54 @@ def _as_os_error(error, path):
     return OSError(code, os.strerror(code), str(path))
 
 
-def _newest_records(sources):
-    """The surviving records, [(source, rows, failed rows)], and all their keys.
+def newest_records(sources, set_aside=True):
+    """The surviving records, [Winner] (newest file first), and all their keys (bytes).
 
-    ``sources``: _Source list, oldest first; unusable ones are left out.
+    ``sources``: _Source list, oldest first (``pending_sources``); unusable
+    ones are left out, with a warning and (``set_aside``: under the cache
+    lock) a damaged shard file renamed aside; files that vanished are left
+    out too (a process without the lock reads while another merges).
     """
     seen, winners = set(), []
     for source in reversed(sources):
         try:
             arrays = source.load(source.file)
+        except FileNotFoundError:
+            continue
         except UnreadableCache as error:
+            if not set_aside:
+                continue
             if source.shard:
                 shards.set_aside(source.file, error)
             else:
                 logger.warning("discarding damaged journal file %s (%s)", source.file, error)
             continue
-        kept = ([], [])
-        for kind, name in enumerate(("key", "failed_key")):
-            for row, key in enumerate(arrays[name]):
-                if key not in seen:
-                    seen.add(key)
-                    kept[kind].append(row)
-        winners.append((source, *kept))
+        winners.append(_winner(source, arrays, seen))
     return winners, seen
+
+
+def _winner(source, arrays, seen):
+    """The Winner of one file's ``arrays``; adds its keys to ``seen``."""
+    kept = ([], [])
+    for kind, name in enumerate(("key", "failed_key")):
+        for row, key in enumerate(arrays[name]):
+            if key not in seen:
+                seen.add(key)
+                kept[kind].append(row)
+    rows = np.array(kept[0], np.int64)
+    index = {name: arrays[name][rows] for name in ("key", "size", "mtime_ns", "sha256")}
+    index[_FOLDER] = folders(arrays)[rows]
+    failed_folders = folders(arrays, "failed_")
+    failures = {
+        arrays["failed_key"][row].decode(): Failure(
+            arrays["failed_relative_path"][row].decode(), int(arrays["failed_size"][row]),
+            int(arrays["failed_mtime_ns"][row]), arrays["failed_reason"][row].decode(),
+            failed_folders[row].decode(),
+        )
+        for row in kept[1]
+    }
+    text = sum(len(text) for text in arrays["relative_path"][rows])
+    return Winner(source, rows, index, text, failures)
 
 
 def _write_main(temporary, identity, main, winners, journal_keys):
@@ -323,7 +433,7 @@ def _write_main(temporary, identity, main, winners, journal_keys):
         failures = {
             k: f for k, f in main.failures.items() if k.encode() not in journal_keys
         }
-    total = int(main_keep.sum()) + sum(len(rows) for _, rows, _ in winners)
+    total = int(main_keep.sum()) + sum(len(winner.rows) for winner in winners)
     with h5py.File(temporary, "w") as out:
         out.attrs.update(identity.attributes())
         images = out.create_group("images")
@@ -331,7 +441,7 @@ def _write_main(temporary, identity, main, winners, journal_keys):
             name: images.create_dataset(name, (total,), dtype)
             for name, dtype in (
                 ("key", "S64"), ("relative_path", _TEXT), ("size", np.int64),
-                ("mtime_ns", np.int64), ("sha256", "S64"),
+                ("mtime_ns", np.int64), ("sha256", "S64"), (_FOLDER, "S16"),
             )
         }
         datasets["bottleneck"] = images.create_dataset(
@@ -342,18 +452,12 @@ def _write_main(temporary, identity, main, winners, journal_keys):
         written = 0
         for block in blocks:
             written = _write_block(datasets, written, block)
-        for source, rows, failed in winners:
-            arrays = source.load(source.file)
-            written = _write_block(
-                datasets, written, {name: arrays[name][rows] for name in _ROW_FIELDS}
-            )
-            for row in failed:
-                failures[arrays["failed_key"][row].decode()] = Failure(
-                    arrays["failed_relative_path"][row].decode(),
-                    int(arrays["failed_size"][row]),
-                    int(arrays["failed_mtime_ns"][row]),
-                    arrays["failed_reason"][row].decode(),
-                )
+        for winner in winners:
+            arrays = winner.source.load(winner.source.file)
+            block = {name: arrays[name][winner.rows] for name in _ROW_FIELDS}
+            block[_FOLDER] = winner.index[_FOLDER]
+            written = _write_block(datasets, written, block)
+            failures.update(winner.failures)
         _write_failures(out.create_group("failed"), failures)
 
 
@@ -377,3 +481,6 @@ def _write_failures(group, failures):
         "mtime_ns", data=np.array([failures[k].mtime_ns for k in keys], np.int64)
     )
     group.create_dataset("reason", data=[failures[k].reason for k in keys], dtype=_TEXT)
+    group.create_dataset(
+        _FOLDER, data=np.array([failures[k].folder.encode() for k in keys], dtype="S16")
+    )
