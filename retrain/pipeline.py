@@ -45,7 +45,8 @@ def run(config: Config) -> RunResult:
 
     Every output is written into a staging folder that replaces output_dir
     only when the run completes (see retrain.output_folder); writers get the
-    staging folder as `out_dir`.
+    staging folder as `out_dir`. --cache_only and shard runs only fill the
+    cache: they neither create, lock nor replace output_dir.
     """
     spec = backbones.get(config.architecture)
     image_list = images.discover(config.image_dir, config.testing_percentage,
@@ -54,6 +55,9 @@ def run(config: Config) -> RunResult:
     if config.num_shards > 1:
         # K shard processes may share output_dir: they write nothing there.
         return run_shard(config, spec, image_list)
+    if config.cache_only:
+        # Nor does a cache-only run: it must not replace the previous run's outputs.
+        return run_cache_only(config, spec, image_list)
     inputs = (("image_dir", config.image_dir), ("bottleneck_dir", config.bottleneck_dir))
     with output_folder.staged(config.output_dir, inputs) as folder, _beside_training() as background:
         return _run(config, spec, image_list, folder, background)
@@ -101,15 +105,7 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     if skipped:
         print(f"{len(skipped)} images skipped; listed in {folder.final / 'skipped_images.txt'}",
               file=sys.stderr)
-    merged = f" ({cache_report.merged} shard files merged)" if cache_report.merged else ""
-    rate = ""
-    if cache_report.extracted and cache_report.extract_seconds > 0:
-        rate = (f" ({cache_report.extracted / cache_report.extract_seconds:.1f} images/s, "
-                f"{cache_report.engine} engine)")
-    print(f"Bottleneck cache {cache_report.path}: {cache_report.extracted} extracted{rate}, "
-          f"{cache_report.reused} reused, {len(skipped)} skipped{merged}.")
-    if config.cache_only:
-        return result
+    print(cache_summary(cache_report, len(skipped)))
     export_backbone = None
     if backbone is None and not config.distorted():
         # Built beside everything from here on: a warm rerun otherwise waited
@@ -265,6 +261,40 @@ def calibration_entries(training_entries, count: int) -> list:
     turns = itertools.zip_longest(*(by_class[label] for label in sorted(by_class)))
     chosen = [entry for turn in turns for entry in turn if entry is not None]
     return chosen[:count]
+
+
+def run_cache_only(config: Config, spec, image_list) -> RunResult:
+    """--cache_only: build or update the cache; output_dir is neither created nor touched.
+
+    The images that could not be used are named on stderr (a training run
+    lists them all in skipped_images.txt).
+    """
+    cache = BottleneckCache(config.bottleneck_dir, spec.name,
+                            weights_file=config.backbone_weights, dtype=config.bottleneck_dtype,
+                            engine=config.engine)
+    report = cache.update(image_list, batch_size=config.extraction_batch_size)
+    skipped = list(image_list.skipped) + list(report.failed)
+    print(cache_summary(report, len(skipped)))
+    shown = 5
+    for path, reason in skipped[:shown]:
+        print(f"skipped {one_line(path)}: {one_line(str(reason))}", file=sys.stderr)
+    if len(skipped) > shown:
+        print(f"... and {len(skipped) - shown} more images skipped; a training run lists them "
+              "all in skipped_images.txt", file=sys.stderr)
+    return RunResult(image_list, report)
+
+
+def cache_summary(report: CacheReport, skipped: int) -> str:
+    """The run's one line about the cache: extracted (with the rate), reused, skipped, merged."""
+    merged = f" ({report.merged} shard files merged)" if report.merged else ""
+    rate = ""
+    if report.extracted and report.extract_seconds > 0:
+        rate = (f" ({report.extracted / report.extract_seconds:.1f} images/s, "
+                f"{report.engine} engine)")
+    return (f"Bottleneck cache {report.path}: {report.extracted} extracted{rate}, "
+            f"{report.reused} reused, {skipped} skipped{merged}.")
+
+
 def run_shard(config: Config, spec, image_list) -> RunResult:
     """--num_shards K --shard_index I: extract part I into shard files, merged later."""
     cache = BottleneckCache(config.bottleneck_dir, spec.name,
