@@ -453,3 +453,30 @@ def test_the_estimate_bounds_the_measured_peak_of_each_mode(tmp_path):
            for name, (needed, peak) in results.items()})
     for name, (needed, peak) in results.items():
         assert peak <= needed <= 1.5 * peak, (name, needed / 2**20, peak / 2**20)
+
+
+def test_a_run_skips_each_hostile_file_with_one_line_and_finishes(special_files, tmp_path):
+    """The whole run: a sparse 64 GB x.jpg, a FIFO, a link to it, a socket and
+    /dev/zero among photos; exit 0, one warning line each, all in skipped_images.txt."""
+    root, expected = special_files
+    rng = np.random.default_rng(0)
+    for name, pixels in (("cats", data.chelsea()), ("cups", data.coffee())):
+        for number in range(8):
+            top, left = rng.integers(0, 40, 2)
+            save(pixels[top:top + 200, left:left + 250], root / name / f"{number}.jpg")
+    with open(root / "cats" / "x.jpg", "wb") as file:
+        file.write(JPEG_HEADER)
+        try:
+            file.truncate(64 << 30)
+        except OSError as error:
+            pytest.skip(f"this file system cannot hold a sparse 64 GB file: {error}")
+    expected["x.jpg"] = "file too large (68,719,476,736 bytes"
+    done = subprocess.run([sys.executable, "-m", "retrain", "--image_dir", str(root),
+                           "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    listed = (tmp_path / "out" / "skipped_images.txt").read_text().splitlines()
+    for name, reason in expected.items():
+        lines = [line for line in done.stderr.splitlines() if f"cats/{name}:" in line]
+        assert len(lines) == 1 and f"skipped cats/{name}: {reason}" in lines[0], done.stderr
+        assert [line for line in listed if line.startswith(f"cats/{name}\t{reason}")]
