@@ -13,7 +13,7 @@ ARCHITECTURE ?= efficientnet_lite0
 IMAGE ?= examples/digits/3/digit_0003.png
 DEMO_OUTPUT := output/digits
 
-.PHONY: venv demo test cache train label report-screenshot bench-exports bench bench-paths bench-memory clean
+.PHONY: venv demo test cache train label report-screenshot bench-exports bench bench-paths bench-memory hostile-check clean
 
 venv: $(VENV)/.installed
 
@@ -63,6 +63,9 @@ bench-paths: venv
 
 bench-memory: venv
 	$(PYTHON) benchmarks/cache_memory.py --rows 2000000
+# Every hostile-input case of issue 21 through the real commands (~10 min; tmpfs cases need root).
+hostile-check: venv
+	$(PYTHON) benchmarks/hostile_check.py $(HOSTILE_ARGS)
 
 clean:
 	rm -rf output examples/digits
