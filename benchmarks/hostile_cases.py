@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -339,3 +340,26 @@ def case_output_on_mount(ctx: Context, case: Case) -> None:
             else:
                 case.problems += tree_problems("mount point", before, tree(mount))
         case.check(os.path.ismount(mount), "the mount point is no longer mounted there")
+
+
+def case_sigkill_output(ctx: Context, case: Case) -> None:
+    """SIGKILL at random moments of a run into a finished folder: the old run or the new, whole."""
+    out, rng = ctx.work / "out_kill", random.Random(21)
+    first = case.expect(ctx.retrain("first", ctx.photos, out, ctx.cache), 0)
+    outputs_complete(case, out)
+    for attempt in range(3):
+        before = tree(out)
+        process = ctx.start(f"kill{attempt}", retrain_args(ctx.photos, out, ctx.cache))
+        moment = rng.uniform(0.5, first.seconds)
+        while process.poll() is None and time.monotonic() - process.started < moment:
+            time.sleep(0.02)
+        process.signal(signal.SIGKILL)
+        killed = process.wait(60)
+        case.notes.append(f"killed at {moment:.1f} s" if killed.code == -9 else "ended first")
+        if tree(out) != before:  # the new run was swapped in: it must be whole
+            for name in ("model.keras", "labels.txt", "settings.yaml", "run_record.json"):
+                case.check((out / name).is_file(), f"after SIGKILL at {moment:.1f} s, {name} missing")
+    case.expect(ctx.retrain("after", ctx.photos, out, ctx.cache), 0)
+    outputs_complete(case, out)
+    left = [p.name for p in ctx.work.glob(".out_kill.staging*")]
+    case.check(not left, f"the run after the kills left {left}")

@@ -157,3 +157,27 @@ for name in ("lambda.h5", "lambda.keras"):  # proof that the files run code when
     assert os.path.exists(os.environ["HOSTILE_MARKER"]), name
 os.unlink(os.environ["HOSTILE_MARKER"])
 '''
+
+
+def npz_bomb(source: Path, target: Path, member: str = "bottleneck", size: int = 1 << 30) -> None:
+    """A copy of the .npz `source` whose `member` array is `size` bytes of deflated zeros.
+
+    The other members are kept, so a reader that checks the identity first
+    gets as far as `member`; the file is about 1/1000 of `size`.
+    """
+    import zipfile
+
+    header = io.BytesIO()
+    rows = size // (1280 * 2)
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f2", "fortran_order": False, "shape": (rows, 1280)})
+    chunk = bytes(16 << 20)
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as new:
+        for name in old.namelist():
+            if name != f"{member}.npy":
+                new.writestr(name, old.read(name))
+        with new.open(f"{member}.npy", "w", force_zip64=True) as out:
+            out.write(header.getvalue())
+            total = rows * 1280 * 2
+            for start in range(0, total, len(chunk)):
+                out.write(chunk[: total - start])

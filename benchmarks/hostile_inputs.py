@@ -266,3 +266,44 @@ def case_received_report(ctx: Context, case: Case) -> None:
         os.mkfifo(received / name)
     case.expect(ctx.run("report", hs.python("-m", "retrain.report", received), timeout=120), 0, 2)
     case.problems += planted.problems()
+
+
+def case_npz_bomb(ctx: Context, case: Case) -> None:
+    """Shard and journal files whose vectors inflate to 1 GB: refused unread, memory bounded."""
+    cache = ctx.work / "cache_npz_bomb"
+    case.expect(ctx.retrain("shard", ctx.photos, ctx.work / "unused", cache, "--cache_only",
+                            "--num_shards", "2", "--shard_index", "0"), 0)
+    shards = sorted(cache.glob("[!.]*.h5.shard-*.npz"))
+    if not case.check(shards, "the shard run wrote no shard file"):
+        return
+    bomb = ctx.work / "bomb.npz"
+    hf.npz_bomb(shards[0], bomb)
+    shutil.copy2(bomb, shards[0])
+    journal = Path(f"{str(shards[0]).split('.shard-')[0]}.journal")
+    journal.mkdir(exist_ok=True)
+    shutil.copy2(bomb, journal / "00000001.npz")
+    result = case.expect(ctx.retrain("run", ctx.photos, ctx.work / "out_npz_bomb", cache), 0)
+    outputs_complete(case, ctx.work / "out_npz_bomb")
+    limit = ctx.baseline_peak_mb + 512
+    case.check(result.peak_mb <= limit, f"peak memory {result.peak_mb:.0f} MB: a 1 GB member was "
+                                        f"inflated (a normal run: {ctx.baseline_peak_mb:.0f} MB)")
+    case.notes.append(f"peak {result.peak_mb:.0f} MB")
+
+
+def case_lock_symlinks(ctx: Context, case: Case) -> None:
+    """Lock files planted as symlinks to a user's files: the files are not truncated.
+
+    One run per lock (a refused output lock would stop the run before the
+    cache lock is taken): the cache's, then the output folder's.
+    """
+    model, cache, planted = _main_cache_file(ctx), ctx.work / "cache_locks", Planted()
+    cache.mkdir()
+    shutil.copy2(model, cache / model.name)
+    victims = ctx.work / "victims_locks"
+    os.symlink(planted.file(victims / "cache_victim.txt", b"precious\n"), cache / f"{model.name}.lock")
+    os.symlink(planted.file(victims / "output_victim.txt", b"precious\n"), ctx.work / ".out_locks2.lock")
+    for name, out, bottlenecks in (("cache-lock", "out_locks1", cache),
+                                   ("output-lock", "out_locks2", ctx.cache)):
+        if case.expect(ctx.retrain(name, ctx.photos, ctx.work / out, bottlenecks), 0, 2).code == 0:
+            outputs_complete(case, ctx.work / out)
+    case.problems += planted.problems()
