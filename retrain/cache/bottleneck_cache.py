@@ -413,6 +413,15 @@ class BottleneckCache:
                     f"to release {lock.lock_file}; wait for it to finish, or use another "
                     f"bottleneck_dir. Received: lock_timeout={self.lock_timeout}"
                 ) from None
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            # filelock (>= 3.20.1, CVE-2025-68146) opens the lock with O_NOFOLLOW,
+            # so a planted link is refused instead of truncating its target.
+            raise RetrainError(
+                f"The lock file {lock.lock_file} is a symbolic link; retrain does not follow "
+                "it (it could point at any file). Remove the link and run again."
+            ) from None
         try:
             yield
         finally:

@@ -7,8 +7,10 @@ Extraction appends each batch of records to ``<cache>.h5.journal/`` as one
 
 import dataclasses
 import json
+import math
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -179,25 +181,27 @@ def load_arrays(file, identity, names=None):
     """The arrays of a journal or shard file (an open binary file).
 
     ``names``: the arrays to read (all when None); the identity is always
-    checked. Raises UnreadableCache when the file is damaged or was written
-    for another cache identity (other backbone, weights, dtype or settings);
-    an OSError with an errno (permission, I/O) is not about the content and
-    propagates.
+    checked. Every member's ``.npy`` header and declared size are checked
+    (``_checked_members``) before any array is read, so a small file cannot
+    expand into gigabytes and no member is unpickled. Raises UnreadableCache
+    when the file is damaged, oversized or was written for another cache
+    identity (other backbone, weights, dtype or settings); an OSError with an
+    errno (permission, I/O) is not about the content and propagates.
     """
     try:
-        with np.load(file, allow_pickle=False) as archive:
-            if int(archive["format_version"]) != FORMAT_VERSION:
+        with zipfile.ZipFile(file) as archive:
+            members = _checked_members(archive, identity)
+
+            def read(name):
+                with archive.open(members[name]) as stream:
+                    return np.lib.format.read_array(stream, allow_pickle=False)
+
+            if int(read("format_version")) != FORMAT_VERSION:
                 raise UnreadableCache("written for another cache format")
-            found = json.loads(archive["identity"].item().decode())
+            found = json.loads(read("identity").item().decode())
             if found != json.loads(json.dumps(identity.attributes())):
                 raise UnreadableCache(f"built for {found}, expected {identity.attributes()}")
-            arrays = {name: archive[name] for name in (names or archive.files)}
-        if "bottleneck" in arrays and (
-            arrays["bottleneck"].shape[1:] != (identity.feature_dim,)
-            or "key" in arrays and len(arrays["bottleneck"]) != len(arrays["key"])
-        ):
-            raise UnreadableCache("bottlenecks of the wrong shape")
-        return arrays
+            return {name: read(name) for name in (names or members)}
     except UnreadableCache:
         raise
     except OSError as error:
@@ -206,6 +210,86 @@ def load_arrays(file, identity, names=None):
         raise UnreadableCache(f"{type(error).__name__}: {error}") from None
     except Exception as error:
         raise UnreadableCache(f"{type(error).__name__}: {error}") from None
+
+
+# A journal or shard file holds at most a few thousand rows (about 2.6 KB
+# each in float16); a file declaring more than this is refused unread.
+MAX_FILE_BYTES = 1 << 30
+_MAX_MEMBERS = 64
+_MAX_SCALAR_BYTES = 1 << 16
+_NPY_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _member_layout(identity):
+    """{array name: (dtype, or "S" for bytes of any length, shape)}; the shape
+    names its row counts "rows" and "failed"."""
+    rows, failed = ("rows",), ("failed",)
+    int64, digest, folder = np.dtype(np.int64), np.dtype("S64"), np.dtype("S16")
+    return {
+        "format_version": (int64, ()), "identity": ("S", ()),
+        "key": (digest, rows), "relative_path": ("S", rows), "size": (int64, rows),
+        "mtime_ns": (int64, rows), "sha256": (digest, rows), "folder": (folder, rows),
+        "bottleneck": (np.dtype(identity.dtype), ("rows", identity.feature_dim)),
+        "failed_key": (digest, failed), "failed_relative_path": ("S", failed),
+        "failed_size": (int64, failed), "failed_mtime_ns": (int64, failed),
+        "failed_reason": ("S", failed), "failed_folder": (folder, failed),
+    }
+
+
+def _checked_members(archive, identity):
+    """{array name: ZipInfo} of an npz archive whose every member checks out.
+
+    From the zip directory and each member's ``.npy`` header only: at most
+    MAX_FILE_BYTES declared in all; each member exactly its header plus
+    shape x itemsize; the dtype and shape ``_member_layout`` expects (members
+    it does not know: any plain dtype), one row count per kind of row.
+    Raises UnreadableCache.
+    """
+    infos = archive.infolist()
+    if len(infos) > _MAX_MEMBERS:
+        raise UnreadableCache(f"{len(infos)} members, expected at most {_MAX_MEMBERS}")
+    declared = sum(info.file_size for info in infos)
+    if declared > MAX_FILE_BYTES:
+        raise UnreadableCache(f"members declare {declared} bytes uncompressed, more than the "
+                              f"{MAX_FILE_BYTES} a journal or shard file may hold")
+    layout, counts, members = _member_layout(identity), {}, {}
+    for info in infos:
+        name = info.filename.removesuffix(".npy")
+        shape, dtype = _member_header(archive, info)
+        want_dtype, want_shape = layout.get(name, (None, None))
+        if want_dtype is not None and (dtype.kind != "S" if want_dtype == "S"
+                                       else dtype != want_dtype):
+            raise UnreadableCache(f"{info.filename} holds {dtype}, expected {want_dtype}")
+        if want_shape is not None:
+            if len(shape) != len(want_shape):
+                raise UnreadableCache(f"{info.filename} has shape {shape}")
+            for size, want in zip(shape, want_shape):
+                # A number is a fixed width; a name, a row count all its arrays share.
+                expected = want if isinstance(want, int) else counts.setdefault(want, size)
+                if size != expected:
+                    raise UnreadableCache(f"{info.filename} has shape {shape}, expected "
+                                          f"{expected} in place of {size}")
+        if shape == () and dtype.itemsize > _MAX_SCALAR_BYTES:
+            raise UnreadableCache(f"{info.filename} holds {dtype.itemsize} bytes")
+        members[name] = info
+    return members
+
+
+def _member_header(archive, info):
+    """(shape, dtype) of one ``.npy`` member, read from its header alone."""
+    with archive.open(info) as stream:
+        reader = _NPY_READERS.get(np.lib.format.read_magic(stream))
+        if reader is None:
+            raise UnreadableCache(f"{info.filename} is not a .npy array of a known version")
+        shape, _, dtype = reader(stream)
+        header_bytes = stream.tell()
+    if dtype.hasobject:
+        raise UnreadableCache(f"{info.filename} holds Python objects")
+    if info.file_size != header_bytes + math.prod(shape) * dtype.itemsize:
+        raise UnreadableCache(f"{info.filename} declares {info.file_size} bytes, its header "
+                              f"{shape} x {dtype}")
+    return shape, dtype
 
 
 def _bytes(texts):

@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 from retrain import atomic_write
-from retrain.cache import shards
+from retrain.cache import hdf5_checks, shards
 from retrain.cache.journal import Failure, Journal, UnreadableCache, folders, pause_point
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,15 @@ _ROW_FIELDS = ("key", "relative_path", "size", "mtime_ns", "sha256", "bottleneck
 _FAILED_FIELDS = ("key", "relative_path", "size", "mtime_ns", "reason")
 # Optional in both groups: files written before it existed lack it.
 _FOLDER = "folder"
+# What each dataset of ``images`` and ``failed`` must hold, checked before it
+# is read (``hdf5_checks``): dtype (or text) and number of dimensions; the
+# bottleneck's dtype is the identity's. The optional ones may be absent (files
+# written before they existed).
+_FIELD_TYPES = {
+    "key": ("S64", 1), "relative_path": (hdf5_checks.TEXT, 1), "size": (np.int64, 1),
+    "mtime_ns": (np.int64, 1), "sha256": ("S64", 1), "reason": (hdf5_checks.TEXT, 1),
+    "folder": ("S16", 1),
+}
 _OPTIONAL_FIELDS = ("folder",)
 
 
@@ -107,6 +116,9 @@ class CacheFile:
 
     def __init__(self, path, identity):
         self.path = Path(path)
+        # A FIFO would block h5py's open forever and a symbolic link would read
+        # another file: both are refused before anything is opened.
+        self._size = hdf5_checks.check_regular_file(self.path)
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as error:
@@ -142,14 +154,29 @@ class CacheFile:
             raise UnreadableCache(f"damaged contents ({type(error).__name__}: {error})") from None
 
     def _check(self, identity):
+        """Raises UnreadableCache unless the file is a plain cache of ``identity``.
+
+        Made from metadata alone, before any dataset is read: the identity
+        attributes, then every group and dataset ``__init__`` and ``blocks``
+        read (``hdf5_checks``: hard links only, no external or virtual
+        storage, the expected dtypes, sizes the file can hold), then equal
+        row counts.
+        """
+        hdf5_checks.check_attributes(self._file, identity.attributes())
         found = {name: self._file.attrs.get(name) for name in identity.attributes()}
         found = {k: v.decode() if isinstance(v, bytes) else v for k, v in found.items()}
         if found != identity.attributes():
             raise UnreadableCache(f"built for {found}, expected {identity.attributes()}")
-        images = self._file["images"]
-        lengths = {images[name].shape[0] for name in _ROW_FIELDS}
-        if len(lengths) != 1 or images["bottleneck"].shape[1:] != (identity.feature_dim,):
-            raise UnreadableCache("datasets of unequal length or wrong width")
+        types = {**_FIELD_TYPES, "bottleneck": (identity.dtype, 2)}
+        for group_name, fields in (("images", _ROW_FIELDS), ("failed", _FAILED_FIELDS)):
+            group = hdf5_checks.checked_group(self._file, group_name)
+            expected = {name: types[name] for name in (*fields, *_OPTIONAL_FIELDS)}
+            datasets = hdf5_checks.check_datasets(group, expected, self._size, self.path,
+                                                  optional=_OPTIONAL_FIELDS)
+            lengths = {dataset.shape[0] for dataset in datasets.values()}
+            if len(lengths) != 1 or (group_name == "images" and datasets["bottleneck"].shape[1:]
+                                     != (identity.feature_dim,)):
+                raise UnreadableCache(f"datasets of unequal length or wrong width in {group_name}")
 
     def bottlenecks(self, rows):
         """float32 [len(rows), feature_dim] for the given row numbers, in order."""
