@@ -70,6 +70,7 @@ class Context:
     per_class: int
     extra: list = dataclasses.field(default_factory=list)  # further Case lines of the running case
     current: str = ""  # the running case's name (log file names)
+    processes: list = dataclasses.field(default_factory=list)  # started by the running case
     baseline_seconds: float = 30.0
     baseline_peak_mb: float = 0.0
     full_cache_bytes: int = 0
@@ -84,7 +85,15 @@ class Context:
         return self.extra[-1]
 
     def start(self, name, args, env=None) -> hs.Process:
-        return hs.Process(args, self.logs, name, env, log_prefix=self.current)
+        self.processes.append(hs.Process(args, self.logs, name, env, log_prefix=self.current))
+        return self.processes[-1]
+
+    def stop_all(self) -> None:
+        """Kills what a case left running (a case that stopped on an error of this script)."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.wait(0)
+        self.processes = []
 
     def run(self, name, args, timeout=RUN_TIMEOUT, env=None) -> hs.Result:
         return self.start(name, args, env).wait(timeout)

@@ -92,8 +92,16 @@ def run_case(ctx: Context, name: str, function) -> list[Case]:
             log.write(f"{name}:\n{traceback.format_exc()}\n")
         case.problems.append(f"hostile_check error: {type(error).__name__}: {error} "
                              f"(see {ctx.logs / 'script_errors.txt'})")
+    finally:
+        ctx.stop_all()
     case.problems += [f"shared cache: {p}" for p in rows_problems(rows, hs.cache_rows(ctx.cache))]
     return [case] + ctx.extra
+
+
+def usage_error(message: str) -> None:
+    """One line on stderr and exit status 2, as the tool itself does."""
+    print(f"hostile_check: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def prepare_work(path: Path | None) -> Path:
@@ -103,8 +111,8 @@ def prepare_work(path: Path | None) -> Path:
     path = path.resolve()
     if path.exists() and any(path.iterdir()):
         if not (path / WORK_MARKER).exists():
-            raise SystemExit(f"hostile_check: error: --work_dir {path} is not empty and was not "
-                             f"made by this script; give a new or empty folder")
+            usage_error(f"--work_dir {path} is not empty and was not made by this script; "
+                        "give a new or empty folder")
         for point in hs.mounts_under(path):
             subprocess.run(["umount", point], capture_output=True)
         for entry in path.iterdir():
@@ -118,7 +126,7 @@ def build_context(args, work: Path) -> Context:
     source = args.image_dir.resolve()
     classes_all = sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes_all) < 2:
-        raise SystemExit(f"hostile_check: error: --image_dir {source} needs 2 or more class folders")
+        usage_error(f"--image_dir {source} needs 2 or more class folders of photos")
     ctx = Context(work, source, classes_all[:args.classes], classes_all, args.per_class)
     ctx.logs.mkdir()
     chosen = {name: name for name in ctx.classes}
@@ -142,6 +150,8 @@ def parse_args(argv):
     if wanted - known:
         parser.error(f"unknown cases {sorted(wanted - known)}; known: {', '.join(sorted(known))}")
     args.cases = [(n, f) for n, f in CASES if n in wanted or n == "baseline"]
+    if not args.image_dir.is_dir():
+        usage_error(f"--image_dir {args.image_dir} is not a folder; give a folder of class folders")
     return args
 
 
