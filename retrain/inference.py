@@ -10,6 +10,12 @@
                      [n, num_classes] probabilities
 
 so `label_image` and the benchmarks decode and resize every format the same way.
+
+Only the `.keras` path is safe for a file from anyone: `export.load_classifier`
+checks the archive and loads it with Keras's safe mode, running no code from
+it (a legacy `.h5` model is refused). A SavedModel folder and a `.tflite` file
+are programs by their formats' own rules (graph ops that read and write files,
+custom ops): load them only from a trusted source.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from retrain.errors import RetrainError
 
 
 class KerasPixelClassifier:
-    """A .keras file from `export.save_classifier`."""
+    """A .keras file from `export.save_classifier`, checked and loaded running no code from it."""
 
     def __init__(self, path):
         from retrain import export
@@ -39,7 +45,9 @@ def model_format(graph) -> str:
 
     if os.path.isdir(graph):
         return "saved_model"
-    return "tflite" if tflite.is_tflite(graph) else "keras"
+    # is_tflite opens the file: only a regular one (opening a FIFO blocks). Anything
+    # else goes to the .keras loader, which refuses it without opening it.
+    return "tflite" if os.path.isfile(graph) and tflite.is_tflite(graph) else "keras"
 
 
 def load_pixel_classifier(graph):

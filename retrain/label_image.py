@@ -8,6 +8,13 @@ LiteRT when ai-edge-litert is installed, TensorFlow's interpreter otherwise)
 or the SavedModel folder. Every format gets the same pixels: decoded with
 Pillow and resized as extraction does.
 
+Trust: a .keras file may come from anyone. It is loaded only if it is a zip
+archive holding nothing but the layers retrain exports (no Lambda layer, no
+custom object; a legacy .h5 model is refused), with Keras's safe mode on, so
+nothing in it runs. A SavedModel folder or a .tflite file is a program by its
+format's rules (graph ops that read and write files, custom ops): pass one
+only from a source you trust.
+
 For each image it prints the path, then the top-k classes as `label (score)`
 lines, best first; `--json` prints one JSON document instead. A folder stands
 for the images inside it (recursively; files that are not images are ignored).
@@ -36,7 +43,11 @@ def parse_args(argv):
         prog="python -m retrain.label_image",
         description="Print the top classes of images, using a model exported by retrain.")
     parser.add_argument("--graph", required=True,
-                        help="the model.keras, model_<kind>.tflite or SavedModel folder written by retrain")
+                        help="the model.keras, model_<kind>.tflite or SavedModel folder written by "
+                             "retrain. A .keras file may come from anyone: it is checked and "
+                             "loaded running no code from it (legacy .h5 models and Lambda "
+                             "layers are refused). A SavedModel or .tflite is a program (its ops "
+                             "can read and write files): pass one only from a trusted source.")
     parser.add_argument("--labels", required=True, help="the labels.txt written with the model")
     parser.add_argument("--image", required=True, nargs="+",
                         help="image files or folders of images")

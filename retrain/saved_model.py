@@ -15,6 +15,11 @@
 Decoding and resizing inside the graph are `retrain.decode_graph`'s, which
 reproduce label_image's Pillow decoding. The labels are in the graph and in
 the folder as `assets/labels.txt`.
+
+A SavedModel is a program: its graph may hold any TensorFlow op, including
+ops that read and write files, and loading it runs none of retrain's checks.
+Load only folders from a trusted source (`.keras` is the format to take from
+others; see `retrain.export.load_classifier`).
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ The class names are embedded as a model metadata entry named
 and `labels.txt` is written beside the model as well. The entry is plain
 TFLite `Model.metadata`, not the TFLite Support `ModelMetadata` schema, whose
 writer package does not install on current Python versions.
+
+A .tflite file is a program too: a flatbuffer can name custom ops that the
+interpreter runs, and its buffers are trusted as they are. Run only files
+from a trusted source (`.keras` is the format to take from others).
 """
 
 from __future__ import annotations

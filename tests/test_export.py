@@ -141,8 +141,8 @@ def test_save_refuses_other_suffixes(parts, tmp_path):
 
 @pytest.mark.parametrize("read, name, content, message", [
     (export.load_classifier, "model.keras", None, "Model file not found"),
-    (export.load_classifier, "model.keras", b"not a zip at all", "Cannot load model"),
-    (export.load_classifier, "model.keras", b"PK\x03\x04 truncated zip", "Cannot load model"),
+    (export.load_classifier, "model.keras", b"not a zip at all", "Refusing model"),
+    (export.load_classifier, "model.keras", b"PK\x03\x04 truncated zip", "Refusing model"),
     (export.read_labels, "labels.txt", None, "Cannot read labels file"),
     (export.read_labels, "labels.txt", b"", "one class name per line"),
     (export.read_labels, "labels.txt", b"cat\n\ndog\n", "no blank"),
