@@ -104,15 +104,15 @@ def main(argv=None) -> int:
 def image_paths(arguments):
     """The image files named by the --image arguments, and (path, reason) for those missing.
 
-    Folders are searched recursively and only files whose content is a
-    supported image format are kept. Raises RetrainError when nothing is left.
+    Folders are searched recursively and only regular files whose content is
+    a supported image format are kept (``images.rejection``: a FIFO, socket,
+    device or oversized file is left out without being read). Raises
+    RetrainError when nothing is left.
     """
-    from retrain.decode import sniff_format
-
     paths, failures = [], []
     for argument in arguments:
         if os.path.isdir(argument):
-            found = [path for path in sorted(_files_below(argument)) if _sniff(path, sniff_format)]
+            found = [path for path in sorted(_files_below(argument)) if _sniff(path)]
             if not found:
                 failures.append((argument, "folder holds no supported images"))
             paths.extend(found)
@@ -132,12 +132,10 @@ def _files_below(folder):
         yield from (os.path.join(root, name) for name in filenames if not name.startswith("."))
 
 
-def _sniff(path, sniff_format):
-    try:
-        with open(path, "rb") as handle:
-            return sniff_format(handle.read(16)) is not None
-    except OSError:
-        return False
+def _sniff(path):
+    from retrain import images
+
+    return images.rejection(path) is None
 
 
 class Labeller:
