@@ -71,11 +71,13 @@ def atomic_path(path):
 
 
 @contextlib.contextmanager
-def atomic_folder(path):
+def atomic_folder(path, seal=None, clear_old=None):
     """Yields a temporary folder beside ``path`` for the caller to fill (a SavedModel).
 
-    When the block ends normally the folder is fsynced and takes the place of
-    ``path`` (``swap_folder``); the previous one is deleted. When the block
+    When the block ends normally, ``seal(temporary)`` runs (if given: e.g. to
+    write a marker listing what the folder holds), the folder is fsynced and
+    takes the place of ``path`` (``swap_folder``), and ``clear_old(old)``
+    empties the folder it replaced (default: deletes it). When the block
     raises, the temporary folder is removed and ``path`` is untouched.
     OSError propagates unchanged.
     """
@@ -85,12 +87,18 @@ def atomic_folder(path):
     temporary.mkdir()
     try:
         yield temporary
+        if seal is not None:
+            seal(temporary)
         fsync_tree(temporary)
         old = swap_folder(temporary, path)
-        if old is not None and old != temporary:
-            shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            (clear_old or _remove_tree)(old)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _remove_tree(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_bytes(path, data: bytes) -> Path:

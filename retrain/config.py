@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-from retrain import atomic_write
+from retrain import atomic_write, run_marker
 from retrain.backbones import DEFAULT_BACKBONE
 from retrain.engines import ENGINES
 from retrain.errors import RetrainError
@@ -277,11 +277,23 @@ def check_saved_model_dir(saved_model_dir, other_outputs=()) -> None:
             f"replaced whole), e.g. OUTPUT_DIR/saved_model. Received: saved_model_dir={saved_model_dir}"
             + "".join(f", clashing with {other}" for other in clash[:1])
         )
-    if target.is_file() or (target.is_dir() and any(target.iterdir())
-                            and not (target / "saved_model.pb").is_file()):
+    if os.path.lexists(target) and not target.is_dir():
         raise RetrainError(
-            f"--saved_model_dir exists and is not a SavedModel folder; replacing it would lose its "
-            f"content. Choose a new folder. Received: saved_model_dir={saved_model_dir}"
+            f"--saved_model_dir is a file; choose a new folder. Received: saved_model_dir={saved_model_dir}"
+        )
+    if target.is_dir() and any(target.iterdir()) and run_marker.read_marker(target) is None:
+        # Only retrain's marker makes a folder replaceable, never a common name
+        # (saved_model.pb is what every SavedModel holds, the user's own too).
+        raise RetrainError(
+            f"--saved_model_dir {target} holds files and was not written by retrain (no "
+            f"{run_marker.MARKER}); replacing it would lose them. Choose a new or empty folder. "
+            f"Received: saved_model_dir={saved_model_dir}"
+        )
+    if os.path.ismount(target):
+        raise RetrainError(
+            f"--saved_model_dir {target} is a mount point, which cannot be replaced by a rename; "
+            f"use a folder inside it, e.g. {target / 'saved_model'}. "
+            f"Received: saved_model_dir={saved_model_dir}"
         )
 
 

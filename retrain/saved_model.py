@@ -24,9 +24,10 @@ others; see `retrain.export.load_classifier`).
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
-from retrain import atomic_write, export
+from retrain import atomic_write, export, run_marker
 from retrain.config import check_saved_model_dir
 from retrain.decode_graph import decode_image_bytes
 from retrain.errors import RetrainError
@@ -70,14 +71,20 @@ def save_saved_model(fixed, class_names: list[str], path) -> Path:
       fixed: `export.fixed_size_classifier(...)`, float32 [batch, size, size, 3]
         -> float32 [batch, len(class_names)].
       class_names: the labels in output order.
-      path: the folder; an existing SavedModel there is replaced, any other
+      path: the folder; a folder an earlier run wrote there (it holds
+        retrain's marker, ``run_marker.MARKER``) is replaced, files in it that
+        the run did not write are carried into the new one; any other
         existing content is refused with a RetrainError.
     """
     path = Path(path)
     check_saved_model_dir(path)
     size = int(fixed.input_shape[1])
+    run_id = uuid.uuid4().hex
     try:
-        with atomic_write.atomic_folder(path) as temporary:
+        with atomic_write.atomic_folder(
+                path, seal=lambda folder: run_marker.write_marker(
+                    folder, run_id, run_marker.written_names(folder)),
+                clear_old=lambda old: run_marker.clear_previous(old, path, run_id)) as temporary:
             labels_file = export.write_labels(class_names, temporary / "labels.txt")
             module = _Exported(fixed, class_names, labels_file)
             signatures = {

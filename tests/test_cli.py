@@ -69,7 +69,7 @@ def test_saved_model_dir_holding_other_files_is_refused_before_any_work(tmp_path
     (folder / "notes.txt").write_text("keep me")
     status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "none"),
                               "--saved_model_dir", str(folder))
-    assert status == 2 and "not a SavedModel folder" in err and err.count("\n") == 1
+    assert status == 2 and "was not written by retrain" in err and err.count("\n") == 1
     assert (folder / "notes.txt").read_text() == "keep me"
 
 

@@ -154,8 +154,8 @@ def test_unusable_models_exit_2_with_one_line(exports, photo_model, tmp_path, ca
 def test_saved_model_is_replaced_atomically(exports, photo_model, tmp_path, monkeypatch):
     fixed = export.fixed_size_classifier(export.load_classifier(photo_model["graph"]))
     target = tmp_path / "saved_model"
-    target.mkdir()
-    (target / "saved_model.pb").write_bytes(b"an older export")
+    saved_model.save_saved_model(fixed, photo_model["names"], target)
+    before = (target / "saved_model.pb").read_bytes()
 
     def crash(module, folder, **kwargs):
         open(os.path.join(folder, "saved_model.pb"), "wb").write(b"half written")
@@ -164,19 +164,29 @@ def test_saved_model_is_replaced_atomically(exports, photo_model, tmp_path, monk
     monkeypatch.setattr(saved_model.tf.saved_model, "save", crash)
     with pytest.raises(RetrainError, match="No space left on device"):
         saved_model.save_saved_model(fixed, photo_model["names"], target)
-    assert (target / "saved_model.pb").read_bytes() == b"an older export"
+    assert (target / "saved_model.pb").read_bytes() == before
     assert os.listdir(tmp_path) == ["saved_model"]
 
     monkeypatch.undo()
+    (target / "notes.txt").write_text("the user's")
     saved_model.save_saved_model(fixed, photo_model["names"], target)
-    assert os.listdir(tmp_path) == ["saved_model"]  # no temporary or set-aside folder left
+    assert sorted(os.listdir(tmp_path)) == ["saved_model"]  # no temporary or set-aside folder left
     assert saved_model.PixelClassifier(target).num_classes == len(photo_model["names"])
+    assert (target / "notes.txt").read_text() == "the user's"  # carried into the new export
+
+
+@pytest.mark.parametrize("content", [{"keep.jpg": b"precious"},
+                                     {"saved_model.pb": b"someone else's SavedModel",
+                                      "variables/variables.index": b"theirs"}])
+def test_a_folder_retrain_did_not_write_is_never_replaced(exports, photo_model, tmp_path, content):
+    fixed = export.fixed_size_classifier(export.load_classifier(photo_model["graph"]))
     other = tmp_path / "photos_of_mine"
-    other.mkdir()
-    (other / "keep.jpg").write_bytes(b"precious")
-    with pytest.raises(RetrainError, match="not a SavedModel folder"):
+    for name, data in content.items():
+        (other / name).parent.mkdir(parents=True, exist_ok=True)
+        (other / name).write_bytes(data)
+    with pytest.raises(RetrainError, match="was not written by retrain"):
         saved_model.save_saved_model(fixed, photo_model["names"], other)
-    assert (other / "keep.jpg").read_bytes() == b"precious"
+    assert {name: (other / name).read_bytes() for name in content} == content
 
 
 def test_failed_conversion_keeps_the_previous_file(photo_model, tmp_path):
