@@ -68,7 +68,8 @@ def part_forward(args):
     """Forward-only images/s of each engine on pre-decoded tensors."""
     import numpy as np
 
-    from retrain import backbones, decode, engines, images
+    from retrain import backbones, engines
+    from retrain.data import decode, images
 
     spec = backbones.get(args.backbone)
     found = images.discover(args.folder)
@@ -101,7 +102,8 @@ def part_retrain_py(args):
     """
     import numpy as np
 
-    from retrain import backbones, engines, images
+    from retrain import backbones, engines
+    from retrain.data import images
     from retrain.quiet_tensorflow import import_tensorflow
 
     tf = import_tensorflow()
@@ -140,7 +142,8 @@ def part_ours(args):
     from retrain.quiet_tensorflow import import_tensorflow
 
     import_tensorflow()
-    from retrain import backbones, evaluation, export, pipeline, report, train_paths
+    from retrain import backbones, evaluation, export, pipeline, report
+    from retrain.training import train_paths
     from retrain.cache import bottleneck_cache
     from retrain.config import Config
 
@@ -248,7 +251,7 @@ def link_sample(image_dir, count, folder):
     Returns {bucket: folder} trees for the Keras recipe, with the same hash
     split as retrain's (which runs on ``folder / "all"``).
     """
-    from retrain import images
+    from retrain.data import images
 
     found = images.discover(image_dir)
     entries = found.entries

@@ -39,7 +39,7 @@ BLOCK = 16384
 
 def entries(rows, validation_every=50):
     """ImageEntry objects of the synthetic rows: class = row % CLASSES."""
-    from retrain.images import ImageEntry, cache_key
+    from retrain.data.images import ImageEntry, cache_key
 
     result = []
     for row in range(rows):
@@ -158,7 +158,7 @@ def _child(args):
     from retrain.quiet_tensorflow import import_tensorflow
 
     import_tensorflow()
-    from retrain import train, training_data
+    from retrain.training import train, training_data
     from retrain.cache import BottleneckCache
 
     def status_mb(field):

@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from retrain import data_checks, images
+from retrain.evaluation import data_checks
+from retrain.data import images
 from retrain.cache import BottleneckCache
 from retrain.errors import RetrainError
 

@@ -37,7 +37,8 @@ from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()
 
-from retrain import decode, inference  # noqa: E402
+from retrain.data import decode  # noqa: E402
+from retrain.export import inference
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers128"
 KINDS = ("float32", "float16", "int8")
@@ -126,7 +127,7 @@ def decode_agreement(paths, size):
     libjpeg at reduced scale whenever the enlarged side reaches 4x the input side)."""
     from PIL import Image
 
-    from retrain import saved_model
+    from retrain.export import saved_model
 
     identical, compared, largest = 0, 0, 0.0
     for path in paths:

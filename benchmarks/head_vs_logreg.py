@@ -8,7 +8,7 @@ reach the accuracy a plain logistic regression reaches on the same vectors.
 For each dataset this trains, on the same cached EfficientNet-Lite0 bottlenecks
 and the same hash split (10% test, 10% validation):
 
-* the head: ``retrain.train.train_head`` with the settings of ``Config()``;
+* the head: ``retrain.training.train.train_head`` with the settings of ``Config()``;
 * scikit-learn's ``LogisticRegression(C=1)`` fit on the training bucket;
 * ``LogisticRegression`` with C chosen on the validation bucket from C_GRID;
 
@@ -37,7 +37,9 @@ from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()  # before anything else imports it, so stderr keeps only our lines
 
-from retrain import backbones, images, pipeline, train  # noqa: E402
+from retrain import backbones, pipeline  # noqa: E402
+from retrain.data import images
+from retrain.training import train
 from retrain.cache import BottleneckCache  # noqa: E402
 from retrain.config import Config  # noqa: E402
 from retrain.errors import RetrainError  # noqa: E402

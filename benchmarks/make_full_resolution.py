@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from retrain import decode, images
+from retrain.data import decode, images
 
 
 def main(argv=None):

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import backbones, decode, engines, extract, images
+from retrain import backbones, engines
+from retrain.data import decode, images
+from retrain.engines import extract
 from retrain.cache import journal as journal_lib
 from retrain.cache import store
 from retrain.quiet_tensorflow import import_tensorflow

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-from retrain import atomic_write, run_marker
+from retrain.files import atomic_write, run_marker
 from retrain.backbones import DEFAULT_BACKBONE
 from retrain.engines import ENGINES
 from retrain.errors import RetrainError

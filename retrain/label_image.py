@@ -133,7 +133,7 @@ def _files_below(folder):
 
 
 def _sniff(path):
-    from retrain import images
+    from retrain.data import images
 
     return images.rejection(path) is None
 
@@ -142,7 +142,8 @@ class Labeller:
     """An exported model (any format) and its labels, applied to image files in batches."""
 
     def __init__(self, graph, labels):
-        from retrain import export, inference
+        from retrain import export
+        from retrain.export import inference
 
         self.class_names = export.read_labels(labels)
         self.model = inference.load_pixel_classifier(graph)
@@ -163,7 +164,7 @@ class Labeller:
         """
         import numpy as np
 
-        from retrain import decode
+        from retrain.data import decode
 
         outcomes = {}
         batches = decode.image_batches(paths, self.input_size, BATCH_SIZE, outcomes=outcomes)

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import backbones, images, output_folder
+from retrain import backbones
+from retrain.data import images
+from retrain.files import output_folder
 from retrain.cache import BottleneckCache, CacheReport
 from retrain.config import Config, save_yaml
 from retrain.errors import RetrainError
-from retrain.text_escapes import one_line
+from retrain.files.text_escapes import one_line
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def run(config: Config) -> RunResult:
     """Build or reuse the cache, train the head, evaluate on the test bucket, export.
 
     Every output is written into a staging folder that replaces output_dir
-    only when the run completes (see retrain.output_folder); writers get the
+    only when the run completes (see retrain.files.output_folder); writers get the
     staging folder as `out_dir`. --cache_only and shard runs only fill the
     cache: they neither create, lock nor replace output_dir.
     """
@@ -89,7 +91,7 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     backbone = None
     if config.fine_tune_layers:
         # Built before any long work, so a bad --fine_tune_layers fails fast.
-        from retrain import fine_tune
+        from retrain.training import fine_tune
 
         backbone = backbones.load(spec.name, include_top=False, weights_file=config.backbone_weights)
         fine_tune.unfreeze(backbone, config.fine_tune_layers)
@@ -126,11 +128,14 @@ def _run(config: Config, spec, image_list, folder: output_folder.OutputFolder,
     ordered_paths = [entry.relative_path for entry in ordered]
     ordered_labels = np.concatenate([labels[name] for name in images.BUCKETS])
     ordered_splits = [entry.split_bucket for entry in ordered]
-    from retrain import evaluation, export, run_record, train, train_paths  # deferred: these import TensorFlow
+    from retrain import evaluation, export  # deferred: these import TensorFlow
+    from retrain.evaluation import run_record
+    from retrain.training import train, train_paths
 
     checks = None
     if config.report:
-        from retrain import data_checks, report  # deferred: matplotlib, Jinja2 and cleanlab, only when needed
+        from retrain.evaluation import data_checks  # deferred: matplotlib, Jinja2 and cleanlab, only when needed
+        from retrain import report
 
         try:
             checked = data_checks.checked_rows(len(ordered), config.seed)
@@ -231,7 +236,8 @@ def export_for_deployment(classifier, image_list, training_entries, config: Conf
     They are written where `folder` places them (the staging folder, for paths
     inside output_dir). Returns {"saved_model" or TFLite kind: final Path}.
     """
-    from retrain import export, saved_model, tflite  # deferred: these import TensorFlow
+    from retrain import export  # deferred: these import TensorFlow
+    from retrain.export import saved_model, tflite
 
     fixed = export.fixed_size_classifier(classifier)
     written = {}
@@ -349,7 +355,7 @@ def predict(head, bottlenecks: np.ndarray, batch_size: int) -> np.ndarray:
         return np.zeros((0, head.output_shape[-1]), np.float32)
     batch = len(bottlenecks) if batch_size == -1 else batch_size
     # predict_on_batch, not predict: predict builds a tf.data pipeline with
-    # the autotuner on, whose teardown can wait seconds (see retrain.tf_data).
+    # the autotuner on, whose teardown can wait seconds (see retrain.data.tf_data).
     return np.concatenate([head.predict_on_batch(bottlenecks[start:start + batch])
                            for start in range(0, len(bottlenecks), batch)])
 

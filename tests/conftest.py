@@ -93,7 +93,9 @@ def photo_model(tmp_path_factory):
     """
     from PIL import Image
 
-    from retrain import backbones, decode, export, train
+    from retrain import backbones, export
+    from retrain.data import decode
+    from retrain.training import train
 
     root = tmp_path_factory.mktemp("label_image")
     rng = np.random.default_rng(0)

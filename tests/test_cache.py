@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import backbones, decode, images
+from retrain import backbones
+from retrain.data import decode, images
 from retrain.cache import BottleneckCache, journal
 from retrain.errors import RetrainError
 
@@ -114,7 +115,7 @@ def test_changed_image_is_extracted_again_and_unchanged_is_not(tmp_path, image_d
         assert np.array_equal(before[path], after[path]) != changed, path
 
     digests = []
-    monkeypatch.setattr("retrain.decode.file_state", digests.append)
+    monkeypatch.setattr("retrain.data.decode.file_state", digests.append)
     third = cache.update(found, progress=False)
     assert (third.extracted, third.reused, digests) == (0, 10, []), "touched mtime not stored"
     with h5py.File(cache.path) as file:

@@ -20,13 +20,13 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import images
+from retrain.data import images
 from retrain.cache import BottleneckCache, journal
 
 BATCH = 4
 BUILD = """
 import json, sys
-from retrain import images
+from retrain.data import images
 from retrain.cache import BottleneckCache
 found = images.discover(sys.argv[1])
 report = BottleneckCache(sys.argv[2], "efficientnet_lite0").update(

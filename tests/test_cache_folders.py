@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import images
+from retrain.data import images
 from retrain.cache import BottleneckCache, journal, plan
 
 LITE0 = "efficientnet_lite0"

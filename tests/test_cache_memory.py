@@ -36,7 +36,7 @@ def test_training_on_a_cache_bigger_than_the_memory_budget(tmp_path):
 
 
 def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
-    from retrain import training_data
+    from retrain.training import training_data
     from retrain.cache import BottleneckCache
 
     benchmark = load_benchmark()
@@ -56,7 +56,7 @@ def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
     rows = {vector.tobytes(): entry.label_index for vector, entry in zip(expected, chosen)}
     for buffer in (1, len(chosen)):
         batches = training_data.cached_training(cache, chosen, 100, seed=0, shuffle_buffer=buffer)
-        assert batches.options().autotune.enabled is False  # see retrain.tf_data
+        assert batches.options().autotune.enabled is False  # see retrain.data.tf_data
         vectors, labels = map(np.concatenate, zip(*[(x.numpy(), y.numpy())
                                                     for x, y in batches.take(len(chosen) // 100)]))
         assert len(vectors) == len(chosen)
@@ -67,7 +67,8 @@ def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
 
 def test_predictions_and_the_validation_sample_read_a_bounded_part_of_the_cache(tmp_path, monkeypatch,
                                                                                caplog):
-    from retrain import pipeline, train, training_data
+    from retrain import pipeline
+    from retrain.training import train, training_data
     from retrain.cache import BottleneckCache
 
     benchmark = load_benchmark()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import fill
-from retrain import cli, decode, images
+from retrain import cli
+from retrain.data import decode, images
 from retrain.cache import BottleneckCache, journal, store
 from test_cache import photos, write
 

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import images
+from retrain.data import images
 from retrain.cache import BottleneckCache, hdf5_checks, journal, shards, store
 from retrain.errors import RetrainError
 

@@ -193,7 +193,7 @@ def test_help_lists_every_setting(capsys):
     out = capsys.readouterr().out
     for name in yaml.safe_load(yaml.safe_dump(Config().__dict__)):
         assert f"--{name}" in out
-    from retrain import training_data
+    from retrain.training import training_data
 
     # The help quotes the cap on validation vectors; it must be the one in force.
     assert f"{training_data.MOST_VALIDATION_VECTORS:,}" in cli.HELP["validation_batch_size"]

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from retrain import data_checks
+from retrain.evaluation import data_checks
 from retrain.errors import RetrainError
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import decode
+from retrain.data import decode
 from retrain.errors import RetrainError
 
 
@@ -235,7 +235,7 @@ def test_image_batches_drop_failed_shuffle_and_distort(photo_files):
 
     dataset = decode.image_batches(photo_files, 16, 8, drop_failed=True, shuffle_seed=3,
                                    distort=lambda image: tf.image.flip_left_right(image))
-    # tf.data's autotuner is off (retrain.tf_data): its teardown stalled runs.
+    # tf.data's autotuner is off (retrain.data.tf_data): its teardown stalled runs.
     assert dataset.options().autotune.enabled is False
     assert dataset.map(lambda *batch: batch[1]).options().autotune.enabled is False
     orders = [next(iter(dataset))[0].numpy().tolist() for _ in range(6)]
@@ -293,7 +293,7 @@ def test_running_out_of_memory_is_reported_as_such_and_not_lasting(tmp_path):
     path = blank_png(tmp_path / "wide.png", 6000, 6000)  # 36 MB gray, 144 MB with RGB
     script = """
 import json, re, resource, sys
-from retrain import decode
+from retrain.data import decode
 size = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (size + 64 * 2**20, resource.RLIM_INFINITY))
 try:

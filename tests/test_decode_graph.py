@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import decode, decode_graph
+from retrain.data import decode
+from retrain.export import decode_graph
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()

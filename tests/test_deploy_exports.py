@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import export, images, label_image, pipeline, saved_model, tflite
+from retrain import export, label_image, pipeline
+from retrain.data import images
+from retrain.export import saved_model, tflite
 from retrain.errors import RetrainError
 
 KINDS = ("float32", "float16", "int8")

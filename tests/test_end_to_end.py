@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import images
+from retrain.data import images
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_DIGITS_ACCURACY = 0.90  # a logistic regression on the same vectors reaches about 0.91

@@ -1,4 +1,4 @@
-"""Inference engines (retrain/engines.py) and the cache identity they are part of."""
+"""Inference engines (retrain/engines/__init__.py) and the cache identity they are part of."""
 
 import logging
 
@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import backbones, decode, engines, images
+from retrain import backbones, engines
+from retrain.data import decode, images
 from retrain.cache import BottleneckCache
 from retrain.errors import RetrainError
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from skimage import data
 
-from retrain import backbones, decode, export, train
+from retrain import backbones, export
+from retrain.data import decode
+from retrain.training import train
 from retrain.errors import RetrainError
 
 NAMES = ["cat", "coffee", "person"]

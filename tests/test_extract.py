@@ -1,4 +1,4 @@
-"""The extraction pipeline's engine thread (retrain/extract.py)."""
+"""The extraction pipeline's engine thread (retrain/engines/extract.py)."""
 
 import threading
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import extract
+from retrain.engines import extract
 
 
 def channel_means(pixels):

@@ -25,7 +25,9 @@ from conftest import fill, remount_read_only
 from PIL import Image
 from skimage import data
 
-from retrain import cli, decode, export, images, label_image, output_folder, run_marker
+from retrain import cli, export, label_image
+from retrain.data import decode, images
+from retrain.files import output_folder, run_marker
 from retrain.cache import BottleneckCache, journal, store
 from retrain.config import Config
 from retrain.errors import RetrainError

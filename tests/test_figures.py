@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrain import figures
+from retrain.report import figures
 from retrain.errors import RetrainError
 
 HISTORY = [{"step": 10 * (i + 1), "learning_rate": 0.003, "loss": 2.0 / (i + 1), "accuracy": 0.5 + i / 40,

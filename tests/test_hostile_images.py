@@ -24,7 +24,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import decode, images, label_image, paths
+from retrain.data import decode, images
+from retrain import label_image
+from retrain.files import paths
 from retrain.quiet_tensorflow import import_tensorflow
 
 JPEG_HEADER = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
@@ -253,7 +255,7 @@ def test_fifos_sockets_and_devices_are_skipped_unopened_by_discovery(special_fil
     done = run_python("""
         import json, logging, sys
         logging.basicConfig(format="%(message)s")
-        from retrain import images
+        from retrain.data import images
         found = images.discover(sys.argv[1])
         print(json.dumps([[e.relative_path for e in found.entries], found.skipped]))
         """, root, timeout=60)
@@ -271,7 +273,8 @@ def test_every_reader_refuses_a_special_file_put_in_place_of_an_image(special_fi
     root, expected = special_files
     done = run_python("""
         import json, sys
-        from retrain import decode, label_image
+        from retrain.data import decode
+        from retrain import label_image
         result = {}
         for path in sys.argv[2:]:
             pixels, outcome = decode.load(path, 224, with_state=True)
@@ -377,7 +380,7 @@ MEASURE = """
 import ctypes, json, os, sys
 import numpy as np
 from PIL import Image
-from retrain import decode
+from retrain.data import decode
 
 def status(key):
     with open("/proc/self/status") as file:

@@ -1,4 +1,4 @@
-"""Discovery and the hash split (retrain/images.py)."""
+"""Discovery and the hash split (retrain/data/images.py)."""
 
 import logging
 import os
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import images
+from retrain.data import images
 from retrain.errors import RetrainError
 
 
@@ -46,7 +46,7 @@ def tree(tmp_path, photo):
 
 
 def test_discover_lists_classes_and_images_by_content(tree, caplog):
-    with caplog.at_level(logging.WARNING, logger="retrain.images"):
+    with caplog.at_level(logging.WARNING, logger="retrain.data.images"):
         found = images.discover(tree)
     assert found.image_dir == tree
     assert found.class_names == ["cats", "cups"]

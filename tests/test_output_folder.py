@@ -1,5 +1,5 @@
-"""One complete run per output folder (retrain/output_folder.py) and atomic writes
-(retrain/atomic_write.py), on real folders; disk full and read-only on a small tmpfs."""
+"""One complete run per output folder (retrain/files/output_folder.py) and atomic writes
+(retrain/files/atomic_write.py), on real folders; disk full and read-only on a small tmpfs."""
 
 import errno
 import os
@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import fill, remount_read_only
 
-from retrain import atomic_write, output_folder, run_marker
+from retrain.files import atomic_write, output_folder, run_marker
 from retrain.errors import RetrainError
 
 

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import atomic_write, cli, output_folder, run_marker
+from retrain.files import atomic_write, output_folder, run_marker
+from retrain import cli
 from retrain.errors import RetrainError
 
 

@@ -28,7 +28,10 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import cli, data_checks, evaluation, figures, report, run_record, text_escapes
+from retrain import cli, evaluation, report
+from retrain.evaluation import data_checks, run_record
+from retrain.report import figures
+from retrain.files import text_escapes
 from retrain.errors import RetrainError
 from test_figures import assert_png
 

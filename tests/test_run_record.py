@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from retrain import run_record
+from retrain.evaluation import run_record
 from retrain.errors import RetrainError
 
 

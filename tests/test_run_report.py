@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 from sklearn import metrics
 
-from retrain import page_screenshot, report
+from retrain.report import page_screenshot
+from retrain import report
 from test_end_to_end import load_demo_writer, run_command
 from test_figures import assert_png
 

@@ -16,7 +16,10 @@ import h5py
 import numpy as np
 import pytest
 
-from retrain import atomic_write, backbones, cli, decode, engines, extract, images, pipeline
+from retrain.files import atomic_write
+from retrain import backbones, cli, engines, pipeline
+from retrain.data import decode, images
+from retrain.engines import extract
 from retrain.cache import BottleneckCache, journal, plan, shards
 from retrain.config import Config
 from retrain.errors import RetrainError

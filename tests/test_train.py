@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from retrain import train
+from retrain.training import train
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -89,7 +89,7 @@ def test_same_seed_same_head_other_seed_other_head():
 def test_empty_validation_set_trains_the_whole_budget(caplog):
     (tx, ty), (sx, sy) = clusters(300, 1), clusters(200, 3)
     empty_x, empty_y = np.zeros((0, FEATURES), np.float32), np.zeros(0, np.int64)
-    with caplog.at_level(logging.WARNING, logger="retrain.train"):
+    with caplog.at_level(logging.WARNING, logger="retrain.training.train"):
         result = train.train_head(tx, ty, empty_x, empty_y, CLASSES, **FAST)
     assert "validation set is empty" in caplog.text
     assert not result.stopped_early

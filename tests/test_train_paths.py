@@ -17,7 +17,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import backbones, checkpoints, cli, decode, distortions, export, fine_tune, training_data
+from retrain import backbones, cli, export
+from retrain.training import checkpoints, fine_tune, training_data
+from retrain.data import decode, distortions
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import export, label_image, train
+from retrain import export, label_image
+from retrain.training import train
 from retrain.backbones import keras_apps
 from retrain.errors import RetrainError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import atomic_write
+from retrain.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

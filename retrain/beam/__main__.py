@@ -12,7 +12,8 @@ import importlib.util
 import logging
 import sys
 
-from retrain import cli, images
+from retrain import cli
+from retrain.data import images
 from retrain import config as config_lib
 from retrain.errors import RetrainError
 

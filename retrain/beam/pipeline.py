@@ -17,7 +17,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from retrain import images, paths
+from retrain.data import images
+from retrain.files import paths
 from retrain.cache import BottleneckCache
 
 MAX_BATCH = 256

@@ -11,7 +11,9 @@ from pathlib import Path
 import filelock
 import numpy as np
 
-from retrain import backbones, decode, engines, paths
+from retrain import backbones, engines
+from retrain.data import decode
+from retrain.files import paths
 from retrain.cache import plan as plan_lib
 from retrain.cache import shards, store, view
 from retrain.cache.journal import Journal, Records

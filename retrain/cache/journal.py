@@ -1,7 +1,7 @@
 """The cache journal: finished batches, each in one small file, until folded.
 
 Extraction appends each batch of records to ``<cache>.h5.journal/`` as one
-``.npz`` (numbered, newest last), written with ``retrain.atomic_write``, so a journal file is whole or absent whatever kills the process.
+``.npz`` (numbered, newest last), written with ``retrain.files.atomic_write``, so a journal file is whole or absent whatever kills the process.
 ``store.fold`` merges the journal into the main file and then clears it.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import atomic_write
+from retrain.files import atomic_write
 
 # 2: the file records the whole cache identity, not only the fingerprint.
 FORMAT_VERSION = 2
@@ -118,7 +118,7 @@ class Journal:
         return sorted(self.folder.glob("[0-9]*.npz"))
 
     def append(self, records):
-        """Writes one batch atomically (``retrain.atomic_write``)."""
+        """Writes one batch atomically (``retrain.files.atomic_write``)."""
         if not len(records):
             return
         self.folder.mkdir(parents=True, exist_ok=True)

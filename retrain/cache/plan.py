@@ -8,7 +8,8 @@ import sys
 
 from tqdm import tqdm
 
-from retrain import decode, paths
+from retrain.data import decode
+from retrain.files import paths
 
 
 @dataclasses.dataclass

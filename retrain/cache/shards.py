@@ -6,7 +6,7 @@ folder: ``label`` says who wrote it (``3of8`` for ``--num_shards 8
 writer, so K processes on K machines sharing a folder never collide, and
 ``n`` numbers the writer's files. Each holds up to ``chunk_rows`` records in
 the journal's format, with the cache identity, and is written under a
-temporary name and then renamed (``retrain.atomic_write``; ``<name>.partial``
+temporary name and then renamed (``retrain.files.atomic_write``; ``<name>.partial``
 for a URL), so it is whole or absent: a killed writer leaves at most one
 temporary file, which nothing reads, and its images are extracted again by
 the next run. ``store.fold`` merges every finished shard
@@ -29,7 +29,8 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from retrain import atomic_write, extract, paths
+from retrain.files import atomic_write, paths
+from retrain.engines import extract
 from retrain.cache.plan import folder_id
 from retrain.cache.journal import (
     Failure, Records, UnreadableCache, load_arrays, pause_point, to_arrays,

@@ -7,7 +7,7 @@ no longer opens, so the main file ``<name>.h5`` is never written in place:
   ``<name>.h5.journal/`` as one small ``.npz`` file, written to a temporary
   name, fsynced and renamed (a journal file is whole or absent);
 * ``fold`` writes the main rows plus the journal into a temporary file beside
-  ``<name>.h5`` and renames it over the main file (``retrain.atomic_write``),
+  ``<name>.h5`` and renames it over the main file (``retrain.files.atomic_write``),
   and only then deletes the journal.
 
 Shard files (``shards``), written beside the main file by other processes,
@@ -41,7 +41,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from retrain import atomic_write
+from retrain.files import atomic_write
 from retrain.cache import hdf5_checks, shards
 from retrain.cache.journal import Failure, Journal, UnreadableCache, folders, pause_point
 

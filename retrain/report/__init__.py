@@ -3,12 +3,12 @@
     python -m retrain.report OUTPUT_DIR     (or the `retrain-report` command)
 
 rebuilds OUTPUT_DIR/report.html, training_curves.png and confusion_matrix.png
-from what a run saved there (retrain.run_record, label_issues.csv,
+from what a run saved there (retrain.evaluation.run_record, label_issues.csv,
 near_duplicates.csv, thumbnails/), without the cache, the model or TensorFlow;
 `--screenshot FILE.png` also renders the page with headless Chromium.
 
 During a run, `find_data_checks` runs the data checks on the bottleneck
-vectors (retrain.data_checks) and renders thumbnails of what they found
+vectors (retrain.evaluation.data_checks) and renders thumbnails of what they found
 while the head trains; at the end, `write_run_report` writes their CSVs and a
 small JPEG thumbnail of every image the page shows into
 OUTPUT_DIR/thumbnails/, then calls `build`.
@@ -16,9 +16,9 @@ The page is one HTML file with inline CSS and no scripts; it refers only to
 files beside it, so it opens from disk in any browser, with no network.
 
 A part that fails (the checks, a CSV, the thumbnails, a figure, the page) is a
-warning, never a lost run (retrain.report_parts). The folder may come from
+warning, never a lost run (retrain.report.report_parts). The folder may come from
 someone else: only regular files of bounded size are read from it
-(retrain.received_files), and every file is written with retrain.atomic_write,
+(retrain.files.received_files), and every file is written with retrain.files.atomic_write,
 so a symbolic link at its name is replaced, never written through.
 """
 
@@ -36,11 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import atomic_write, data_checks, digests, evaluation, figures, received_files, run_record
+from retrain.files import atomic_write, digests, received_files
+from retrain.evaluation import data_checks, run_record
+from retrain import evaluation
+from retrain.report import figures
 from retrain.errors import RetrainError
-from retrain.report_parts import ReportOutcome, ReportParts
-from retrain.text_escapes import one_line, utf8
-from retrain.thumbnails import (MAX_THUMBNAIL_BYTES, THUMBNAIL_DIR, render_thumbnails,
+from retrain.report.report_parts import ReportOutcome, ReportParts
+from retrain.files.text_escapes import one_line, utf8
+from retrain.report.thumbnails import (MAX_THUMBNAIL_BYTES, THUMBNAIL_DIR, render_thumbnails,
                                 thumbnail_path, write_thumbnails)
 
 logger = logging.getLogger(__name__)
@@ -364,7 +367,7 @@ def _render_page(record, evaluations, issues, duplicates, **values) -> str:
     counts = record.counts()
     training_counts = counts[:, 0][counts[:, 0] > 0]
     environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("retrain", "templates"),
+        loader=jinja2.PackageLoader("retrain.report", "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
         # Every text value on the page as UTF-8 can hold it: a settings value
         # with a name that is not UTF-8 (a lone surrogate) shows as \xNN.
@@ -411,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         if parts.missing:
             print(parts.line(), file=sys.stderr)
         if args.screenshot:
-            from retrain import page_screenshot
+            from retrain.report import page_screenshot
 
             print(f"Wrote {page_screenshot.screenshot(path, args.screenshot, args.width, args.height)}")
     except RetrainError as error:
@@ -423,7 +426,3 @@ def main(argv: list[str] | None = None) -> int:
               "retrain run, unchanged?", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,7 +32,8 @@ import os
 
 import numpy as np
 
-from retrain import atomic_write, backbones
+from retrain.files import atomic_write
+from retrain import backbones
 from retrain.backbones import conversion_cache
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
@@ -273,7 +274,7 @@ def check_pixels(input_size, paths=()):
     scikit-image's sample photos (chelsea, coffee, astronaut, rocket) when it
     is installed. Raises RetrainError when there is no photo at all.
     """
-    from retrain import decode
+    from retrain.data import decode
 
     images = []
     for path in paths:

@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from retrain import decode
+from retrain.data import decode
 
 # Finished batches waiting for the caller: one being written, one ready.
 _QUEUED = 2

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from retrain import digests
+from retrain.files import digests
 from retrain.cache.journal import pause_point
 from retrain.quiet_tensorflow import import_tensorflow
 

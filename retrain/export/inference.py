@@ -6,7 +6,7 @@
     input_size    int, the square side the pixels must have
     num_classes   int
     predict(pixels)  float32 [n, input_size, input_size, 3] RGB in [0, 255]
-                     (`retrain.decode.resize_to_input`) -> np.ndarray float32
+                     (`retrain.data.decode.resize_to_input`) -> np.ndarray float32
                      [n, num_classes] probabilities
 
 so `label_image` and the benchmarks decode and resize every format the same way.
@@ -41,7 +41,7 @@ class KerasPixelClassifier:
 
 def model_format(graph) -> str:
     """"saved_model" for a folder, "tflite" for a TFLite flatbuffer, otherwise "keras"."""
-    from retrain import tflite
+    from retrain.export import tflite
 
     if os.path.isdir(graph):
         return "saved_model"
@@ -57,9 +57,9 @@ def load_pixel_classifier(graph):
                            f"SavedModel folder written by a retrain run. Received: graph={graph}")
     kind = model_format(graph)
     if kind == "saved_model":
-        from retrain.saved_model import PixelClassifier
+        from retrain.export.saved_model import PixelClassifier
     elif kind == "tflite":
-        from retrain.tflite import PixelClassifier
+        from retrain.export.tflite import PixelClassifier
     else:
         PixelClassifier = KerasPixelClassifier
     return PixelClassifier(graph)

@@ -12,7 +12,7 @@
   already resized -> `probabilities`. `label_image` uses it, after decoding
   with Pillow as training did.
 
-Decoding and resizing inside the graph are `retrain.decode_graph`'s, which
+Decoding and resizing inside the graph are `retrain.export.decode_graph`'s, which
 reproduce label_image's Pillow decoding. The labels are in the graph and in
 the folder as `assets/labels.txt`.
 
@@ -27,9 +27,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from retrain import atomic_write, export, run_marker
+from retrain.files import atomic_write, run_marker
+from retrain import export
 from retrain.config import check_saved_model_dir
-from retrain.decode_graph import decode_image_bytes
+from retrain.export.decode_graph import decode_image_bytes
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrain.text_escapes import one_line
+from retrain.files.text_escapes import one_line
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import typing
 import numpy as np
 from PIL import Image, ImageOps
 
-from retrain import digests, paths, tf_data
+from retrain.files import digests, paths
+from retrain.data import tf_data
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 

@@ -2,7 +2,7 @@
 
 The head is one Dense layer with a softmax, trained with Adam on shuffled
 mini-batches of bottlenecks (cached, or computed from distorted images: the
-datasets come from `retrain.training_data`). Every `eval_step_interval` steps it is scored on
+datasets come from `retrain.training.training_data`). Every `eval_step_interval` steps it is scored on
 the validation vectors; when the validation loss stalls the learning rate is
 cut, when it stalls longer training stops, and the weights of the best
 evaluation are kept.
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import checkpoints, training_data
+from retrain.training import checkpoints, training_data
 from retrain.config import check_setting
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
-from retrain.sampling import sample_rows
+from retrain.data.sampling import sample_rows
 
 tf = import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
@@ -161,7 +161,7 @@ def fit_head(
     Args:
       training: endless tf.data.Dataset of (float32 [train_batch_size,
         feature_dim] bottlenecks, int64 [train_batch_size] labels): cached
-        vectors or vectors of distorted images (`retrain.training_data`).
+        vectors or vectors of distorted images (`retrain.training.training_data`).
       validation: (float32 [k, feature_dim], int64 [k]); k = 0 turns early
         stopping off (a warning says so).
       feature_dim, num_classes: the head's input and output widths.

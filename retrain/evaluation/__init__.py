@@ -3,7 +3,7 @@
 `evaluate` turns predicted probabilities and true labels into an `Evaluation`
 (scikit-learn computes the metrics); `summary` renders it for stdout and
 `write_metrics` writes it to the output folder as metrics.json and
-confusion_matrix.csv. The figures (retrain.figures) and the HTML page
+confusion_matrix.csv. The figures (retrain.report.figures) and the HTML page
 (retrain.report) are built from the same `Evaluation`.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics
 
-from retrain import atomic_write, text_escapes
+from retrain.files import atomic_write, text_escapes
 from retrain.errors import RetrainError
-from retrain.text_escapes import one_line
+from retrain.files.text_escapes import one_line
 
 
 @dataclass
@@ -109,7 +109,7 @@ def misclassified(probabilities: np.ndarray, entries, class_names: list[str]) ->
     """The images predicted wrongly, as (relative_path, true, predicted, score).
 
     probabilities: float [n, k]; entries: n objects with `relative_path` and
-    `label_index` (retrain.images.ImageEntry), in the same order. `score` is
+    `label_index` (retrain.data.images.ImageEntry), in the same order. `score` is
     the probability of the predicted class.
     """
     predicted = np.asarray(probabilities).argmax(axis=1)

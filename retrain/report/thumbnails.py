@@ -12,11 +12,11 @@ import logging
 import os
 from pathlib import Path
 
-from retrain import atomic_write
-from retrain.decode import ImageDecodeError, decode_rgb
+from retrain.files import atomic_write
+from retrain.data.decode import ImageDecodeError, decode_rgb
 from retrain.errors import RetrainError
-from retrain.images import cache_key
-from retrain.text_escapes import one_line
+from retrain.data.images import cache_key
+from retrain.files.text_escapes import one_line
 
 logger = logging.getLogger(__name__)
 

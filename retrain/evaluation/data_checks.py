@@ -40,10 +40,10 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler, normalize
 from threadpoolctl import threadpool_limits
 
-from retrain import atomic_write, received_files, text_escapes
+from retrain.files import atomic_write, received_files, text_escapes
 from retrain.errors import RetrainError
-from retrain.sampling import sample_rows
-from retrain.text_escapes import one_line
+from retrain.data.sampling import sample_rows
+from retrain.files.text_escapes import one_line
 
 # Cross-validation folds for the out-of-sample probabilities (fewer when the
 # smallest class has fewer images).

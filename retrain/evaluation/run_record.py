@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import atomic_write, received_files
+from retrain.files import atomic_write, received_files
 from retrain.errors import RetrainError
-from retrain.text_escapes import one_line, utf8
+from retrain.files.text_escapes import one_line, utf8
 
 RECORD_FILE = "run_record.json"
 PROBABILITIES_FILE = "probabilities.npz"
@@ -41,7 +41,7 @@ class RunRecord:
     images, splits: n relative paths (to image_dir) and split buckets;
     labels: int64 [n] class indices; probabilities: split -> float32 [m, k]
     for the images of that split, in record order; class_weights: k floats
-    or None (unweighted loss); history: retrain.train.TrainResult.history.
+    or None (unweighted loss); history: retrain.training.train.TrainResult.history.
     """
 
     image_dir: str
@@ -110,7 +110,7 @@ def load(output_dir) -> RunRecord:
     """Reads the record of the run whose output folder is output_dir.
 
     The folder may come from someone else: only regular files of bounded
-    size are read (retrain.received_files), the record is checked to be one
+    size are read (retrain.files.received_files), the record is checked to be one
     a run could have written, and probabilities.npz is read without pickles
     and only after its arrays' headers give the shapes the record implies.
 

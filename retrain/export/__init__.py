@@ -1,13 +1,13 @@
 """The deployable classifier: resizing + backbone + trained head in one Keras file.
 
 `build_classifier` chains a Resizing layer (the op extraction used, see
-`retrain.decode.resize_to_input`), the backbone (which normalises pixels
+`retrain.data.decode.resize_to_input`), the backbone (which normalises pixels
 inside itself) and the head, so the saved model takes plain RGB images of any
 size and no caller can preprocess them wrongly. `labels.txt` lists the class
 names in output order, one per line; only "\n" ends a line, so names keep any
 other character (see `check_class_names`). `fixed_size_classifier` is the
 same network without the resizing, at the backbone's input size: the one model
-the SavedModel (`retrain.saved_model`) and TFLite (`retrain.tflite`) exports
+the SavedModel (`retrain.export.saved_model`) and TFLite (`retrain.export.tflite`) exports
 share.
 """
 
@@ -23,7 +23,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from retrain import atomic_write
+from retrain.files import atomic_write
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -59,7 +59,7 @@ def fixed_size_classifier(classifier: keras.Model) -> keras.Model:
 
     Returns:
       keras.Model: float32 [batch, size, size, 3] RGB in [0, 255], already
-      resized with `retrain.decode.resize_to_input` -> float32 [batch,
+      resized with `retrain.data.decode.resize_to_input` -> float32 [batch,
       num_classes] class probabilities; size = `input_size(classifier)`.
     """
     size = input_size(classifier)

@@ -1,7 +1,7 @@
 """TFLite exports of the fixed-size classifier: float32, float16 and full-integer int8.
 
 Every kind takes float32 [1, size, size, 3] RGB in [0, 255], already resized
-with `retrain.decode.resize_to_input` (the batch dimension can be resized by
+with `retrain.data.decode.resize_to_input` (the batch dimension can be resized by
 the interpreter), and returns float32 [1, classes] probabilities.
 
 - float32: the weights frozen as they are (~13 MB for Lite0).
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import atomic_write, decode
+from retrain.files import atomic_write
+from retrain.data import decode
 from retrain.config import TFLITE_KINDS
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import captured_output, import_tensorflow

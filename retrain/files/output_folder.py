@@ -11,7 +11,7 @@ they were. ``--cache_only`` and shard runs never come here: they write
 nothing into the output folder.
 
 A folder is retrain's only by its marker, ``.retrain-run.json``, which lists
-the names its run wrote (``retrain.run_marker``). A run never deletes a file
+the names its run wrote (``retrain.files.run_marker``). A run never deletes a file
 it did not write:
 
 - a non-empty folder without a valid marker (someone else's, or one written
@@ -45,9 +45,9 @@ from pathlib import Path
 
 import filelock
 
-from retrain import atomic_write
+from retrain.files import atomic_write
 from retrain.errors import RetrainError
-from retrain.run_marker import MARKER, clear_previous, finish_leftovers, read_marker, \
+from retrain.files.run_marker import MARKER, clear_previous, finish_leftovers, read_marker, \
     write_marker, written_names
 
 

@@ -12,7 +12,7 @@
 
 Validation (and test) vectors of the first two come from the cache; the
 cache is never written here, so distorted vectors never enter it. Data come
-from `retrain.training_data`, fitting from `retrain.train` / `retrain.fine_tune`.
+from `retrain.training.training_data`, fitting from `retrain.training.train` / `retrain.training.fine_tune`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import backbones, checkpoints, distortions, fine_tune, train, training_data
+from retrain import backbones
+from retrain.training import checkpoints, fine_tune, train, training_data
+from retrain.data import distortions
 from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()

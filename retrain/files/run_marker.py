@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrain import atomic_write
+from retrain.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@
   its own line: readable with hundreds of classes. Class names are drawn as
   written (never parsed as mathtext or TeX).
 
-Files are written with retrain.atomic_write: a symbolic link left at a
+Files are written with retrain.files.atomic_write: a symbolic link left at a
 figure's name in a received output folder is replaced, never written through.
 """
 
@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
-from retrain import atomic_write
+from retrain.files import atomic_write
 
 # Height given to each class row of the confusion matrix, in points; the tick
 # label font is smaller than this, so neighbouring labels never overlap.
@@ -42,7 +42,7 @@ def plot_training_curves(history: list[dict], path, best_step: int | None = None
 
     history: one dict per evaluation with step, loss, accuracy, val_loss,
     val_accuracy (the last two None without a validation set), as in
-    retrain.train.TrainResult.history. An empty history draws empty axes.
+    retrain.training.train.TrainResult.history. An empty history draws empty axes.
     """
     steps = [entry["step"] for entry in history]
     figure = Figure(figsize=(11, 4), dpi=DPI, layout="constrained")

@@ -5,7 +5,7 @@ split bucket and a cache key that depend only on its path relative to
 ``image_dir``, so moving the folder, copying it to another machine or adding
 images never moves an existing image between buckets.
 
-Turning files into pixels is ``retrain.decode``'s job.
+Turning files into pixels is ``retrain.data.decode``'s job.
 """
 
 import dataclasses
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import paths
+from retrain.files import paths
 from retrain.config import check_split
-from retrain.decode import (FORMAT_NAMES, MAX_FILE_BYTES, SNIFF_BYTES, file_too_large,
+from retrain.data.decode import (FORMAT_NAMES, MAX_FILE_BYTES, SNIFF_BYTES, file_too_large,
                             sniff_format)
 from retrain.errors import RetrainError
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from retrain import train
+from retrain.training import train
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 

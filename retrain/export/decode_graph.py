@@ -1,6 +1,6 @@
 """Image bytes -> model-ready pixels with TensorFlow ops only, for graphs that take files.
 
-`decode_image_bytes` reproduces `retrain.decode.decode_rgb` + `resize_to_input`
+`decode_image_bytes` reproduces `retrain.data.decode.decode_rgb` + `resize_to_input`
 (Pillow) inside a TensorFlow graph, so the SavedModel's serving signature sees
 the pixels training saw:
 
@@ -18,7 +18,7 @@ the pixels training saw:
   Pillow rounds: 1 level off), EXIF orientation outside JPEGs.
 """
 
-from retrain.decode import ALPHA_BACKGROUND, PIXEL_SETTINGS, resize_to_input
+from retrain.data.decode import ALPHA_BACKGROUND, PIXEL_SETTINGS, resize_to_input
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()

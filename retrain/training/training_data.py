@@ -1,6 +1,6 @@
 """Training data as tf.data pipelines: (bottleneck or pixels, label), never whole arrays.
 
-Three sources feed the one fit loop in `retrain.train`:
+Three sources feed the one fit loop in `retrain.training.train`:
 
 * cached: bottlenecks streamed from the HDF5 cache block by block, in a new
   random block order every epoch, through a shuffle buffer of bounded size, so
@@ -20,9 +20,9 @@ import logging
 
 import numpy as np
 
-from retrain import decode, images, tf_data
+from retrain.data import decode, images, tf_data
 from retrain.quiet_tensorflow import import_tensorflow
-from retrain.sampling import sample_rows
+from retrain.data.sampling import sample_rows
 
 tf = import_tensorflow()
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Training: the head and its fit loop, cached and pixel datasets, fine-tuning, checkpoints, the training paths."""
