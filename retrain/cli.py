@@ -18,6 +18,7 @@ from dataclasses import fields
 
 from retrain import backbones
 from retrain import config as config_lib
+from retrain.arguments import OneLineErrorParser
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -63,13 +64,6 @@ HELP = {
     "fine_tune_learning_rate": "Adam learning rate of fine-tuning (head and unfrozen layers)",
     "fine_tune_batch_size": "images per fine-tuning step",
 }
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Usage errors as one stderr line: the full usage of ~20 flags buries the error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ import logging
 import os
 import sys
 
-from retrain.cli import OneLineErrorParser
+from retrain.arguments import OneLineErrorParser
 from retrain.errors import RetrainError
 
 BATCH_SIZE = 32

@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import sys
 
-from retrain import cli
+from retrain import arguments, cli
 from retrain.data import images
 from retrain import config as config_lib
 from retrain.errors import RetrainError
@@ -24,7 +24,7 @@ PROG = "python -m retrain.beam"
 
 def parse(argv):
     """(validated Config, Beam pipeline args) from the command line."""
-    parser = cli.OneLineErrorParser(
+    parser = arguments.OneLineErrorParser(
         prog=PROG,
         description="Fill the bottleneck cache with an Apache Beam pipeline. Flags not "
                     "listed here are Beam pipeline options (--runner, --direct_num_workers, "
