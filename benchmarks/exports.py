@@ -38,7 +38,7 @@ from retrain.quiet_tensorflow import import_tensorflow
 import_tensorflow()
 
 from retrain.data import decode  # noqa: E402
-from retrain.export import inference
+from retrain.export import loaders
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers128"
 KINDS = ("float32", "float16", "int8")
@@ -104,7 +104,7 @@ def latencies_ms(graphs, image, rounds=LATENCY_ROUNDS):
     tf = import_tensorflow()
     calls = {}
     for name, graph in graphs.items():
-        model = inference.load_pixel_classifier(str(graph))
+        model = loaders.load_pixel_classifier(str(graph))
         size = model.input_size
         pixels = decode.resize_to_input(decode.decode_rgb(image, target_size=size), size)[None]
         calls[name] = lambda model=model, pixels=pixels: model.predict(pixels)
@@ -203,7 +203,7 @@ def main():
           f"same label as label_image for {same}/{len(truth)} photos.")
     float32, int8 = (size_mb(out / f"model_{kind}.tflite") for kind in ("float32", "int8"))
     print(f"int8 file / float32 file: {int8 / float32:.2f}")
-    size = inference.load_pixel_classifier(str(out / "model_float32.tflite")).input_size
+    size = loaders.load_pixel_classifier(str(out / "model_float32.tflite")).input_size
     identical, compared, largest = decode_agreement(list(truth)[::args.decode_sample_every], size)
     print(f"In-graph decode + resize vs Pillow's: identical pixels for {identical}/{compared} JPEGs "
           f"(every {args.decode_sample_every}th held-out photo, and it enlarged 4x and 8x); "

@@ -143,10 +143,10 @@ class Labeller:
 
     def __init__(self, graph, labels):
         from retrain import export
-        from retrain.export import inference
+        from retrain.export import loaders
 
         self.class_names = export.read_labels(labels)
-        self.model = inference.load_pixel_classifier(graph)
+        self.model = loaders.load_pixel_classifier(graph)
         self.input_size = self.model.input_size
         outputs = self.model.num_classes
         if outputs != len(self.class_names):

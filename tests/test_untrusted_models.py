@@ -20,6 +20,7 @@ from PIL import Image
 from skimage import data
 
 from retrain import export, label_image
+from retrain.export import keras_file
 from retrain.training import train
 from retrain.backbones import keras_apps
 from retrain.errors import RetrainError
@@ -109,7 +110,7 @@ def test_a_legacy_h5_model_with_a_lambda_is_refused_and_runs_nothing(exported, t
     marker = tmp_path / "marker"
     legacy = tmp_path / "legacy.h5"
     lambda_model(marker).save(legacy)
-    assert legacy.read_bytes()[:8] == export.HDF5_SIGNATURE
+    assert legacy.read_bytes()[:8] == keras_file.HDF5_SIGNATURE
     assert_hostile(legacy, marker)
     graph = tmp_path / name  # also under a .keras name: the content decides
     shutil.copyfile(legacy, graph)
@@ -233,7 +234,7 @@ def test_the_allowlist_admits_every_backbone_export():
         backbone = keras.Model(pixels, base(normalized), name=name)
         head = train.build_head(backbone.output_shape[-1], 3, l2=1e-4)
         classifier = export.build_classifier(backbone, head, size)
-        assert export.check_model_config(keras.saving.serialize_keras_object(classifier)) is None, name
+        assert keras_file.check_model_config(keras.saving.serialize_keras_object(classifier)) is None, name
 
 
 def members_without(name):
@@ -274,17 +275,17 @@ def test_only_the_keras_suffix_is_loaded(exported, tmp_path, capsys, keras_never
 def test_a_sparse_huge_file_is_refused_unread(exported, tmp_path, capsys, monkeypatch):
     graph = tmp_path / "model.keras"
     with open(graph, "wb") as handle:
-        handle.truncate(export.MAX_MODEL_BYTES + 1)
+        handle.truncate(keras_file.MAX_MODEL_BYTES + 1)
     monkeypatch.setattr(shutil, "copyfileobj", lambda *a: pytest.fail("the file was read"))
     assert_refused(label(graph, exported, capsys), graph, "at most")
 
 
 def test_a_deflate_bomb_config_is_refused_from_its_header(exported, tmp_path, capsys,
                                                           keras_never_loads):
-    bomb = b'{"padding": 1' + b" " * export.MAX_CONFIG_BYTES + b"}"
+    bomb = b'{"padding": 1' + b" " * keras_file.MAX_CONFIG_BYTES + b"}"
     graph = rewrite(exported["graph"], tmp_path / "model.keras", compression=zipfile.ZIP_DEFLATED,
                     members=lambda c: [(n, bomb if n == "config.json" else body) for n, body in c])
-    assert graph.stat().st_size < export.MAX_CONFIG_BYTES // 100
+    assert graph.stat().st_size < keras_file.MAX_CONFIG_BYTES // 100
     assert_refused(label(graph, exported, capsys), graph, "config.json expands to")
 
 
@@ -294,13 +295,13 @@ def test_the_total_uncompressed_size_is_bounded(exported, tmp_path, capsys, kera
     with zipfile.ZipFile(graph) as archive:
         total = sum(info.file_size for info in archive.infolist())
     assert graph.stat().st_size < total  # the file itself is within the bound below
-    monkeypatch.setattr(export, "MAX_MODEL_BYTES", total - 1)
+    monkeypatch.setattr(keras_file, "MAX_MODEL_BYTES", total - 1)
     assert_refused(label(graph, exported, capsys), graph, f"expands to {total} bytes")
 
 
 @pytest.mark.parametrize("config", [
     "[" * 100_000 + "]" * 100_000,  # deeper than json's recursion limit
-    '{"a": ' * (export.MAX_CONFIG_DEPTH + 1) + "{}" + "}" * (export.MAX_CONFIG_DEPTH + 1),
+    '{"a": ' * (keras_file.MAX_CONFIG_DEPTH + 1) + "{}" + "}" * (keras_file.MAX_CONFIG_DEPTH + 1),
 ])
 def test_deeply_nested_configs_are_refused(exported, tmp_path, capsys, keras_never_loads, config):
     graph = rewrite(exported["graph"], tmp_path / "model.keras", members=lambda c: [
@@ -317,6 +318,6 @@ def test_a_keras_without_the_safe_mode_fixes_is_refused(exported, monkeypatch):
 def test_setup_pins_the_keras_the_loader_requires():
     setup = (Path(__file__).parent.parent / "setup.cfg").read_text()
     [pinned] = re.findall(r"^\s*keras>=([\d.]+)\s*$", setup, flags=re.MULTILINE)
-    assert tuple(map(int, pinned.split("."))) == export.MIN_KERAS
+    assert tuple(map(int, pinned.split("."))) == keras_file.MIN_KERAS
     installed = tuple(map(int, re.match(r"(\d+)\.(\d+)\.(\d+)", keras.__version__).groups()))
-    assert installed >= export.MIN_KERAS
+    assert installed >= keras_file.MIN_KERAS

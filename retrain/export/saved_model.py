@@ -19,7 +19,7 @@ the folder as `assets/labels.txt`.
 A SavedModel is a program: its graph may hold any TensorFlow op, including
 ops that read and write files, and loading it runs none of retrain's checks.
 Load only folders from a trusted source (`.keras` is the format to take from
-others; see `retrain.export.load_classifier`).
+others; see `retrain.export.keras_file.load_classifier`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import uuid
 from pathlib import Path
 
 from retrain.files import atomic_write, run_marker
-from retrain import export
 from retrain.config import check_saved_model_dir
 from retrain.export.decode_graph import decode_image_bytes
+from retrain.export.labels import write_labels
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -69,7 +69,7 @@ def save_saved_model(fixed, class_names: list[str], path) -> Path:
     """Writes the SavedModel folder `path` atomically (a temporary folder, then renames).
 
     Args:
-      fixed: `export.fixed_size_classifier(...)`, float32 [batch, size, size, 3]
+      fixed: `classifier.fixed_size_classifier(...)`, float32 [batch, size, size, 3]
         -> float32 [batch, len(class_names)].
       class_names: the labels in output order.
       path: the folder; a folder an earlier run wrote there (it holds
@@ -86,7 +86,7 @@ def save_saved_model(fixed, class_names: list[str], path) -> Path:
                 path, seal=lambda folder: run_marker.write_marker(
                     folder, run_id, run_marker.written_names(folder)),
                 clear_old=lambda old: run_marker.clear_previous(old, path, run_id)) as temporary:
-            labels_file = export.write_labels(class_names, temporary / "labels.txt")
+            labels_file = write_labels(class_names, temporary / "labels.txt")
             module = _Exported(fixed, class_names, labels_file)
             signatures = {
                 "serving_default": module.__call__,

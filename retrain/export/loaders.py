@@ -11,7 +11,7 @@
 
 so `label_image` and the benchmarks decode and resize every format the same way.
 
-Only the `.keras` path is safe for a file from anyone: `export.load_classifier`
+Only the `.keras` path is safe for a file from anyone: `keras_file.load_classifier`
 checks the archive and loads it with Keras's safe mode, running no code from
 it (a legacy `.h5` model is refused). A SavedModel folder and a `.tflite` file
 are programs by their formats' own rules (graph ops that read and write files,
@@ -26,13 +26,13 @@ from retrain.errors import RetrainError
 
 
 class KerasPixelClassifier:
-    """A .keras file from `export.save_classifier`, checked and loaded running no code from it."""
+    """A .keras file from `classifier.save_classifier`, checked and loaded running no code from it."""
 
     def __init__(self, path):
-        from retrain import export
+        from retrain.export import classifier, keras_file
 
-        self._model = export.load_classifier(path)
-        self.input_size = export.input_size(self._model)
+        self._model = keras_file.load_classifier(path)
+        self.input_size = classifier.input_size(self._model)
         self.num_classes = int(self._model.output_shape[-1])
 
     def predict(self, pixels):
