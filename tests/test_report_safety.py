@@ -30,7 +30,7 @@ from skimage import data
 
 from retrain import cli, evaluation, report
 from retrain.evaluation import data_checks, run_record
-from retrain.report import figures
+from retrain.report import figures, thumbnails
 from retrain.files import text_escapes
 from retrain.errors import RetrainError
 from test_figures import assert_png
@@ -187,12 +187,12 @@ def test_the_page_and_figures_replace_links_never_write_through_them(folder, tmp
 def test_a_linked_thumbnails_folder_is_not_shown(folder, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    Image.new("RGB", (8, 8)).save(elsewhere / Path(report.thumbnail_path("cat/1.jpg")).name)
-    (folder / report.THUMBNAIL_DIR).symlink_to(elsewhere)
+    Image.new("RGB", (8, 8)).save(elsewhere / Path(thumbnails.thumbnail_path("cat/1.jpg")).name)
+    (folder / thumbnails.THUMBNAIL_DIR).symlink_to(elsewhere)
     assert rebuild(folder).returncode == 0
     assert "thumbnails/" not in (folder / "report.html").read_text(encoding="utf-8")
     with pytest.raises(RetrainError, match="symbolic link"):
-        report.write_thumbnails(tmp_path, ["cat/1.jpg"], folder, {"cat/1.jpg": b"jpeg"})
+        thumbnails.write_thumbnails(tmp_path, ["cat/1.jpg"], folder, {"cat/1.jpg": b"jpeg"})
 
 
 def test_a_huge_sparse_record_is_refused_before_it_is_read(folder):
@@ -326,9 +326,9 @@ def test_a_non_utf8_name_in_the_checks_does_not_cost_the_run(hostile_run):
     assert escaped in [image["path"] for image in record["images"]]
     page = (out / report.REPORT_FILE).read_text(encoding="utf-8")
     assert escaped in page
-    thumbnail = report.thumbnail_path(escaped)
+    thumbnail = thumbnails.thumbnail_path(escaped)
     assert thumbnail in page and (out / thumbnail).is_file()
-    assert report.thumbnail_path(f"{CLASSES[0]}/{LATIN1}") == thumbnail
+    assert thumbnails.thumbnail_path(f"{CLASSES[0]}/{LATIN1}") == thumbnail
 
 
 def test_formula_class_names_are_quoted_in_every_csv(hostile_run):

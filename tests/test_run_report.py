@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics
 
-from retrain.report import page_screenshot
+from retrain.report import page_screenshot, thumbnails
 from retrain import report
 from test_end_to_end import load_demo_writer, run_command
 from test_figures import assert_png
@@ -233,7 +233,7 @@ def test_a_rerun_with_the_same_images_reuses_the_data_checks(planted_run, tmp_pa
     for name in ("label_issues.csv", "near_duplicates.csv"):
         for row in read_csv(out / name)[:5]:
             for image in [value for key, value in row.items() if key.startswith("image")]:
-                assert (out / report.thumbnail_path(image)).is_file(), image
+                assert (out / thumbnails.thumbnail_path(image)).is_file(), image
 
 
 @pytest.mark.skipif(page_screenshot.find_chromium() is None,

@@ -34,6 +34,14 @@ FORMAT_VERSION = 1
 EVALUATED_SPLITS = ("validation", "testing")
 
 
+@dataclass(frozen=True)
+class RecordedImage:
+    """One image of a record: its path relative to image_dir and its class index."""
+
+    relative_path: str
+    label_index: int
+
+
 @dataclass
 class RunRecord:
     """Everything the report needs from one run.
@@ -60,6 +68,10 @@ class RunRecord:
     def rows(self, split: str) -> np.ndarray:
         """Record rows (int64 indices) of the images in `split`, in record order."""
         return np.array([i for i, name in enumerate(self.splits) if name == split], dtype=np.int64)
+
+    def entries(self, split: str) -> list[RecordedImage]:
+        """The images of `split`, in record order (the rows of `probabilities[split]`)."""
+        return [RecordedImage(self.images[row], int(self.labels[row])) for row in self.rows(split)]
 
     def counts(self) -> np.ndarray:
         """Images per class and split, int64 [k, 3] with columns training, validation, testing."""

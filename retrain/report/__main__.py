@@ -1,7 +1,60 @@
-"""`python -m retrain.report OUTPUT_DIR`: rebuild a run's page; see retrain.report.main."""
+"""`python -m retrain.report OUTPUT_DIR` (and `retrain-report`): rebuild a run's page.
 
+Rebuilds OUTPUT_DIR/report.html, training_curves.png and confusion_matrix.png
+from what a run saved there (retrain.report.page.build); `--screenshot
+FILE.png` also renders the page with headless Chromium.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
 
-from retrain.report import main
+from retrain.errors import RetrainError
+from retrain.files.text_escapes import one_line
+from retrain.report.page import build
+from retrain.report.report_parts import ReportParts
 
-sys.exit(main())
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m retrain.report` and the `retrain-report` console script.
+
+    Exit status 0 when the page was written (a missing figure is a warning and
+    a "Report incomplete" line on stderr); 2 with one stderr line when the
+    folder cannot give a page (no record, a file that is no regular file, too
+    large, or not what retrain wrote).
+    """
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    parser = argparse.ArgumentParser(
+        prog="python -m retrain.report",
+        description="Rebuild report.html and its figures from the output folder of a retrain run.")
+    parser.add_argument("output_dir", help="the --output_dir of a finished run")
+    parser.add_argument("--screenshot", metavar="FILE.png",
+                        help="also render the page with headless Chromium into this PNG")
+    parser.add_argument("--width", type=int, default=1280, help="screenshot width in pixels (default 1280)")
+    parser.add_argument("--height", type=int, default=3000, help="screenshot height in pixels (default 3000)")
+    args = parser.parse_args(argv)
+    parts = ReportParts()
+    try:
+        path = build(args.output_dir, parts)
+        print(f"Wrote {path}")
+        if parts.missing:
+            print(parts.line(), file=sys.stderr)
+        if args.screenshot:
+            from retrain.report import page_screenshot
+
+            print(f"Wrote {page_screenshot.screenshot(path, args.screenshot, args.width, args.height)}")
+    except RetrainError as error:
+        print(f"retrain.report: error: {one_line(str(error))}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - a received folder's content must not give a traceback
+        print(f"retrain.report: error: cannot rebuild the page in {one_line(args.output_dir)}: "
+              f"{type(error).__name__}: {one_line(str(error))}. Is it the output folder of a "
+              "retrain run, unchanged?", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
