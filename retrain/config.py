@@ -21,12 +21,14 @@ from typing import Any, Optional
 import yaml
 
 from retrain.files import atomic_write, run_marker
-from retrain.backbones import DEFAULT_BACKBONE
-from retrain.engines import ENGINES
 from retrain.errors import RetrainError
 
 # The TFLite exports --tflite can write, each to OUTPUT_DIR/model_<kind>.tflite.
 TFLITE_KINDS = ("float32", "float16", "int8")
+# The backbone of a run that names none (a key of retrain.backbones.BACKBONES).
+DEFAULT_BACKBONE = "efficientnet_lite0"
+# --engine: "auto" lets retrain.engines.resolve pick keras or litert.
+ENGINE_NAMES = ("auto", "keras", "litert")
 
 
 @dataclass
@@ -191,7 +193,7 @@ _RULES = {
        for name in ("testing_percentage", "validation_percentage")},
     "num_shards": (lambda v: _count(v) and v >= 1, "an integer of at least 1"),
     "bottleneck_dtype": (lambda v: v in BOTTLENECK_DTYPES, " or ".join(BOTTLENECK_DTYPES)),
-    "engine": (lambda v: v in ENGINES, " or ".join(ENGINES)),
+    "engine": (lambda v: v in ENGINE_NAMES, " or ".join(ENGINE_NAMES)),
     "output_graph": (lambda v: v is None or isinstance(v, str) and v.endswith(".keras"),
                      "a file name ending in .keras"),
     "class_weights": (lambda v: v in CLASS_WEIGHTS, " or ".join(CLASS_WEIGHTS)),

@@ -2,7 +2,8 @@
 
 Each subprocess imports TensorFlow and builds the real EfficientNet-Lite0, so
 the runs take a few seconds each. Fold points are hit exactly by asking the
-process to park there (``journal.PAUSE_VARIABLE``); the other kills land
+process to park there (``parking.driver`` wraps a function of that process
+only); the other kills land
 wherever the process happens to be.
 """
 
@@ -21,7 +22,9 @@ from PIL import Image
 from skimage import data
 
 from retrain.data import images
-from retrain.cache import BottleneckCache, journal
+from retrain.cache import BottleneckCache
+
+import parking
 
 BATCH = 4
 BUILD = """
@@ -58,12 +61,10 @@ def clean_build(image_dir, tmp_path_factory):
 
 
 def start(image_dir, cache_dir, pause=None, stderr=subprocess.PIPE):
-    env = {k: v for k, v in os.environ.items() if k != journal.PAUSE_VARIABLE}
-    if pause:
-        env[journal.PAUSE_VARIABLE] = pause
+    code = parking.driver(pause, BUILD) if pause else BUILD
     return subprocess.Popen(
-        [sys.executable, "-c", BUILD, str(image_dir), str(cache_dir), str(BATCH)],
-        env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        [sys.executable, "-c", code, str(image_dir), str(cache_dir), str(BATCH)],
+        stdout=subprocess.PIPE, stderr=stderr, text=True,
     )
 
 

@@ -1,4 +1,4 @@
-"""The extraction pipeline's engine thread (retrain/engines/extract.py)."""
+"""The extraction pipeline's engine thread (retrain/engines/extraction.py)."""
 
 import threading
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain.engines import extract
+from retrain.engines import extraction
 
 
 def channel_means(pixels):
@@ -32,7 +32,7 @@ def engine_threads():
 
 
 def test_batches_in_order_with_failures(photo_paths):
-    batches = list(extract.bottleneck_batches(photo_paths, channel_means, 64, batch_size=4))
+    batches = list(extraction.bottleneck_batches(photo_paths, channel_means, 64, batch_size=4))
     assert [len(b) for b in batches] == [4, 4, 4, 1]
     positions = np.concatenate([b.positions for b in batches])
     assert positions.tolist() == [i for i in range(13) if i != 5]
@@ -51,7 +51,7 @@ def test_engine_error_reaches_the_caller(photo_paths):
         raise ValueError("engine broke")
 
     with pytest.raises(ValueError, match="engine broke"):
-        list(extract.bottleneck_batches(photo_paths, failing, 64, batch_size=4))
+        list(extraction.bottleneck_batches(photo_paths, failing, 64, batch_size=4))
     assert not engine_threads()
 
 
@@ -62,9 +62,9 @@ def test_stopping_early_stops_the_engine_thread(photo_paths):
         calls.append(len(pixels))
         return channel_means(pixels)
 
-    batches = extract.bottleneck_batches(photo_paths, counting, 64, batch_size=2)
+    batches = extraction.bottleneck_batches(photo_paths, counting, 64, batch_size=2)
     next(batches)
     batches.close()
     assert not engine_threads()
     # At most the queued batches and the one in the engine ran ahead.
-    assert len(calls) <= 2 + extract._QUEUED
+    assert len(calls) <= 2 + extraction._QUEUED

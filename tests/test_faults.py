@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import fill, remount_read_only
+import parking
 from PIL import Image
 from skimage import data
 
-from retrain import cli, export, label_image
+from retrain import cli, engines, export, label_image
 from retrain.data import decode, images
 from retrain.files import output_folder, run_marker
-from retrain.cache import BottleneckCache, journal, store
+from retrain.cache import BottleneckCache, store
 from retrain.config import Config
 from retrain.errors import RetrainError
 
@@ -153,10 +154,8 @@ def test_disk_full_or_read_only_while_writing_keeps_the_previous_run(hostile, sm
 
 
 def start(argv, pause=None):
-    env = {key: value for key, value in os.environ.items() if key != journal.PAUSE_VARIABLE}
-    if pause:
-        env[journal.PAUSE_VARIABLE] = pause
-    return subprocess.Popen([sys.executable, "-m", "retrain", *argv], env=env, text=True,
+    command = ["-c", parking.cli_driver(pause, argv)] if pause else ["-m", "retrain", *argv]
+    return subprocess.Popen([sys.executable, *command], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -187,7 +186,8 @@ def test_a_signal_keeps_finished_batches_and_the_previous_outputs(tmp_path, caps
             *FAST]
     # The command line's engine (auto), which names the cache file.
     engine = Config().engine
-    pending = Path(f"{BottleneckCache(cache, 'efficientnet_lite0', engine=engine).path}.journal")
+    pending = Path(f"{BottleneckCache(
+        cache, 'efficientnet_lite0', engine=engines.choose(engine, 'efficientnet_lite0')).path}.journal")
 
     first = start(argv, pause="journal:1")  # parks after its first batch of 4 is journalled
     wait_for(f"{pending}.paused", first)

@@ -16,9 +16,8 @@ import hashlib
 import importlib
 import json
 
+from retrain.config import DEFAULT_BACKBONE
 from retrain.errors import RetrainError
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from retrain import engines
 from retrain.data import images
 from retrain.files import paths
 from retrain.cache import BottleneckCache
@@ -46,7 +47,9 @@ class ExtractToShard(beam.DoFn):
         self._cache = self._engine = None
 
     def setup(self):
-        self._cache = BottleneckCache(*self._cache_arguments, engine=self._engine_name)
+        architecture, weights_file = self._cache_arguments[1:3]
+        self._cache = BottleneckCache(*self._cache_arguments, engine=engines.EngineChoice(
+            self._engine_name, architecture, weights_file))
         self._engine = self._cache.build_engine()
 
     def process(self, entries):
@@ -108,15 +111,16 @@ def run(config, pipeline_args, image_list=None):
     image_list = image_list or images.discover(config.image_dir)
     cache = BottleneckCache(config.bottleneck_dir, config.architecture,
                             weights_file=config.backbone_weights, dtype=config.bottleneck_dtype,
-                            engine=config.engine)
+                            engine=engines.choose(config.engine, config.architecture,
+                                                  config.backbone_weights))
     plan = cache.plan(image_list)
-    if plan.todo and cache.engine != "keras":
+    if plan.todo and cache.engine_name != "keras":
         # Convert and check LiteRT once here; if the check fails the cache
         # switches to the Keras engine's file, whose plan differs.
-        engine = cache.engine
+        engine = cache.engine_name
         cache.build_engine(check_paths=[paths.join(image_list.image_dir, entry.relative_path)
                                         for entry in plan.todo[:8]])
-        if cache.engine != engine:
+        if cache.engine_name != engine:
             plan = cache.plan(image_list)
     summary = {"to_extract": len(plan.todo),
                "already_cached": plan.reused + plan.sharded + len(plan.touched),
@@ -133,7 +137,7 @@ def run(config, pipeline_args, image_list=None):
     try:
         build_pipeline(pipeline, image_list.image_dir, listing or plan.todo, cache.folder,
                        config.architecture, config.backbone_weights, config.bottleneck_dtype,
-                       config.extraction_batch_size, cache.engine)
+                       config.extraction_batch_size, cache.engine_name)
         result = pipeline.run()
         result.wait_until_finish()
     finally:

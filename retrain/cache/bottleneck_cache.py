@@ -11,12 +11,13 @@ from pathlib import Path
 import filelock
 import numpy as np
 
-from retrain import backbones, engines
+from retrain import backbones
 from retrain.data import decode
+from retrain.engines import EngineChoice, build_or_fall_back, extraction
 from retrain.files import paths
 from retrain.cache import plan as plan_lib
 from retrain.cache import shards, store, view
-from retrain.cache.journal import Journal, Records
+from retrain.cache.journal import Journal, Records, batch_records
 from retrain.config import check_setting, check_shard
 from retrain.errors import RetrainError
 
@@ -69,31 +70,33 @@ class BottleneckCache:
         returns float32.
       lock_timeout: seconds to wait for another process using the same cache
         before raising RetrainError.
-      engine: "keras" (the reference, default here), "litert" or "auto" (the
-        command line's default; ``engines.resolve``); a LiteRT conversion
-        that fails its check falls back to Keras with a warning.
+      engine: an ``engines.EngineChoice`` (``engines.choose``), built only
+        when something must be extracted; default the Keras reference. When
+        a LiteRT conversion fails its check, ``engines.build_or_fall_back``
+        gives Keras and the cache moves to the Keras engine's file.
     """
 
     def __init__(self, bottleneck_dir, backbone_name, weights_file=None,
-                 dtype="float16", lock_timeout=6 * 3600.0, engine="keras"):
+                 dtype="float16", lock_timeout=6 * 3600.0, engine=None):
         check_setting("bottleneck_dtype", dtype, argument="dtype")
-        check_setting("engine", engine)
         self._spec = backbones.get(backbone_name)
+        self._choice = engine or EngineChoice("keras", self._spec.name, weights_file)
+        self._engine = None
         self._weights_file = weights_file
         self.folder = str(bottleneck_dir)
         self._folder = Path(bottleneck_dir)
         self._fingerprint = backbones.fingerprint(self._spec.name, weights_file)
         self._dtype = dtype
-        self._use_engine(engines.resolve(engine, self._spec.name, weights_file))
+        self._use_engine(self._choice.name)
         self.lock_timeout = lock_timeout
         self.extract_seconds = 0.0
 
-    def _use_engine(self, engine):
-        """Points identity and path at the cache of vectors made by ``engine``."""
-        self.engine = engine
+    def _use_engine(self, engine_name):
+        """Points identity and path at the cache of vectors made by ``engine_name``."""
+        self.engine_name = engine_name
         self.identity = store.CacheIdentity(
             self._spec.name, self._fingerprint, self._spec.feature_dim, self._dtype,
-            engine, decode.pixel_settings_id(),
+            engine_name, decode.pixel_settings_id(),
         )
         self.path = self._folder / self.identity.file_name()
 
@@ -117,7 +120,7 @@ class BottleneckCache:
         """
         _check_batch_size(batch_size)
         self._check_local()
-        return self._falling_back(self._update, image_list, batch_size, progress)
+        return self._again_if_engine_changed(self._update, image_list, batch_size, progress)
 
     def _update(self, image_list, batch_size, progress):
         with self._writing():
@@ -133,15 +136,13 @@ class BottleneckCache:
                 merged += self.merge()
         return self._report(plan, extracted, failed, merged=merged)
 
-    def _falling_back(self, work, *args):
-        """Runs ``work``; if the LiteRT engine fails its check against Keras (which
-        happens before any vector is written), warns and runs it again on the
-        Keras engine's cache file."""
+    def _again_if_engine_changed(self, work, *args):
+        """Runs ``work``, and once more if building the engine moved the cache
+        to another file (a LiteRT conversion that failed its check, which
+        happens before any vector is written, gave the Keras engine)."""
         try:
             return work(*args)
-        except engines.EngineCheckFailed as error:
-            logger.warning("%s", error)
-            self._use_engine("keras")
+        except _EngineChanged:
             return work(*args)
 
     def update_shard(self, image_list, num_shards, shard_index, batch_size=32, progress=True,
@@ -162,7 +163,7 @@ class BottleneckCache:
         _check_batch_size(batch_size)
         check_shard(num_shards, shard_index)
         part = [e for e in image_list.entries if shards.in_part(e.key, num_shards, shard_index)]
-        return self._falling_back(self._update_shard, image_list, part,
+        return self._again_if_engine_changed(self._update_shard, image_list, part,
                                   f"{shard_index}of{num_shards}", batch_size, progress,
                                   chunk_rows)
 
@@ -200,34 +201,37 @@ class BottleneckCache:
 
         ``engine``: the engine (``build_engine``), when the caller has built it
         already (a Beam worker builds it once); otherwise it is built here.
-        Returns (number extracted, [(relative path, reason)] of failures);
-        ``extract_seconds`` is set to the time taken once the engine is built.
+        Returns engines.extraction.Extraction (number extracted, [(relative
+        path, reason)] of failures); ``extract_seconds`` is set to the time
+        taken once the engine is built.
         """
         if not entries:
-            return 0, []
+            return extraction.Extraction(0, [])
         if engine is None:
-            check = [paths.join(image_dir, entry.relative_path) for entry in entries[:8]]
-            engine = engines.build(self.engine, self._spec.name, self._weights_file,
-                                   check_paths=check)
+            identity = self.identity
+            engine = self.build_engine([paths.join(image_dir, entry.relative_path)
+                                        for entry in entries[:8]])
+            if self.identity != identity:
+                raise _EngineChanged()
+        folder = plan_lib.folder_id(image_dir)
         started = time.perf_counter()
-        counts = shards.extract_into(writer, image_dir, entries, engine, self._spec.input_size,
-                                     batch_size, progress)
+        done = extraction.extract(
+            image_dir, entries, engine, self._spec.input_size,
+            lambda batch: writer.append(batch_records(batch, folder)), batch_size, progress,
+        )
         self.extract_seconds = time.perf_counter() - started
-        return counts
+        return done
 
     def build_engine(self, check_paths=()):
-        """The engine of this cache's vectors, converted and checked if needed.
+        """The engine handed in, built once (converted and checked if needed).
 
-        If the LiteRT engine fails its check against Keras, warns and switches
-        this cache to the Keras engine (and its cache file) first.
+        When it falls back to Keras (``engines.build_or_fall_back``), this
+        cache switches to the Keras engine's identity and file first.
         """
-        try:
-            return engines.build(self.engine, self._spec.name, self._weights_file,
-                                 check_paths=check_paths)
-        except engines.EngineCheckFailed as error:
-            logger.warning("%s", error)
-            self._use_engine("keras")
-            return engines.build("keras", self._spec.name, self._weights_file)
+        if self._engine is None:
+            self._engine = build_or_fall_back(self._choice, check_paths=check_paths)
+            self._use_engine(self._engine.name)
+        return self._engine
 
     def shard_writer(self, label, chunk_rows=shards.CHUNK_ROWS):
         """A new shards.ShardWriter for this cache (``label``: letters and digits)."""
@@ -273,7 +277,7 @@ class BottleneckCache:
             failed=sorted(failed),
             path=self.path,
             **details,
-            engine=self.engine,
+            engine=self.engine_name,
             extract_seconds=self.extract_seconds,
         )
 
@@ -428,6 +432,10 @@ class BottleneckCache:
             yield
         finally:
             lock.release()
+
+
+class _EngineChanged(Exception):
+    """The engine built is not the one this cache's work was planned for."""
 
 
 def _check_batch_size(batch_size):

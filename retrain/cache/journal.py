@@ -8,8 +8,6 @@ Extraction appends each batch of records to ``<cache>.h5.journal/`` as one
 import dataclasses
 import json
 import math
-import os
-import time
 import zipfile
 from pathlib import Path
 
@@ -19,9 +17,6 @@ from retrain.files import atomic_write
 
 # 2: the file records the whole cache identity, not only the fingerprint.
 FORMAT_VERSION = 2
-# The SIGKILL fault test sets this to "<point>" or "<point>:<count>" to park
-# the process at a named point, so it can kill it exactly there.
-PAUSE_VARIABLE = "RETRAIN_CACHE_PAUSE_AT"
 
 
 # The per-row arrays of a journal or shard file ("failed_" + the Failure
@@ -87,14 +82,21 @@ class Records:
         self.failures.update(other.failures)
 
 
-def pause_point(name, count=None, marker=None):
-    """Parks the process forever at ``name`` when the fault test asks for it."""
-    wanted = os.environ.get(PAUSE_VARIABLE)
-    if wanted and wanted == (name if count is None else f"{name}:{count}"):
-        if marker is not None:
-            Path(marker).touch()
-        while True:
-            time.sleep(60)
+def batch_records(batch, folder):
+    """The Records of one ``engines.extraction.EntryBatch`` read from image ``folder``.
+
+    Every vector becomes a row; a failure is remembered (until the file
+    changes) only when it carries the file's state.
+    """
+    records = Records()
+    for entry, state, vector in batch.vectors:
+        records.add_row(entry.key, entry.relative_path, state, vector, folder)
+    for entry, reason, state in batch.failures:
+        if state is not None:
+            records.failures[entry.key] = Failure(
+                entry.relative_path, state.size, state.mtime_ns, reason, folder
+            )
+    return records
 
 
 def _text(value):
@@ -108,7 +110,6 @@ class Journal:
     def __init__(self, main_path, identity):
         self.folder = Path(f"{main_path}.journal")
         self.identity = identity
-        self.written = 0
         self._next_number = None
 
     def files(self):
@@ -130,8 +131,6 @@ class Journal:
         with atomic_write.atomic_path(final) as temporary:
             np.savez(temporary, **arrays)
         self._next_number += 1
-        self.written += 1
-        pause_point("journal", self.written, marker=f"{self.folder}.paused")
 
     def load(self, path):
         """The arrays of one journal file; UnreadableCache if damaged or foreign."""

@@ -20,21 +20,14 @@ operating system directly, with fsync, like the journal.
 import io
 import logging
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from retrain.files import atomic_write, paths
-from retrain.engines import extract
-from retrain.cache.plan import folder_id
-from retrain.cache.journal import (
-    Failure, Records, UnreadableCache, load_arrays, pause_point, to_arrays,
-)
+from retrain.cache.journal import Records, load_arrays, to_arrays
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -138,18 +131,14 @@ class ShardWriter:
     def _write(self):
         path = paths.join(self.folder, f"{self._prefix}-{len(self.files) + 1:06d}.npz")
         buffer = _npz_bytes(to_arrays(self._buffer, self.identity))
-        marker = paths.join(self.folder, f"{self._prefix}.paused")  # for the fault tests
         if paths.is_url(path):
             gfile = import_tensorflow().io.gfile
             gfile.makedirs(self.folder)
             with gfile.GFile(path + _PARTIAL, "wb") as file:
                 file.write(buffer)
-            pause_point("shard-partial", len(self.files) + 1, marker=marker)
             gfile.rename(path + _PARTIAL, path, overwrite=True)
         else:
-            with atomic_write.atomic_path(path) as temporary:
-                temporary.write_bytes(buffer)
-                pause_point("shard-partial", len(self.files) + 1, marker=marker)
+            atomic_write.write_bytes(path, buffer)
         self.files.append(path)
         self._buffer = Records()
 
@@ -159,51 +148,3 @@ def _npz_bytes(arrays):
     np.savez(stream, **arrays)
     return stream.getvalue()
 
-
-def extract_into(sink, image_dir, entries, engine, input_size, batch_size=32, progress=True):
-    """Runs the backbone over ``entries`` and appends each batch to ``sink``.
-
-    The one extraction loop of the cache: the single-process path passes its
-    journal, a shard process or Beam worker a ShardWriter. Images that cannot
-    be read or decoded are warned about (one line each) and recorded as
-    failures, with the file's size and mtime when it could be read.
-
-    Args:
-      sink: has ``append(journal.Records)``.
-      image_dir: the folder ``entries`` are relative to (path or URL).
-      entries: list of images.ImageEntry.
-      engine: an ``engines`` engine: float32 pixels -> float32 vectors.
-      input_size: int, the backbone's square input side.
-      batch_size: int, images per backbone call.
-      progress: show a progress bar on stderr.
-
-    Returns:
-      (number extracted, [(relative path, reason)] of failures).
-    """
-    if not entries:
-        return 0, []
-    files = [paths.join(image_dir, entry.relative_path) for entry in entries]
-    folder = folder_id(image_dir)
-    extracted, failed = 0, []
-    with logging_redirect_tqdm(), tqdm(
-        total=len(entries), desc="bottlenecks", unit="img", file=sys.stderr,
-        disable=not progress, smoothing=0.1,
-    ) as bar:
-        for batch in extract.bottleneck_batches(files, engine, input_size, batch_size):
-            records = Records()
-            for position, state, vector in zip(batch.positions, batch.states,
-                                               batch.bottlenecks):
-                entry = entries[position]
-                records.add_row(entry.key, entry.relative_path, state, vector, folder)
-            for position, reason, state in batch.failures:
-                entry = entries[position]
-                failed.append((entry.relative_path, reason))
-                logger.warning("skipped %s: %s", entry.relative_path, reason)
-                if state is not None:
-                    records.failures[entry.key] = Failure(
-                        entry.relative_path, state.size, state.mtime_ns, reason, folder
-                    )
-            sink.append(records)
-            extracted += len(batch.positions)
-            bar.update(len(batch))
-    return extracted, failed

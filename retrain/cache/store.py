@@ -43,7 +43,7 @@ import numpy as np
 
 from retrain.files import atomic_write
 from retrain.cache import hdf5_checks, shards
-from retrain.cache.journal import Failure, Journal, UnreadableCache, folders, pause_point
+from retrain.cache.journal import Failure, Journal, UnreadableCache, folders
 
 logger = logging.getLogger(__name__)
 
@@ -289,11 +289,9 @@ def fold(path, identity):
                 _write_main(temporary, identity, main, winners, journal_keys)
             except RuntimeError as error:
                 raise _as_os_error(error, temporary) from None
-            pause_point("fold-before-replace", marker=f"{path}.paused")
     finally:
         if main is not None:
             main.close()
-    pause_point("fold-after-replace", marker=f"{path}.paused")
     if any(not source.shard for source in sources):
         journal.clear()
     merged = [winner.source.file for winner in winners if winner.source.shard]

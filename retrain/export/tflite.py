@@ -1,7 +1,7 @@
 """TFLite exports of the fixed-size classifier: float32, float16 and full-integer int8.
 
 Every kind takes float32 [1, size, size, 3] RGB in [0, 255], already resized
-with `retrain.data.decode.resize_to_input` (the batch dimension can be resized by
+with `retrain.data.resizing.resize_to_input` (the batch dimension can be resized by
 the interpreter), and returns float32 [1, classes] probabilities.
 
 - float32: the weights frozen as they are (~13 MB for Lite0).
@@ -22,19 +22,18 @@ from a trusted source (`.keras` is the format to take from others).
 
 from __future__ import annotations
 
-import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from retrain.files import atomic_write
-from retrain.data import decode
-from retrain.config import TFLITE_KINDS
+from retrain.data import pixel_batches, resizing
+from retrain.engines import litert
 from retrain.errors import RetrainError
-from retrain.quiet_tensorflow import captured_output, import_tensorflow
+from retrain.quiet_tensorflow import import_tensorflow
 
-tf = import_tensorflow()
+# Imported here, quietly, before the TFLite schema imports below can import it noisily.
+import_tensorflow()
 
 LABELS_METADATA = "retrain_labels"
 # Training images the int8 ranges are calibrated on; TensorFlow's guide suggests
@@ -50,40 +49,6 @@ def is_tflite(path) -> bool:
             return handle.read(8)[4:8] == _TFLITE_IDENTIFIER
     except OSError:
         return False
-
-
-def convert(fixed, kind: str, calibration=None) -> bytes:
-    """The TFLite flatbuffer of `fixed` for one kind.
-
-    Args:
-      fixed: `export.fixed_size_classifier(...)`.
-      kind: "float32", "float16" or "int8".
-      calibration: for int8, float32 [n, size, size, 3] RGB in [0, 255]
-        (resized training images; a few hundred are plenty).
-    """
-    if kind not in TFLITE_KINDS:
-        raise RetrainError(f"Unknown TFLite kind; expected one of {', '.join(TFLITE_KINDS)}. "
-                           f"Received: kind={kind!r}")
-    converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
-    if kind != "float32":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if kind == "float16":
-        converter.target_spec.supported_types = [tf.float16]
-    if kind == "int8":
-        if calibration is None or len(calibration) == 0:
-            raise RetrainError("int8 conversion needs calibration images. Received: none")
-        converter.representative_dataset = lambda: ([pixels[None]] for pixels in calibration)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    # The converter prints Keras's export log and MLIR's quantizer lines on fds 1 and 2.
-    with captured_output(1, 2) as captured, warnings.catch_warnings():
-        # "Statistics for quantized inputs were expected": our inputs stay float32 by design.
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            return converter.convert()
-        except Exception as error:  # noqa: BLE001  (the converter raises many types)
-            lines = [line for line in captured().splitlines() if "rror" in line]
-            detail = lines[-1] if lines else str(error).splitlines()[0]
-            raise RetrainError(f"TFLite {kind} conversion failed: {detail}") from None
 
 
 def with_labels(model: bytes, class_names: list[str]) -> bytes:
@@ -116,7 +81,7 @@ def embedded_labels(model: bytes) -> list[str] | None:
 
 def save_tflite(fixed, kind: str, class_names: list[str], path, calibration=None) -> Path:
     """Converts, embeds the labels and writes `path` atomically; returns the path."""
-    model = with_labels(convert(fixed, kind, calibration), class_names)
+    model = with_labels(litert.convert(fixed, kind, calibration), class_names)
     try:
         return atomic_write.write_bytes(path, model)
     except OSError as error:
@@ -128,18 +93,9 @@ def calibration_pixels(paths, size: int) -> np.ndarray:
 
     Images that fail to decode are left out (extraction already reported them).
     """
-    batches = decode.image_batches(paths, size, 32, drop_failed=True)
+    batches = pixel_batches.image_batches(paths, size, 32, drop_failed=True)
     return np.concatenate([np.zeros((0, size, size, 3), np.float32),
                            *(pixels.numpy() for _, pixels, _ in batches)])
-
-
-def interpreter_class():
-    """LiteRT's Interpreter when ai-edge-litert is installed, else TensorFlow's (deprecated) one."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        Interpreter = tf.lite.Interpreter
-    return Interpreter
 
 
 class PixelClassifier:
@@ -147,9 +103,7 @@ class PixelClassifier:
 
     def __init__(self, path):
         try:
-            with captured_output(2):  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-                self._interpreter = interpreter_class()(model_path=str(path), num_threads=os.cpu_count())
-                self._interpreter.allocate_tensors()
+            self._interpreter = litert.open_interpreter(path)
         except (ValueError, RuntimeError) as error:
             raise RetrainError(f"Cannot load TFLite model {path}: {str(error).splitlines()[0]}. "
                                f"Re-export it with a retrain run. Received: graph={path}") from None

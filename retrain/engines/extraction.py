@@ -1,8 +1,13 @@
-"""Bottleneck extraction: image files -> backbone vectors, in batches.
+"""The extraction loop: image files -> backbone vectors, in batches.
+
+``extract`` is the one loop every path runs (the single-process cache
+update, a ``--num_shards`` process, a Beam worker): it hands each batch's
+vectors and failures to a ``write`` callback (the cache's journal or shard
+writer), shows progress and warns about each image it skips.
 
 Three stages run at once, with a bounded number of batches between them:
 
-* ``decode.image_batches`` reads, hashes, decodes and resizes on tf.data's
+* ``pixel_batches.image_batches`` reads, hashes, decodes and resizes on tf.data's
   thread pool (C++ threads; Pillow, hashlib and the resize release the GIL);
 * one engine thread takes each batch and runs the engine (``retrain.engines``;
   its forward pass releases the GIL too) and does only per-batch work;
@@ -17,12 +22,20 @@ with a reason; it never stops the other images.
 """
 
 import dataclasses
+import logging
 import queue
+import sys
 import threading
+import typing
 
 import numpy as np
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from retrain.data import decode
+from retrain.data import pixel_batches
+from retrain.files import paths as paths_lib
+
+logger = logging.getLogger(__name__)
 
 # Finished batches waiting for the caller: one being written, one ready.
 _QUEUED = 2
@@ -64,7 +77,7 @@ def bottleneck_batches(paths, engine, input_size, batch_size=32):
     Closing the generator early stops the engine thread after its batch.
     """
     outcomes = {}
-    dataset = decode.image_batches(paths, input_size, batch_size, outcomes=outcomes,
+    dataset = pixel_batches.image_batches(paths, input_size, batch_size, outcomes=outcomes,
                                   hash_files=True)
     finished = queue.Queue(maxsize=_QUEUED)
     stop = threading.Event()
@@ -121,3 +134,80 @@ def _forward(engine, indices, pixels, decoded, outcomes):
             if not ok
         ],
     )
+
+
+class ImageVector(typing.NamedTuple):
+    """An image that went through the engine: its entry, FileState and float32 [feature_dim]."""
+
+    entry: typing.Any
+    state: typing.Any
+    vector: np.ndarray
+
+
+class ImageFailure(typing.NamedTuple):
+    """An image that could not be read or decoded.
+
+    ``state``: its FileState, or None when the failure is not the file's to
+    remember (see ``ExtractedBatch``).
+    """
+
+    entry: typing.Any
+    reason: str
+    state: typing.Any
+
+
+class EntryBatch(typing.NamedTuple):
+    """One batch of ``extract``, in terms of the entries it was given."""
+
+    vectors: list
+    failures: list
+
+
+class Extraction(typing.NamedTuple):
+    """What ``extract`` did: images extracted, and (relative path, reason) of failures."""
+
+    extracted: int
+    failed: list
+
+
+def extract(image_dir, entries, engine, input_size, write, batch_size=32, progress=True):
+    """Runs the engine over ``entries`` and hands each batch to ``write``.
+
+    Images that cannot be read or decoded are warned about (one line each)
+    and handed over as ImageFailure.
+
+    Args:
+      image_dir: the folder ``entries`` are relative to (path or URL).
+      entries: list of images.ImageEntry.
+      engine: float32 [b, input_size, input_size, 3] RGB in [0, 255] ->
+        float32 [b, feature_dim].
+      input_size: int, the backbone's square input side.
+      write: called with an EntryBatch per batch, in the order of ``entries``.
+      batch_size: int, images per engine call.
+      progress: show a progress bar on stderr.
+
+    Returns:
+      Extraction.
+    """
+    if not entries:
+        return Extraction(0, [])
+    files = [paths_lib.join(image_dir, entry.relative_path) for entry in entries]
+    extracted, failed = 0, []
+    with logging_redirect_tqdm(), tqdm(
+        total=len(entries), desc="bottlenecks", unit="img", file=sys.stderr,
+        disable=not progress, smoothing=0.1,
+    ) as bar:
+        for batch in bottleneck_batches(files, engine, input_size, batch_size):
+            done = EntryBatch(
+                vectors=[ImageVector(entries[position], state, vector) for position, state, vector
+                         in zip(batch.positions, batch.states, batch.bottlenecks)],
+                failures=[ImageFailure(entries[position], reason, state)
+                          for position, reason, state in batch.failures],
+            )
+            for failure in done.failures:
+                failed.append((failure.entry.relative_path, failure.reason))
+                logger.warning("skipped %s: %s", failure.entry.relative_path, failure.reason)
+            write(done)
+            extracted += len(batch.positions)
+            bar.update(len(batch))
+    return Extraction(extracted, failed)
