@@ -142,8 +142,8 @@ def part_ours(args):
     from retrain.quiet_tensorflow import import_tensorflow
 
     import_tensorflow()
-    from retrain import backbones, evaluation, export, pipeline, report
-    from retrain.training import train_paths
+    from retrain import backbones, evaluation, export, report, run
+    from retrain.training import classifier
     from retrain.cache import bottleneck_cache
     from retrain.config import Config
 
@@ -167,7 +167,7 @@ def part_ours(args):
 
     timed(bottleneck_cache.BottleneckCache, "update", "cache (plan, extract)")
     timed(bottleneck_cache.BottleneckCache, "read", "read vectors")
-    timed(train_paths, "train_classifier", "train head")
+    timed(classifier, "train_classifier", "train head")
     timed(evaluation, "write_metrics", "evaluate, metrics")
     timed(report, "find_data_checks", "data checks")
     timed(report, "write_run_report", "report page, figures, thumbnails")
@@ -176,7 +176,7 @@ def part_ours(args):
     timed(export, "save_classifier", "export: save .keras")
     config = Config(image_dir=str(args.folder), bottleneck_dir=str(args.cache),
                     output_dir=str(args.output), engine=args.engine)
-    result = pipeline.run(config)
+    result = run.run(config)
     phases["total in process"] = time.perf_counter() - started
     accounted = sum(v for k, v in phases.items() if k != "total in process")
     phases["other (discover, settings, predict, waiting for the threads)"] = (

@@ -158,7 +158,9 @@ def _child(args):
     from retrain.quiet_tensorflow import import_tensorflow
 
     import_tensorflow()
-    from retrain.training import train, training_data
+    from retrain.training import datasets
+    from retrain.training.head import fit_head
+    from retrain.training.settings import HeadSettings
     from retrain.cache import BottleneckCache
 
     def status_mb(field):
@@ -177,13 +179,14 @@ def _child(args):
     Path("/proc/self/clear_refs").write_text("5")
     baseline = status_mb("VmRSS")
     start = time.perf_counter()
-    buffer = args.shuffle_buffer or training_data.SHUFFLE_BUFFER
-    result = train.fit_head(
-        training_data.cached_training(cache, training, args.batch_size, 0, shuffle_buffer=buffer),
-        training_data.cached_sample(cache, validation, -1, 0),
-        feature_dim=FEATURE_DIM, num_classes=CLASSES, train_count=len(training),
-        how_many_training_steps=args.steps, learning_rate=0.003,
-        train_batch_size=args.batch_size, eval_step_interval=100, seed=0, progress=False)
+    buffer = args.shuffle_buffer or datasets.SHUFFLE_BUFFER
+    result = fit_head(
+        datasets.cached_training(cache, training, args.batch_size, 0, shuffle_buffer=buffer),
+        datasets.cached_sample(cache, validation, -1, 0),
+        HeadSettings(how_many_training_steps=args.steps, learning_rate=0.003,
+                     train_batch_size=args.batch_size, eval_step_interval=100, seed=0,
+                     progress=False),
+        feature_dim=FEATURE_DIM, num_classes=CLASSES, train_count=len(training))
     print(json.dumps({
         "rows": args.rows, "seconds": round(time.perf_counter() - start, 1),
         "baseline_rss_mb": round(baseline), "peak_rss_mb": round(status_mb("VmHWM")),

@@ -8,7 +8,7 @@ reach the accuracy a plain logistic regression reaches on the same vectors.
 For each dataset this trains, on the same cached EfficientNet-Lite0 bottlenecks
 and the same hash split (10% test, 10% validation):
 
-* the head: ``retrain.training.train.train_head`` with the settings of ``Config()``;
+* the head: ``retrain.training.head.train_head`` with the settings of ``Config()``;
 * scikit-learn's ``LogisticRegression(C=1)`` fit on the training bucket;
 * ``LogisticRegression`` with C chosen on the validation bucket from C_GRID;
 
@@ -37,9 +37,10 @@ from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()  # before anything else imports it, so stderr keeps only our lines
 
-from retrain import backbones, pipeline  # noqa: E402
+from retrain import backbones, run  # noqa: E402
 from retrain.data import images
-from retrain.training import train
+from retrain.training.head import train_head
+from retrain.training.settings import HeadSettings
 from retrain.cache import BottleneckCache  # noqa: E402
 from retrain.config import Config  # noqa: E402
 from retrain.errors import RetrainError  # noqa: E402
@@ -66,8 +67,8 @@ def cached_vectors(image_dir, cache, config):
           f"{len(report.failed)} failed, in {report.path}", file=sys.stderr)
     failed = {path for path, _ in report.failed}
     usable = [entry for entry in image_list.entries if entry.relative_path not in failed]
-    pipeline.check_classes(dataclasses.replace(image_list, entries=usable))
-    x, y = pipeline.bucket_arrays(cache, usable)
+    run.check_classes(dataclasses.replace(image_list, entries=usable))
+    x, y = cache.read(usable), images.labels_of(usable)
     buckets = np.array([entry.split_bucket for entry in usable])
     missing = [name for name in images.BUCKETS if not np.any(buckets == name)]
     if missing:
@@ -81,8 +82,8 @@ def score_split(x, y, buckets, num_classes, config):
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
         (x[buckets == name], y[buckets == name]) for name in images.BUCKETS)
     start = time.perf_counter()
-    trained = train.train_head(train_x, train_y, val_x, val_y, num_classes, progress=False,
-                               **{name: getattr(config, name) for name in HEAD_SETTINGS})
+    trained = train_head(train_x, train_y, val_x, val_y, num_classes,
+                         HeadSettings.from_config(config, progress=False))
     seconds = time.perf_counter() - start
     # A direct call, not predict(): predict traces a new tf.function for every
     # new head, and TensorFlow warns about the retracing from the fifth on.

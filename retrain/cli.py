@@ -1,4 +1,4 @@
-"""Command line: flags + YAML -> one Config -> pipeline.run. The only place that parses argv.
+"""Command line: flags + YAML -> one Config -> run.run. The only place that parses argv.
 
     python -m retrain --image_dir flower_photos [--config run.yaml] [flags]
 
@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = resolve_config(argv)
         import_tensorflow()
-        from retrain import pipeline  # deferred: importing TensorFlow takes seconds
+        from retrain import run  # deferred: importing TensorFlow takes seconds
 
-        pipeline.run(config)
+        run.run(config)
     except RetrainError as exc:
         print(f"retrain: error: {exc}", file=sys.stderr)
         return 2

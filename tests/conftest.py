@@ -95,7 +95,8 @@ def photo_model(tmp_path_factory):
 
     from retrain import backbones, export
     from retrain.data import decode
-    from retrain.training import train
+    from retrain.training.head import train_head
+    from retrain.training.settings import HeadSettings
 
     root = tmp_path_factory.mktemp("label_image")
     rng = np.random.default_rng(0)
@@ -115,11 +116,11 @@ def photo_model(tmp_path_factory):
     bottlenecks = backbone.predict(pixels, verbose=0)
     labels = np.array(labels)
     validation = np.arange(len(paths)) % VARIANTS == 0
-    trained = train.train_head(bottlenecks[~validation], labels[~validation],
-                               bottlenecks[validation], labels[validation], len(PHOTOS),
-                               how_many_training_steps=300, learning_rate=0.003,
-                               train_batch_size=100, validation_batch_size=-1,
-                               eval_step_interval=10, seed=0, progress=False)
+    trained = train_head(bottlenecks[~validation], labels[~validation],
+                         bottlenecks[validation], labels[validation], len(PHOTOS),
+                         HeadSettings(how_many_training_steps=300, learning_rate=0.003,
+                                      train_batch_size=100, validation_batch_size=-1,
+                                      eval_step_interval=10, seed=0, progress=False))
     graph = export.save_classifier(export.build_classifier(backbone, trained.head, spec.input_size),
                                    root / "model.keras")
     labels_file = export.write_labels(list(PHOTOS), root / "labels.txt")

@@ -36,7 +36,7 @@ def test_training_on_a_cache_bigger_than_the_memory_budget(tmp_path):
 
 
 def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
-    from retrain.training import training_data
+    from retrain.training import datasets
     from retrain.cache import BottleneckCache
 
     benchmark = load_benchmark()
@@ -55,8 +55,8 @@ def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
     # apart) and read at once (all 1,000 fit in the buffer).
     rows = {vector.tobytes(): entry.label_index for vector, entry in zip(expected, chosen)}
     for buffer in (1, len(chosen)):
-        batches = training_data.cached_training(cache, chosen, 100, seed=0, shuffle_buffer=buffer)
-        assert batches.options().autotune.enabled is False  # see retrain.data.tf_data
+        batches = datasets.cached_training(cache, chosen, 100, seed=0, shuffle_buffer=buffer)
+        assert batches.options().autotune.enabled is False  # see retrain.data.pixel_batches
         vectors, labels = map(np.concatenate, zip(*[(x.numpy(), y.numpy())
                                                     for x, y in batches.take(len(chosen) // 100)]))
         assert len(vectors) == len(chosen)
@@ -67,16 +67,16 @@ def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
 
 def test_predictions_and_the_validation_sample_read_a_bounded_part_of_the_cache(tmp_path, monkeypatch,
                                                                                caplog):
-    from retrain import pipeline
-    from retrain.training import train, training_data
+    from retrain.training import datasets, predict
+    from retrain.training.head import build_head
     from retrain.cache import BottleneckCache
 
     benchmark = load_benchmark()
     benchmark.write_synthetic_cache(tmp_path, 3000)
     cache = BottleneckCache(tmp_path, "efficientnet_lite0")
     chosen = benchmark.entries(3000)[::-7]  # scattered rows, not in file order
-    head = train.build_head(benchmark.FEATURE_DIM, 3)
-    expected = pipeline.predict(head, cache.read(chosen), -1)
+    head = build_head(benchmark.FEATURE_DIM, 3)
+    expected = predict.predict(head, cache.read(chosen), -1)
 
     read_sizes = []
     stream = BottleneckCache.stream
@@ -87,21 +87,21 @@ def test_predictions_and_the_validation_sample_read_a_bounded_part_of_the_cache(
             yield positions, vectors
 
     monkeypatch.setattr(BottleneckCache, "stream", recorded)
-    found = pipeline.predict_cached(head, cache, chosen, -1, block_rows=512)
+    found = predict.predict_cached(head, cache, chosen, -1, block_rows=512)
     np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-7)
     assert len(read_sizes) > 1 and max(read_sizes) <= 512 // 7 + 1
-    assert pipeline.predict_cached(head, cache, [], -1).shape == (0, 3)
+    assert predict.predict_cached(head, cache, [], -1).shape == (0, 3)
 
     # validation_batch_size -1: all of a small set in order, a seeded sample of a large one.
     labels = np.array([entry.label_index for entry in chosen])
-    vectors, sample_labels = training_data.cached_sample(cache, chosen, -1, seed=0)
+    vectors, sample_labels = datasets.cached_sample(cache, chosen, -1, seed=0)
     np.testing.assert_array_equal(vectors, cache.read(chosen))
     np.testing.assert_array_equal(sample_labels, labels)
     assert "validation images" not in caplog.text
-    vectors, sample_labels = training_data.cached_sample(cache, chosen, -1, seed=0, most=100)
+    vectors, sample_labels = datasets.cached_sample(cache, chosen, -1, seed=0, most=100)
     assert f"{len(chosen)} validation images: the head is scored on a fixed random 100" in caplog.text
     assert vectors.shape == (100, benchmark.FEATURE_DIM)
     rows = {vector.tobytes(): i for i, vector in enumerate(cache.read(chosen))}
     positions = [rows[vector.tobytes()] for vector in vectors]
     assert positions == sorted(positions) and list(labels[positions]) == list(sample_labels)
-    assert len(training_data.cached_sample(cache, chosen, 200, seed=0, most=100)[0]) == 200
+    assert len(datasets.cached_sample(cache, chosen, 200, seed=0, most=100)[0]) == 200

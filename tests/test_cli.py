@@ -193,10 +193,10 @@ def test_help_lists_every_setting(capsys):
     out = capsys.readouterr().out
     for name in yaml.safe_load(yaml.safe_dump(Config().__dict__)):
         assert f"--{name}" in out
-    from retrain.training import training_data
+    from retrain.training import datasets
 
     # The help quotes the cap on validation vectors; it must be the one in force.
-    assert f"{training_data.MOST_VALIDATION_VECTORS:,}" in cli.HELP["validation_batch_size"]
+    assert f"{datasets.MOST_VALIDATION_VECTORS:,}" in cli.HELP["validation_batch_size"]
 
 
 def test_output_dir_that_is_a_file_fails_before_extraction(tmp_path, capsys):
@@ -214,13 +214,13 @@ def test_output_dir_that_is_a_file_fails_before_extraction(tmp_path, capsys):
 def test_class_whose_images_all_fail_to_decode_is_named(tmp_path, capsys, monkeypatch):
     for label in ("cats", "dogs"):
         write_image(tmp_path / "photos" / label / "a.png")
-    from retrain import pipeline
+    from retrain.cache import BottleneckCache, CacheReport
 
     def update(cache, image_list, batch_size=32, progress=True):
-        return pipeline.CacheReport(extracted=0, reused=1, path=cache.path,
+        return CacheReport(extracted=0, reused=1, path=cache.path,
                                     failed=[("dogs/a.png", "damaged PNG file")])
 
-    monkeypatch.setattr(pipeline.BottleneckCache, "update", update)
+    monkeypatch.setattr(BottleneckCache, "update", update)
     status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "photos"),
                               "--output_dir", str(tmp_path / "out"),
                               "--testing_percentage", "0", "--validation_percentage", "0")

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain import export, label_image, pipeline
+from retrain import export, label_image
+from retrain.export import deployment
 from retrain.data import images
 from retrain.export import saved_model, tflite
 from retrain.errors import RetrainError
@@ -202,10 +203,10 @@ def test_failed_conversion_keeps_the_previous_file(photo_model, tmp_path):
 
 def test_calibration_sample_takes_classes_in_turn(photo_model):
     image_list = images.discover(photo_model["photos"], 0, 0)
-    sample = pipeline.calibration_entries(image_list.entries, 7)
+    sample = deployment.calibration_entries(image_list.entries, 7)
     assert [entry.label_index for entry in sample] == [0, 1, 2, 0, 1, 2, 0]
-    assert sample == pipeline.calibration_entries(list(reversed(image_list.entries)), 7)
-    assert len(pipeline.calibration_entries(image_list.entries, 1000)) == len(image_list.entries)
+    assert sample == deployment.calibration_entries(list(reversed(image_list.entries)), 7)
+    assert len(deployment.calibration_entries(image_list.entries, 1000)) == len(image_list.entries)
 
 
 def test_a_run_writes_the_exports_it_is_asked_for(photo_model, tmp_path, capsys):

@@ -11,8 +11,8 @@ import pytest
 from skimage import data
 
 from retrain import backbones, export
-from retrain.data import decode
-from retrain.training import train
+from retrain.data import resizing
+from retrain.training.head import build_head
 from retrain.errors import RetrainError
 
 NAMES = ["cat", "coffee", "person"]
@@ -30,7 +30,7 @@ def parts():
     """Lite0 (real weights), a head with seeded random weights, and the classifier."""
     spec = backbones.get("efficientnet_lite0")
     backbone = backbones.load(spec.name)
-    head = train.build_head(spec.feature_dim, len(NAMES))
+    head = build_head(spec.feature_dim, len(NAMES))
     rng = np.random.default_rng(0)
     head.set_weights([rng.normal(0, 0.05, w.shape).astype(np.float32) for w in head.get_weights()])
     classifier = export.build_classifier(backbone, head, spec.input_size)
@@ -41,7 +41,7 @@ def parts():
 def in_process(parts):
     """Probabilities the way training sees images: resize_to_input -> backbone -> head."""
     backbone, head, _, size = parts
-    return {name: head.predict(backbone.predict(decode.resize_to_input(pixels, size)[None], verbose=0),
+    return {name: head.predict(backbone.predict(resizing.resize_to_input(pixels, size)[None], verbose=0),
                                verbose=0)[0]
             for name, pixels in PHOTOS.items()}
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from retrain.files import atomic_write
-from retrain import backbones, cli, engines, pipeline
+from retrain import backbones, cli, engines, run
 from retrain.data import decode, images
 from retrain.engines import extract
 from retrain.cache import BottleneckCache, journal, plan, shards
@@ -163,14 +163,14 @@ def test_killed_shard_process_is_redone(tmp_path, image_dir, single_build,
     assert len(cache.plan(found, progress=False).todo) == len(found.entries), "partial was read"
     for index in range(2):
         config = cli.resolve_config([*argv, "--shard_index", str(index)])
-        result = pipeline.run(config)
+        result = run.run(config)
         assert not output_dir.exists(), "a shard process wrote into output_dir"
         assert result.cache_report.extracted + len(result.cache_report.failed) == (
             in_part if index == 0 else len(found.entries) - in_part)
 
     # A normal run merges the finished shards and ignores the fresh .partial file;
     # once stale it is removed.
-    report = pipeline.run(Config(image_dir=str(image_dir), bottleneck_dir=str(cache_dir),
+    report = run.run(Config(image_dir=str(image_dir), bottleneck_dir=str(cache_dir),
                                  output_dir=str(output_dir), cache_only=True,
                                  engine="keras")).cache_report
     assert report.extracted == 0 and report.merged >= 2

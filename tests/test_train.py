@@ -5,11 +5,16 @@ import logging
 import numpy as np
 import pytest
 
-from retrain.training import train
+from retrain.training import predict
+from retrain.training.callbacks import ValidationScores
+from retrain.training.class_weights import balanced_class_weights
+from retrain.training.head import build_head, train_head
+from retrain.training.settings import HeadSettings
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
+import keras  # noqa: E402
 
 FEATURES = 32
 CLASSES = 4
@@ -45,7 +50,7 @@ def learned_well(head, x, y):
 
 def test_separable_vectors_are_learned():
     (tx, ty), (vx, vy), (sx, sy) = clusters(400, 1), clusters(100, 2), clusters(200, 3)
-    result = train.train_head(tx, ty, vx, vy, CLASSES, **FAST)
+    result = train_head(tx, ty, vx, vy, CLASSES, HeadSettings(**FAST))
     assert learned_well(result.head, sx, sy)
     probabilities = result.head.predict(sx, verbose=0)
     assert probabilities.shape == (200, CLASSES) and probabilities.dtype == np.float32
@@ -56,7 +61,7 @@ def test_random_labels_fail_the_check():
     (tx, _), (vx, _), (sx, _) = clusters(400, 1), clusters(100, 2), clusters(200, 3)
     rng = np.random.default_rng(7)
     ty, vy, sy = (rng.integers(0, CLASSES, n) for n in (400, 100, 200))
-    result = train.train_head(tx, ty, vx, vy, CLASSES, **FAST)
+    result = train_head(tx, ty, vx, vy, CLASSES, HeadSettings(**FAST))
     assert not learned_well(result.head, sx, sy)
     assert accuracy(result.head, sx, sy) < 0.45  # chance is 0.25
 
@@ -66,8 +71,8 @@ def test_early_stopping_keeps_the_best_weights():
     # head memorises them, so training must stop early and roll back.
     (tx, _), (vx, vy) = clusters(200, 1), clusters(100, 2)
     ty = np.random.default_rng(3).integers(0, CLASSES, 200)
-    result = train.train_head(tx, ty, vx, vy, CLASSES,
-                              **settings(how_many_training_steps=4000, learning_rate=0.05))
+    result = train_head(tx, ty, vx, vy, CLASSES,
+                        HeadSettings(**settings(how_many_training_steps=4000, learning_rate=0.05)))
     steps = [entry["step"] for entry in result.history]
     assert result.stopped_early and steps[-1] < 4000
     assert result.best_step < steps[-1]
@@ -80,7 +85,7 @@ def test_early_stopping_keeps_the_best_weights():
 
 def test_same_seed_same_head_other_seed_other_head():
     (tx, ty), (vx, vy) = clusters(200, 1), clusters(50, 2)
-    weights = [train.train_head(tx, ty, vx, vy, CLASSES, **settings(seed=seed)).head.get_weights()[0]
+    weights = [train_head(tx, ty, vx, vy, CLASSES, HeadSettings(**settings(seed=seed))).head.get_weights()[0]
                for seed in (5, 5, 6)]
     np.testing.assert_array_equal(weights[0], weights[1])
     assert not np.allclose(weights[0], weights[2])
@@ -89,8 +94,8 @@ def test_same_seed_same_head_other_seed_other_head():
 def test_empty_validation_set_trains_the_whole_budget(caplog):
     (tx, ty), (sx, sy) = clusters(300, 1), clusters(200, 3)
     empty_x, empty_y = np.zeros((0, FEATURES), np.float32), np.zeros(0, np.int64)
-    with caplog.at_level(logging.WARNING, logger="retrain.training.train"):
-        result = train.train_head(tx, ty, empty_x, empty_y, CLASSES, **FAST)
+    with caplog.at_level(logging.WARNING, logger="retrain.training.head"):
+        result = train_head(tx, ty, empty_x, empty_y, CLASSES, HeadSettings(**FAST))
     assert "validation set is empty" in caplog.text
     assert not result.stopped_early
     assert result.best_step == result.history[-1]["step"] == 300
@@ -100,17 +105,18 @@ def test_empty_validation_set_trains_the_whole_budget(caplog):
 
 def test_steps_are_whole_evaluation_intervals():
     (tx, ty), (vx, vy) = clusters(100, 1), clusters(40, 2)
-    result = train.train_head(tx, ty, vx, vy, CLASSES, **settings(how_many_training_steps=25))
+    result = train_head(tx, ty, vx, vy, CLASSES, HeadSettings(**settings(how_many_training_steps=25)))
     assert [entry["step"] for entry in result.history] == [10, 20, 30]
-    short = train.train_head(tx, ty, vx, vy, CLASSES, **settings(how_many_training_steps=3))
+    short = train_head(tx, ty, vx, vy, CLASSES, HeadSettings(**settings(how_many_training_steps=3)))
     assert [entry["step"] for entry in short.history] == [3]
 
 
 def test_validation_sample_and_summaries(tmp_path):
     (tx, ty), (vx, vy) = clusters(100, 1), clusters(60, 2)
     for steps in (50, 30):  # the second run's logs replace the first's
-        train.train_head(tx, ty, vx, vy, CLASSES, summaries_dir=str(tmp_path),
-                         **settings(validation_batch_size=20, how_many_training_steps=steps))
+        train_head(tx, ty, vx, vy, CLASSES,
+                   HeadSettings(summaries_dir=str(tmp_path),
+                                **settings(validation_batch_size=20, how_many_training_steps=steps)))
     for folder in ("train", "validation"):
         events = [event for path in (tmp_path / folder).iterdir()
                   for event in tf.compat.v1.train.summary_iterator(str(path))]
@@ -136,11 +142,12 @@ def test_bad_input_is_named(change, message):
     arguments = dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy, num_classes=CLASSES, **FAST)
     arguments.update(change)
     with pytest.raises(RetrainError, match=message):
-        train.train_head(**arguments)
+        settings_fields = {name: arguments.pop(name) for name in FAST}
+        train_head(**arguments, settings=HeadSettings(**settings_fields))
 
 
 def test_balanced_class_weights_are_inverse_frequencies():
-    weights = train.balanced_class_weights(np.array([0] * 6 + [1] * 3 + [2] * 1), 4)
+    weights = balanced_class_weights(np.array([0] * 6 + [1] * 3 + [2] * 1), 4)
     # n / (k * n_c) = 10 / (4 * n_c); class 3 has no image.
     np.testing.assert_allclose(weights, [10 / 24, 10 / 12, 10 / 4, 0.0])
 
@@ -157,8 +164,8 @@ def test_balanced_weights_raise_recall_of_a_rare_class():
     (tx, ty), (vx, vy), (sx, sy) = imbalanced(2000), imbalanced(400), imbalanced(4000)
     rare = sy == 1
     recalls = {}
-    for name, weights in (("none", None), ("balanced", train.balanced_class_weights(ty, 2))):
-        head = train.train_head(tx, ty, vx, vy, 2, **settings(class_weights=weights)).head
+    for name, weights in (("none", None), ("balanced", balanced_class_weights(ty, 2))):
+        head = train_head(tx, ty, vx, vy, 2, HeadSettings(**settings(class_weights=weights))).head
         recalls[name] = float((head.predict(sx[rare], verbose=0).argmax(axis=1) == 1).mean())
     assert recalls["balanced"] > recalls["none"] + 0.2, recalls
 
@@ -167,19 +174,19 @@ def test_balanced_weights_raise_recall_of_a_rare_class():
 def test_bad_class_weights_are_named(weights):
     (tx, ty), (vx, vy) = clusters(50, 1), clusters(20, 2)
     with pytest.raises(RetrainError, match="class_weights must be 4 finite weights"):
-        train.train_head(tx, ty, vx, vy, CLASSES, **settings(class_weights=weights))
+        train_head(tx, ty, vx, vy, CLASSES, HeadSettings(**settings(class_weights=weights)))
 
 
 def test_validation_scores_equal_keras_evaluate():
     """The in-memory validation callback reports what Keras's own validation pass would,
     L2 term included, at the weights of each evaluation."""
     (tx, ty), (vx, vy) = clusters(300, 1, spread=3.0), clusters(120, 2, spread=3.0)
-    head = train.build_head(FEATURES, CLASSES, l2=0.05)
+    head = build_head(FEATURES, CLASSES, l2=0.05)
     head.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    scores = train.ValidationScores(vx, vy)
+    scores = ValidationScores(vx, vy)
     seen = []
 
-    class Compare(train.keras.callbacks.Callback):
+    class Compare(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             expected = head.evaluate(vx, vy, verbose=0, return_dict=True)
             seen.append((logs["val_loss"], expected["loss"], logs["val_accuracy"],
@@ -193,14 +200,12 @@ def test_validation_scores_equal_keras_evaluate():
     assert 0.2 < seen[-1][2] < 1.0  # overlapping clusters: not trivially 0 or 1
 
 
-def test_pipeline_predict_is_the_heads_probabilities_in_any_batch_size():
-    from retrain import pipeline
-
-    head = train.build_head(16, 3)
+def test_predict_is_the_heads_probabilities_in_any_batch_size():
+    head = build_head(16, 3)
     vectors = np.random.default_rng(0).normal(size=(23, 16)).astype(np.float32)
     expected = head.predict(vectors, verbose=0)
     for batch_size in (-1, 1, 7, 23, 100):
-        found = pipeline.predict(head, vectors, batch_size)
+        found = predict.predict(head, vectors, batch_size)
         assert found.shape == (23, 3)
         np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-7)
-    assert pipeline.predict(head, vectors[:0], -1).shape == (0, 3)
+    assert predict.predict(head, vectors[:0], -1).shape == (0, 3)

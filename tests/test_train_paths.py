@@ -18,7 +18,9 @@ from PIL import Image
 from skimage import data
 
 from retrain import backbones, cli, export
-from retrain.training import checkpoints, fine_tune, training_data
+from retrain.training import checkpoints, datasets, fine_tune
+from retrain.training.checkpoints import Checkpoint
+from retrain.training.settings import FineTuneSettings
 from retrain.data import decode, distortions
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -117,12 +119,13 @@ def test_fine_tuning_changes_only_the_chosen_layers_and_no_batchnorm_statistics(
     entries = [type("Entry", (), {"relative_path": str(path.relative_to(photos)),
                                   "label_index": list(PHOTOS).index(path.parent.name)})()
                for path in sorted(photos.rglob("*.png"))][::3]
-    training = training_data.decoded_training(photos, entries, SIZE, 4, seed=0)
+    training = datasets.decoded_training(photos, entries, SIZE, 4, seed=0)
     top = 12
-    result = fine_tune.fine_tune(backbone, head, training, None, input_size=SIZE, layers=top,
-                                 steps_per_epoch=2, epochs=1, learning_rate=1e-3, batch_size=4,
-                                 checkpoint_dir=photos.parent / "checkpoint", fingerprint="x",
-                                 progress=False)
+    result = fine_tune.fine_tune(backbone, head, training, None,
+                                 FineTuneSettings(layers=top, epochs=1, learning_rate=1e-3,
+                                                  batch_size=4, progress=False),
+                                 input_size=SIZE, steps_per_epoch=2,
+                                 checkpoint=Checkpoint(photos.parent / "checkpoint", "x"))
     chosen = {layer.name for layer in backbone.layers[-top:]}
     assert set(result.trainable_layers) == {
         layer.name for layer in backbone.layers[-top:]
@@ -156,12 +159,13 @@ def test_fine_tuning_weights_its_loss_by_class(photos):
         head = keras.Sequential([keras.Input((spec.feature_dim,)),
                                  keras.layers.Dense(3, activation="softmax")])
         before = [w.numpy().copy() for w in backbone.weights + head.weights]
-        fine_tune.fine_tune(backbone, head, training_data.decoded_training(photos, entries, SIZE, 4,
-                                                                           seed=0),
-                            None, input_size=SIZE, layers=12, steps_per_epoch=2, epochs=1,
-                            learning_rate=1e-3, batch_size=4,
-                            checkpoint_dir=photos.parent / f"checkpoint-{name}", fingerprint=name,
-                            progress=False, class_weights=weights)
+        fine_tune.fine_tune(backbone, head, datasets.decoded_training(photos, entries, SIZE, 4,
+                                                                      seed=0),
+                            None, FineTuneSettings(layers=12, epochs=1, learning_rate=1e-3,
+                                                   batch_size=4, progress=False,
+                                                   class_weights=weights),
+                            input_size=SIZE, steps_per_epoch=2,
+                            checkpoint=Checkpoint(photos.parent / f"checkpoint-{name}", name))
         after = [w.numpy() for w in backbone.weights + head.weights]
         moved[name] = sum(not np.array_equal(a, b) for a, b in zip(before, after))
     assert moved["none"] == 0
@@ -187,20 +191,43 @@ def test_bad_values_exit_2_with_one_line(photos, tmp_path, capsys, argv, fragmen
     assert not (tmp_path / "cache").exists()  # refused before any extraction
 
 
-def start(photos, folder, *extra, pause=None):
+# Runs retrain's command line with a callback injected into the checkpointed
+# fits (`retrain.run.run`'s after_checkpoint seam): after the first epoch's
+# checkpoint is saved, it touches a marker and parks the process forever.
+PARK_AFTER_FIRST_CHECKPOINT = """
+import functools, time
+from pathlib import Path
+from retrain import cli, run
+from retrain.quiet_tensorflow import import_tensorflow
+import_tensorflow()
+import keras
+
+class ParkAfterFirstCheckpoint(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            Path({marker!r}).touch()
+            while True:
+                time.sleep(60)
+
+run.run = functools.partial(run.run, after_checkpoint=[ParkAfterFirstCheckpoint()])
+cli.exit_without_teardown(cli.main({argv!r}))
+"""
+
+
+def start(photos, folder, *extra, park_marker=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if pause:
-        env["RETRAIN_CACHE_PAUSE_AT"] = pause
-    return subprocess.Popen(
-        [sys.executable, "-m", "retrain", "--image_dir", str(photos), "--bottleneck_dir",
-         str(folder / "cache"), "--output_dir", str(folder / "out"), "--fine_tune_layers", "20",
-         "--fine_tune_epochs", "2", "--fine_tune_batch_size", "8", "--flip_left_right", *FAST,
-         *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    argv = ["--image_dir", str(photos), "--bottleneck_dir", str(folder / "cache"), "--output_dir",
+            str(folder / "out"), "--fine_tune_layers", "20", "--fine_tune_epochs", "2",
+            "--fine_tune_batch_size", "8", "--flip_left_right", *FAST, *extra]
+    command = (["-c", PARK_AFTER_FIRST_CHECKPOINT.format(marker=str(park_marker), argv=argv)]
+               if park_marker else ["-m", "retrain", *argv])
+    return subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def kill_after_first_checkpoint(photos, folder, *extra):
     marker = folder / ".out.checkpoint" / "fine_tune.paused"
-    process = start(photos, folder, *extra, pause="checkpoint-fine_tune:1")
+    process = start(photos, folder, *extra, park_marker=marker)
     deadline = time.monotonic() + 600
     while not marker.exists():
         assert process.poll() is None, process.communicate()

@@ -21,7 +21,8 @@ from skimage import data
 
 from retrain import export, label_image
 from retrain.export import keras_file
-from retrain.training import train
+from retrain.training.head import build_head, train_head
+from retrain.training.settings import HeadSettings
 from retrain.backbones import keras_apps
 from retrain.errors import RetrainError
 
@@ -43,10 +44,10 @@ def exported(tmp_path_factory):
     backbone = keras.Model(pixels, features, name="tiny")
     rng = np.random.default_rng(0)
     vectors, labels = rng.normal(size=(12, 4)).astype(np.float32), np.arange(12) % 2
-    trained = train.train_head(vectors[:8], labels[:8], vectors[8:], labels[8:], len(NAMES),
-                               how_many_training_steps=4, learning_rate=0.01, train_batch_size=4,
-                               validation_batch_size=-1, eval_step_interval=2, seed=0,
-                               progress=False)
+    trained = train_head(vectors[:8], labels[:8], vectors[8:], labels[8:], len(NAMES),
+                         HeadSettings(how_many_training_steps=4, learning_rate=0.01,
+                                      train_batch_size=4, validation_batch_size=-1,
+                                      eval_step_interval=2, seed=0, progress=False))
     graph = export.save_classifier(export.build_classifier(backbone, trained.head, SIZE),
                                    root / "model.keras")
     image = root / "cat.png"
@@ -232,7 +233,7 @@ def test_the_allowlist_admits_every_backbone_export():
         pixels = keras.Input((size, size, 3), name="pixels")
         normalized = keras.layers.Rescaling(app.scale, offset=app.offset, name="normalize")(pixels)
         backbone = keras.Model(pixels, base(normalized), name=name)
-        head = train.build_head(backbone.output_shape[-1], 3, l2=1e-4)
+        head = build_head(backbone.output_shape[-1], 3, l2=1e-4)
         classifier = export.build_classifier(backbone, head, size)
         assert keras_file.check_model_config(keras.saving.serialize_keras_object(classifier)) is None, name
 

@@ -12,28 +12,20 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from retrain.files import digests
-from retrain.cache.journal import pause_point
-from retrain.quiet_tensorflow import import_tensorflow
-
-import_tensorflow()
-import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
 
 log = logging.getLogger(__name__)
 
 
-class AfterCheckpoint(keras.callbacks.Callback):
-    """The fault tests' hook: with RETRAIN_CACHE_PAUSE_AT=checkpoint-<folder name>:<epoch>, the
-    process parks once that epoch's checkpoint is saved (see cache.journal.pause_point)."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a fit loop checkpoints, and the `run_fingerprint` the checkpoint is valid for."""
 
-    def __init__(self, folder: Path):
-        super().__init__()
-        self.folder = folder
-
-    def on_epoch_end(self, epoch, logs=None):
-        pause_point(f"checkpoint-{self.folder.name}", count=epoch + 1, marker=f"{self.folder}.paused")
+    folder: Path
+    fingerprint: str
 
 
 def run_fingerprint(settings: dict, images: list) -> str:

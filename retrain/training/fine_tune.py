@@ -16,7 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from retrain.training import train
+from retrain.training.checkpoints import Checkpoint
+from retrain.training.class_weights import class_weight_dict
+from retrain.training.fit import FitLoop, fit
+from retrain.training.settings import FineTuneSettings
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -28,7 +31,7 @@ import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped a
 class FineTuneResult:
     """How fine-tuning went.
 
-    history: one dict per epoch run in this process (see train.TrainResult).
+    history: one dict per epoch run in this process (see head.TrainResult).
     resumed_epoch: the epochs a checkpoint supplied (0 for a fresh start).
     trainable_layers: names of the backbone layers whose weights were trained.
     """
@@ -75,25 +78,10 @@ def freeze(backbone: keras.Model) -> None:
         layer.trainable = True
 
 
-def fine_tune(
-    backbone: keras.Model,
-    head: keras.Model,
-    training,
-    validation,
-    *,
-    input_size: int,
-    layers: int,
-    steps_per_epoch: int,
-    epochs: int,
-    learning_rate: float,
-    batch_size: int,
-    checkpoint_dir,
-    fingerprint: str,
-    summaries_dir: str | None = None,
-    progress: bool = True,
-    class_weights=None,
-) -> FineTuneResult:
-    """Trains head and the top `layers` of the backbone together; weights change in place.
+def fine_tune(backbone: keras.Model, head: keras.Model, training, validation,
+              settings: FineTuneSettings, *, input_size: int, steps_per_epoch: int,
+              checkpoint: Checkpoint, after_checkpoint=()) -> FineTuneResult:
+    """Trains head and the top `settings.layers` of the backbone together; weights change in place.
 
     Args:
       backbone: keras.Model float32 [b, input_size, input_size, 3] RGB in
@@ -103,36 +91,35 @@ def fine_tune(
       training: endless tf.data.Dataset of (float32 [b, input_size,
         input_size, 3] RGB in [0, 255], int64 [b] labels).
       validation: finite dataset of the same, or None.
-      layers: top layers of `backbone.layers` to train; -1 = all.
-      steps_per_epoch, epochs: steps per pass over the training images, passes.
-      learning_rate: Adam's initial rate; it decays along a cosine to 0.
-      batch_size: images per step (progress bar).
-      checkpoint_dir: folder of the checkpoint (created; removed after success).
-      fingerprint: `checkpoints.run_fingerprint` of this run's settings and
+      settings: FineTuneSettings (layers, epochs, learning rate, batch size,
+        TensorBoard folder, progress bar, class weights).
+      steps_per_epoch: steps per pass over the training images.
+      checkpoint: where the checkpoint goes (created; removed after success)
+        and the `checkpoints.run_fingerprint` of this run's settings and
         images; a checkpoint with another one is discarded and training
         starts over.
-      summaries_dir: TensorBoard folder; scalars go to fine_tune_train and
-        fine_tune_validation in it.
-      class_weights: float [num_classes] training-loss weight of each class
-        (`train.balanced_class_weights`), or None, as the head was trained.
+      after_checkpoint: Keras callbacks run after each epoch's checkpoint (see `fit.fit`).
 
     Returns:
       FineTuneResult.
     """
-    trainable_layers = unfreeze(backbone, layers)
+    trainable_layers = unfreeze(backbone, settings.layers)
     try:
         images = keras.Input((input_size, input_size, 3), name="pixels")
         model = keras.Model(images, head(backbone(images)), name="fine_tuned")
-        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps_per_epoch * epochs)
+        schedule = keras.optimizers.schedules.CosineDecay(settings.learning_rate,
+                                                          steps_per_epoch * settings.epochs)
         model.compile(optimizer=keras.optimizers.Adam(schedule),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        history, resumed = train.fit(
-            model, training, validation, steps_per_epoch=steps_per_epoch, epochs=epochs,
-            batch_size=batch_size, summaries_dir=summaries_dir, progress=progress,
-            description="Fine-tuning", checkpoint=(checkpoint_dir, fingerprint),
-            run_names=("fine_tune_train", "fine_tune_validation"),
-            class_weight=(None if class_weights is None else
-                          train.class_weight_dict(class_weights, head.output_shape[-1])))
+        loop = FitLoop(steps_per_epoch=steps_per_epoch, epochs=settings.epochs,
+                       batch_size=settings.batch_size, description="Fine-tuning",
+                       summaries_dir=settings.summaries_dir,
+                       run_names=("fine_tune_train", "fine_tune_validation"),
+                       progress=settings.progress, checkpoint=checkpoint)
+        class_weight = (None if settings.class_weights is None else
+                        class_weight_dict(settings.class_weights, head.output_shape[-1]))
+        history, resumed = fit(model, training, validation, loop, class_weight=class_weight,
+                               after_checkpoint=after_checkpoint)
     finally:
         freeze(backbone)
     return FineTuneResult(history, resumed, trainable_layers)

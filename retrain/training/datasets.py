@@ -1,6 +1,6 @@
 """Training data as tf.data pipelines: (bottleneck or pixels, label), never whole arrays.
 
-Three sources feed the one fit loop in `retrain.training.train`:
+Three sources feed the one fit loop in `retrain.training.fit`:
 
 * cached: bottlenecks streamed from the HDF5 cache block by block, in a new
   random block order every epoch, through a shuffle buffer of bounded size, so

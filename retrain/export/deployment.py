@@ -1,0 +1,54 @@
+"""The deployment exports of a run: SavedModel and TFLite, all from one fixed-size classifier.
+
+The int8 TFLite export calibrates on a fixed sample of training images,
+`calibration_entries`, spread over the classes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from retrain.files import output_folder
+
+
+def export_for_deployment(classifier, image_list, training_entries, config,
+                          folder: output_folder.OutputFolder) -> dict:
+    """The SavedModel and TFLite exports the Config asks for (--saved_model_dir, --tflite).
+
+    classifier: the Keras classifier, uint8/float32 RGB [b, h, w, 3] ->
+    float32 [b, num_classes]. They are written where `folder` places them (the
+    staging folder, for paths inside output_dir). Returns {"saved_model" or
+    TFLite kind: final Path}.
+    """
+    from retrain import export  # deferred: these import TensorFlow
+    from retrain.export import saved_model, tflite
+
+    fixed = export.fixed_size_classifier(classifier)
+    written = {}
+    if config.saved_model_dir:
+        saved_model.save_saved_model(fixed, image_list.class_names,
+                                     folder.place_folder(config.saved_model_dir))
+        written["saved_model"] = Path(config.saved_model_dir)
+        print(f"Saved SavedModel {config.saved_model_dir} (serving_default takes encoded images).")
+    calibration = None
+    if "int8" in config.tflite:
+        sample = calibration_entries(training_entries, tflite.CALIBRATION_IMAGES)
+        calibration = tflite.calibration_pixels(
+            [image_list.image_dir / entry.relative_path for entry in sample], export.input_size(classifier))
+    for kind, path in config.tflite_paths().items():
+        staged = tflite.save_tflite(fixed, kind, image_list.class_names, folder.place(path), calibration)
+        written[kind] = path
+        print(f"Saved TFLite {kind} model {path} ({staged.stat().st_size / 1e6:.1f} MB).")
+    return written
+
+
+def calibration_entries(training_entries, count: int) -> list:
+    """Up to `count` training images, the classes taking turns in label order, each class's
+    images in cache-key (hash) order: a fixed sample, spread over the classes."""
+    by_class: dict = {}
+    for entry in sorted(training_entries, key=lambda entry: entry.key):
+        by_class.setdefault(entry.label_index, []).append(entry)
+    turns = itertools.zip_longest(*(by_class[label] for label in sorted(by_class)))
+    chosen = [entry for turn in turns for entry in turn if entry is not None]
+    return chosen[:count]

@@ -1,0 +1,347 @@
+"""One run from a folder of photos to an exported classifier: the stage sequence only.
+
+    discover -> fill the bottleneck cache -> buckets -> train -> predict and
+    evaluate -> run record and report -> export
+
+`run(config)` is the library's orchestrating function: the command line only
+builds the Config and calls it, and a notebook can do the same. Each stage is
+a function with a typed result; the work itself lives in the stage packages.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retrain import backbones, console, engines
+from retrain.cache import BottleneckCache, CacheReport
+from retrain.config import Config, save_yaml
+from retrain.data import images
+from retrain.data.buckets import Buckets
+from retrain.errors import RetrainError
+from retrain.files import output_folder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run produced; `evaluation` and paths are None for --cache_only."""
+
+    image_list: images.ImageList
+    cache_report: CacheReport
+    evaluation: object = None
+    model_path: Path | None = None
+    labels_path: Path | None = None
+    deployment_paths: dict = field(default_factory=dict)  # "saved_model" / TFLite kind -> Path
+
+
+@dataclass(frozen=True)
+class FilledCache:
+    """The cache after `fill_cache`: the store, what the update did, and every image not used.
+
+    skipped: (relative path, reason) of the files discovery refused and of
+    the images that failed to decode.
+    """
+
+    cache: BottleneckCache
+    report: CacheReport
+    skipped: list
+
+
+def run(config: Config, *, after_checkpoint=()) -> RunResult:
+    """Build or reuse the cache, train the head, evaluate on the test bucket, export.
+
+    Every output is written into a staging folder that replaces output_dir
+    only when the run completes (see retrain.files.output_folder); writers get the
+    staging folder as `out_dir`. --cache_only and shard runs only fill the
+    cache: they neither create, lock nor replace output_dir.
+
+    after_checkpoint: Keras callbacks run after each checkpoint of the
+    checkpointed fits (a test parks a run there to kill it; see training.fit).
+    """
+    spec = backbones.get(config.architecture)
+    image_list = discover(config)
+    if config.num_shards > 1:
+        # K shard processes may share output_dir: they write nothing there.
+        return run_shard(config, spec, image_list)
+    if config.cache_only:
+        # Nor does a cache-only run: it must not replace the previous run's outputs.
+        return run_cache_only(config, spec, image_list)
+    inputs = (("image_dir", config.image_dir), ("bottleneck_dir", config.bottleneck_dir))
+    with output_folder.staged(config.output_dir, inputs) as folder, _beside_training() as background:
+        return _train_and_export(config, spec, image_list, folder, background, after_checkpoint)
+
+
+@contextlib.contextmanager
+def _beside_training():
+    """Two threads for work that needs neither the head nor the main thread.
+
+    They run beside training on the second core: the data checks and, on the
+    cached path, building the backbone the export needs; then the report
+    page while the model is saved (README, How it works: "What runs beside
+    training"). A failing run waits only for the page, which writes into the
+    staging folder.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+                                                 thread_name_prefix="retrain-background")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _train_and_export(config: Config, spec, image_list, folder: output_folder.OutputFolder,
+                      background: concurrent.futures.Executor, after_checkpoint) -> RunResult:
+    save_yaml(config, folder.staging / "settings.yaml")
+    # Built before any long work, so a bad --fine_tune_layers fails fast.
+    backbone = tunable_backbone(config, spec) if config.fine_tune_layers else None
+    filled = fill_cache(config, spec, image_list)
+    result = RunResult(image_list, filled.report)
+    console.write_skipped(filled.skipped, folder.staging / "skipped_images.txt")
+    console.print_skipped_count(filled.skipped, folder.final / "skipped_images.txt")
+    print(console.cache_summary(filled.report, len(filled.skipped)))
+    export_backbone = None
+    if backbone is None and not config.distorted():
+        # Built beside everything from here on: a warm rerun otherwise waited
+        # for it after training.
+        export_backbone = background.submit(_plain_backbone, config, spec)
+    buckets = split(config, image_list, filled.report)
+
+    # Vectors are never all in memory: training and the predictions stream the
+    # cache, and the data checks read at most data_checks.CHECKED_IMAGES of them.
+    checks = start_data_checks(config, filled.cache, buckets, folder, background)
+    trained = train(config, spec, filled.cache, buckets, folder, backbone, after_checkpoint)
+    probabilities = predict_splits(config, spec, trained, filled.cache, buckets)
+    result.evaluation = evaluate(config, probabilities, buckets, folder.staging)
+    record = save_record(config, buckets, trained, probabilities, filled.skipped, folder.staging)
+    page = None
+    if checks is not None:
+        # The figures and the page are drawn while the model is exported.
+        # write_run_report turns any failure of the checks or of a report part into a warning.
+        from retrain import report
+
+        page = background.submit(report.write_run_report, record, checks.result, folder.staging)
+    try:
+        backbone = trained.backbone or (
+            export_backbone.result() if export_backbone is not None else _plain_backbone(config, spec))
+        classifier = save_model(config, spec, trained.head, backbone, image_list.class_names, folder)
+    finally:
+        if page is not None:  # it writes into the staging folder: done before that goes
+            concurrent.futures.wait([page])
+    outputs = config.resolved_outputs()
+    result.model_path, result.labels_path = outputs["output_graph"], outputs["output_labels"]
+    print(f"Saved model {result.model_path} and labels {result.labels_path}.")
+    if page is not None:
+        console.print_report_outcome(page.result(), folder.final)
+    if config.saved_model_dir or config.tflite:
+        from retrain.export import deployment
+
+        result.deployment_paths = deployment.export_for_deployment(
+            classifier, image_list, buckets.training.entries, config, folder)
+    return result
+
+
+def discover(config: Config) -> images.ImageList:
+    """The images of config.image_dir with their classes and split buckets; classes checked."""
+    image_list = images.discover(config.image_dir, config.testing_percentage,
+                                 config.validation_percentage)
+    check_classes(image_list)
+    return image_list
+
+
+def _open_cache(config: Config, spec) -> BottleneckCache:
+    return BottleneckCache(config.bottleneck_dir, spec.name,
+                           weights_file=config.backbone_weights, dtype=config.bottleneck_dtype,
+                           engine=engines.choose(config.engine, spec.name,
+                                                 config.backbone_weights))
+
+
+def fill_cache(config: Config, spec, image_list: images.ImageList) -> FilledCache:
+    """Extracts the bottlenecks the cache lacks; reuses the others."""
+    cache = _open_cache(config, spec)
+    report = cache.update(image_list, batch_size=config.extraction_batch_size)
+    return FilledCache(cache, report, list(image_list.skipped) + list(report.failed))
+
+
+def split(config: Config, image_list: images.ImageList, report: CacheReport) -> Buckets:
+    """The usable images by bucket; every class still needs an image, and a training image."""
+    buckets = Buckets.of(image_list, {path for path, _ in report.failed})
+    check_classes(dataclasses.replace(image_list, entries=buckets.entries))
+    check_training_classes(image_list.class_names, buckets.training.entries, config)
+    return buckets
+
+
+def start_data_checks(config: Config, cache, buckets: Buckets, folder, background):
+    """With --report, the data checks started beside training: a Future of their findings, else None.
+
+    A failure to start them is the report's failure, said at its end (the Future holds it).
+    """
+    if not config.report:
+        return None
+    from retrain import report  # deferred: matplotlib, Jinja2 and cleanlab, only when needed
+    from retrain.evaluation import data_checks
+
+    try:
+        entries, labels, paths, splits = buckets.entries, buckets.labels, buckets.paths, buckets.splits
+        checked = data_checks.checked_rows(len(entries), config.seed)
+        return background.submit(
+            report.find_data_checks, cache.read([entries[row] for row in checked]),
+            labels[checked], buckets.class_names, [paths[row] for row in checked],
+            [splits[row] for row in checked], buckets.image_dir, config.seed,
+            previous_dir=folder.final, total_images=len(entries))
+    except Exception as error:  # noqa: BLE001 - the report's failure, said at its end
+        checks = concurrent.futures.Future()
+        checks.set_exception(error)
+        return checks
+
+
+def train(config: Config, spec, cache, buckets: Buckets, folder, backbone, after_checkpoint):
+    """The training path the settings ask for; a training.classifier.TrainedClassifier."""
+    from retrain.training import classifier, class_weights  # deferred: these import TensorFlow
+
+    weights = None
+    if config.class_weights == "balanced":
+        weights = class_weights.balanced_class_weights(buckets.training.labels,
+                                                       len(buckets.class_names))
+    # The checkpoint lives beside the output folder, not in the staging folder,
+    # which a killed run's successor removes.
+    checkpoint_root = folder.final.parent / f".{folder.final.name}.checkpoint"
+    summaries_dir = folder.place_folder(config.resolved_outputs()["summaries_dir"])
+    return classifier.train_classifier(config, spec, cache, buckets, summaries_dir,
+                                       checkpoint_root, backbone, class_weights=weights,
+                                       after_checkpoint=after_checkpoint)
+
+
+def predict_splits(config: Config, spec, trained, cache, buckets: Buckets) -> dict:
+    """{"validation" | "testing": float32 [n, num_classes] probabilities}."""
+    from retrain.evaluation import run_record
+    from retrain.training import predict
+
+    return predict.split_probabilities(trained, cache, buckets, run_record.EVALUATED_SPLITS,
+                                       input_size=spec.input_size,
+                                       test_batch_size=config.test_batch_size,
+                                       extraction_batch_size=config.extraction_batch_size)
+
+
+def evaluate(config: Config, probabilities: dict, buckets: Buckets, out_dir: Path):
+    """The test bucket's metrics, written to out_dir and summed up on stdout; None without tests."""
+    from retrain import evaluation
+
+    testing = buckets.testing
+    if not len(testing):
+        log.warning("The test bucket is empty (testing_percentage=%s): no test accuracy.",
+                    config.testing_percentage)
+        return None
+    test_evaluation = evaluation.evaluate(probabilities["testing"], testing.labels,
+                                          buckets.class_names)
+    misclassified = evaluation.misclassified(probabilities["testing"], testing.entries,
+                                             buckets.class_names)
+    evaluation.write_metrics(test_evaluation, out_dir, misclassified)
+    print(evaluation.summary(test_evaluation))
+    if config.print_misclassified_test_images:
+        evaluation.print_misclassified(misclassified)
+    return test_evaluation
+
+
+def save_record(config: Config, buckets: Buckets, trained, probabilities: dict, skipped: list,
+                out_dir: Path):
+    """The run record (what the report page and a rebuilt report read), saved in out_dir."""
+    from retrain.evaluation import run_record
+
+    head_result = trained.head_result
+    record = run_record.RunRecord(
+        image_dir=str(buckets.image_dir), class_names=buckets.class_names,
+        settings=dataclasses.asdict(config),
+        images=buckets.paths, labels=buckets.labels, splits=buckets.splits,
+        history=head_result.history, best_step=head_result.best_step,
+        stopped_early=head_result.stopped_early,
+        class_weights=None if trained.class_weights is None else trained.class_weights.tolist(),
+        probabilities=probabilities, skipped=[(str(path), str(reason)) for path, reason in skipped],
+    )
+    run_record.save(record, out_dir)
+    return record
+
+
+def save_model(config: Config, spec, head, backbone, class_names, folder):
+    """The classifier (backbone + head) and its labels file; returns the Keras classifier."""
+    from retrain import export
+
+    outputs = config.resolved_outputs()
+    classifier = export.build_classifier(backbone, head, spec.input_size)
+    export.save_classifier(classifier, folder.place(outputs["output_graph"]))
+    export.write_labels(class_names, folder.place(outputs["output_labels"]))
+    return classifier
+
+
+def tunable_backbone(config: Config, spec):
+    """The backbone fine-tuning trains: loaded, and --fine_tune_layers checked against it."""
+    from retrain.training import fine_tune  # deferred: it imports TensorFlow
+
+    backbone = _plain_backbone(config, spec)
+    fine_tune.unfreeze(backbone, config.fine_tune_layers)
+    fine_tune.freeze(backbone)
+    return backbone
+
+
+def _plain_backbone(config: Config, spec):
+    return backbones.load(spec.name, include_top=False, weights_file=config.backbone_weights)
+
+
+def run_cache_only(config: Config, spec, image_list) -> RunResult:
+    """--cache_only: build or update the cache; output_dir is neither created nor touched.
+
+    The images that could not be used are named on stderr (a training run
+    lists them all in skipped_images.txt).
+    """
+    filled = fill_cache(config, spec, image_list)
+    print(console.cache_summary(filled.report, len(filled.skipped)))
+    console.print_skipped_images(filled.skipped)
+    return RunResult(image_list, filled.report)
+
+
+def run_shard(config: Config, spec, image_list) -> RunResult:
+    """--num_shards K --shard_index I: extract part I into shard files, merged later."""
+    report = _open_cache(config, spec).update_shard(image_list, config.num_shards,
+                                                    config.shard_index,
+                                                    batch_size=config.extraction_batch_size)
+    print(console.shard_summary(report, config.num_shards, config.shard_index))
+    return RunResult(image_list, report)
+
+
+def check_classes(image_list: images.ImageList) -> None:
+    """At least two classes with names a labels file can hold, each with a usable image."""
+    names = image_list.class_names
+    from retrain import export  # deferred: it imports TensorFlow
+
+    export.check_class_names(names)
+    if len(names) < 2:
+        raise RetrainError(
+            f"Need at least two classes (sub-folders with images) in {image_list.image_dir}; "
+            f"found {len(names)}: {names}. Add one sub-folder of images per class."
+        )
+    counts = {name: 0 for name in names}
+    for entry in image_list.entries:
+        counts[entry.label] += 1
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise RetrainError(
+            f"Class folders with no usable images in {image_list.image_dir}: {empty}. "
+            "Add images (JPEG, PNG, BMP, GIF, WebP) or remove the folders."
+        )
+
+
+def check_training_classes(class_names, training_entries, config: Config) -> None:
+    """Every class needs a training image after the split and after failed decodes."""
+    present = {entry.label for entry in training_entries}
+    missing = [name for name in class_names if name not in present]
+    if missing:
+        raise RetrainError(
+            f"Classes with no training image after the split: {missing}. Add images to them "
+            "or lower --testing_percentage / --validation_percentage "
+            f"(now {config.testing_percentage} / {config.validation_percentage})."
+        )

@@ -1,0 +1,109 @@
+"""The training settings, built once from a Config and passed whole.
+
+`HeadSettings` drive the new softmax layer's fit, `FineTuneSettings` the
+fine-tuning of head + backbone, `DistortionSettings` the random distortions of
+the training images. Each is checked once, where it is built; the functions
+that take them never re-check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrain.config import DISTORTION_FIELDS, check_setting
+from retrain.data import distortions
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """How the head is trained (the command line's flags of the same names).
+
+    how_many_training_steps: most optimizer steps, rounded up to whole
+      evaluation intervals.
+    learning_rate: Adam's initial rate (cut tenfold when the validation loss stalls).
+    train_batch_size: bottlenecks per step.
+    validation_batch_size: validation bottlenecks scored at each evaluation;
+      -1 = all of them, a positive value a sample drawn once with `seed`.
+    eval_step_interval: steps between evaluations.
+    seed: initial weights and shuffles.
+    summaries_dir: TensorBoard folder, or None.
+    progress: a progress bar on stderr.
+    class_weights: float [num_classes] training-loss weight of each class, or None.
+    """
+
+    how_many_training_steps: int
+    learning_rate: float
+    train_batch_size: int
+    eval_step_interval: int
+    seed: int
+    validation_batch_size: int = -1
+    summaries_dir: str | None = None
+    progress: bool = True
+    class_weights: np.ndarray | None = None
+
+    def __post_init__(self):
+        for name in ("how_many_training_steps", "train_batch_size", "eval_step_interval",
+                     "learning_rate", "validation_batch_size", "seed"):
+            check_setting(name, getattr(self, name))
+
+    @classmethod
+    def from_config(cls, config, *, summaries_dir=None, progress=True,
+                    class_weights=None) -> HeadSettings:
+        return cls(how_many_training_steps=config.how_many_training_steps,
+                   learning_rate=config.learning_rate, train_batch_size=config.train_batch_size,
+                   eval_step_interval=config.eval_step_interval, seed=config.seed,
+                   validation_batch_size=config.validation_batch_size,
+                   summaries_dir=summaries_dir, progress=progress, class_weights=class_weights)
+
+
+@dataclass(frozen=True)
+class FineTuneSettings:
+    """How head + backbone are fine-tuned (the --fine_tune_* flags).
+
+    layers: top layers of `backbone.layers` to train; -1 = all.
+    epochs: passes over the training images.
+    learning_rate: Adam's initial rate; it decays along a cosine to 0.
+    batch_size: decoded images per step.
+    summaries_dir: TensorBoard folder (scalars in fine_tune_train and
+      fine_tune_validation), or None.
+    progress: a progress bar on stderr.
+    class_weights: float [num_classes] training-loss weight of each class, or
+      None, as the head was trained.
+    """
+
+    layers: int
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    summaries_dir: str | None = None
+    progress: bool = True
+    class_weights: np.ndarray | None = None
+
+    @classmethod
+    def from_config(cls, config, *, summaries_dir=None, progress=True,
+                    class_weights=None) -> FineTuneSettings:
+        return cls(layers=config.fine_tune_layers, epochs=config.fine_tune_epochs,
+                   learning_rate=config.fine_tune_learning_rate,
+                   batch_size=config.fine_tune_batch_size, summaries_dir=summaries_dir,
+                   progress=progress, class_weights=class_weights)
+
+
+@dataclass(frozen=True)
+class DistortionSettings:
+    """The random distortions of training images (--flip_left_right, --random_crop, ...)."""
+
+    flip_left_right: bool = False
+    random_crop: float = 0
+    random_scale: float = 0
+    random_brightness: float = 0
+
+    @classmethod
+    def from_config(cls, config) -> DistortionSettings:
+        return cls(**{name: getattr(config, name) for name in DISTORTION_FIELDS})
+
+    def function(self, input_size: int):
+        """`distortions.distortion_function` of these settings: None when none is asked for."""
+        return distortions.distortion_function(input_size, **dataclasses.asdict(self))
