@@ -69,12 +69,12 @@ def part_forward(args):
     import numpy as np
 
     from retrain import backbones, engines
-    from retrain.data import decode, images
+    from retrain.data import decode, images, resizing
 
     spec = backbones.get(args.backbone)
     found = images.discover(args.folder)
     paths = [found.image_dir / e.relative_path for e in found.entries[:_FORWARD_IMAGES]]
-    pixels = np.stack([decode.resize_to_input(decode.decode_rgb(p, spec.input_size),
+    pixels = np.stack([resizing.resize_to_input(decode.decode_rgb(p, spec.input_size),
                                               spec.input_size) for p in paths])
     model = backbones.load(spec.name)
     candidates = {"keras": engines.KerasEngine(model, spec.input_size)}

@@ -37,7 +37,7 @@ from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()
 
-from retrain.data import decode  # noqa: E402
+from retrain.data import decode, resizing  # noqa: E402
 from retrain.export import loaders
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers128"
@@ -106,7 +106,7 @@ def latencies_ms(graphs, image, rounds=LATENCY_ROUNDS):
     for name, graph in graphs.items():
         model = loaders.load_pixel_classifier(str(graph))
         size = model.input_size
-        pixels = decode.resize_to_input(decode.decode_rgb(image, target_size=size), size)[None]
+        pixels = resizing.resize_to_input(decode.decode_rgb(image, target_size=size), size)[None]
         calls[name] = lambda model=model, pixels=pixels: model.predict(pixels)
     serving = tf.saved_model.load(str(graphs["SavedModel (pixels)"])).signatures["serving_default"]
     content = tf.constant([Path(image).read_bytes()])
@@ -140,7 +140,7 @@ def decode_agreement(paths, size):
                                             Image.BICUBIC).save(buffer, "JPEG", quality=90)
                 versions.append(buffer.getvalue())
         for content in versions:
-            expected = decode.resize_to_input(decode.decode_rgb(path, size, content=content), size)
+            expected = resizing.resize_to_input(decode.decode_rgb(path, size, content=content), size)
             decoded = np.asarray(saved_model.decode_image_bytes(content, size))
             difference = float(np.abs(decoded - expected).max())
             identical += difference == 0

@@ -158,16 +158,16 @@ class Labeller:
         """Yields (path, [(label, score), ...] best first) or (path, RetrainError), in order.
 
         Pixels come from the same dataset builder as extraction, resized up
-        front as extraction resizes them (``decode.resize_to_input``, the
+        front as extraction resizes them (``resizing.resize_to_input``, the
         .keras model's own resizing within float rounding), so images of any
         size share a batch and every export format sees the same pixels.
         """
         import numpy as np
 
-        from retrain.data import decode
+        from retrain.data import decode, pixel_batches
 
         outcomes = {}
-        batches = decode.image_batches(paths, self.input_size, BATCH_SIZE, outcomes=outcomes)
+        batches = pixel_batches.image_batches(paths, self.input_size, BATCH_SIZE, outcomes=outcomes)
         for indices, pixels, ok in batches:
             indices, ok = indices.numpy(), ok.numpy()
             probabilities = self.model.predict(pixels.numpy()[ok]) if ok.any() else []

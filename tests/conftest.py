@@ -94,7 +94,7 @@ def photo_model(tmp_path_factory):
     from PIL import Image
 
     from retrain import backbones, export
-    from retrain.data import decode
+    from retrain.data import decode, resizing
     from retrain.training.head import train_head
     from retrain.training.settings import HeadSettings
 
@@ -111,7 +111,7 @@ def photo_model(tmp_path_factory):
     spec = backbones.get("efficientnet_lite0")
     backbone = backbones.load(spec.name)
     # Decoded and resized as the bottleneck cache does.
-    pixels = np.stack([decode.resize_to_input(decode.decode_rgb(path, target_size=spec.input_size),
+    pixels = np.stack([resizing.resize_to_input(decode.decode_rgb(path, target_size=spec.input_size),
                                               spec.input_size) for path in paths])
     bottlenecks = backbone.predict(pixels, verbose=0)
     labels = np.array(labels)

@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data
 
 from retrain import backbones
-from retrain.data import decode, images
+from retrain.data import decode, images, resizing
 from retrain.cache import BottleneckCache, journal
 from retrain.errors import RetrainError
 
@@ -49,7 +49,7 @@ def expected_bottlenecks(image_list):
     """What the cache must hold: decode, resize and the backbone, one image at a time."""
     model = backbones.load("efficientnet_lite0")
     pixels = [
-        decode.resize_to_input(decode.decode_rgb(image_list.image_dir / e.relative_path, 224), 224)
+        resizing.resize_to_input(decode.decode_rgb(image_list.image_dir / e.relative_path, 224), 224)
         for e in image_list.entries
     ]
     return np.concatenate([model(p[None], training=False).numpy() for p in pixels])

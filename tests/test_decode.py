@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain.data import decode
+from retrain.data import decode, pixel_batches, resizing
 from retrain.errors import RetrainError
 
 
@@ -112,7 +112,7 @@ def test_exif_orientation_is_applied(tmp_path, photo):
 def test_one_pixel_image_is_accepted(tmp_path):
     path = save(np.array([[[10, 200, 30]]], np.uint8), tmp_path / "dot.png")
     assert decode.decode_rgb(path).tolist() == [[[10, 200, 30]]]
-    resized = decode.resize_to_input(decode.decode_rgb(path), 224)
+    resized = resizing.resize_to_input(decode.decode_rgb(path), 224)
     assert resized.shape == (224, 224, 3)
     assert np.allclose(resized, [10, 200, 30])
 
@@ -125,7 +125,7 @@ def test_draft_decoding_keeps_jpeg_sides_at_least_twice_the_target(tmp_path, pho
     assert full.shape == (1500, 2000, 3)
     assert small.shape == (750, 1000, 3)
     assert decode.decode_rgb(path, target_size=400).shape == (1500, 2000, 3)
-    at_input = [decode.resize_to_input(x, 224) for x in (full, small)]
+    at_input = [resizing.resize_to_input(x, 224) for x in (full, small)]
     assert np.abs(at_input[0] - at_input[1]).mean() < 1.0
     png = save(big, tmp_path / "big.png")
     assert decode.decode_rgb(png, target_size=224).shape == (1500, 2000, 3)
@@ -184,27 +184,27 @@ def test_resize_is_the_exported_models_resizing_layer(photo):
              "one pixel": photo[:1, :1], "panorama": data.coffee()[:50],
              "tall, float input": data.rocket()[:, :80].astype(np.float64)}
     for name, pixels in cases.items():
-        ours = decode.resize_to_input(pixels, 224)  # numpy: Pillow's float resampling
+        ours = resizing.resize_to_input(pixels, 224)  # numpy: Pillow's float resampling
         assert ours.dtype == np.float32 and ours.shape == (224, 224, 3), name
-        assert np.abs(ours - theirs(pixels)).max() <= decode.RESIZE_TOLERANCE, name
+        assert np.abs(ours - theirs(pixels)).max() <= resizing.RESIZE_TOLERANCE, name
     # A tensor goes through the layer's own op, exactly.
-    in_graph = tf.function(lambda x: decode.resize_to_input(x, 224))(tf.constant(photo))
+    in_graph = tf.function(lambda x: resizing.resize_to_input(x, 224))(tf.constant(photo))
     np.testing.assert_array_equal(in_graph.numpy(), theirs(photo))
     # Antialiased: shrinking is smoothed, not sampled.
-    shrunk = decode.resize_to_input(data.astronaut(), 224)
+    shrunk = resizing.resize_to_input(data.astronaut(), 224)
     plain = keras.layers.Resizing(224, 224, interpolation="bilinear")
     unsmoothed = keras.ops.convert_to_numpy(plain(data.astronaut()[None].astype("float32")))[0]
     assert not np.allclose(shrunk, unsmoothed, atol=1.0)
     assert 0 <= shrunk.min() and shrunk.max() <= 255
-    batch = decode.resize_to_input(np.stack([photo, photo[::-1]]), 32)
-    np.testing.assert_array_equal(batch[1], decode.resize_to_input(photo[::-1], 32))
+    batch = resizing.resize_to_input(np.stack([photo, photo[::-1]]), 32)
+    np.testing.assert_array_equal(batch[1], resizing.resize_to_input(photo[::-1], 32))
 
 
 def test_resize_refuses_bad_sizes(photo):
     with pytest.raises(RetrainError, match="Received: size=0"):
-        decode.resize_to_input(photo, 0)
+        resizing.resize_to_input(photo, 0)
     with pytest.raises(RetrainError, match=r"Received: shape=\(5, 5\)"):
-        decode.resize_to_input(np.zeros((5, 5), np.uint8), 8)
+        resizing.resize_to_input(np.zeros((5, 5), np.uint8), 8)
 
 
 @pytest.fixture
@@ -218,13 +218,13 @@ def photo_files(tmp_path, photo):
 
 def test_image_batches_keep_order_and_report_failures(photo_files):
     outcomes = {}
-    batches = list(decode.image_batches(photo_files, 32, 3, outcomes=outcomes, hash_files=True))
+    batches = list(pixel_batches.image_batches(photo_files, 32, 3, outcomes=outcomes, hash_files=True))
     indices = np.concatenate([b[0].numpy() for b in batches])
     ok = np.concatenate([b[2].numpy() for b in batches])
     assert indices.tolist() == [0, 1, 2, 3] and ok.tolist() == [True, False, True, True]
     pixels = batches[0][1].numpy()
     assert pixels.shape == (3, 32, 32, 3) and pixels.dtype == np.float32
-    expected = decode.resize_to_input(decode.decode_rgb(photo_files[0], 32), 32)
+    expected = resizing.resize_to_input(decode.decode_rgb(photo_files[0], 32), 32)
     np.testing.assert_array_equal(pixels[0], expected)
     assert "truncated" in outcomes[1].reason and outcomes[0].reason is None
     assert outcomes[0].state == decode.file_state(photo_files[0])
@@ -233,16 +233,16 @@ def test_image_batches_keep_order_and_report_failures(photo_files):
 def test_image_batches_drop_failed_shuffle_and_distort(photo_files):
     import tensorflow as tf
 
-    dataset = decode.image_batches(photo_files, 16, 8, drop_failed=True, shuffle_seed=3,
+    dataset = pixel_batches.image_batches(photo_files, 16, 8, drop_failed=True, shuffle_seed=3,
                                    distort=lambda image: tf.image.flip_left_right(image))
-    # tf.data's autotuner is off (retrain.data.tf_data): its teardown stalled runs.
+    # tf.data's autotuner is off (retrain.data.pixel_batches): its teardown stalled runs.
     assert dataset.options().autotune.enabled is False
     assert dataset.map(lambda *batch: batch[1]).options().autotune.enabled is False
     orders = [next(iter(dataset))[0].numpy().tolist() for _ in range(6)]
     assert all(sorted(order) == [0, 2, 3] for order in orders)
     assert len({tuple(order) for order in orders}) > 1, "order must change between epochs"
     index, pixels, _ = next(iter(dataset))
-    plain = decode.resize_to_input(decode.decode_rgb(photo_files[0], 16), 16)
+    plain = resizing.resize_to_input(decode.decode_rgb(photo_files[0], 16), 16)
     row = index.numpy().tolist().index(0)
     np.testing.assert_array_equal(pixels.numpy()[row], plain[:, ::-1])
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain.data import decode
+from retrain.data import decode, resizing
 from retrain.export import decode_graph
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -48,11 +48,11 @@ def compare(content):
     extraction's own resize (Pillow's, on numpy) is within RESIZE_TOLERANCE.
     """
     pixels = decode.decode_rgb("test image", SIZE, content=content)
-    expected = decode.resize_to_input(tf.constant(pixels), SIZE)
+    expected = resizing.resize_to_input(tf.constant(pixels), SIZE)
     decoded = in_graph(tf.constant(content)).numpy()
     assert decoded.shape == expected.shape == (SIZE, SIZE, 3)
-    extraction = decode.resize_to_input(pixels, SIZE)
-    assert np.abs(extraction - expected).max() <= decode.RESIZE_TOLERANCE
+    extraction = resizing.resize_to_input(pixels, SIZE)
+    assert np.abs(extraction - expected).max() <= resizing.RESIZE_TOLERANCE
     return np.abs(decoded - expected).max()
 
 

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain.data import decode, images
+from retrain.data import decode, decode_memory, images, pixel_batches
 from retrain import label_image
 from retrain.files import paths
 from retrain.quiet_tensorflow import import_tensorflow
@@ -125,7 +125,7 @@ def test_load_and_every_reader_refuse_the_sparse_file_fast_and_flat(sparse_jpeg)
     with pytest.raises(decode.ImageDecodeError, match="file too large"):
         decode.decode_rgb(path, 224)
     outcomes = {}
-    batches = list(decode.image_batches([path], 224, 4, outcomes=outcomes))
+    batches = list(pixel_batches.image_batches([path], 224, 4, outcomes=outcomes))
     assert not batches[0][2].numpy()[0] and outcomes[0].reason.startswith("file too large")
     assert time.monotonic() - start < 5
     assert rise < 64 << 20
@@ -190,7 +190,7 @@ def test_the_header_is_checked_before_the_body_is_read(tmp_path, monkeypatch):
     pixels, outcome = decode.load(path, 224, with_state=True)
     assert pixels is None
     assert "12000x12000 PNG needs about" in outcome.reason and "budget is 512 MB" in outcome.reason
-    assert sum(read) <= decode.HEADER_BYTES
+    assert sum(read) <= decode_memory.HEADER_BYTES
     assert outcome.state.size == os.path.getsize(path)  # remembered by size and mtime
 
 
@@ -198,7 +198,7 @@ def test_the_header_is_checked_before_the_body_is_read(tmp_path, monkeypatch):
 def test_the_digest_covers_exactly_the_bytes_decoded(tmp_path, side):
     rng = np.random.default_rng(side)
     path = save(rng.integers(0, 255, (side, side, 3), dtype=np.uint8), tmp_path / "n.png")
-    assert (os.path.getsize(path) > decode.HEADER_BYTES) == (side == 400)
+    assert (os.path.getsize(path) > decode_memory.HEADER_BYTES) == (side == 400)
     pixels, outcome = decode.load(path, 224, with_state=True)
     assert pixels.shape == (side, side, 3)
     assert outcome.state.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -273,7 +273,7 @@ def test_every_reader_refuses_a_special_file_put_in_place_of_an_image(special_fi
     root, expected = special_files
     done = run_python("""
         import json, sys
-        from retrain.data import decode
+        from retrain.data import decode, pixel_batches
         from retrain import label_image
         result = {}
         for path in sys.argv[2:]:
@@ -290,7 +290,7 @@ def test_every_reader_refuses_a_special_file_put_in_place_of_an_image(special_fi
                 state = error.strerror
             result[path] = [outcome.reason, thumbnail, state]
         outcomes = {}
-        list(decode.image_batches(sys.argv[2:], 224, 8, outcomes=outcomes, hash_files=True))
+        list(pixel_batches.image_batches(sys.argv[2:], 224, 8, outcomes=outcomes, hash_files=True))
         result["batches"] = [outcomes[i].reason for i in range(len(sys.argv) - 2)]
         result["label_image"] = label_image.image_paths([sys.argv[1]])[0]
         print(json.dumps(result))
@@ -310,7 +310,7 @@ def test_label_image_keeps_only_regular_image_files_of_a_folder(special_files, t
     huge = root / "cats" / "huge.jpg"
     with open(huge, "wb") as file:
         file.write(JPEG_HEADER)
-        file.truncate(decode.MAX_FILE_BYTES + 1)
+        file.truncate(decode_memory.MAX_FILE_BYTES + 1)
     assert label_image.image_paths([str(root)])[0] == [str(root / "cats" / "ok.jpg")]
 
 
@@ -349,7 +349,7 @@ def estimate(path, target_size):
         full_size = image.size
         if target_size and image.format == "JPEG":
             image.draft(None, (decode.PIXEL_SETTINGS["jpeg_draft_margin"] * target_size,) * 2)
-        return decode.peak_bytes(image, os.path.getsize(path), full_size, target_size)
+        return decode_memory.peak_bytes(image, os.path.getsize(path), full_size, target_size)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -370,9 +370,9 @@ def test_conversion_in_strips_gives_the_pixels_of_the_whole_image(tmp_path, mode
         image = Image.open(mode_file(tmp_path, mode, 53, 37))
         image.load()
     whole = np.asarray(decode._to_rgb(image))
-    monkeypatch.setattr(decode, "_STRIP_PIXELS", 100)  # strips of 1 row, the last one shorter
+    monkeypatch.setattr(decode_memory, "STRIP_PIXELS", 100)  # strips of 1 row, the last one shorter
     assert np.array_equal(decode._rgb_pixels(image), whole)
-    monkeypatch.setattr(decode, "_STRIP_PIXELS", 53 * 5)
+    monkeypatch.setattr(decode_memory, "STRIP_PIXELS", 53 * 5)
     assert np.array_equal(decode._rgb_pixels(image), whole)
 
 
@@ -380,7 +380,7 @@ MEASURE = """
 import ctypes, json, os, sys
 import numpy as np
 from PIL import Image
-from retrain.data import decode
+from retrain.data import decode, decode_memory, resizing
 
 def status(key):
     with open("/proc/self/status") as file:
@@ -397,7 +397,7 @@ def measured(action):
 def decode_and_resize(path, size):
     pixels, outcome = decode.load(path, size)
     assert pixels is not None, outcome
-    decode.resize_to_input(pixels, size)
+    resizing.resize_to_input(pixels, size)
 
 warm, path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if path != "I":
@@ -415,10 +415,10 @@ def decoded():  # as decode_rgb: the image is gone before the resize
         image.load()
         return decode._rgb_pixels(image)
 
-decode.resize_to_input(decoded(), size)
+resizing.resize_to_input(decoded(), size)
 with Image.open(tiff) as image:
-    print(json.dumps([decode.peak_bytes(image, 0, target_size=size),
-                      measured(lambda: decode.resize_to_input(decoded(), size))]))
+    print(json.dumps([decode_memory.peak_bytes(image, 0, target_size=size),
+                      measured(lambda: resizing.resize_to_input(decoded(), size))]))
 """
 
 

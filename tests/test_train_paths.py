@@ -21,7 +21,7 @@ from retrain import backbones, cli, export
 from retrain.training import checkpoints, datasets, fine_tune
 from retrain.training.checkpoints import Checkpoint
 from retrain.training.settings import FineTuneSettings
-from retrain.data import decode, distortions
+from retrain.data import distortions, pixel_batches
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
@@ -69,11 +69,11 @@ def file_digests(folder):
 
 def test_distorted_batches_differ_between_epochs_and_from_plain_pixels(photos):
     paths = sorted(photos.rglob("*.png"))[:4]
-    plain = next(iter(decode.image_batches(paths, SIZE, 4)))[1].numpy()
+    plain = next(iter(pixel_batches.image_batches(paths, SIZE, 4)))[1].numpy()
     distort = distortions.distortion_function(SIZE, flip_left_right=True, random_crop=20,
                                               random_scale=20, random_brightness=20)
     # One iterator through two epochs, as training runs it.
-    epochs = decode.image_batches(paths, SIZE, 4, distort=distort).repeat().take(2)
+    epochs = pixel_batches.image_batches(paths, SIZE, 4, distort=distort).repeat().take(2)
     first, second = (batch[1].numpy() for batch in epochs)
     assert first.shape == plain.shape == (4, SIZE, SIZE, 3) and first.dtype == np.float32
     assert first.min() >= 0 and first.max() <= 255

@@ -20,8 +20,8 @@ import numpy as np
 
 from retrain.files import paths
 from retrain.config import check_split
-from retrain.data.decode import (FORMAT_NAMES, MAX_FILE_BYTES, SNIFF_BYTES, file_too_large,
-                            sniff_format)
+from retrain.data.decode import FORMAT_NAMES, SNIFF_BYTES, sniff_format
+from retrain.data.decode_memory import MAX_FILE_BYTES, file_too_large
 from retrain.errors import RetrainError
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def rejection(path):
 
     Reads at most its first SNIFF_BYTES, and nothing of a file that is not a
     regular file (FIFO, socket, device; links followed) or is larger than
-    ``decode.MAX_FILE_BYTES``. Discovery and label_image's folder walk use it.
+    ``decode_memory.MAX_FILE_BYTES``. Discovery and label_image's folder walk use it.
     """
     try:
         if not paths.is_url(path):

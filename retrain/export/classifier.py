@@ -49,7 +49,7 @@ def fixed_size_classifier(classifier: keras.Model) -> keras.Model:
 
     Returns:
       keras.Model: float32 [batch, size, size, 3] RGB in [0, 255], already
-      resized with `retrain.data.decode.resize_to_input` -> float32 [batch,
+      resized with `retrain.data.resizing.resize_to_input` -> float32 [batch,
       num_classes] class probabilities; size = `input_size(classifier)`.
     """
     size = input_size(classifier)

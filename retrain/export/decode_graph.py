@@ -8,7 +8,7 @@ the pixels training saw:
   the accurate integer IDCT Pillow uses (libjpeg's default; TensorFlow's
   default is the fast one, several levels off): the decoded pixels are
   bit-identical. The resize is TensorFlow's op, which extraction's Pillow
-  resampling matches within `decode.RESIZE_TOLERANCE` (float rounding).
+  resampling matches within `resizing.RESIZE_TOLERANCE` (float rounding).
   The EXIF orientation (APP1 segment, IFD0 tag 0x0112) is applied as
   `PIL.ImageOps.exif_transpose` does.
 - PNG, BMP, GIF (first frame), WebP: gray becomes RGB, alpha is composited
@@ -18,7 +18,8 @@ the pixels training saw:
   Pillow rounds: 1 level off), EXIF orientation outside JPEGs.
 """
 
-from retrain.data.decode import ALPHA_BACKGROUND, PIXEL_SETTINGS, resize_to_input
+from retrain.data.decode import ALPHA_BACKGROUND, PIXEL_SETTINGS
+from retrain.data.resizing import resize_to_input
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()

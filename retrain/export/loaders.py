@@ -6,7 +6,7 @@
     input_size    int, the square side the pixels must have
     num_classes   int
     predict(pixels)  float32 [n, input_size, input_size, 3] RGB in [0, 255]
-                     (`retrain.data.decode.resize_to_input`) -> np.ndarray float32
+                     (`retrain.data.resizing.resize_to_input`) -> np.ndarray float32
                      [n, num_classes] probabilities
 
 so `label_image` and the benchmarks decode and resize every format the same way.

@@ -20,7 +20,7 @@ import logging
 
 import numpy as np
 
-from retrain.data import decode, images, tf_data
+from retrain.data import images, pixel_batches
 from retrain.quiet_tensorflow import import_tensorflow
 from retrain.data.sampling import sample_rows
 
@@ -73,7 +73,7 @@ def cached_training(cache, entries, batch_size: int, seed: int, shuffle_buffer: 
     feature_dim = cache.identity.feature_dim
     dataset = tf.data.Dataset.from_generator(blocks, output_signature=(
         tf.TensorSpec([None, feature_dim], tf.float32), tf.TensorSpec([None], tf.int64)))
-    return tf_data.finished(
+    return pixel_batches.finished(
         dataset.repeat().unbatch()
         .shuffle(min(shuffle_buffer, len(entries)), seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size).prefetch(2))
@@ -81,7 +81,7 @@ def cached_training(cache, entries, batch_size: int, seed: int, shuffle_buffer: 
 
 def array_training(vectors: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
     """Endless shuffled batches of (float32 [b, d], int64 [b]) from arrays already in memory."""
-    return tf_data.finished(
+    return pixel_batches.finished(
         tf.data.Dataset.from_tensor_slices((vectors, labels))
         .shuffle(len(vectors), seed=seed, reshuffle_each_iteration=True)
         .repeat().batch(batch_size).prefetch(2))
@@ -121,7 +121,7 @@ def decoded_training(image_dir, entries, input_size: int, batch_size: int, seed:
     """
     labels = tf.constant(images.labels_of(entries))
     paths = [image_dir / entry.relative_path for entry in entries]
-    batches = decode.image_batches(paths, input_size, batch_size, distort=distort,
+    batches = pixel_batches.image_batches(paths, input_size, batch_size, distort=distort,
                                    shuffle_seed=seed, drop_failed=True)
     return batches.map(lambda index, pixels, ok: (pixels, tf.gather(labels, index))).repeat()
 
@@ -135,7 +135,7 @@ def decoded_evaluation(image_dir, entries, input_size: int, batch_size: int):
     """
     labels = tf.constant(images.labels_of(entries))
     paths = [image_dir / entry.relative_path for entry in entries]
-    batches = decode.image_batches(paths, input_size, batch_size)
+    batches = pixel_batches.image_batches(paths, input_size, batch_size)
     return batches.map(lambda index, pixels, ok: (pixels, tf.gather(labels, index)))
 
 
