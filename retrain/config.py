@@ -177,7 +177,7 @@ def _real(value):
 
 # field -> (test of the value, what it must be). The one place setting values
 # are checked: `validate` for a whole Config, and the library functions that
-# take settings as plain arguments (train_head, discover, BottleneckCache) via
+# take settings as plain arguments (HeadSettings, discover, BottleneckCache) via
 # `check_setting`, so a notebook user gets the same message as the command line.
 _RULES = {
     **{name: (lambda v: _count(v) and v >= 1, "an integer of at least 1")

@@ -49,7 +49,7 @@ class RunRecord:
     images, splits: n relative paths (to image_dir) and split buckets;
     labels: int64 [n] class indices; probabilities: split -> float32 [m, k]
     for the images of that split, in record order; class_weights: k floats
-    or None (unweighted loss); history: retrain.training.train.TrainResult.history.
+    or None (unweighted loss); history: retrain.training.head.TrainResult.history.
     """
 
     image_dir: str

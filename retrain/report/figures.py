@@ -42,7 +42,7 @@ def plot_training_curves(history: list[dict], path, best_step: int | None = None
 
     history: one dict per evaluation with step, loss, accuracy, val_loss,
     val_accuracy (the last two None without a validation set), as in
-    retrain.training.train.TrainResult.history. An empty history draws empty axes.
+    retrain.training.head.TrainResult.history. An empty history draws empty axes.
     """
     steps = [entry["step"] for entry in history]
     figure = Figure(figsize=(11, 4), dpi=DPI, layout="constrained")
