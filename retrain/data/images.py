@@ -200,23 +200,12 @@ def _dir_identity(path):
     return status.st_dev, status.st_ino
 
 
-def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
-    """Lists the images of ``image_dir``, one sub-folder per class.
+def _class_folders(root, image_dir):
+    """The sorted class folder names under ``root``; warns about loose files.
 
-    Classes are the sorted names of the non-hidden sub-folders; images in
-    nested folders belong to the class of their top folder. A file is accepted
-    by its content (JPEG, PNG, GIF, BMP, WebP), whatever its extension;
-    other files in class folders go to ``ImageList.skipped`` with the reason
-    and one warning line each.
-    Files directly in ``image_dir`` are ignored with one warning. Of two
-    names that differ only in Unicode normalisation (so share a cache key),
-    the second is skipped.
-
-    Raises RetrainError for a missing or unreadable folder, a folder without
-    class folders, or bad percentages.
+    Raises RetrainError for a missing or unreadable folder, or one without
+    class folders (``image_dir`` is the folder as the user gave it).
     """
-    check_split(testing_percentage, validation_percentage)
-    root = str(image_dir).rstrip("/") if paths.is_url(image_dir) else Path(image_dir)
     if not paths.is_dir(root):
         raise RetrainError(
             "image_dir must be an existing folder with one sub-folder per class. "
@@ -248,6 +237,27 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
             image_dir,
             ", ".join(loose_files[:5]) + (", ..." if len(loose_files) > 5 else ""),
         )
+    return class_names
+
+
+def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
+    """Lists the images of ``image_dir``, one sub-folder per class.
+
+    Classes are the sorted names of the non-hidden sub-folders; images in
+    nested folders belong to the class of their top folder. A file is accepted
+    by its content (JPEG, PNG, GIF, BMP, WebP), whatever its extension;
+    other files in class folders go to ``ImageList.skipped`` with the reason
+    and one warning line each.
+    Files directly in ``image_dir`` are ignored with one warning. Of two
+    names that differ only in Unicode normalisation (so share a cache key),
+    the second is skipped.
+
+    Raises RetrainError for a missing or unreadable folder, a folder without
+    class folders, or bad percentages.
+    """
+    check_split(testing_percentage, validation_percentage)
+    root = str(image_dir).rstrip("/") if paths.is_url(image_dir) else Path(image_dir)
+    class_names = _class_folders(root, image_dir)
     entries, skipped = [], []
     path_of_key = {}
     seen_dirs = {_dir_identity(paths.join(root, name)) for name in class_names}
