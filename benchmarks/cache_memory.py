@@ -53,7 +53,7 @@ def entries(rows, validation_every=50):
 def write_synthetic_cache(folder, rows, seed=0):
     """A Lite0 cache in `folder` with `rows` rows; returns its path. Kept if already complete."""
     from retrain.cache import BottleneckCache
-    from retrain.cache import store
+    from retrain.cache import merge
     from retrain.cache.journal import Journal, Records
 
     cache = BottleneckCache(folder, "efficientnet_lite0")
@@ -76,7 +76,7 @@ def write_synthetic_cache(folder, rows, seed=0):
             bottleneck=(centres[labels] + rng.normal(0, 2, (len(block), FEATURE_DIM))).astype(
                 np.float16))
         journal.append(records)
-    store.fold(cache.path, cache.identity)
+    merge.fold(cache.path, cache.identity)
     done.write_text(str(rows))
     return cache.path
 

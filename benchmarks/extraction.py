@@ -7,7 +7,7 @@ in one process on one machine:
 
 * cache build: ``BottleneckCache.update`` into an empty temporary cache, wall
   clock including building the backbone (what a user waits for);
-* pipeline: ``extract.bottleneck_batches`` with the backbone already built
+* pipeline: ``extraction.bottleneck_batches`` with the backbone already built
   (read, hash, decode, resize, forward), steady state;
 * forward only: the same backbone on pre-decoded, pre-resized arrays;
 * their ratio (the median of the per-run ratios: each run pairs a pipeline
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from retrain import backbones, engines
-from retrain.data import decode, images
-from retrain.engines import extract
+from retrain.data import decode, images, resizing
+from retrain.engines import extraction
 from retrain.cache import BottleneckCache
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -61,7 +61,7 @@ def cache_build(image_list, backbone, batch_size):
 def pipeline(paths, model, input_size, batch_size):
     """Images/s of the extraction pipeline after its first batch (warm-up)."""
     engine = engines.KerasEngine(model, input_size)
-    batches = extract.bottleneck_batches(paths, engine, input_size, batch_size)
+    batches = extraction.bottleneck_batches(paths, engine, input_size, batch_size)
     warm = len(next(batches))
     seconds, done = timed(lambda: sum(len(batch) for batch in batches))
     return done / seconds if done else warm / seconds
@@ -113,7 +113,7 @@ def main(argv=None):
     paths = [image_list.image_dir / e.relative_path for e in image_list.entries]
     # The network's speed does not depend on the pixels: a few batches do.
     arrays = np.stack([
-        decode.resize_to_input(decode.decode_rgb(path, spec.input_size), spec.input_size)
+        resizing.resize_to_input(decode.decode_rgb(path, spec.input_size), spec.input_size)
         for path in paths[: 8 * args.batch_size]
     ])
     # Interleaved, so that a change in the machine's load hits both alike.

@@ -8,7 +8,7 @@ default), and prints milliseconds per image: reading the file, sha256,
 Pillow decoding (JPEG draft mode as extraction does it), the antialiased
 resize (extraction's and TensorFlow's), the ``tf.numpy_function`` hop of the
 tf.data pipeline, the forward pass of each engine at several batch sizes,
-and the cache's journal writes and fold. Then the whole pipeline (``extract.bottleneck_batches``) with each
+and the cache's journal writes and fold. Then the whole pipeline (``extraction.bottleneck_batches``) with each
 engine, for comparison with its forward-only figure. Stages that overlap in
 the pipeline (decoding runs beside the forward pass) add up to more than the
 pipeline's time per image.
@@ -27,10 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from retrain import backbones, engines
-from retrain.data import decode, images
-from retrain.engines import extract
+from retrain.data import decode, images, resizing
+from retrain.engines import extraction
+from retrain.engines import litert as litert_lib
 from retrain.cache import journal as journal_lib
-from retrain.cache import store
+from retrain.cache import merge
+from retrain.cache.identity import CacheIdentity
 from retrain.quiet_tensorflow import import_tensorflow
 
 DEFAULT_DATA = next(
@@ -81,12 +83,12 @@ def main(argv=None):
     rows.append(("  same, no draft mode", per_image_ms(
         lambda: [decode.decode_rgb(p, None, content=c) for p, c in zip(paths, contents)], count)))
     sides = [max(a.shape[:2]) for a in decoded]
-    resize = tf.function(lambda x: decode.resize_to_input(x, size),
+    resize = tf.function(lambda x: resizing.resize_to_input(x, size),
                          input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
     for array in decoded[:3]:
         resize(array)
     rows.append(("antialiased resize, Pillow float (extraction's)", per_image_ms(
-        lambda: [decode.resize_to_input(a, size) for a in decoded], count)))
+        lambda: [resizing.resize_to_input(a, size) for a in decoded], count)))
     rows.append(("  same filter, tf graph op (the exported model's)", per_image_ms(
         lambda: [resize(tf.constant(a)).numpy() for a in decoded], count)))
     small = np.zeros((1, 1, 3), np.uint8)
@@ -94,7 +96,7 @@ def main(argv=None):
         lambda i: tf.numpy_function(lambda j: small, [i], tf.uint8))
     rows.append(("tf.numpy_function hop, 1 thread", per_image_ms(lambda: list(hop), count)))
     with tempfile.TemporaryDirectory() as folder:
-        identity = store.CacheIdentity(spec.name, "0" * 64, spec.feature_dim, "float16",
+        identity = CacheIdentity(spec.name, "0" * 64, spec.feature_dim, "float16",
                                        "litert", "profile")
         path = Path(folder) / "profile.h5"
 
@@ -110,13 +112,13 @@ def main(argv=None):
                     records.sha256.append("0" * 64)
                     records.bottleneck.append(np.ones(spec.feature_dim, np.float32))
                 journal.append(records)
-            store.fold(path, identity)
+            merge.fold(path, identity)
             path.unlink()
 
         rows.append(("journal writes (batches of 32) + fold", per_image_ms(journal_and_fold,
                                                                          count)))
 
-    pixels = np.stack([decode.resize_to_input(a, size) for a in decoded[:64]])
+    pixels = np.stack([resizing.resize_to_input(a, size) for a in decoded[:64]])
     model = backbones.load(spec.name, include_top=False)
     keras_engine = engines.KerasEngine(model, size)
     forward = {}
@@ -130,7 +132,7 @@ def main(argv=None):
             litert = engines.build("litert", spec.name, model=model)
     if litert is not None:
         for batch in (1, 4, 8, 16, 32):
-            data = engines.convert(model, size, batch)
+            data = litert_lib.convert_backbone(model, size, batch)
             with tempfile.NamedTemporaryFile(suffix=".tflite") as file:
                 file.write(data)
                 file.flush()
@@ -144,7 +146,7 @@ def main(argv=None):
         if engine is None:
             continue
         def pipeline():
-            for _ in extract.bottleneck_batches(paths, engine, size, 32):
+            for _ in extraction.bottleneck_batches(paths, engine, size, 32):
                 pass
         rows.append((f"whole pipeline ({name}), batch 32", per_image_ms(pipeline, count, 1)))
 

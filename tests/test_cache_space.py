@@ -10,7 +10,8 @@ import pytest
 from conftest import fill
 from retrain import cli
 from retrain.data import decode, images
-from retrain.cache import BottleneckCache, journal, store
+from retrain.cache import BottleneckCache, journal, merge, store
+from retrain.cache.identity import CacheIdentity
 from test_cache import photos, write
 
 LITE0 = "efficientnet_lite0"
@@ -34,33 +35,33 @@ def journal_rows(path, identity, count, failures=0):
 @pytest.mark.parametrize("rows", [10, 1000, 5000])
 def test_merge_space_estimate_is_within_one_and_a_half_of_the_real_file(tmp_path, monkeypatch,
                                                                          rows, dtype):
-    identity = store.CacheIdentity(LITE0, "0" * 64, 1280, dtype, "keras", "test")
+    identity = CacheIdentity(LITE0, "0" * 64, 1280, dtype, "keras", "test")
     path = tmp_path / identity.file_name()
     journal_rows(path, identity, rows, failures=3)
     estimates, real = [], []
-    space = store._space
+    space = merge._space
 
     def measured(*args):
         estimates.append(space(*args)[0])
         return space(*args)
 
-    real_write = store._write_main
+    real_write = store.write_main
 
     def write_main(temporary, *args):
         real_write(temporary, *args)
         status = os.stat(temporary)  # the temporary file the merge really writes
         real.append(max(status.st_size, status.st_blocks * 512))
 
-    monkeypatch.setattr(store, "_space", measured)
-    monkeypatch.setattr(store, "_write_main", write_main)
-    assert store.fold(path, identity) == store.Folded(0, None)
+    monkeypatch.setattr(merge, "_space", measured)
+    monkeypatch.setattr(store, "write_main", write_main)
+    assert merge.fold(path, identity) == merge.Folded(0, None)
     (estimate,), (size,) = estimates, real
     assert size <= estimate <= 1.5 * size + (64 << 10), (size, estimate)
 
     # Again with those rows in the main file and as many new ones.
     estimates.clear(), real.clear()
     journal_rows(path, identity, rows * 2)
-    store.fold(path, identity)
+    merge.fold(path, identity)
     (estimate,), (size,) = estimates, real
     assert size <= estimate <= 1.5 * size + (64 << 10), (size, estimate)
 

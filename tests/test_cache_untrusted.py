@@ -21,11 +21,12 @@ from PIL import Image
 from skimage import data
 
 from retrain.data import images
-from retrain.cache import BottleneckCache, hdf5_checks, journal, shards, store
+from retrain.cache import BottleneckCache, hdf5_checks, journal, merge, shards, store
+from retrain.cache.identity import CacheIdentity
 from retrain.errors import RetrainError
 
 DIM = 8
-IDENTITY = store.CacheIdentity("efficientnet_lite0", "f" * 64, DIM, "float16", "keras", "p1")
+IDENTITY = CacheIdentity("efficientnet_lite0", "f" * 64, DIM, "float16", "keras", "p1")
 SECRET = b"TOPSECRET-" * 64  # 640 bytes: the other file's bytes that must never be copied
 
 
@@ -44,7 +45,7 @@ def good_cache(folder, count=4):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / IDENTITY.file_name()
     journal.Journal(path, IDENTITY).append(records(0, count))
-    store.fold(path, IDENTITY)
+    merge.fold(path, IDENTITY)
     return path
 
 
@@ -158,7 +159,7 @@ def test_planted_cache_file_is_set_aside_before_any_data_is_read(tmp_path, how, 
     monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING):
-        store.fold(path, IDENTITY)
+        merge.fold(path, IDENTITY)
     assert time.monotonic() - started < 10
     monkeypatch.undo()
     assert not {str(path), str(elsewhere / "secret.h5")} & set(reads)
@@ -262,11 +263,11 @@ def deflate_bomb(tmp_path_factory):
 
 
 def fold_measured(path):
-    """store.fold(path) -> (seconds, peak bytes Python and numpy allocated)."""
+    """merge.fold(path) -> (seconds, peak bytes Python and numpy allocated)."""
     tracemalloc.start()
     started = time.monotonic()
     try:
-        store.fold(path, IDENTITY)
+        merge.fold(path, IDENTITY)
         return time.monotonic() - started, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

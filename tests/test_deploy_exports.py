@@ -19,6 +19,7 @@ from retrain import export, label_image
 from retrain.export import deployment
 from retrain.data import images
 from retrain.export import saved_model, tflite
+from retrain.engines import litert
 from retrain.errors import RetrainError
 
 KINDS = ("float32", "float16", "int8")
@@ -128,7 +129,7 @@ def test_tflite_files_carry_their_labels_and_int8_is_full_integer(exports, photo
         assert tflite.embedded_labels(content) == photo_model["names"]
     sizes = {kind: os.path.getsize(exports[kind]) for kind in KINDS}
     assert sizes["int8"] <= 0.35 * sizes["float32"] and sizes["float16"] <= 0.55 * sizes["float32"]
-    interpreter = tflite.interpreter_class()(model_path=exports["int8"])
+    interpreter = litert.interpreter_class()(model_path=exports["int8"])
     types = {detail["dtype"] for detail in interpreter.get_tensor_details()}
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     assert inputs[0]["dtype"] == outputs[0]["dtype"] == np.float32

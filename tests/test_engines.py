@@ -1,4 +1,4 @@
-"""Inference engines (retrain/engines/__init__.py) and the cache identity they are part of."""
+"""Inference engines (retrain/engines/) and the cache identity they are part of."""
 
 import logging
 
@@ -10,7 +10,8 @@ from PIL import Image
 from skimage import data
 
 from retrain import backbones, engines
-from retrain.data import decode, images
+from retrain.engines import check, litert as litert_lib
+from retrain.data import decode, images, resizing
 from retrain.cache import BottleneckCache
 from retrain.errors import RetrainError
 
@@ -40,7 +41,7 @@ def litert(lite0):
 def photo_pixels():
     """scikit-image's photos at 224, float32 [4, 224, 224, 3] in [0, 255]."""
     photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
-    return np.stack([decode.resize_to_input(p, 224) for p in photos])
+    return np.stack([resizing.resize_to_input(p, 224) for p in photos])
 
 
 def test_litert_agrees_with_keras_on_photos(lite0, litert, photo_pixels):
@@ -52,7 +53,7 @@ def test_litert_agrees_with_keras_on_photos(lite0, litert, photo_pixels):
     assert vectors.dtype == np.float32 and vectors.shape == (4, 1280)
     # Different photos give clearly different vectors: the check is not vacuous.
     assert engines.compare(reference, lambda p: reference(p[::-1]), photo_pixels) > 0.1
-    record = engines._read_record(litert.path)
+    record = check.read_record(litert.path)
     assert record["passed"] and record["max_relative_deviation"] <= engines.TOLERANCE
 
 
@@ -68,7 +69,7 @@ def test_converted_file_is_reused_without_converting(litert, monkeypatch):
     def no_conversion(*args):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(engines, "convert", no_conversion)
+    monkeypatch.setattr(litert_lib, "convert_backbone", no_conversion)
     monkeypatch.setattr(backbones, "load", no_conversion)
     again = engines.build("litert", "efficientnet_lite0")
     assert again.path == litert.path
@@ -80,16 +81,17 @@ def test_failed_check_falls_back_to_keras_and_is_remembered(tmp_path, lite0, mon
     # A wrong conversion: a real flatbuffer, of another network with the same shapes.
     wrong = keras.Sequential([keras.Input((224, 224, 3)), keras.layers.AveragePooling2D(28),
                               keras.layers.Flatten(), keras.layers.Dense(1280)])
-    real_convert = engines.convert
-    monkeypatch.setattr(engines, "convert", lambda model, size, batch:
+    real_convert = litert_lib.convert_backbone
+    monkeypatch.setattr(litert_lib, "convert_backbone", lambda model, size, batch:
                         real_convert(wrong, size, batch))
     root = tmp_path / "photos"
     for name, photo in (("cats", data.chelsea()), ("cups", data.coffee())):
         (root / name).mkdir(parents=True)
         Image.fromarray(photo).save(root / name / "a.jpg")
     found = images.discover(root)
-    cache = BottleneckCache(tmp_path / "cache", "efficientnet_lite0", engine="litert")
-    assert cache.engine == "litert"
+    cache = BottleneckCache(tmp_path / "cache", "efficientnet_lite0",
+                            engine=engines.choose("litert", "efficientnet_lite0"))
+    assert cache.engine_name == "litert"
     with caplog.at_level(logging.WARNING):
         report = cache.update(found, progress=False)
     assert "does not reproduce the Keras vectors" in caplog.text
@@ -141,8 +143,10 @@ def rows(path):
 
 def test_changed_engine_gives_a_new_cache_file(tmp_path, photo_dir, lite0, litert):
     found = images.discover(photo_dir)
-    by_keras = BottleneckCache(tmp_path, "efficientnet_lite0", engine="keras")
-    by_litert = BottleneckCache(tmp_path, "efficientnet_lite0", engine="litert")
+    by_keras = BottleneckCache(tmp_path, "efficientnet_lite0",
+                               engine=engines.choose("keras", "efficientnet_lite0"))
+    by_litert = BottleneckCache(tmp_path, "efficientnet_lite0",
+                                engine=engines.choose("litert", "efficientnet_lite0"))
     assert by_keras.path != by_litert.path
     assert by_keras.update(found, progress=False).extracted == 4
     keras_rows = rows(by_keras.path)

@@ -185,9 +185,8 @@ def test_a_signal_keeps_finished_batches_and_the_previous_outputs(tmp_path, caps
     argv = ["--image_dir", str(photos), "--bottleneck_dir", str(cache), "--output_dir", str(out),
             *FAST]
     # The command line's engine (auto), which names the cache file.
-    engine = Config().engine
-    pending = Path(f"{BottleneckCache(
-        cache, 'efficientnet_lite0', engine=engines.choose(engine, 'efficientnet_lite0')).path}.journal")
+    engine = engines.choose(Config().engine, "efficientnet_lite0")
+    pending = Path(f"{BottleneckCache(cache, 'efficientnet_lite0', engine=engine).path}.journal")
 
     first = start(argv, pause="journal:1")  # parks after its first batch of 4 is journalled
     wait_for(f"{pending}.paused", first)

@@ -19,11 +19,12 @@ import pytest
 from retrain.files import atomic_write
 from retrain import backbones, cli, engines, run
 from retrain.data import decode, images
-from retrain.engines import extract
+from retrain.engines import extraction
 from retrain.cache import BottleneckCache, journal, plan, shards
 from retrain.config import Config
 from retrain.errors import RetrainError
 from test_cache import photos, write
+import parking
 
 LITE0 = "efficientnet_lite0"
 
@@ -102,8 +103,8 @@ def test_a_vector_does_not_depend_on_the_batch_it_was_extracted_in(image_dir, ba
     found = images.discover(image_dir)
     files = [image_dir / entry.relative_path for entry in found.entries[:4]]
     engine = engines.KerasEngine(backbones.load(LITE0), 224)
-    together = next(extract.bottleneck_batches(files, engine, 224, batch_size=4)).bottlenecks
-    alone = [next(extract.bottleneck_batches([path], engine, 224, batch_size=4)).bottlenecks[0]
+    together = next(extraction.bottleneck_batches(files, engine, 224, batch_size=4)).bottlenecks
+    alone = [next(extraction.bottleneck_batches([path], engine, 224, batch_size=4)).bottlenecks[0]
              for path in files]
     assert together.shape == (4, 1280)
     assert np.array_equal(np.stack(alone), together)
@@ -143,9 +144,9 @@ def test_killed_shard_process_is_redone(tmp_path, image_dir, single_build,
     argv = ["--image_dir", str(image_dir), "--bottleneck_dir", str(cache_dir),
             "--output_dir", str(output_dir), "--cache_only", "--num_shards", "2",
             "--extraction_batch_size", "4", "--engine", "keras"]
-    env = dict(os.environ, **{journal.PAUSE_VARIABLE: "shard-partial:1"})
-    process = subprocess.Popen([sys.executable, "-m", "retrain", *argv, "--shard_index", "0"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    code = parking.cli_driver("shard-partial:1", [*argv, "--shard_index", "0"])
+    process = subprocess.Popen([sys.executable, "-c", code],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while not list(cache_dir.glob("*.paused")):
         assert process.poll() is None, process.communicate()[1].decode()[-2000:]

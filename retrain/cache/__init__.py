@@ -1,8 +1,10 @@
 """The HDF5 bottleneck cache: one file per backbone fingerprint.
 
-``BottleneckCache(...).update(image_list)`` extracts what is missing or
-changed (resumable, locked, crash-safe: see ``store``); ``read(entries)``
-returns the vectors. Nothing else reads or writes the cache files.
+``BottleneckCache(..., engine=engines.choose(...)).update(image_list)``
+extracts what is missing or changed with the engine handed in (resumable,
+locked, crash-safe: see ``store``, ``journal`` and ``merge``);
+``read(entries)`` returns the vectors. Nothing else reads or writes the
+cache files; nothing here chooses an engine.
 
 The same steps are public for extraction spread over processes or machines
 (``--num_shards``, ``retrain.beam``): ``plan`` (which images need

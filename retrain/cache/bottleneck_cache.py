@@ -2,28 +2,22 @@
 
 import contextlib
 import dataclasses
-import errno
 import logging
-import sys
 import time
 from pathlib import Path
-
-import filelock
-import numpy as np
 
 from retrain import backbones
 from retrain.data import decode
 from retrain.engines import EngineChoice, build_or_fall_back, extraction
 from retrain.files import paths
 from retrain.cache import plan as plan_lib
-from retrain.cache import shards, store, view
-from retrain.cache.journal import Journal, Records, batch_records
+from retrain.cache import lock, merge, shards, store, view
+from retrain.cache.identity import CacheIdentity
+from retrain.cache.journal import Journal, batch_records, journal_touched
 from retrain.config import check_setting, check_shard
 from retrain.errors import RetrainError
 
 logger = logging.getLogger(__name__)
-
-_TOUCHED_BATCH = 1024
 
 
 @dataclasses.dataclass
@@ -54,7 +48,7 @@ class BottleneckCache:
     """The HDF5 bottleneck cache of one backbone in ``bottleneck_dir``.
 
     The file is ``<backbone>-<fingerprint[:16]>-<engine>-<pixels>-<dtype>.h5``
-    (``store.CacheIdentity``): another backbone, other weights, another
+    (``identity.CacheIdentity``): another backbone, other weights, another
     engine, other decoding settings or another storage dtype never share
     vectors. Rows are keyed
     by ``ImageEntry.key``; each records the file's size, mtime and sha256, so
@@ -82,7 +76,6 @@ class BottleneckCache:
         self._spec = backbones.get(backbone_name)
         self._choice = engine or EngineChoice("keras", self._spec.name, weights_file)
         self._engine = None
-        self._weights_file = weights_file
         self.folder = str(bottleneck_dir)
         self._folder = Path(bottleneck_dir)
         self._fingerprint = backbones.fingerprint(self._spec.name, weights_file)
@@ -94,7 +87,7 @@ class BottleneckCache:
     def _use_engine(self, engine_name):
         """Points identity and path at the cache of vectors made by ``engine_name``."""
         self.engine_name = engine_name
-        self.identity = store.CacheIdentity(
+        self.identity = CacheIdentity(
             self._spec.name, self._fingerprint, self._spec.feature_dim, self._dtype,
             engine_name, decode.pixel_settings_id(),
         )
@@ -124,10 +117,10 @@ class BottleneckCache:
 
     def _update(self, image_list, batch_size, progress):
         with self._writing():
-            with self._locked():
+            with lock.locked(self.path, self.lock_timeout):
                 # Either merge may be deferred (too little space for the new
                 # file): the plan and later reads then see the journal too.
-                merged = store.fold(self.path, self.identity).merged
+                merged = merge.fold(self.path, self.identity).merged
                 cache = view.open_view(self.folder, self.path, self.identity,
                                        lambda: store.open_or_set_aside(self.path, self.identity))
                 journal = Journal(self.path, self.identity)
@@ -247,7 +240,7 @@ class BottleneckCache:
         with a warning (the journal and shard files are read beside the main
         file until a later merge has the space) and 0 is returned.
         """
-        folded = store.fold(self.path, self.identity)
+        folded = merge.fold(self.path, self.identity)
         if folded.deferred:
             logger.warning("%s", folded.deferred)
         return folded.merged
@@ -256,7 +249,7 @@ class BottleneckCache:
         """Plans ``entries`` against ``cache`` (closed here) and extracts the todo into sink."""
         try:
             plan = self._plan(image_list, entries, cache, progress)
-            _journal_touched(plan.touched, cache, sink, plan_lib.folder_id(image_list.image_dir))
+            journal_touched(plan.touched, cache, sink, plan_lib.folder_id(image_list.image_dir))
         finally:
             if cache is not None:
                 cache.close()
@@ -313,7 +306,7 @@ class BottleneckCache:
         except OSError as error:
             # Disk full, permissions, a file where the folder should be: the
             # user fixes the folder, so say which one instead of a traceback.
-            raise _cache_error("write", self.path, error) from None
+            raise lock.cache_error("write", self.path, error) from None
 
     def read(self, entries):
         """The cached bottlenecks of ``entries``, float32 [len(entries), feature_dim].
@@ -348,21 +341,7 @@ class BottleneckCache:
 
         Raises RetrainError as ``read`` does, at the call (not at the first block).
         """
-        return self._blocks(self._open_for_reading(entries), entries, block_rows, order_seed)
-
-    @staticmethod
-    def _blocks(cache, entries, block_rows, order_seed):
-        try:
-            rows = np.fromiter((cache.rows[e.key] for e in entries), np.int64, len(entries))
-            order = np.argsort(rows, kind="stable")
-            starts = np.flatnonzero(np.diff(rows[order] // block_rows, prepend=-1))
-            groups = np.split(order, starts[1:])
-            if order_seed is not None:
-                np.random.default_rng(order_seed).shuffle(groups)
-            for positions in groups:
-                yield positions, cache.bottlenecks(rows[positions])
-        finally:
-            cache.close()
+        return view.blocks(self._open_for_reading(entries), entries, block_rows, order_seed)
 
     def _open_for_reading(self, entries):
         """The cache (view.CacheView: the main file and any records whose merge
@@ -373,7 +352,7 @@ class BottleneckCache:
             if cache is not None and cache.pending:
                 cache.load_pending()  # now, while the files are certainly there
         except OSError as error:
-            raise _cache_error("read", self.path, error) from None
+            raise lock.cache_error("read", self.path, error) from None
         if cache is None:
             raise RetrainError(
                 f"There is no bottleneck cache {self.path} yet; run "
@@ -400,67 +379,9 @@ class BottleneckCache:
                 "run BottleneckCache.update (or retrain --cache_only) to build it."
             ) from None
 
-    @contextlib.contextmanager
-    def _locked(self):
-        lock = filelock.FileLock(f"{self.path}.lock")
-        try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            print(
-                f"Another process is updating the bottleneck cache {self.path} "
-                f"(lock {lock.lock_file}); waiting up to {self.lock_timeout:.0f} s.",
-                file=sys.stderr,
-            )
-            try:
-                lock.acquire(timeout=self.lock_timeout)
-            except filelock.Timeout:
-                raise RetrainError(
-                    f"Gave up after {self.lock_timeout:.0f} s waiting for another process "
-                    f"to release {lock.lock_file}; wait for it to finish, or use another "
-                    f"bottleneck_dir. Received: lock_timeout={self.lock_timeout}"
-                ) from None
-        except OSError as error:
-            if error.errno != errno.ELOOP:
-                raise
-            # filelock (>= 3.20.1, CVE-2025-68146) opens the lock with O_NOFOLLOW,
-            # so a planted link is refused instead of truncating its target.
-            raise RetrainError(
-                f"The lock file {lock.lock_file} is a symbolic link; retrain does not follow "
-                "it (it could point at any file). Remove the link and run again."
-            ) from None
-        try:
-            yield
-        finally:
-            lock.release()
-
-
 class _EngineChanged(Exception):
     """The engine built is not the one this cache's work was planned for."""
 
 
 def _check_batch_size(batch_size):
     check_setting("extraction_batch_size", batch_size, argument="batch_size")
-
-
-def _cache_error(action, path, error):
-    """RetrainError for an OSError on the cache file or its folder."""
-    if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-        fix = "Another program has the file open (HDF5 file lock); close it or wait"
-    else:
-        fix = "Free space, fix the permissions or choose another folder"
-    return RetrainError(
-        f"Cannot {action} the bottleneck cache {path}: {error.strerror or error}. {fix}. "
-        f"Received: bottleneck_dir={path.parent}"
-    )
-
-
-def _journal_touched(touched, cache, sink, folder):
-    """Writes the cached vectors of touched files, under their new mtime and
-    image ``folder`` (``plan.folder_id``), to ``sink``."""
-    for start in range(0, len(touched), _TOUCHED_BATCH):
-        batch = touched[start : start + _TOUCHED_BATCH]
-        vectors = cache.bottlenecks([row for _, row, _ in batch])
-        records = Records()
-        for (entry, _, state), vector in zip(batch, vectors):
-            records.add_row(entry.key, entry.relative_path, state, vector, folder)
-        sink.append(records)

@@ -2,7 +2,7 @@
 
 Extraction appends each batch of records to ``<cache>.h5.journal/`` as one
 ``.npz`` (numbered, newest last), written with ``retrain.files.atomic_write``, so a journal file is whole or absent whatever kills the process.
-``store.fold`` merges the journal into the main file and then clears it.
+``merge.fold`` merges the journal into the main file and then clears it.
 """
 
 import dataclasses
@@ -18,6 +18,8 @@ from retrain.files import atomic_write
 # 2: the file records the whole cache identity, not only the fingerprint.
 FORMAT_VERSION = 2
 
+# Touched files (same content, new mtime) re-journalled this many to a journal file.
+TOUCHED_BATCH = 1024
 
 # The per-row arrays of a journal or shard file ("failed_" + the Failure
 # fields for failures). Files written before "folder" existed lack it:
@@ -97,6 +99,18 @@ def batch_records(batch, folder):
                 entry.relative_path, state.size, state.mtime_ns, reason, folder
             )
     return records
+
+
+def journal_touched(touched, cache, sink, folder):
+    """Writes the cached vectors of touched files, under their new mtime and
+    image ``folder`` (``plan.folder_id``), to ``sink``."""
+    for start in range(0, len(touched), TOUCHED_BATCH):
+        batch = touched[start : start + TOUCHED_BATCH]
+        vectors = cache.bottlenecks([row for _, row, _ in batch])
+        records = Records()
+        for (entry, _, state), vector in zip(batch, vectors):
+            records.add_row(entry.key, entry.relative_path, state, vector, folder)
+        sink.append(records)
 
 
 def _text(value):

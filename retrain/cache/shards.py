@@ -9,7 +9,7 @@ the journal's format, with the cache identity, and is written under a
 temporary name and then renamed (``retrain.files.atomic_write``; ``<name>.partial``
 for a URL), so it is whole or absent: a killed writer leaves at most one
 temporary file, which nothing reads, and its images are extracted again by
-the next run. ``store.fold`` merges every finished shard
+the next run. ``merge.fold`` merges every finished shard
 into the main file, under the cache lock, and then deletes it.
 
 A folder given as a URL (``gs://bucket/cache``, anything ``tf.io.gfile``

@@ -1,7 +1,7 @@
 """The cache as a run sees it: the main file plus the records not merged yet.
 
 Finished shard files and the journal normally last only until the next
-``store.fold``. When the disk cannot hold the merged file, the fold is
+``merge.fold``. When the disk cannot hold the merged file, the fold is
 deferred and they stay; a run still plans and trains on every row, reading
 them beside the main file through this view (the newest record of a key
 winning, as the merge would decide).
@@ -9,7 +9,7 @@ winning, as the merge would decide).
 
 import numpy as np
 
-from retrain.cache import store
+from retrain.cache import merge
 
 
 class CacheView:
@@ -25,7 +25,7 @@ class CacheView:
 
     Args:
       main: an open store.CacheFile (closed by ``close``), or None.
-      winners: ``store.newest_records`` of the unmerged files (list of store.Winner).
+      winners: ``merge.newest_records`` of the unmerged files (list of merge.Winner).
       pending_keys: the keys (bytes) those files hold.
     """
 
@@ -108,9 +108,25 @@ def open_view(folder, path, identity, open_main):
     missed. Unusable unmerged files are left out here (the merge sets them
     aside and says so). Returns None when there is neither.
     """
-    sources = store.pending_sources(folder, path, identity)
-    winners, pending_keys = store.newest_records(sources, set_aside=False)
+    sources = merge.pending_sources(folder, path, identity)
+    winners, pending_keys = merge.newest_records(sources, set_aside=False)
     main = open_main()
     if main is None and not winners:
         return None
     return CacheView(main, winners, pending_keys)
+
+
+def blocks(cache, entries, block_rows, order_seed):
+    """Yields (positions int64 [k] into ``entries``, float32 [k, feature_dim]) per block
+    of ``block_rows`` file rows (``BottleneckCache.stream``); closes ``cache`` at the end."""
+    try:
+        rows = np.fromiter((cache.rows[e.key] for e in entries), np.int64, len(entries))
+        order = np.argsort(rows, kind="stable")
+        starts = np.flatnonzero(np.diff(rows[order] // block_rows, prepend=-1))
+        groups = np.split(order, starts[1:])
+        if order_seed is not None:
+            np.random.default_rng(order_seed).shuffle(groups)
+        for positions in groups:
+            yield positions, cache.bottlenecks(rows[positions])
+    finally:
+        cache.close()
