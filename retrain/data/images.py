@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.files import paths
+from retrain.files import paths, regular_file
 from retrain.config import check_split
 from retrain.data.decode import FORMAT_NAMES, SNIFF_BYTES, sniff_format
 from retrain.data.decode_memory import MAX_FILE_BYTES, file_too_large
@@ -136,7 +136,7 @@ def rejection(path):
             # or device would block or never end a read, and a huge (even
             # sparse) file is not read at all.
             status = os.stat(path)
-            reason = paths.not_regular(status.st_mode)
+            reason = regular_file.not_regular(status.st_mode)
             if reason:
                 return reason
             if status.st_size > MAX_FILE_BYTES:

@@ -20,6 +20,7 @@ import zlib
 from pathlib import Path
 
 from retrain.errors import RetrainError
+from retrain.files import regular_file
 from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()
@@ -110,21 +111,22 @@ def _private_copy(path: Path, target: Path) -> Path:
     (O_NONBLOCK: a FIFO swapped in after the stat cannot block the open).
     """
     try:
+        # Checked by path first too: a socket would fail to open (ENXIO) with a vaguer message.
         status = os.stat(path)
         if not stat.S_ISREG(status.st_mode):
             raise RetrainError(f"Model {path} is not a regular file: pass the model.keras file "
                                f"written by a retrain run. Received: path={path}")
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as source:
-            status = os.fstat(source.fileno())  # the file opened, whatever the path now names
-            if not stat.S_ISREG(status.st_mode) or status.st_size > MAX_MODEL_BYTES:
-                raise RetrainError(f"Model {path} is not a regular file of at most "
-                                   f"{MAX_MODEL_BYTES // 2**20} MB, as retrain's exports are. "
-                                   f"Received: path={path}, size={status.st_size}")
+        with regular_file.open_regular(path, follow_symlinks=True,
+                                       limit=MAX_MODEL_BYTES) as (source, status):
             with open(target, "xb") as copy:
                 shutil.copyfileobj(source, copy)
                 if copy.tell() != status.st_size:
                     raise RetrainError(f"Model {path} changed while it was read: pass a file "
                                        f"nothing else is writing. Received: path={path}")
+    except regular_file.RefusedFile as refused:  # the file opened, whatever the path now names
+        raise RetrainError(f"Model {path} is not a regular file of at most "
+                           f"{MAX_MODEL_BYTES // 2**20} MB, as retrain's exports are. "
+                           f"Received: path={path}, size={refused.status.st_size}") from None
     except FileNotFoundError:
         raise RetrainError(f"Model file not found: {path}. Pass the .keras file written by a "
                            f"retrain run (default output/model.keras). Received: path={path}") from None

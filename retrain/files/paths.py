@@ -12,10 +12,9 @@ as OSError, like the local ones, with the reason in ``strerror``.
 """
 
 import contextlib
-import errno
 import os
-import stat as stat_module
 
+from retrain.files import regular_file
 from retrain.quiet_tensorflow import import_tensorflow
 
 
@@ -55,33 +54,13 @@ def stat(path):
     return status.length, status.mtime_nsec
 
 
-def kind(mode):
-    """What an ``st_mode`` is, in words for an error: "FIFO", "socket", ..."""
-    for test, name in ((stat_module.S_ISREG, "regular file"), (stat_module.S_ISDIR, "folder"),
-                       (stat_module.S_ISFIFO, "FIFO"), (stat_module.S_ISSOCK, "socket"),
-                       (stat_module.S_ISCHR, "character device"),
-                       (stat_module.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def not_regular(mode):
-    """The reason a file of ``st_mode`` is not read ("not a regular file (FIFO)"), or None."""
-    if stat_module.S_ISREG(mode):
-        return None
-    return f"not a regular file ({kind(mode)})"
-
-
 @contextlib.contextmanager
 def open_regular(path):
     """Opens a regular file for reading: yields (binary file, size in bytes, mtime in ns).
 
-    A local path is opened with O_NONBLOCK (opening a FIFO returns at once
-    instead of waiting for a writer; a socket fails to open) and must be a
-    regular file by ``fstat`` of that descriptor, so what is read is what was
-    checked. Symbolic links are followed: image folders may link to photos.
-    O_NONBLOCK is cleared again before any read.
+    A local path goes through ``regular_file.open_regular`` (no waiting on a
+    FIFO, checked on the opened descriptor, no size bound); symbolic links are
+    followed: image folders may link to photos.
 
     Raises:
       OSError: cannot be opened; or (errno EINVAL) not a regular file, with
@@ -92,18 +71,7 @@ def open_regular(path):
         with _as_os_error() as gfile, gfile.GFile(path, "rb") as file:
             yield file, length, mtime_ns
         return
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        status = os.fstat(descriptor)
-        reason = not_regular(status.st_mode)
-        if reason:
-            raise OSError(errno.EINVAL, reason, str(path))
-        os.set_blocking(descriptor, True)
-        file = os.fdopen(descriptor, "rb")
-    except BaseException:
-        os.close(descriptor)
-        raise
-    with file:
+    with regular_file.open_regular(path, follow_symlinks=True, limit=None) as (file, status):
         yield file, status.st_size, status.st_mtime_ns
 
 

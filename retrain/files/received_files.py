@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 
 from retrain.errors import RetrainError
+from retrain.files import regular_file
 
 # Largest run_record.json, CSV or JSON file read back: about 2 million images'
 # rows (a record takes ~100 bytes an image).
@@ -42,36 +43,35 @@ def read_bytes(path, limit: int = MAX_TEXT_BYTES) -> bytes:
     """
     path = Path(path)
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as error:
-        if error.errno == errno.ELOOP:  # O_NOFOLLOW met a link as the last part
-            raise NotRegularFile(f"{path} is a symbolic link; retrain reads only regular files "
-                                 "of an output folder. Replace it with the file itself.") from None
-        raise
-    try:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotRegularFile(f"{path} is not a regular file (a FIFO, device, socket or "
-                                 "folder); retrain will not read it. Remove it or replace it "
-                                 "with the file a run wrote.")
-        if info.st_size > limit:
-            raise NotRegularFile(f"{path} is {info.st_size:,} bytes, more than the "
-                                 f"{limit:,} retrain reads back; it is not a file a run wrote. "
-                                 "Remove it or rerun retrain.")
-        chunks, left = [], limit + 1
-        while left > 0:  # a file that grows while read is still cut at the limit
-            chunk = os.read(descriptor, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    finally:
-        os.close(descriptor)
+        with regular_file.open_regular(path, follow_symlinks=False, limit=limit) as (file, _):
+            chunks, left = [], limit + 1
+            while left > 0:  # a file that grows while read is still cut at the limit
+                chunk = file.read(min(left, 1 << 20))  # not read(limit + 1): that allocates it
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+    except regular_file.RefusedFile as refused:
+        raise NotRegularFile(_refusal(path, refused, limit)) from None
     data = b"".join(chunks)
     if len(data) > limit:
         raise NotRegularFile(f"{path} grew beyond {limit:,} bytes while read. Received: a file "
                              "that is still being written; rerun when it is complete.")
     return data
+
+
+def _refusal(path: Path, refused: regular_file.RefusedFile, limit: int) -> str:
+    """The message for a file `regular_file.open_regular` refused: what it is, and the fix."""
+    if refused.errno == errno.ELOOP:
+        return (f"{path} is a symbolic link; retrain reads only regular files "
+                "of an output folder. Replace it with the file itself.")
+    if refused.errno == errno.EFBIG:
+        return (f"{path} is {refused.status.st_size:,} bytes, more than the "
+                f"{limit:,} retrain reads back; it is not a file a run wrote. "
+                "Remove it or rerun retrain.")
+    return (f"{path} is not a regular file (a FIFO, device, socket or "
+            "folder); retrain will not read it. Remove it or replace it "
+            "with the file a run wrote.")
 
 
 def read_text(path, limit: int = MAX_TEXT_BYTES) -> str:

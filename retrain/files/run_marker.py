@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrain.files import atomic_write
+from retrain.files import atomic_write, regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +58,11 @@ def read_marker(folder: Path) -> Marker | None:
     FIFO planted under the name is no marker), and read only when small.
     """
     try:
-        descriptor = os.open(folder / MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with os.fdopen(descriptor, "rb") as handle:
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode) or status.st_size > MAX_MARKER_BYTES:
-            return None
-        try:
+        with regular_file.open_regular(folder / MARKER, follow_symlinks=False,
+                                       limit=MAX_MARKER_BYTES) as (handle, _):
             document = json.loads(handle.read())
-        except (OSError, ValueError):
-            return None
+    except (OSError, ValueError):  # RefusedFile too: a link, FIFO or huge file is no marker
+        return None
     if not isinstance(document, dict) or document.get("tool") != "retrain" \
             or document.get("format") != MARKER_FORMAT:
         return None
