@@ -4,9 +4,10 @@ A path with a scheme (``gs://bucket/photos``, ``ram://...``) goes through
 TensorFlow's file systems, so a Beam job on a cluster can read images from,
 and write shards to, a bucket; a local path goes through the operating system
 (exact nanosecond mtimes, fsync, symbolic links). A local file is read only
-when it is a regular file: it is opened without waiting (a FIFO would block
-``open`` until a writer comes) and checked on the opened descriptor, so a file
-swapped for a FIFO or device after a check is still refused. URLs stay ``str``: a
+when it is a regular file (``regular_file.open_regular``): it is opened without
+waiting (a FIFO would block ``open`` until a writer comes) and checked on the
+opened descriptor, so a file swapped for a FIFO or device after a check is
+still refused. URLs stay ``str``: a
 ``pathlib.Path`` would fold their ``//``. Errors from TensorFlow are raised
 as OSError, like the local ones, with the reason in ``strerror``.
 """

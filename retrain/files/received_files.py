@@ -11,6 +11,9 @@ checked before it is read:
   not read forever);
 * its size is bounded before any byte is read (a 5 GB ``run_record.json``
   is refused, not parsed).
+
+The opening is ``regular_file.open_regular``'s; this module words its refusals
+for a received folder.
 """
 
 from __future__ import annotations
