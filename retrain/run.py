@@ -127,8 +127,10 @@ def _train_and_export(config: Config, spec, image_list, folder: output_folder.Ou
 
         page = background.submit(report.write_run_report, record, checks.result, folder.staging)
     try:
-        backbone = trained.backbone or (
-            export_backbone.result() if export_backbone is not None else _plain_backbone(config, spec))
+        backbone = trained.backbone
+        if backbone is None:
+            backbone = (export_backbone.result() if export_backbone is not None
+                        else _plain_backbone(config, spec))
         classifier = save_model(config, spec, trained.head, backbone, image_list.class_names, folder)
     finally:
         if page is not None:  # it writes into the staging folder: done before that goes
