@@ -40,16 +40,14 @@ class ExtractToShard(beam.DoFn):
                  dtype="float16", batch_size=32, engine="keras"):
         self._image_dir = str(image_dir)
         self._cache_arguments = (str(bottleneck_dir), architecture, weights_file, dtype)
-        self._engine_name = engine
+        self._engine_choice = engines.EngineChoice(engine, architecture, weights_file)
         self._batch_size = batch_size
         self._extracted = Metrics.counter(NAMESPACE, "extracted")
         self._failed = Metrics.counter(NAMESPACE, "failed")
         self._cache = self._engine = None
 
     def setup(self):
-        architecture, weights_file = self._cache_arguments[1:3]
-        self._cache = BottleneckCache(*self._cache_arguments, engine=engines.EngineChoice(
-            self._engine_name, architecture, weights_file))
+        self._cache = BottleneckCache(*self._cache_arguments, engine=self._engine_choice)
         self._engine = self._cache.build_engine()
 
     def process(self, entries):
