@@ -185,7 +185,8 @@ def start_data_checks(config: Config, cache, buckets: Buckets, folder, backgroun
     """
     if not config.report:
         return None
-    from retrain import report  # deferred: matplotlib, Jinja2 and cleanlab, only when needed
+    # Deferred: matplotlib, Jinja2 and cleanlab, only when needed.
+    from retrain import report
     from retrain.evaluation import data_checks
 
     try:
@@ -204,7 +205,8 @@ def start_data_checks(config: Config, cache, buckets: Buckets, folder, backgroun
 
 def train(config: Config, spec, cache, buckets: Buckets, folder, backbone, after_checkpoint):
     """The training path the settings ask for; a training.classifier.TrainedClassifier."""
-    from retrain.training import classifier, class_weights  # deferred: these import TensorFlow
+    # Deferred: these import TensorFlow.
+    from retrain.training import class_weights, classifier
 
     weights = None
     if config.class_weights == "balanced":

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from retrain import backbones
+from retrain.quiet_tensorflow import import_tensorflow
 from retrain.training import checkpoints, datasets, fine_tune
 from retrain.training.checkpoints import Checkpoint
 from retrain.training.head import TrainResult, fit_head
 from retrain.training.settings import DistortionSettings, FineTuneSettings, HeadSettings
-from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
@@ -89,8 +89,8 @@ def train_classifier(config, spec, cache, buckets, summaries_dir, checkpoint_roo
     checkpoint_root = Path(checkpoint_root)
     head_settings = HeadSettings.from_config(config, summaries_dir=str(summaries_dir),
                                              progress=progress, class_weights=class_weights)
-    shape = dict(feature_dim=spec.feature_dim, num_classes=len(buckets.class_names),
-                 train_count=len(train_entries))
+    shape = {"feature_dim": spec.feature_dim, "num_classes": len(buckets.class_names),
+             "train_count": len(train_entries)}
     if distort is not None and not config.fine_tune_layers:
         backbone = backbone or _load(spec, config)
         pixels = datasets.decoded_training(image_dir, train_entries, spec.input_size,

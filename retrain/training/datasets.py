@@ -21,8 +21,8 @@ import logging
 import numpy as np
 
 from retrain.data import images, pixel_batches
-from retrain.quiet_tensorflow import import_tensorflow
 from retrain.data.sampling import sample_rows
+from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
 log = logging.getLogger(__name__)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from retrain.errors import RetrainError
+from retrain.quiet_tensorflow import import_tensorflow
 from retrain.training.checkpoints import Checkpoint
 from retrain.training.class_weights import class_weight_dict
 from retrain.training.fit import FitLoop, fit
 from retrain.training.settings import FineTuneSettings
-from retrain.errors import RetrainError
-from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from retrain.quiet_tensorflow import import_tensorflow
 from retrain.training import checkpoints
 from retrain.training.callbacks import EvaluationLog, ValidationScores
-from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)

@@ -21,11 +21,11 @@ import numpy as np
 
 from retrain.data.sampling import sample_rows
 from retrain.errors import RetrainError
+from retrain.quiet_tensorflow import import_tensorflow
 from retrain.training import datasets
 from retrain.training.class_weights import class_weight_dict
 from retrain.training.fit import FitLoop, fit
 from retrain.training.settings import HeadSettings
-from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)

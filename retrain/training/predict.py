@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.training import datasets
 from retrain.quiet_tensorflow import import_tensorflow
+from retrain.training import datasets
 
 import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
