@@ -32,7 +32,11 @@ demo: venv examples/digits/.written
 	$(PYTHON) -m retrain.label_image --graph $(DEMO_OUTPUT)/model.keras \
 	    --labels $(DEMO_OUTPUT)/labels.txt --image examples/digits/3/digit_0003.png
 
+LINTED := retrain tests benchmarks examples
+
 test: venv
+	$(PYTHON) -m ruff check $(LINTED)
+	$(PYTHON) -m ruff format --check $(LINTED)
 	$(PYTHON) -m pytest
 
 cache: venv

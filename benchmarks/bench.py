@@ -39,8 +39,11 @@ import time
 from pathlib import Path
 
 SHARED_DATA = next(
-    (folder / "shared" / "data" for folder in Path(__file__).resolve().parents
-     if (folder / "shared" / "data").is_dir()),
+    (
+        folder / "shared" / "data"
+        for folder in Path(__file__).resolve().parents
+        if (folder / "shared" / "data").is_dir()
+    ),
     Path("../shared/data"),
 )
 DEFAULT_DATA = SHARED_DATA / "caltech101" / "train"
@@ -74,8 +77,12 @@ def part_forward(args):
     spec = backbones.get(args.backbone)
     found = images.discover(args.folder)
     paths = [found.image_dir / e.relative_path for e in found.entries[:_FORWARD_IMAGES]]
-    pixels = np.stack([resizing.resize_to_input(decode.decode_rgb(p, spec.input_size),
-                                              spec.input_size) for p in paths])
+    pixels = np.stack(
+        [
+            resizing.resize_to_input(decode.decode_rgb(p, spec.input_size), spec.input_size)
+            for p in paths
+        ]
+    )
     model = backbones.load(spec.name)
     candidates = {"keras": engines.KerasEngine(model, spec.input_size)}
     if engines.runtime_available():
@@ -85,8 +92,7 @@ def part_forward(args):
         batch = 32 if name == "keras" else engines.LITERT_BATCH
         chunks = [pixels[i : i + batch] for i in range(0, len(pixels), batch)]
         engine(chunks[0])
-        rate = median_rate(lambda: [engine(chunk) for chunk in chunks], len(pixels),
-                           args.repeats)
+        rate = median_rate(lambda: [engine(chunk) for chunk in chunks], len(pixels), args.repeats)
         result[name] = {"images_per_s": rate, "batch": batch}
     result["peak_mib"] = peak_mib()
     return result
@@ -129,8 +135,9 @@ def part_retrain_py(args):
 
     try:
         one(0, paths[0])
-        rate = median_rate(lambda: [one(n, path) for n, path in enumerate(paths)], len(paths),
-                           args.repeats)
+        rate = median_rate(
+            lambda: [one(n, path) for n, path in enumerate(paths)], len(paths), args.repeats
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return {"images_per_s": rate, "images": len(paths), "peak_mib": peak_mib()}
@@ -143,9 +150,9 @@ def part_ours(args):
 
     import_tensorflow()
     from retrain import backbones, evaluation, export, report, run
-    from retrain.training import classifier
     from retrain.cache import bottleneck_cache
     from retrain.config import Config
+    from retrain.training import classifier
 
     phases = {"import": time.perf_counter() - started}
     # Work the run does in its background threads, beside training: timed
@@ -174,19 +181,28 @@ def part_ours(args):
     timed(backbones, "load", "export: build backbone")
     timed(export, "build_classifier", "export: build classifier")
     timed(export, "save_classifier", "export: save .keras")
-    config = Config(image_dir=str(args.folder), bottleneck_dir=str(args.cache),
-                    output_dir=str(args.output), engine=args.engine)
+    config = Config(
+        image_dir=str(args.folder),
+        bottleneck_dir=str(args.cache),
+        output_dir=str(args.output),
+        engine=args.engine,
+    )
     result = run.run(config)
     phases["total in process"] = time.perf_counter() - started
     accounted = sum(v for k, v in phases.items() if k != "total in process")
     phases["other (discover, settings, predict, waiting for the threads)"] = (
-        phases["total in process"] - accounted)
+        phases["total in process"] - accounted
+    )
     cache = result.cache_report
     return {
-        "extracted": cache.extracted, "reused": cache.reused, "engine": cache.engine,
+        "extracted": cache.extracted,
+        "reused": cache.reused,
+        "engine": cache.engine,
         "extract_seconds": cache.extract_seconds,
         "accuracy": result.evaluation.accuracy if result.evaluation else None,
-        "phases": phases, "beside": beside, "peak_mib": peak_mib(),
+        "phases": phases,
+        "beside": beside,
+        "peak_mib": peak_mib(),
     }
 
 
@@ -204,8 +220,13 @@ def part_keras_recipe(args):
 
     def dataset(bucket, shuffle):
         return keras.utils.image_dataset_from_directory(
-            args.folder / bucket, image_size=size, batch_size=32, shuffle=shuffle,
-            seed=0, verbose=False).prefetch(tf.data.AUTOTUNE)
+            args.folder / bucket,
+            image_size=size,
+            batch_size=32,
+            shuffle=shuffle,
+            seed=0,
+            verbose=False,
+        ).prefetch(tf.data.AUTOTUNE)
 
     train_ds, val_ds = dataset("training", True), dataset("validation", False)
     test_ds = dataset("testing", False)
@@ -217,16 +238,22 @@ def part_keras_recipe(args):
     x = keras.layers.Dropout(0.2)(x)
     outputs = keras.layers.Dense(classes)(x)
     model = keras.Model(inputs, outputs)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     model.fit(train_ds, validation_data=val_ds, epochs=args.epochs, verbose=0)
     _, accuracy = model.evaluate(test_ds, verbose=0)
     return {"accuracy": float(accuracy), "peak_mib": peak_mib()}
 
 
-PARTS = {"forward": part_forward, "retrain_py": part_retrain_py, "ours": part_ours,
-         "keras_recipe": part_keras_recipe}
+PARTS = {
+    "forward": part_forward,
+    "retrain_py": part_retrain_py,
+    "ours": part_ours,
+    "keras_recipe": part_keras_recipe,
+}
 
 
 def run_part(name, **options):
@@ -271,10 +298,18 @@ def link_sample(image_dir, count, folder):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="folder with one sub-folder of photos per class")
-    parser.add_argument("--images", type=int, default=3000,
-                        help="photos to use, spread over the classes (0: all; a folder of at most this many is used whole)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="folder with one sub-folder of photos per class",
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=3000,
+        help="photos to use, spread over the classes (0: all; a folder of at most this many is used whole)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--retrain_py_images", type=int, default=200)
@@ -293,12 +328,16 @@ def main(argv=None):
             exit_without_teardown(0)
         return 0
     if not args.data.is_dir():
-        print(f"bench: no photos at {args.data}; pass --data FOLDER (one sub-folder per "
-              "class).", file=sys.stderr)
+        print(
+            f"bench: no photos at {args.data}; pass --data FOLDER (one sub-folder per class).",
+            file=sys.stderr,
+        )
         return 2
     if args.repeats < 1 or args.epochs < 1 or args.images < 0:
-        parser.error(f"need --repeats >= 1, --epochs >= 1, --images >= 0. Received: "
-                     f"repeats={args.repeats}, epochs={args.epochs}, images={args.images}")
+        parser.error(
+            f"need --repeats >= 1, --epochs >= 1, --images >= 0. Received: "
+            f"repeats={args.repeats}, epochs={args.epochs}, images={args.images}"
+        )
 
     work = Path(tempfile.mkdtemp(prefix="retrain-bench-"))
     try:
@@ -311,25 +350,45 @@ def bench(args, work):
     count, classes = link_sample(args.data, args.images, work / "photos")
     photos = work / "photos"
     common = {"backbone": args.backbone, "repeats": args.repeats}
-    print(f"bench: {count} photos, {classes} classes from {args.data}; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at the start", file=sys.stderr)
+    print(
+        f"bench: {count} photos, {classes} classes from {args.data}; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at the start",
+        file=sys.stderr,
+    )
 
     forward, _ = run_part("forward", folder=photos / "all", **common)
-    best_name = max((k for k in forward if k != "peak_mib"),
-                    key=lambda k: forward[k]["images_per_s"])
+    best_name = max(
+        (k for k in forward if k != "peak_mib"), key=lambda k: forward[k]["images_per_s"]
+    )
     best = forward[best_name]["images_per_s"]
 
     colds, warms = [], []
     for repeat in range(args.repeats):
         cache, output = work / f"cache{repeat}", work / f"out{repeat}"
-        colds.append(run_part("ours", folder=photos / "all", cache=cache, output=output,
-                              engine=args.engine, **common))
-        warms.append(run_part("ours", folder=photos / "all", cache=cache, output=output,
-                              engine=args.engine, **common))
-    retrain_py, _ = run_part("retrain_py", folder=photos / "all",
-                             retrain_py_images=args.retrain_py_images, **common)
-    recipe, recipe_seconds = run_part("keras_recipe", folder=photos, epochs=args.epochs,
-                                      **common)
+        colds.append(
+            run_part(
+                "ours",
+                folder=photos / "all",
+                cache=cache,
+                output=output,
+                engine=args.engine,
+                **common,
+            )
+        )
+        warms.append(
+            run_part(
+                "ours",
+                folder=photos / "all",
+                cache=cache,
+                output=output,
+                engine=args.engine,
+                **common,
+            )
+        )
+    retrain_py, _ = run_part(
+        "retrain_py", folder=photos / "all", retrain_py_images=args.retrain_py_images, **common
+    )
+    recipe, recipe_seconds = run_part("keras_recipe", folder=photos, epochs=args.epochs, **common)
 
     cold_rate = statistics.median(c["extracted"] / c["extract_seconds"] for c, _ in colds)
     cold_wall = statistics.median(s for _, s in colds)
@@ -339,34 +398,78 @@ def bench(args, work):
     rows = [("method", "images/s", "wall s", "vs", "test acc", "peak RSS MiB")]
     for name in ("keras", "litert"):
         if name in forward:
-            rows.append((f"forward only, {name} engine (batch {forward[name]['batch']})",
-                         f"{forward[name]['images_per_s']:.1f}", "", "", "",
-                         f"{forward['peak_mib']:.0f}"))
-    rows.append((f"our cold extraction ({cold['engine']}, start-up excluded)",
-                 f"{cold_rate:.1f}", "", f"{cold_rate / best:.2f} x best forward", "",
-                 f"{cold['peak_mib']:.0f}"))
-    rows.append(("retrain.py's method (one image per forward call)",
-                 f"{retrain_py['images_per_s']:.1f}", "",
-                 f"ours {cold_rate / retrain_py['images_per_s']:.1f} x this", "",
-                 f"{retrain_py['peak_mib']:.0f}"))
-    rows.append((f"Keras recipe, {args.epochs} epochs, end to end", "",
-                 f"{recipe_seconds:.0f}", "1", f"{recipe['accuracy']:.3f}",
-                 f"{recipe['peak_mib']:.0f}"))
-    rows.append(("our cold run, end to end", "", f"{cold_wall:.1f}",
-                 f"{recipe_seconds / cold_wall:.1f} x faster", f"{cold['accuracy']:.3f}",
-                 f"{cold['peak_mib']:.0f}"))
-    rows.append(("our warm rerun, end to end", "", f"{warm_wall:.1f}",
-                 f"{recipe_seconds / warm_wall:.1f} x faster", f"{warm['accuracy']:.3f}",
-                 f"{warm['peak_mib']:.0f}"))
-    print(f"{count} photos, {classes} classes ({args.data}); {os.cpu_count()} CPUs; medians "
-          f"of {args.repeats} (forward, our runs, retrain.py's method); the recipe ran once")
+            rows.append(
+                (
+                    f"forward only, {name} engine (batch {forward[name]['batch']})",
+                    f"{forward[name]['images_per_s']:.1f}",
+                    "",
+                    "",
+                    "",
+                    f"{forward['peak_mib']:.0f}",
+                )
+            )
+    rows.append(
+        (
+            f"our cold extraction ({cold['engine']}, start-up excluded)",
+            f"{cold_rate:.1f}",
+            "",
+            f"{cold_rate / best:.2f} x best forward",
+            "",
+            f"{cold['peak_mib']:.0f}",
+        )
+    )
+    rows.append(
+        (
+            "retrain.py's method (one image per forward call)",
+            f"{retrain_py['images_per_s']:.1f}",
+            "",
+            f"ours {cold_rate / retrain_py['images_per_s']:.1f} x this",
+            "",
+            f"{retrain_py['peak_mib']:.0f}",
+        )
+    )
+    rows.append(
+        (
+            f"Keras recipe, {args.epochs} epochs, end to end",
+            "",
+            f"{recipe_seconds:.0f}",
+            "1",
+            f"{recipe['accuracy']:.3f}",
+            f"{recipe['peak_mib']:.0f}",
+        )
+    )
+    rows.append(
+        (
+            "our cold run, end to end",
+            "",
+            f"{cold_wall:.1f}",
+            f"{recipe_seconds / cold_wall:.1f} x faster",
+            f"{cold['accuracy']:.3f}",
+            f"{cold['peak_mib']:.0f}",
+        )
+    )
+    rows.append(
+        (
+            "our warm rerun, end to end",
+            "",
+            f"{warm_wall:.1f}",
+            f"{recipe_seconds / warm_wall:.1f} x faster",
+            f"{warm['accuracy']:.3f}",
+            f"{warm['peak_mib']:.0f}",
+        )
+    )
+    print(
+        f"{count} photos, {classes} classes ({args.data}); {os.cpu_count()} CPUs; medians "
+        f"of {args.repeats} (forward, our runs, retrain.py's method); the recipe ran once"
+    )
     print_table(rows)
     phases = {k: statistics.median(w["phases"][k] for w, _ in warms) for k in warm["phases"]}
     phases["interpreter start, exit (wall - in process)"] = warm_wall - phases["total in process"]
     print(f"\nwhere the warm rerun's {warm_wall:.1f} s go (medians; main thread):")
     print_table([("phase", "s")] + [(k, f"{v:.2f}") for k, v in phases.items()])
-    beside = {k: statistics.median(w["beside"].get(k, 0.0) for w, _ in warms)
-              for k in warm["beside"]}
+    beside = {
+        k: statistics.median(w["beside"].get(k, 0.0) for w, _ in warms) for k in warm["beside"]
+    }
     print("\nbeside it, in the run's background threads (overlapping the phases above):")
     print_table([("work", "s")] + [(k, f"{v:.2f}") for k, v in beside.items()])
     return 0

@@ -42,12 +42,14 @@ def class_photos(source: Path) -> dict[str, list[Path]]:
     for root in roots:
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
             photos.setdefault(folder.name, []).extend(
-                sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS))
+                sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
+            )
     return photos
 
 
-def plant(source: Path, dest: Path, classes: int, per_class: int, errors: int,
-          duplicates: int, seed: int) -> tuple[list[str], list[tuple[str, str]]]:
+def plant(
+    source: Path, dest: Path, classes: int, per_class: int, errors: int, duplicates: int, seed: int
+) -> tuple[list[str], list[tuple[str, str]]]:
     """Writes the planted copy; returns moved images and (original, copy) pairs, relative to dest."""
     rng = random.Random(seed)
     photos = class_photos(source)
@@ -74,8 +76,10 @@ def plant(source: Path, dest: Path, classes: int, per_class: int, errors: int,
         with Image.open(dest / relative) as image:
             image = image.convert("RGB")
             scale = rng.uniform(0.6, 0.85)
-            small = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))),
-                                 Image.LANCZOS)
+            small = image.resize(
+                (max(8, round(image.width * scale)), max(8, round(image.height * scale))),
+                Image.LANCZOS,
+            )
         copy = f"{relative.split('/')[0]}/copy_{index:02d}.jpg"
         small.save(dest / copy, quality=rng.randint(70, 90))
         pairs.append((relative, copy))
@@ -91,10 +95,12 @@ def score(out_dir: Path, moved: list[str], pairs: list[tuple[str, str]]) -> dict
     return {
         "errors_found": sum(path in issues[:top_issues] for path in moved),
         "errors_anywhere": sum(path in issues for path in moved),
-        "issue_rows": len(issues), "top_issues": top_issues,
+        "issue_rows": len(issues),
+        "top_issues": top_issues,
         "pairs_found": sum(frozenset(pair) in found[:top_pairs] for pair in pairs),
         "pairs_anywhere": sum(frozenset(pair) in found for pair in pairs),
-        "pair_rows": len(found), "top_pairs": top_pairs,
+        "pair_rows": len(found),
+        "top_pairs": top_pairs,
     }
 
 
@@ -107,34 +113,65 @@ def main() -> int:
     parser.add_argument("--duplicates", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bottleneck_dir", default="cache")
-    parser.add_argument("--work", type=Path, help="folder for the planted copy and the run (default: temporary)")
+    parser.add_argument(
+        "--work", type=Path, help="folder for the planted copy and the run (default: temporary)"
+    )
     args = parser.parse_args()
     if not args.source.is_dir():
-        print(f"data_checks: error: no such folder. Received: --source {args.source}", file=sys.stderr)
+        print(
+            f"data_checks: error: no such folder. Received: --source {args.source}", file=sys.stderr
+        )
         return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="retrain-data-checks-"))
     image_dir, out_dir = work / "images", work / "output"
     if image_dir.exists():
         shutil.rmtree(image_dir)
-    moved, pairs = plant(args.source, image_dir, args.classes, args.per_class, args.errors,
-                         args.duplicates, args.seed)
+    moved, pairs = plant(
+        args.source,
+        image_dir,
+        args.classes,
+        args.per_class,
+        args.errors,
+        args.duplicates,
+        args.seed,
+    )
     (work / "planted.json").write_text(json.dumps({"moved": moved, "pairs": pairs}, indent=1))
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "retrain", "--image_dir", str(image_dir),
-                           "--bottleneck_dir", args.bottleneck_dir, "--output_dir", str(out_dir),
-                           "--seed", str(args.seed)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retrain",
+            "--image_dir",
+            str(image_dir),
+            "--bottleneck_dir",
+            args.bottleneck_dir,
+            "--output_dir",
+            str(out_dir),
+            "--seed",
+            str(args.seed),
+        ],
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         print(done.stderr, file=sys.stderr)
         return 1
     result = score(out_dir, moved, pairs)
     checks = [line for line in done.stdout.splitlines() if line.startswith("Data checks")]
-    print(f"{args.source.name}: {args.classes} classes, seed {args.seed}, run {seconds:.0f} s; "
-          + " ".join(checks))
-    print(f"  label errors: {result['errors_found']}/{len(moved)} in the top {result['top_issues']} "
-          f"rows of label_issues.csv ({result['errors_anywhere']} anywhere in {result['issue_rows']} rows)")
-    print(f"  duplicates:   {result['pairs_found']}/{len(pairs)} in the top {result['top_pairs']} "
-          f"rows of near_duplicates.csv ({result['pairs_anywhere']} anywhere in {result['pair_rows']} rows)")
+    print(
+        f"{args.source.name}: {args.classes} classes, seed {args.seed}, run {seconds:.0f} s; "
+        + " ".join(checks)
+    )
+    print(
+        f"  label errors: {result['errors_found']}/{len(moved)} in the top {result['top_issues']} "
+        f"rows of label_issues.csv ({result['errors_anywhere']} anywhere in {result['issue_rows']} rows)"
+    )
+    print(
+        f"  duplicates:   {result['pairs_found']}/{len(pairs)} in the top {result['top_pairs']} "
+        f"rows of near_duplicates.csv ({result['pairs_anywhere']} anywhere in {result['pair_rows']} rows)"
+    )
     print(f"  output: {out_dir}")
     return 0
 

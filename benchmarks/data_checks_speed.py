@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 
-from retrain.evaluation import data_checks
-from retrain.data import images
 from retrain.cache import BottleneckCache
+from retrain.data import images
 from retrain.errors import RetrainError
+from retrain.evaluation import data_checks
 
 
 def tiled(vectors, labels, size, seed=0):
@@ -38,7 +38,9 @@ def main() -> int:
     args = parser.parse_args()
     try:
         image_list = images.discover(args.image_dir)
-        vectors = BottleneckCache(args.bottleneck_dir, "efficientnet_lite0").read(image_list.entries)
+        vectors = BottleneckCache(args.bottleneck_dir, "efficientnet_lite0").read(
+            image_list.entries
+        )
     except RetrainError as error:
         print(f"data_checks_speed: error: {error}", file=sys.stderr)
         return 2

@@ -62,12 +62,16 @@ def split_folders(image_dir, classes, train_per_class, held_out_per_class, work_
     """Symlinks the chosen photos into work_dir/train/<class> and work_dir/held_out/<class>."""
     chosen = 0
     for class_dir in sorted(p for p in Path(image_dir).iterdir() if p.is_dir()):
-        files = sorted((p for p in class_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")),
-                       key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())
+        files = sorted(
+            (p for p in class_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")),
+            key=lambda p: hashlib.sha256(p.name.encode()).hexdigest(),
+        )
         if len(files) < train_per_class + held_out_per_class:
             continue
-        for part, selected in (("train", files[:train_per_class]),
-                               ("held_out", files[train_per_class:train_per_class + held_out_per_class])):
+        for part, selected in (
+            ("train", files[:train_per_class]),
+            ("held_out", files[train_per_class : train_per_class + held_out_per_class]),
+        ):
             (work_dir / part / class_dir.name).mkdir(parents=True, exist_ok=True)
             for path in selected:
                 link = work_dir / part / class_dir.name / path.name
@@ -76,21 +80,38 @@ def split_folders(image_dir, classes, train_per_class, held_out_per_class, work_
         chosen += 1
         if chosen == classes:
             return
-    sys.exit(f"exports.py: only {chosen} classes of {image_dir} have "
-             f"{train_per_class + held_out_per_class} JPEGs; lower --classes or the counts.")
+    sys.exit(
+        f"exports.py: only {chosen} classes of {image_dir} have "
+        f"{train_per_class + held_out_per_class} JPEGs; lower --classes or the counts."
+    )
 
 
 def run(*command):
     result = subprocess.run([sys.executable, *command], capture_output=True, text=True)
     if result.returncode not in (0, 1):
-        sys.exit(f"exports.py: {' '.join(command[:3])} failed ({result.returncode}): {result.stderr}")
+        sys.exit(
+            f"exports.py: {' '.join(command[:3])} failed ({result.returncode}): {result.stderr}"
+        )
     return result.stdout
 
 
 def label_through_cli(graph, labels, folder):
     """{image path: top label} from `python -m retrain.label_image --json`."""
-    document = json.loads(run("-m", "retrain.label_image", "--graph", str(graph), "--labels",
-                              str(labels), "--image", str(folder), "--json", "--top_k", "1"))
+    document = json.loads(
+        run(
+            "-m",
+            "retrain.label_image",
+            "--graph",
+            str(graph),
+            "--labels",
+            str(labels),
+            "--image",
+            str(folder),
+            "--json",
+            "--top_k",
+            "1",
+        )
+    )
     return {result["image"]: result["predictions"][0]["label"] for result in document["results"]}
 
 
@@ -118,7 +139,10 @@ def latencies_ms(graphs, image, rounds=LATENCY_ROUNDS):
             call()
             if round_ >= 3:  # the first calls trace, allocate and warm caches
                 times[name].append(time.perf_counter() - start)
-    return {name: (1000 * statistics.median(values), 1000 * min(values)) for name, values in times.items()}
+    return {
+        name: (1000 * statistics.median(values), 1000 * min(values))
+        for name, values in times.items()
+    }
 
 
 def decode_agreement(paths, size):
@@ -136,11 +160,14 @@ def decode_agreement(paths, size):
         with Image.open(io.BytesIO(original)) as image:
             for factor in (4, 8):
                 buffer = io.BytesIO()
-                image.convert("RGB").resize((image.width * factor, image.height * factor),
-                                            Image.BICUBIC).save(buffer, "JPEG", quality=90)
+                image.convert("RGB").resize(
+                    (image.width * factor, image.height * factor), Image.BICUBIC
+                ).save(buffer, "JPEG", quality=90)
                 versions.append(buffer.getvalue())
         for content in versions:
-            expected = resizing.resize_to_input(decode.decode_rgb(path, size, content=content), size)
+            expected = resizing.resize_to_input(
+                decode.decode_rgb(path, size, content=content), size
+            )
             decoded = np.asarray(saved_model.decode_image_bytes(content, size))
             difference = float(np.abs(decoded - expected).max())
             identical += difference == 0
@@ -162,8 +189,12 @@ def main():
     parser.add_argument("--train_per_class", type=int, default=60)
     parser.add_argument("--held_out_per_class", type=int, default=68)
     parser.add_argument("--work_dir", default="output/bench_exports")
-    parser.add_argument("--decode_sample_every", type=int, default=5,
-                        help="compare the in-graph decoding on every Nth held-out photo")
+    parser.add_argument(
+        "--decode_sample_every",
+        type=int,
+        default=5,
+        help="compare the in-graph decoding on every Nth held-out photo",
+    )
     args = parser.parse_args()
     if not Path(args.image_dir).is_dir():
         sys.exit(f"exports.py: no photo folder at {args.image_dir}; pass --image_dir.")
@@ -171,43 +202,76 @@ def main():
     split_folders(args.image_dir, args.classes, args.train_per_class, args.held_out_per_class, work)
     out = work / "run"
     started = time.perf_counter()
-    run("-m", "retrain", "--image_dir", str(work / "train"), "--bottleneck_dir", str(work / "cache"),
-        "--output_dir", str(out), "--saved_model_dir", str(out / "saved_model"), "--tflite", *KINDS)
+    run(
+        "-m",
+        "retrain",
+        "--image_dir",
+        str(work / "train"),
+        "--bottleneck_dir",
+        str(work / "cache"),
+        "--output_dir",
+        str(out),
+        "--saved_model_dir",
+        str(out / "saved_model"),
+        "--tflite",
+        *KINDS,
+    )
     print(f"Training run with all exports: {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     held_out = work / "held_out"
     truth = {str(p): p.parent.name for p in sorted(held_out.glob("*/*"))}
-    graphs = {"model.keras": out / "model.keras", "SavedModel (pixels)": out / "saved_model",
-              **{f"model_{kind}.tflite": out / f"model_{kind}.tflite" for kind in KINDS}}
-    predicted = {name: label_through_cli(graph, out / "labels.txt", held_out)
-                 for name, graph in graphs.items()}
-    predicted[SERVING_ROW] = json.loads(subprocess.run(
-        [sys.executable, "-c", SERVING_SCRIPT, str(out / "saved_model"), *truth],
-        capture_output=True, text=True, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    ).stdout.splitlines()[-1])
+    graphs = {
+        "model.keras": out / "model.keras",
+        "SavedModel (pixels)": out / "saved_model",
+        **{f"model_{kind}.tflite": out / f"model_{kind}.tflite" for kind in KINDS},
+    }
+    predicted = {
+        name: label_through_cli(graph, out / "labels.txt", held_out)
+        for name, graph in graphs.items()
+    }
+    predicted[SERVING_ROW] = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", SERVING_SCRIPT, str(out / "saved_model"), *truth],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        ).stdout.splitlines()[-1]
+    )
     reference = predicted["model.keras"]
     latency = latencies_ms(graphs, next(iter(truth)))
-    print(f"{len(truth)} held-out photos, {args.classes} classes, {args.train_per_class} "
-          f"training photos a class ({args.image_dir}).\n")
-    print("| export | file size (MB) | single-image latency, median / best (ms) | held-out top-1 "
-          "| agrees with .keras |")
+    print(
+        f"{len(truth)} held-out photos, {args.classes} classes, {args.train_per_class} "
+        f"training photos a class ({args.image_dir}).\n"
+    )
+    print(
+        "| export | file size (MB) | single-image latency, median / best (ms) | held-out top-1 "
+        "| agrees with .keras |"
+    )
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, labels in predicted.items():
         accuracy = np.mean([labels[p] == truth[p] for p in truth])
         agreement = np.mean([labels[p] == reference[p] for p in truth])
         size = size_mb(graphs.get(name, out / "saved_model"))
         median, best = latency[name]
-        print(f"| {name} | {size:.1f} | {median:.1f} / {best:.1f} | {accuracy:.3f} | {agreement:.3f} |")
+        print(
+            f"| {name} | {size:.1f} | {median:.1f} / {best:.1f} | {accuracy:.3f} | {agreement:.3f} |"
+        )
     same = sum(predicted[SERVING_ROW][p] == predicted["SavedModel (pixels)"][p] for p in truth)
-    print(f"\nserving_default on JPEG bytes, called from a fresh process with plain TensorFlow: "
-          f"same label as label_image for {same}/{len(truth)} photos.")
+    print(
+        f"\nserving_default on JPEG bytes, called from a fresh process with plain TensorFlow: "
+        f"same label as label_image for {same}/{len(truth)} photos."
+    )
     float32, int8 = (size_mb(out / f"model_{kind}.tflite") for kind in ("float32", "int8"))
     print(f"int8 file / float32 file: {int8 / float32:.2f}")
     size = loaders.load_pixel_classifier(str(out / "model_float32.tflite")).input_size
-    identical, compared, largest = decode_agreement(list(truth)[::args.decode_sample_every], size)
-    print(f"In-graph decode + resize vs Pillow's: identical pixels for {identical}/{compared} JPEGs "
-          f"(every {args.decode_sample_every}th held-out photo, and it enlarged 4x and 8x); "
-          f"largest difference {largest:g} (of 255).")
+    identical, compared, largest = decode_agreement(list(truth)[:: args.decode_sample_every], size)
+    print(
+        f"In-graph decode + resize vs Pillow's: identical pixels for {identical}/{compared} JPEGs "
+        f"(every {args.decode_sample_every}th held-out photo, and it enlarged 4x and 8x); "
+        f"largest difference {largest:g} (of 255)."
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from retrain import backbones, engines
+from retrain.cache import BottleneckCache
 from retrain.data import decode, images, resizing
 from retrain.engines import extraction
-from retrain.cache import BottleneckCache
 from retrain.quiet_tensorflow import import_tensorflow
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "caltech101"
@@ -71,8 +71,10 @@ def forward_only(arrays, model, batch_size):
     import tensorflow as tf
 
     forward = tf.function(lambda x: model(x, training=False))
-    batches = [tf.constant(arrays[i : i + batch_size])
-               for i in range(0, len(arrays) - batch_size + 1, batch_size)]
+    batches = [
+        tf.constant(arrays[i : i + batch_size])
+        for i in range(0, len(arrays) - batch_size + 1, batch_size)
+    ]
     forward(batches[0])
     seconds, _ = timed(lambda: [forward(batch).numpy() for batch in batches])
     return len(batches) * batch_size / seconds
@@ -80,8 +82,12 @@ def forward_only(arrays, model, batch_size):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="folder with one sub-folder per class (searched recursively)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="folder with one sub-folder per class (searched recursively)",
+    )
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
@@ -90,21 +96,28 @@ def main(argv=None):
     if args.batch_size < 1 or args.runs < 1 or args.images < 2 * args.batch_size:
         # Steady-state figures leave out the first batch (tracing, warm-up),
         # so at least one more full batch must follow it.
-        parser.error("need --batch_size >= 1, --runs >= 1 and --images >= 2 x --batch_size. "
-                     f"Received: batch_size={args.batch_size}, runs={args.runs}, "
-                     f"images={args.images}")
+        parser.error(
+            "need --batch_size >= 1, --runs >= 1 and --images >= 2 x --batch_size. "
+            f"Received: batch_size={args.batch_size}, runs={args.runs}, "
+            f"images={args.images}"
+        )
     image_dir = args.data / "train" if (args.data / "train").is_dir() else args.data
     if not image_dir.is_dir():
-        print(f"No photos to benchmark: {args.data} is absent. Pass --data FOLDER "
-              "(one sub-folder per class).", file=sys.stderr)
+        print(
+            f"No photos to benchmark: {args.data} is absent. Pass --data FOLDER "
+            "(one sub-folder per class).",
+            file=sys.stderr,
+        )
         return 1
 
     import_tensorflow()  # without its start-up noise, before anything imports it
     image_list = sample(image_dir, args.images)
     spec = backbones.get(args.backbone)
-    print(f"{len(image_list.entries)} photos from {image_dir}, backbone {spec.name}, "
-          f"batch {args.batch_size}, median of {args.runs} runs, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at the start")
+    print(
+        f"{len(image_list.entries)} photos from {image_dir}, backbone {spec.name}, "
+        f"batch {args.batch_size}, median of {args.runs} runs, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at the start"
+    )
 
     builds = [cache_build(image_list, spec.name, args.batch_size) for _ in range(args.runs)]
     # Before the forward-only test holds its pre-decoded arrays.
@@ -112,10 +125,12 @@ def main(argv=None):
     model = backbones.load(spec.name)
     paths = [image_list.image_dir / e.relative_path for e in image_list.entries]
     # The network's speed does not depend on the pixels: a few batches do.
-    arrays = np.stack([
-        resizing.resize_to_input(decode.decode_rgb(path, spec.input_size), spec.input_size)
-        for path in paths[: 8 * args.batch_size]
-    ])
+    arrays = np.stack(
+        [
+            resizing.resize_to_input(decode.decode_rgb(path, spec.input_size), spec.input_size)
+            for path in paths[: 8 * args.batch_size]
+        ]
+    )
     # Interleaved, so that a change in the machine's load hits both alike.
     rates, forward = [], []
     for _ in range(args.runs):
@@ -123,8 +138,10 @@ def main(argv=None):
         forward.append(forward_only(arrays, model, args.batch_size))
 
     failed = len(builds[0][1].failed)
-    print(f"cache build (incl. building the backbone): "
-          f"{statistics.median(r for r, _ in builds):7.1f} images/s ({failed} failed)")
+    print(
+        f"cache build (incl. building the backbone): "
+        f"{statistics.median(r for r, _ in builds):7.1f} images/s ({failed} failed)"
+    )
     print(f"extraction pipeline, backbone built:       {statistics.median(rates):7.1f} images/s")
     print(f"backbone forward only, pre-decoded:        {statistics.median(forward):7.1f} images/s")
     ratios = [rate / alone for rate, alone in zip(rates, forward)]

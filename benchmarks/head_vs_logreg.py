@@ -37,34 +37,47 @@ from retrain.quiet_tensorflow import import_tensorflow
 
 import_tensorflow()  # before anything else imports it, so stderr keeps only our lines
 
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+
 from retrain import backbones, run  # noqa: E402
-from retrain.data import images
-from retrain.training.head import train_head
-from retrain.training.settings import HeadSettings
 from retrain.cache import BottleneckCache  # noqa: E402
 from retrain.config import Config  # noqa: E402
+from retrain.data import images
 from retrain.errors import RetrainError  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
+from retrain.training.head import train_head
+from retrain.training.settings import HeadSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from make_digits import write_digits  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers128"
-HEAD_SETTINGS = ("how_many_training_steps", "learning_rate", "train_batch_size",
-                 "validation_batch_size", "eval_step_interval", "seed")
+HEAD_SETTINGS = (
+    "how_many_training_steps",
+    "learning_rate",
+    "train_batch_size",
+    "validation_batch_size",
+    "eval_step_interval",
+    "seed",
+)
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 METHODS = ("head", "lr_c1", "lr_tuned", "head_minus_best_lr")
-LABELS = {"head": "softmax head, Config() defaults", "lr_c1": "LogisticRegression C=1",
-          "lr_tuned": "LogisticRegression, C tuned on val",
-          "head_minus_best_lr": "head - best LR (difference)"}
+LABELS = {
+    "head": "softmax head, Config() defaults",
+    "lr_c1": "LogisticRegression C=1",
+    "lr_tuned": "LogisticRegression, C tuned on val",
+    "head_minus_best_lr": "head - best LR (difference)",
+}
 
 
 def cached_vectors(image_dir, cache, config):
     """Bottlenecks float32 [n, 1280], labels int64 [n], buckets str [n] and class names."""
     image_list = images.discover(image_dir, config.testing_percentage, config.validation_percentage)
     report = cache.update(image_list, batch_size=config.extraction_batch_size)
-    print(f"{image_dir}: {report.extracted} extracted, {report.reused} reused, "
-          f"{len(report.failed)} failed, in {report.path}", file=sys.stderr)
+    print(
+        f"{image_dir}: {report.extracted} extracted, {report.reused} reused, "
+        f"{len(report.failed)} failed, in {report.path}",
+        file=sys.stderr,
+    )
     failed = {path for path, _ in report.failed}
     usable = [entry for entry in image_list.entries if entry.relative_path not in failed]
     run.check_classes(dataclasses.replace(image_list, entries=usable))
@@ -72,18 +85,27 @@ def cached_vectors(image_dir, cache, config):
     buckets = np.array([entry.split_bucket for entry in usable])
     missing = [name for name in images.BUCKETS if not np.any(buckets == name)]
     if missing:
-        raise RetrainError(f"The split of {image_dir} leaves {missing} empty; the comparison "
-                           f"needs all three buckets. Add images. Received: image_dir={image_dir}")
+        raise RetrainError(
+            f"The split of {image_dir} leaves {missing} empty; the comparison "
+            f"needs all three buckets. Add images. Received: image_dir={image_dir}"
+        )
     return x, y, buckets, image_list.class_names
 
 
 def score_split(x, y, buckets, num_classes, config):
     """Test accuracies of the head and both regressions on one split, and the head's figures."""
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
-        (x[buckets == name], y[buckets == name]) for name in images.BUCKETS)
+        (x[buckets == name], y[buckets == name]) for name in images.BUCKETS
+    )
     start = time.perf_counter()
-    trained = train_head(train_x, train_y, val_x, val_y, num_classes,
-                         HeadSettings.from_config(config, progress=False))
+    trained = train_head(
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        num_classes,
+        HeadSettings.from_config(config, progress=False),
+    )
     seconds = time.perf_counter() - start
     # A direct call, not predict(): predict traces a new tf.function for every
     # new head, and TensorFlow warns about the retracing from the fifth on.
@@ -93,9 +115,15 @@ def score_split(x, y, buckets, num_classes, config):
     # max() keeps the first of equal scores: the smallest C, the strongest penalty.
     best_c = max(C_GRID, key=lambda c: fits[c].score(val_x, val_y))
     lr_c1, lr_tuned = fits[1.0].score(test_x, test_y), fits[best_c].score(test_x, test_y)
-    return {"head": head, "lr_c1": lr_c1, "lr_tuned": lr_tuned,
-            "head_minus_best_lr": head - max(lr_c1, lr_tuned),
-            "best_c": best_c, "best_step": trained.best_step, "seconds": seconds}
+    return {
+        "head": head,
+        "lr_c1": lr_c1,
+        "lr_tuned": lr_tuned,
+        "head_minus_best_lr": head - max(lr_c1, lr_tuned),
+        "best_c": best_c,
+        "best_step": trained.best_step,
+        "seconds": seconds,
+    }
 
 
 def compare(name, x, y, buckets, class_names, config, splits):
@@ -107,8 +135,10 @@ def compare(name, x, y, buckets, class_names, config, splits):
     split_buckets = [buckets] + [rng.permutation(buckets) for _ in range(splits)]
     results = [score_split(x, y, b, len(class_names), config) for b in split_buckets]
 
-    print(f"\n{name}: {len(class_names)} classes, n_train {counts['training']}, "
-          f"n_val {counts['validation']}, n_test {counts['testing']}")
+    print(
+        f"\n{name}: {len(class_names)} classes, n_train {counts['training']}, "
+        f"n_val {counts['validation']}, n_test {counts['testing']}"
+    )
     header = f"{'test accuracy':36s} {'hash split':>10s}"
     if splits:
         header += f" {f'mean of {splits + 1}':>11s} {f'min of {splits + 1}':>10s}"
@@ -122,29 +152,45 @@ def compare(name, x, y, buckets, class_names, config, splits):
         print(line)
     tuned = ", ".join(f"{result['best_c']:g}" for result in results)
     median = "median " if splits else ""
-    print(f"tuned C: {tuned}; head best_step {median}"
-          f"{statistics.median(r['best_step'] for r in results):.0f}, training {median}"
-          f"{statistics.median(r['seconds'] for r in results):.1f} s")
+    print(
+        f"tuned C: {tuned}; head best_step {median}"
+        f"{statistics.median(r['best_step'] for r in results):.0f}, training {median}"
+        f"{statistics.median(r['seconds'] for r in results):.1f} s"
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image_dir", type=Path, action="append",
-                        help="folder with one sub-folder per class; repeatable "
-                             f"(default: {DEFAULT_DATA} when present)")
-    parser.add_argument("--splits", type=int, default=0,
-                        help="extra random re-splits of the pooled vectors (default 0)")
-    parser.add_argument("--bottleneck_dir", default=Config().bottleneck_dir,
-                        help="persistent bottleneck cache folder (default: ./cache)")
+    parser.add_argument(
+        "--image_dir",
+        type=Path,
+        action="append",
+        help="folder with one sub-folder per class; repeatable "
+        f"(default: {DEFAULT_DATA} when present)",
+    )
+    parser.add_argument(
+        "--splits",
+        type=int,
+        default=0,
+        help="extra random re-splits of the pooled vectors (default 0)",
+    )
+    parser.add_argument(
+        "--bottleneck_dir",
+        default=Config().bottleneck_dir,
+        help="persistent bottleneck cache folder (default: ./cache)",
+    )
     args = parser.parse_args(argv)
     if args.splits < 0:
         parser.error(f"--splits must be 0 or more. Received: splits={args.splits}")
     config = Config(bottleneck_dir=args.bottleneck_dir)
-    cache = BottleneckCache(config.bottleneck_dir, backbones.DEFAULT_BACKBONE,
-                            dtype=config.bottleneck_dtype)
-    print(f"Backbone {backbones.DEFAULT_BACKBONE}; head settings "
-          + ", ".join(f"{name}={getattr(config, name)}" for name in HEAD_SETTINGS)
-          + f"; C grid {', '.join(f'{c:g}' for c in C_GRID)}")
+    cache = BottleneckCache(
+        config.bottleneck_dir, backbones.DEFAULT_BACKBONE, dtype=config.bottleneck_dtype
+    )
+    print(
+        f"Backbone {backbones.DEFAULT_BACKBONE}; head settings "
+        + ", ".join(f"{name}={getattr(config, name)}" for name in HEAD_SETTINGS)
+        + f"; C grid {', '.join(f'{c:g}' for c in C_GRID)}"
+    )
     try:
         with tempfile.TemporaryDirectory() as folder:
             write_digits(folder)
@@ -154,8 +200,10 @@ def main(argv=None):
         if folders is None:
             folders = [DEFAULT_DATA]
             if not DEFAULT_DATA.is_dir():
-                print(f"\n{DEFAULT_DATA.name}: skipped, {DEFAULT_DATA} is absent "
-                      "(pass --image_dir FOLDER to compare on your own photos)")
+                print(
+                    f"\n{DEFAULT_DATA.name}: skipped, {DEFAULT_DATA} is absent "
+                    "(pass --image_dir FOLDER to compare on your own photos)"
+                )
                 folders = []
         for image_dir in folders:
             compare(image_dir.name, *cached_vectors(image_dir, cache, config), config, args.splits)

@@ -43,7 +43,9 @@ class Case:
         self.last = result
         self.problems += hs.run_problems(result, codes)
         said = hs.error_line(result) if result.code in hs.FAILURE_CODES else ""
-        self.notes.append(f"{result.name} {result.describe()}" + (f" ({said[:90]!r})" if said else ""))
+        self.notes.append(
+            f"{result.name} {result.describe()}" + (f" ({said[:90]!r})" if said else "")
+        )
         return result
 
     def check(self, condition, problem: str) -> bool:
@@ -110,8 +112,17 @@ class Context:
 
 
 def retrain_args(image_dir, out, cache, *flags) -> list:
-    return hs.python("-m", "retrain", "--image_dir", image_dir, "--bottleneck_dir", cache,
-                     "--output_dir", out, *flags)
+    return hs.python(
+        "-m",
+        "retrain",
+        "--image_dir",
+        image_dir,
+        "--bottleneck_dir",
+        cache,
+        "--output_dir",
+        out,
+        *flags,
+    )
 
 
 def wait_for_journal(process: hs.Process, cache: Path, files: int, timeout=240.0) -> int:
@@ -126,8 +137,10 @@ def wait_for_journal(process: hs.Process, cache: Path, files: int, timeout=240.0
 
 
 def refused_up_front(case: Case, result: hs.Result) -> None:
-    case.check(not hs.did_work(result), f"{result.name} was refused only after the work "
-                                        "(it filled the cache or trained first)")
+    case.check(
+        not hs.did_work(result),
+        f"{result.name} was refused only after the work (it filled the cache or trained first)",
+    )
 
 
 def outputs_complete(case: Case, out: Path) -> None:
@@ -151,8 +164,11 @@ def tmpfs(path: Path, size: str):
     if os.geteuid() != 0:
         raise Skip("needs root to mount a tmpfs")
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode:
         raise Skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
     try:
@@ -162,6 +178,7 @@ def tmpfs(path: Path, size: str):
 
 
 # -- cases: data loss -------------------------------------------------------------------
+
 
 def case_baseline(ctx: Context, case: Case) -> None:
     """A normal first run (cold cache): the outputs and the warm cache later cases reuse."""
@@ -180,13 +197,27 @@ def case_cache_only_keeps_outputs(ctx: Context, case: Case) -> None:
     before, beside = tree(ctx.out), {p.name for p in ctx.work.iterdir()}
     case.expect(ctx.retrain("cache_only", ctx.photos, ctx.out, ctx.cache, "--cache_only"), 0)
     fresh = ctx.work / "never_created"
-    case.expect(ctx.retrain("shard", ctx.photos, fresh, ctx.cache, "--cache_only",
-                            "--num_shards", "2", "--shard_index", "0"), 0)
+    case.expect(
+        ctx.retrain(
+            "shard",
+            ctx.photos,
+            fresh,
+            ctx.cache,
+            "--cache_only",
+            "--num_shards",
+            "2",
+            "--shard_index",
+            "0",
+        ),
+        0,
+    )
     case.problems += tree_problems("output folder", before, tree(ctx.out))
     case.check(not os.path.lexists(fresh), "--cache_only created the output folder")
     new = {p.name for p in ctx.work.iterdir()} - beside - {"never_created"}
-    case.check(not {n for n in new if not n.endswith(".lock")},
-               f"new entries beside the output folder: {sorted(new)}")
+    case.check(
+        not {n for n in new if not n.endswith(".lock")},
+        f"new entries beside the output folder: {sorted(new)}",
+    )
 
 
 def _interrupt(ctx, case, name, sig, out, cache, group):
@@ -199,8 +230,10 @@ def _interrupt(ctx, case, name, sig, out, cache, group):
     process.signal(sig, group=group)
     case.expect(process.wait(120), 130 if sig == signal.SIGINT else 143)
     kept = hs.cache_rows(cache)
-    case.check(len(kept) >= 8 * journal,
-               f"{len(kept)} rows kept, {8 * journal} were journalled before the signal")
+    case.check(
+        len(kept) >= 8 * journal,
+        f"{len(kept)} rows kept, {8 * journal} were journalled before the signal",
+    )
     case.notes.append(f"{len(kept)} rows kept")
     return kept
 
@@ -216,8 +249,10 @@ def case_sigint_resume(ctx: Context, case: Case) -> None:
     after = hs.cache_rows(cache)
     case.problems += rows_problems(kept, after)
     reused = re.search(r"(\d+) reused", result.stdout)
-    case.check(reused is None or int(reused.group(1)) >= len(kept),
-               f"the resumed run reused {reused and reused.group(1)} of {len(kept)} kept rows")
+    case.check(
+        reused is None or int(reused.group(1)) >= len(kept),
+        f"the resumed run reused {reused and reused.group(1)} of {len(kept)} kept rows",
+    )
     outputs_complete(case, ctx.out)
     images = sum(1 for _ in ctx.big.glob("*/*"))
     main = sorted(cache.glob("[!.]*.h5"))
@@ -241,10 +276,13 @@ def case_disk_full_cache(ctx: Context, case: Case) -> None:
     """A full disk under the cache: exit 2, rows kept; with space back the next run completes."""
     out = ctx.work / "out_full"
     with tmpfs(ctx.work / "cache_full", "384k") as cache:
-        result = case.expect(ctx.retrain("disk-full", ctx.big, out, cache,
-                                         "--extraction_batch_size", "8"), 2)
-        case.check(re.search(r"space|full", hs.error_line(result), re.I),
-                   "the error line does not say the disk is full")
+        result = case.expect(
+            ctx.retrain("disk-full", ctx.big, out, cache, "--extraction_batch_size", "8"), 2
+        )
+        case.check(
+            re.search(r"space|full", hs.error_line(result), re.I),
+            "the error line does not say the disk is full",
+        )
         case.check(not os.path.lexists(out), "the failed run left an output folder")
         kept = hs.cache_rows(cache)
         case.check(kept, "no row kept from the run that filled the disk")
@@ -328,7 +366,9 @@ def case_output_under_file(ctx: Context, case: Case) -> None:
     """--output_dir below a regular file: exit 2, one line, the file untouched."""
     planted = Planted()
     a_file = planted.file(ctx.work / "a_file", b"not a folder\n")
-    refused_up_front(case, case.expect(ctx.retrain("run", ctx.photos, a_file / "out", ctx.cache), 2))
+    refused_up_front(
+        case, case.expect(ctx.retrain("run", ctx.photos, a_file / "out", ctx.cache), 2)
+    )
     case.problems += planted.problems()
 
 
@@ -367,7 +407,9 @@ def case_sigkill_output(ctx: Context, case: Case) -> None:
         case.notes.append(f"killed at {moment:.1f} s" if killed.code == -9 else "ended first")
         if tree(out) != before:  # the new run was swapped in: it must be whole
             for name in ("model.keras", "labels.txt", "settings.yaml", "run_record.json"):
-                case.check((out / name).is_file(), f"after SIGKILL at {moment:.1f} s, {name} missing")
+                case.check(
+                    (out / name).is_file(), f"after SIGKILL at {moment:.1f} s, {name} missing"
+                )
     case.expect(ctx.retrain("after", ctx.photos, out, ctx.cache), 0)
     outputs_complete(case, out)
     left = [p.name for p in ctx.work.glob(".out_kill.staging*")]

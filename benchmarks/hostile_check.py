@@ -90,8 +90,10 @@ def run_case(ctx: Context, name: str, function) -> list[Case]:
     except Exception as error:  # a bug of this script: a failure, with its traceback logged
         with open(ctx.logs / "script_errors.txt", "a") as log:
             log.write(f"{name}:\n{traceback.format_exc()}\n")
-        case.problems.append(f"hostile_check error: {type(error).__name__}: {error} "
-                             f"(see {ctx.logs / 'script_errors.txt'})")
+        case.problems.append(
+            f"hostile_check error: {type(error).__name__}: {error} "
+            f"(see {ctx.logs / 'script_errors.txt'})"
+        )
     finally:
         ctx.stop_all()
     case.problems += [f"shared cache: {p}" for p in rows_problems(rows, hs.cache_rows(ctx.cache))]
@@ -111,8 +113,10 @@ def prepare_work(path: Path | None) -> Path:
     path = path.resolve()
     if path.exists() and any(path.iterdir()):
         if not (path / WORK_MARKER).exists():
-            usage_error(f"--work_dir {path} is not empty and was not made by this script; "
-                        "give a new or empty folder")
+            usage_error(
+                f"--work_dir {path} is not empty and was not made by this script; "
+                "give a new or empty folder"
+            )
         for point in hs.mounts_under(path):
             subprocess.run(["umount", point], capture_output=True)
         for entry in path.iterdir():
@@ -124,10 +128,12 @@ def prepare_work(path: Path | None) -> Path:
 
 def build_context(args, work: Path) -> Context:
     source = args.image_dir.resolve()
-    classes_all = sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes_all = sorted(
+        p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     if len(classes_all) < 2:
         usage_error(f"--image_dir {source} needs 2 or more class folders of photos")
-    ctx = Context(work, source, classes_all[:args.classes], classes_all, args.per_class)
+    ctx = Context(work, source, classes_all[: args.classes], classes_all, args.per_class)
     ctx.logs.mkdir()
     chosen = {name: name for name in ctx.classes}
     hf.copy_images(source, ctx.photos, chosen, 0, args.per_class)
@@ -137,8 +143,12 @@ def build_context(args, work: Path) -> Context:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image_dir", type=Path, default=hs.REPO.parent / "shared/data/flowers128",
-                        help="folder of class folders of photos to copy a subset from")
+    parser.add_argument(
+        "--image_dir",
+        type=Path,
+        default=hs.REPO.parent / "shared/data/flowers128",
+        help="folder of class folders of photos to copy a subset from",
+    )
     parser.add_argument("--work_dir", type=Path, help="work folder (default: a new temporary one)")
     parser.add_argument("--keep_work_dir", action="store_true", help="keep the work folder")
     parser.add_argument("--classes", type=int, default=3, help="classes copied (default 3)")

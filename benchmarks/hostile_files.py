@@ -28,7 +28,7 @@ def copy_images(source: Path, target: Path, classes: dict, start: int, count: in
     for name, source_class in classes.items():
         files = sorted(p for p in (source / source_class).iterdir() if p.is_file())
         (target / name).mkdir(parents=True, exist_ok=True)
-        for path in files[start:start + count]:
+        for path in files[start : start + count]:
             shutil.copy2(path, target / name / path.name)
     return target
 
@@ -63,19 +63,32 @@ def unix_socket(path: Path) -> None:
 
 def png_bomb(path: Path, side: int) -> None:
     """A valid grayscale PNG side x side of zeros: a few hundred KB declaring side² pixels."""
+
     def chunk(kind, data):
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     compressor = zlib.compressobj(9)
     rows = bytes(side + 1) * 500  # filter byte 0 + a row of zeros, 500 rows at a time
     body = io.BytesIO()
     for start in range(0, side, 500):
-        body.write(compressor.compress(rows if side - start >= 500 else rows[:(side - start) * (side + 1)]))
+        body.write(
+            compressor.compress(
+                rows if side - start >= 500 else rows[: (side - start) * (side + 1)]
+            )
+        )
     body.write(compressor.flush())
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", body.getvalue()) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", body.getvalue())
+        + chunk(b"IEND", b"")
+    )
 
 
 def jpeg_of_size(source: Path, size: int) -> bytes:
@@ -138,7 +151,7 @@ def files_holding(folder: Path, token: bytes) -> list[str]:
     return found
 
 
-LAMBDA_MODEL_BUILDER = r'''
+LAMBDA_MODEL_BUILDER = r"""
 import os, sys
 import keras
 folder = sys.argv[1]
@@ -156,7 +169,7 @@ for name in ("lambda.h5", "lambda.keras"):  # proof that the files run code when
     keras.models.load_model(os.path.join(folder, name), safe_mode=False)
     assert os.path.exists(os.environ["HOSTILE_MARKER"]), name
 os.unlink(os.environ["HOSTILE_MARKER"])
-'''
+"""
 
 
 def npz_bomb(source: Path, target: Path, member: str = "bottleneck", size: int = 1 << 30) -> None:
@@ -170,7 +183,8 @@ def npz_bomb(source: Path, target: Path, member: str = "bottleneck", size: int =
     header = io.BytesIO()
     rows = size // (1280 * 2)
     np.lib.format.write_array_header_1_0(
-        header, {"descr": "<f2", "fortran_order": False, "shape": (rows, 1280)})
+        header, {"descr": "<f2", "fortran_order": False, "shape": (rows, 1280)}
+    )
     chunk = bytes(16 << 20)
     with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as new:
         for name in old.namelist():

@@ -15,10 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 import hostile_files as hf
 import hostile_support as hs
+import numpy as np
 from hostile_cases import Case, Context, Skip, outputs_complete, skipped_listed
 from hostile_support import Planted, rows_problems
 
@@ -26,6 +25,7 @@ NAMES = ("=1+2", "$\\alpha$", "-dash", "two  spaces", "café 花")
 CSV_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")  # OWASP: cells a spreadsheet evaluates
 
 # -- cases: names ----------------------------------------------------------------------
+
 
 def case_non_utf8_name(ctx: Context, case: Case) -> None:
     """A photo named caf\\xe9.jpg (not UTF-8): exit 0, model saved, names escaped in the CSVs."""
@@ -42,8 +42,10 @@ def case_non_utf8_name(ctx: Context, case: Case) -> None:
             case.problems.append(f"{path.name} is not UTF-8 ({error})")
     duplicates = out / "near_duplicates.csv"
     text = duplicates.read_text(encoding="utf-8", errors="replace") if duplicates.is_file() else ""
-    case.check("caf\\xe9.jpg" in text, "near_duplicates.csv does not name caf\\xe9.jpg "
-                                       "(escaped as in skipped_images.txt)")
+    case.check(
+        "caf\\xe9.jpg" in text,
+        "near_duplicates.csv does not name caf\\xe9.jpg (escaped as in skipped_images.txt)",
+    )
     case.check((out / "report.html").is_file(), "report.html missing")
 
 
@@ -61,11 +63,27 @@ def case_hard_class_names(ctx: Context, case: Case) -> None:
     for name in ("report.html", "confusion_matrix.png", "training_curves.png"):
         case.check((out / name).is_file(), f"{name} missing")
     photo = sorted((images / NAMES[0]).iterdir())[0]
-    result = case.expect(ctx.run("label_image", hs.python(
-        "-m", "retrain.label_image", "--graph", out / "model.keras", "--labels", labels,
-        "--image", photo, "--json")), 0)
+    result = case.expect(
+        ctx.run(
+            "label_image",
+            hs.python(
+                "-m",
+                "retrain.label_image",
+                "--graph",
+                out / "model.keras",
+                "--labels",
+                labels,
+                "--image",
+                photo,
+                "--json",
+            ),
+        ),
+        0,
+    )
     if result.code == 0:
-        predicted = {p["label"] for r in json.loads(result.stdout)["results"] for p in r["predictions"]}
+        predicted = {
+            p["label"] for r in json.loads(result.stdout)["results"] for p in r["predictions"]
+        }
         case.check(predicted <= set(NAMES), f"label_image printed labels {predicted - set(NAMES)}")
     formula_cells(ctx.case("csv_formula_cells"), out)
 
@@ -94,6 +112,7 @@ def _is_number(text: str) -> bool:
 
 
 # -- cases: untrusted files --------------------------------------------------------------
+
 
 def case_special_files(ctx: Context, case: Case) -> None:
     """A FIFO, a socket and a symlink to /dev/zero named *.jpg: skipped unopened, exit 0."""
@@ -135,8 +154,10 @@ def case_decompression_bomb(ctx: Context, case: Case) -> None:
     outputs_complete(case, out)
     skipped_listed(case, out, "bomb.png")
     limit = ctx.baseline_peak_mb + 1024
-    case.check(result.peak_mb <= limit, f"peak memory {result.peak_mb:.0f} MB "
-                                        f"(a normal run: {ctx.baseline_peak_mb:.0f} MB)")
+    case.check(
+        result.peak_mb <= limit,
+        f"peak memory {result.peak_mb:.0f} MB (a normal run: {ctx.baseline_peak_mb:.0f} MB)",
+    )
     case.notes.append(f"peak {result.peak_mb:.0f} MB")
 
 
@@ -156,12 +177,17 @@ def case_truncated_cache(ctx: Context, case: Case) -> None:
     os.truncate(damaged, damaged.stat().st_size // 2)
     damaged_digest = hs.digest(damaged)
     result = case.expect(ctx.retrain("run", ctx.photos, ctx.work / "out_truncated", cache), 0)
-    warned = [line for line in result.stderr.splitlines()
-              if line.startswith("WARNING") and model.name in line]
+    warned = [
+        line
+        for line in result.stderr.splitlines()
+        if line.startswith("WARNING") and model.name in line
+    ]
     case.check(warned, "no warning naming the damaged cache file")
     aside = sorted(p for p in cache.iterdir() if p.name.startswith(model.name + ".corrupt"))
-    case.check(len(aside) == 1 and hs.digest(aside[0]) == damaged_digest,
-               f"the damaged file was not set aside whole ({[p.name for p in aside]})")
+    case.check(
+        len(aside) == 1 and hs.digest(aside[0]) == damaged_digest,
+        f"the damaged file was not set aside whole ({[p.name for p in aside]})",
+    )
     images = sum(1 for _ in ctx.photos.glob("*/*"))
     rows = hs.cache_rows(cache)
     case.check(len(rows) == images, f"rebuilt cache holds {len(rows)} rows for {images} images")
@@ -200,19 +226,27 @@ def case_shared_cache_collision(ctx: Context, case: Case) -> None:
     for path in ctx.cache.glob("[!.]*.h5"):
         shutil.copy2(path, shared / path.name)
     before = hs.cache_rows(shared)
-    case.expect(ctx.retrain("b-shared", other_folder, ctx.work / "unused", shared, "--cache_only"), 0)
+    case.expect(
+        ctx.retrain("b-shared", other_folder, ctx.work / "unused", shared, "--cache_only"), 0
+    )
     case.expect(ctx.retrain("b-alone", other_folder, ctx.work / "unused", alone, "--cache_only"), 0)
     after = hs.cache_rows(shared)
     case.problems += rows_problems(before, after, exempt_paths={relative})
     own_a, own_b = hs.vectors_of(before, relative), hs.vectors_of(hs.cache_rows(alone), relative)
-    if not (case.check(len(own_a) == 1 and len(own_b) == 1, "no row for the colliding path")
-            and case.check(not _same(own_a[0], own_b[0]), "the crafted picture gave the same vector")):
+    if not (
+        case.check(len(own_a) == 1 and len(own_b) == 1, "no row for the colliding path")
+        and case.check(not _same(own_a[0], own_b[0]), "the crafted picture gave the same vector")
+    ):
         return
-    case.check(any(_same(v, own_b[0]) for v in hs.vectors_of(after, relative)),
-               "the second folder was given the first folder's vector")
+    case.check(
+        any(_same(v, own_b[0]) for v in hs.vectors_of(after, relative)),
+        "the second folder was given the first folder's vector",
+    )
     case.expect(ctx.retrain("a-again", ctx.photos, ctx.work / "unused", shared, "--cache_only"), 0)
-    case.check(any(_same(v, own_a[0]) for v in hs.vectors_of(hs.cache_rows(shared), relative)),
-               "back on the first folder, its own vector is gone")
+    case.check(
+        any(_same(v, own_a[0]) for v in hs.vectors_of(hs.cache_rows(shared), relative)),
+        "back on the first folder, its own vector is gone",
+    )
 
 
 def _same(a, b) -> bool:
@@ -224,26 +258,50 @@ def case_label_image_untrusted(ctx: Context, case: Case) -> None:
     models = ctx.work / "models"
     models.mkdir()
     probe, marker = models / "probe", models / "marker"
-    built = ctx.run("build", hs.python("-c", hf.LAMBDA_MODEL_BUILDER, models, 3),
-                    env={"HOSTILE_MARKER": str(probe)})
+    built = ctx.run(
+        "build",
+        hs.python("-c", hf.LAMBDA_MODEL_BUILDER, models, 3),
+        env={"HOSTILE_MARKER": str(probe)},
+    )
     if built.code:
-        case.problems.append(f"could not build the crafted models: {hs.message_lines(built.stderr)[-1:]}")
+        case.problems.append(
+            f"could not build the crafted models: {hs.message_lines(built.stderr)[-1:]}"
+        )
         return
     shutil.copy2(models / "lambda.h5", models / "h5_named.keras")
     labels = models / "labels.txt"
     labels.write_text("a\nb\nc\n", encoding="utf-8")
-    for this, graph in ((case, "lambda.h5"), (ctx.case("label_image_keras_lambda"), "lambda.keras"),
-                        (ctx.case("label_image_h5_named_keras"), "h5_named.keras")):
-        this.expect(ctx.run(graph, hs.python(
-            "-m", "retrain.label_image", "--graph", models / graph, "--labels", labels,
-            "--image", ctx.first_photo()), env={"HOSTILE_MARKER": str(marker)}), 2)
+    for this, graph in (
+        (case, "lambda.h5"),
+        (ctx.case("label_image_keras_lambda"), "lambda.keras"),
+        (ctx.case("label_image_h5_named_keras"), "h5_named.keras"),
+    ):
+        this.expect(
+            ctx.run(
+                graph,
+                hs.python(
+                    "-m",
+                    "retrain.label_image",
+                    "--graph",
+                    models / graph,
+                    "--labels",
+                    labels,
+                    "--image",
+                    ctx.first_photo(),
+                ),
+                env={"HOSTILE_MARKER": str(marker)},
+            ),
+            2,
+        )
         this.check(not marker.exists(), f"{graph}'s Lambda ran (it wrote {marker.name})")
         if marker.exists():
             marker.unlink()
     trusted = ctx.case("label_image_help_trusted")
     result = trusted.expect(ctx.run("help", hs.python("-m", "retrain.label_image", "--help")), 0)
-    trusted.check("trusted" in result.stdout, "--help does not say SavedModel and .tflite "
-                                              "files must come from a trusted source")
+    trusted.check(
+        "trusted" in result.stdout,
+        "--help does not say SavedModel and .tflite files must come from a trusted source",
+    )
 
 
 def case_received_report(ctx: Context, case: Case) -> None:
@@ -271,8 +329,20 @@ def case_received_report(ctx: Context, case: Case) -> None:
 def case_npz_bomb(ctx: Context, case: Case) -> None:
     """Shard and journal files whose vectors inflate to 1 GB: refused unread, memory bounded."""
     cache = ctx.work / "cache_npz_bomb"
-    case.expect(ctx.retrain("shard", ctx.photos, ctx.work / "unused", cache, "--cache_only",
-                            "--num_shards", "2", "--shard_index", "0"), 0)
+    case.expect(
+        ctx.retrain(
+            "shard",
+            ctx.photos,
+            ctx.work / "unused",
+            cache,
+            "--cache_only",
+            "--num_shards",
+            "2",
+            "--shard_index",
+            "0",
+        ),
+        0,
+    )
     shards = sorted(cache.glob("[!.]*.h5.shard-*.npz"))
     if not case.check(shards, "the shard run wrote no shard file"):
         return
@@ -285,8 +355,11 @@ def case_npz_bomb(ctx: Context, case: Case) -> None:
     result = case.expect(ctx.retrain("run", ctx.photos, ctx.work / "out_npz_bomb", cache), 0)
     outputs_complete(case, ctx.work / "out_npz_bomb")
     limit = ctx.baseline_peak_mb + 512
-    case.check(result.peak_mb <= limit, f"peak memory {result.peak_mb:.0f} MB: a 1 GB member was "
-                                        f"inflated (a normal run: {ctx.baseline_peak_mb:.0f} MB)")
+    case.check(
+        result.peak_mb <= limit,
+        f"peak memory {result.peak_mb:.0f} MB: a 1 GB member was "
+        f"inflated (a normal run: {ctx.baseline_peak_mb:.0f} MB)",
+    )
     case.notes.append(f"peak {result.peak_mb:.0f} MB")
 
 
@@ -300,10 +373,16 @@ def case_lock_symlinks(ctx: Context, case: Case) -> None:
     cache.mkdir()
     shutil.copy2(model, cache / model.name)
     victims = ctx.work / "victims_locks"
-    os.symlink(planted.file(victims / "cache_victim.txt", b"precious\n"), cache / f"{model.name}.lock")
-    os.symlink(planted.file(victims / "output_victim.txt", b"precious\n"), ctx.work / ".out_locks2.lock")
-    for name, out, bottlenecks in (("cache-lock", "out_locks1", cache),
-                                   ("output-lock", "out_locks2", ctx.cache)):
+    os.symlink(
+        planted.file(victims / "cache_victim.txt", b"precious\n"), cache / f"{model.name}.lock"
+    )
+    os.symlink(
+        planted.file(victims / "output_victim.txt", b"precious\n"), ctx.work / ".out_locks2.lock"
+    )
+    for name, out, bottlenecks in (
+        ("cache-lock", "out_locks1", cache),
+        ("output-lock", "out_locks2", ctx.cache),
+    ):
         if case.expect(ctx.retrain(name, ctx.photos, ctx.work / out, bottlenecks), 0, 2).code == 0:
             outputs_complete(case, ctx.work / out)
     case.problems += planted.problems()

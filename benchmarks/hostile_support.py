@@ -33,11 +33,15 @@ REPO = Path(__file__).resolve().parents[1]
 FAILURE_CODES = (2, 130, 143)
 # Lines a run may print on stderr besides its error: logging's, TensorFlow's
 # C++ log and tqdm's progress bars.
-_NOISE = re.compile(r"^(WARNING|INFO|DEBUG)[:\s]|^[IWEF]\d{4} \d\d:\d\d:\d\d|"
-                    r"^To enable the following instructions")
+_NOISE = re.compile(
+    r"^(WARNING|INFO|DEBUG)[:\s]|^[IWEF]\d{4} \d\d:\d\d:\d\d|"
+    r"^To enable the following instructions"
+)
 _PROGRESS = re.compile(r"\d+%\|")
-_ERROR = re.compile(r"^(python -m )?(retrain|label_image)[\w.-]*: "
-                    r"(error|interrupted|terminated)\b")
+_ERROR = re.compile(
+    r"^(python -m )?(retrain|label_image)[\w.-]*: "
+    r"(error|interrupted|terminated)\b"
+)
 PLANTED_MTIME_NS = 1_577_880_000_000_000_000  # 2020-01-01: any rewrite shows
 
 
@@ -72,9 +76,14 @@ class Process:
         environment = dict(os.environ, **(env or {}))
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.popen = subprocess.Popen(
-                [str(a) if not isinstance(a, bytes) else a for a in args], cwd=REPO,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=environment,
-                start_new_session=True)
+                [str(a) if not isinstance(a, bytes) else a for a in args],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=environment,
+                start_new_session=True,
+            )
         self.started = time.monotonic()
         self.result = None
 
@@ -107,17 +116,25 @@ class Process:
         code = os.waitstatus_to_exitcode(status)
         self.popen.returncode = code  # reaped here: Popen must not wait for it again
         self.result = Result(
-            self.name, code, self.out_path.read_text(errors="backslashreplace"),
+            self.name,
+            code,
+            self.out_path.read_text(errors="backslashreplace"),
             self.err_path.read_text(errors="backslashreplace"),
-            time.monotonic() - self.started, usage.ru_maxrss / 1024, timed_out)
+            time.monotonic() - self.started,
+            usage.ru_maxrss / 1024,
+            timed_out,
+        )
 
 
 def message_lines(stderr: str) -> list[str]:
     """stderr's lines without progress bars, logging's and TensorFlow's log lines."""
     lines = []
     for line in stderr.split("\n"):
-        lines += [part for part in line.split("\r")
-                  if part.strip() and not _PROGRESS.search(part) and not _NOISE.match(part)]
+        lines += [
+            part
+            for part in line.split("\r")
+            if part.strip() and not _PROGRESS.search(part) and not _NOISE.match(part)
+        ]
     return lines
 
 
@@ -132,16 +149,20 @@ def run_problems(result: Result, codes) -> list[str]:
     if result.timed_out:
         problems.append(f"{result.name}: no exit within {result.seconds:.0f} s (killed)")
     elif result.code not in codes:
-        problems.append(f"{result.name}: exit {result.code}, expected "
-                        f"{' or '.join(map(str, codes))}{_last_line(result)}")
+        problems.append(
+            f"{result.name}: exit {result.code}, expected "
+            f"{' or '.join(map(str, codes))}{_last_line(result)}"
+        )
     if "Traceback (most recent call last)" in result.stderr:
         problems.append(f"{result.name}: traceback on stderr{_last_line(result)}")
     if result.code in FAILURE_CODES and not result.timed_out:
         lines = message_lines(result.stderr)
         errors = [line for line in lines if _ERROR.match(line)]
         if len(errors) != 1:
-            problems.append(f"{result.name}: {len(errors)} error lines on stderr, expected 1"
-                            f"{_last_line(result)}")
+            problems.append(
+                f"{result.name}: {len(errors)} error lines on stderr, expected 1"
+                f"{_last_line(result)}"
+            )
         elif lines[-1] != errors[0]:
             problems.append(f"{result.name}: the error goes on past one line: {lines[-1]!r}")
     return problems
@@ -163,6 +184,7 @@ def _last_line(result):
 
 
 # -- snapshots ---------------------------------------------------------------
+
 
 def digest(path, limit=None) -> str:
     """sha256 of a regular file, or of its first `limit` bytes plus its size."""
@@ -207,9 +229,11 @@ def tree_problems(label: str, before, after) -> list[str]:
         return []
     if before is None or after is None:
         return [f"{label}: {'appeared' if before is None else 'disappeared'}"]
-    changes = ([f"lost {p}" for p in sorted(before.keys() - after.keys())]
-               + [f"changed {p}" for p in sorted(before) if p in after and before[p] != after[p]]
-               + [f"added {p}" for p in sorted(after.keys() - before.keys())])
+    changes = (
+        [f"lost {p}" for p in sorted(before.keys() - after.keys())]
+        + [f"changed {p}" for p in sorted(before) if p in after and before[p] != after[p]]
+        + [f"added {p}" for p in sorted(after.keys() - before.keys())]
+    )
     shown = ", ".join(changes[:4]) + (f" (+{len(changes) - 4} more)" if len(changes) > 4 else "")
     return [f"{label} changed: {shown}"]
 
@@ -236,8 +260,9 @@ def cache_rows(folder) -> dict:
         for npz in extra + sorted((folder / f"{name}.journal").glob("[0-9]*.npz")):
             try:
                 with np.load(npz, allow_pickle=False) as archive:
-                    for key, path, vector in zip(archive["key"], archive["relative_path"],
-                                                 archive["bottleneck"]):
+                    for key, path, vector in zip(
+                        archive["key"], archive["relative_path"], archive["bottleneck"]
+                    ):
                         rows[(name, _text(key))] = (_text(path), vector.tobytes())
             except Exception:  # damaged: the run under test discards it
                 pass
@@ -288,8 +313,9 @@ def rows_problems(before: dict, after: dict, exempt_paths=()) -> list[str]:
 
 
 def vectors_of(rows: dict, relative_path: str) -> list[np.ndarray]:
-    return [np.frombuffer(vector, np.float16) for path, vector in rows.values()
-            if path == relative_path]
+    return [
+        np.frombuffer(vector, np.float16) for path, vector in rows.values() if path == relative_path
+    ]
 
 
 class Planted:
@@ -317,7 +343,12 @@ class Planted:
         info = os.lstat(path)
         if stat.S_ISREG(info.st_mode):
             large = info.st_size > (16 << 20)  # e.g. the sparse 64 GB file: its head only
-            return ("file", info.st_size, info.st_mtime_ns, digest(path, 1 << 20 if large else None))
+            return (
+                "file",
+                info.st_size,
+                info.st_mtime_ns,
+                digest(path, 1 << 20 if large else None),
+            )
         if stat.S_ISDIR(info.st_mode):
             return ("folder", tuple(sorted(tree(path).items())))
         return (entry_state(path), info.st_mtime_ns)

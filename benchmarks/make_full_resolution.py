@@ -46,8 +46,9 @@ def main(argv=None):
         except decode.ImageDecodeError as error:
             print(f"skipped {path}: {error.reason}", file=sys.stderr)
             continue
-        resized = np.asarray(Image.fromarray(pixels).resize((width, height),
-                                                            Image.Resampling.LANCZOS), np.float32)
+        resized = np.asarray(
+            Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS), np.float32
+        )
         pixels = np.clip(resized + rng.normal(0, 4, resized.shape), 0, 255).astype(np.uint8)
         target = args.target / path.parent.name / (path.stem + ".jpg")
         target.parent.mkdir(parents=True, exist_ok=True)

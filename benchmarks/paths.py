@@ -62,15 +62,26 @@ def write_lowres(source: Path, target: Path) -> Path:
         for photo in sorted(folder.glob("*.jpg"))[:LOWRES_PER_CLASS]:
             with Image.open(photo) as image:
                 image.convert("RGB").resize((LOWRES_SIDE, LOWRES_SIDE), Image.LANCZOS).save(
-                    target / folder.name / f"{photo.stem}.png")
+                    target / folder.name / f"{photo.stem}.png"
+                )
     (target / ".written").touch()
     return target
 
 
 def run_path(image_dir: Path, work: Path, name: str, flags: list[str]) -> dict:
     out = work / "runs" / image_dir.name / name.replace(" ", "_")
-    command = [sys.executable, "-m", "retrain", "--image_dir", str(image_dir),
-               "--bottleneck_dir", str(work / "cache"), "--output_dir", str(out), *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "retrain",
+        "--image_dir",
+        str(image_dir),
+        "--bottleneck_dir",
+        str(work / "cache"),
+        "--output_dir",
+        str(out),
+        *flags,
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
@@ -86,13 +97,16 @@ def main():
     parser.add_argument("--image_dir", action="append", type=Path, default=None)
     parser.add_argument("--lowres", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".paths")
-    parser.add_argument("--data", type=Path, default=DATA,
-                        help=f"the shared development data (default {DATA})")
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help=f"the shared development data (default {DATA})"
+    )
     args = parser.parse_args()
     flowers = args.data / "flowers128"
     folders = args.image_dir or (
         [link_subset(flowers, args.work / f"flowers128_{REAL_PER_CLASS}", REAL_PER_CLASS)]
-        if flowers.is_dir() else [])
+        if flowers.is_dir()
+        else []
+    )
     if args.lowres and flowers.is_dir():
         folders.append(write_lowres(flowers, args.work / "flowers32"))
     if not folders:
@@ -104,8 +118,11 @@ def main():
         results = {name: run_path(folder, args.work, name, flags) for name, flags in PATHS.items()}
         for name, result in results.items():
             gain = result["accuracy"] - results["cached head"]["accuracy"]
-            print(f"{folder.name:<12} {name:<13} {result['accuracy']:.3f} ({gain:+.3f})"
-                  f"   {result['seconds']:>8.0f}", flush=True)
+            print(
+                f"{folder.name:<12} {name:<13} {result['accuracy']:.3f} ({gain:+.3f})"
+                f"   {result['seconds']:>8.0f}",
+                flush=True,
+            )
         for name, result in results.items():
             print(f"  {name}: {result['command']}", flush=True)
 

@@ -27,18 +27,20 @@ from pathlib import Path
 import numpy as np
 
 from retrain import backbones, engines
-from retrain.data import decode, images, resizing
-from retrain.engines import extraction
-from retrain.engines import litert as litert_lib
 from retrain.cache import journal as journal_lib
 from retrain.cache import merge
 from retrain.cache.identity import CacheIdentity
+from retrain.data import decode, images, resizing
+from retrain.engines import extraction
+from retrain.engines import litert as litert_lib
 from retrain.quiet_tensorflow import import_tensorflow
 
 DEFAULT_DATA = next(
-    (folder / "shared" / "data" / "caltech101" / "train"
-     for folder in Path(__file__).resolve().parents
-     if (folder / "shared" / "data").is_dir()),
+    (
+        folder / "shared" / "data" / "caltech101" / "train"
+        for folder in Path(__file__).resolve().parents
+        if (folder / "shared" / "data").is_dir()
+    ),
     Path("../shared/data/caltech101/train"),
 )
 
@@ -70,34 +72,63 @@ def main(argv=None):
     paths = [str(found.image_dir / e.relative_path) for e in found.entries[::step][: args.images]]
     count = len(paths)
     contents = [Path(p).read_bytes() for p in paths]
-    print(f"{count} photos from {args.data}; {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}; ms per image, median of 3")
+    print(
+        f"{count} photos from {args.data}; {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}; ms per image, median of 3"
+    )
 
     rows = []
     rows.append(("read file", per_image_ms(lambda: [Path(p).read_bytes() for p in paths], count)))
-    rows.append(("sha256", per_image_ms(
-        lambda: [hashlib.sha256(c).hexdigest() for c in contents], count)))
-    rows.append(("Pillow decode (draft), to RGB array", per_image_ms(
-        lambda: [decode.decode_rgb(p, size, content=c) for p, c in zip(paths, contents)], count)))
+    rows.append(
+        ("sha256", per_image_ms(lambda: [hashlib.sha256(c).hexdigest() for c in contents], count))
+    )
+    rows.append(
+        (
+            "Pillow decode (draft), to RGB array",
+            per_image_ms(
+                lambda: [decode.decode_rgb(p, size, content=c) for p, c in zip(paths, contents)],
+                count,
+            ),
+        )
+    )
     decoded = [decode.decode_rgb(p, size, content=c) for p, c in zip(paths, contents)]
-    rows.append(("  same, no draft mode", per_image_ms(
-        lambda: [decode.decode_rgb(p, None, content=c) for p, c in zip(paths, contents)], count)))
+    rows.append(
+        (
+            "  same, no draft mode",
+            per_image_ms(
+                lambda: [decode.decode_rgb(p, None, content=c) for p, c in zip(paths, contents)],
+                count,
+            ),
+        )
+    )
     sides = [max(a.shape[:2]) for a in decoded]
-    resize = tf.function(lambda x: resizing.resize_to_input(x, size),
-                         input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+    resize = tf.function(
+        lambda x: resizing.resize_to_input(x, size),
+        input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)],
+    )
     for array in decoded[:3]:
         resize(array)
-    rows.append(("antialiased resize, Pillow float (extraction's)", per_image_ms(
-        lambda: [resizing.resize_to_input(a, size) for a in decoded], count)))
-    rows.append(("  same filter, tf graph op (the exported model's)", per_image_ms(
-        lambda: [resize(tf.constant(a)).numpy() for a in decoded], count)))
+    rows.append(
+        (
+            "antialiased resize, Pillow float (extraction's)",
+            per_image_ms(lambda: [resizing.resize_to_input(a, size) for a in decoded], count),
+        )
+    )
+    rows.append(
+        (
+            "  same filter, tf graph op (the exported model's)",
+            per_image_ms(lambda: [resize(tf.constant(a)).numpy() for a in decoded], count),
+        )
+    )
     small = np.zeros((1, 1, 3), np.uint8)
     hop = tf.data.Dataset.range(count).map(
-        lambda i: tf.numpy_function(lambda j: small, [i], tf.uint8))
+        lambda i: tf.numpy_function(lambda j: small, [i], tf.uint8)
+    )
     rows.append(("tf.numpy_function hop, 1 thread", per_image_ms(lambda: list(hop), count)))
     with tempfile.TemporaryDirectory() as folder:
-        identity = CacheIdentity(spec.name, "0" * 64, spec.feature_dim, "float16",
-                                       "litert", "profile")
+        identity = CacheIdentity(
+            spec.name, "0" * 64, spec.feature_dim, "float16", "litert", "profile"
+        )
         path = Path(folder) / "profile.h5"
 
         def journal_and_fold():
@@ -115,8 +146,9 @@ def main(argv=None):
             merge.fold(path, identity)
             path.unlink()
 
-        rows.append(("journal writes (batches of 32) + fold", per_image_ms(journal_and_fold,
-                                                                         count)))
+        rows.append(
+            ("journal writes (batches of 32) + fold", per_image_ms(journal_and_fold, count))
+        )
 
     pixels = np.stack([resizing.resize_to_input(a, size) for a in decoded[:64]])
     model = backbones.load(spec.name, include_top=False)
@@ -145,9 +177,11 @@ def main(argv=None):
     for name, engine in (("keras", keras_engine), ("litert", litert)):
         if engine is None:
             continue
+
         def pipeline():
             for _ in extraction.bottleneck_batches(paths, engine, size, 32):
                 pass
+
         rows.append((f"whole pipeline ({name}), batch 32", per_image_ms(pipeline, count, 1)))
 
     width = max(len(name) for name, _ in rows)

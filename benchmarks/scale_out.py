@@ -32,14 +32,21 @@ from pathlib import Path
 import h5py
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "caltech101" / "train"
-BEAM = ["--runner", "DirectRunner", "--direct_num_workers", "2",
-        "--direct_running_mode", "multi_processing"]
+BEAM = [
+    "--runner",
+    "DirectRunner",
+    "--direct_num_workers",
+    "2",
+    "--direct_running_mode",
+    "multi_processing",
+]
 
 
 def sample(data, classes, per_class, into):
     """Copies (keeping mtimes) the largest classes, at most per_class photos each."""
-    sizes = {c.name: sorted(p for p in c.iterdir() if p.is_file())
-             for c in data.iterdir() if c.is_dir()}
+    sizes = {
+        c.name: sorted(p for p in c.iterdir() if p.is_file()) for c in data.iterdir() if c.is_dir()
+    }
     chosen = sorted(sizes, key=lambda name: (-len(sizes[name]), name))[:classes]
     count = 0
     for name in chosen:
@@ -54,8 +61,10 @@ def timed(*commands):
     """Runs the commands at once; returns the wall seconds until all have ended."""
     logs = [tempfile.TemporaryFile("w+") for _ in commands]
     start = time.perf_counter()
-    processes = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-                 for command, log in zip(commands, logs)]
+    processes = [
+        subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        for command, log in zip(commands, logs)
+    ]
     for process in processes:
         process.wait()
     seconds = time.perf_counter() - start
@@ -67,8 +76,18 @@ def timed(*commands):
 
 
 def retrain(image_dir, cache, output, *flags):
-    return [sys.executable, "-m", "retrain", "--image_dir", str(image_dir),
-            "--bottleneck_dir", str(cache), "--output_dir", str(output), *flags]
+    return [
+        sys.executable,
+        "-m",
+        "retrain",
+        "--image_dir",
+        str(image_dir),
+        "--bottleneck_dir",
+        str(cache),
+        "--output_dir",
+        str(output),
+        *flags,
+    ]
 
 
 def accuracy(output):
@@ -86,8 +105,12 @@ def rows(cache):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="folder with one sub-folder of photos per class")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="folder with one sub-folder of photos per class",
+    )
     parser.add_argument("--classes", type=int, default=17)
     parser.add_argument("--per_class", type=int, default=80)
     args = parser.parse_args(argv)
@@ -98,26 +121,47 @@ def main(argv=None):
         work = Path(folder)
         photos = work / "photos"
         count, classes = sample(args.data, args.classes, args.per_class, photos)
-        print(f"{count} photos in {classes} classes from {args.data}; {os.cpu_count()} CPUs, "
-              f"load average {os.getloadavg()[0]:.1f} at the start")
+        print(
+            f"{count} photos in {classes} classes from {args.data}; {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.1f} at the start"
+        )
 
         reference = timed(retrain(photos, work / "ref", work / "ref_out"))
         reference_accuracy, reference_rows = accuracy(work / "ref_out"), rows(work / "ref")
-        print(f"reference run, cold cache: {reference:6.1f} s, test accuracy "
-              f"{reference_accuracy:.4f}")
+        print(
+            f"reference run, cold cache: {reference:6.1f} s, test accuracy {reference_accuracy:.4f}"
+        )
         single = timed(retrain(photos, work / "single", work / "single_out", "--cache_only"))
-        print(f"single-process fill (--cache_only):        {single:6.1f} s, "
-              f"{count / single:5.1f} images/s")
+        print(
+            f"single-process fill (--cache_only):        {single:6.1f} s, "
+            f"{count / single:5.1f} images/s"
+        )
 
         fills = {
             "2 shard processes at once": [
-                retrain(photos, work / "shards", work / f"shard{index}_out", "--cache_only",
-                        "--num_shards", "2", "--shard_index", str(index))
+                retrain(
+                    photos,
+                    work / "shards",
+                    work / f"shard{index}_out",
+                    "--cache_only",
+                    "--num_shards",
+                    "2",
+                    "--shard_index",
+                    str(index),
+                )
                 for index in range(2)
             ],
             "Beam DirectRunner, 2 worker processes": [
-                [sys.executable, "-m", "retrain.beam", "--image_dir", str(photos),
-                 "--bottleneck_dir", str(work / "beam"), *BEAM]
+                [
+                    sys.executable,
+                    "-m",
+                    "retrain.beam",
+                    "--image_dir",
+                    str(photos),
+                    "--bottleneck_dir",
+                    str(work / "beam"),
+                    *BEAM,
+                ]
             ],
         }
         for (name, commands), cache in zip(fills.items(), ("shards", "beam")):
@@ -125,10 +169,12 @@ def main(argv=None):
             run = timed(retrain(photos, work / cache, work / f"{cache}_run"))
             same_accuracy = accuracy(work / f"{cache}_run") == reference_accuracy
             same_rows = rows(work / cache) == reference_rows
-            print(f"{name + ' (fill):':42s} {fill:6.1f} s, {count / fill:5.1f} images/s "
-                  f"({single / fill:4.2f}x single-process); then a normal run {run:5.1f} s = "
-                  f"{run / reference:4.2f} of the reference; same test accuracy: "
-                  f"{same_accuracy}; same keys and vectors: {same_rows}")
+            print(
+                f"{name + ' (fill):':42s} {fill:6.1f} s, {count / fill:5.1f} images/s "
+                f"({single / fill:4.2f}x single-process); then a normal run {run:5.1f} s = "
+                f"{run / reference:4.2f} of the reference; same test accuracy: "
+                f"{same_accuracy}; same keys and vectors: {same_rows}"
+            )
     return 0
 
 

@@ -16,11 +16,13 @@ import sys
 import threading
 from dataclasses import fields
 
-from retrain import backbones
+from retrain import backbones, messages
 from retrain import config as config_lib
 from retrain.arguments import OneLineErrorParser
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
+
+logger = logging.getLogger(__name__)
 
 HELP = {
     "image_dir": "folder with one sub-folder of images per class",
@@ -30,7 +32,7 @@ HELP = {
     "bottleneck_dtype": "storage type of cached vectors: float16 or float32",
     "extraction_batch_size": "images per forward pass when filling the cache",
     "engine": "inference engine for extraction: auto (LiteRT on CPU, Keras on a GPU), "
-              "keras or litert",
+    "keras or litert",
     "cache_only": "build or update the bottleneck cache, then stop",
     "num_shards": "with --cache_only: split extraction into this many parts, one process each",
     "shard_index": "with --num_shards: the part this process extracts, 0 to NUM_SHARDS-1",
@@ -38,15 +40,15 @@ HELP = {
     "output_graph": "where to save the exported model (default OUTPUT_DIR/model.keras)",
     "output_labels": "where to save the labels (default OUTPUT_DIR/labels.txt)",
     "saved_model_dir": "also export a SavedModel whose serving_default signature takes encoded "
-                       "image bytes (JPEG, PNG) to this folder",
+    "image bytes (JPEG, PNG) to this folder",
     "tflite": f"also export TFLite models OUTPUT_DIR/model_<KIND>.tflite, KIND in "
-              f"{', '.join(config_lib.TFLITE_KINDS)}",
+    f"{', '.join(config_lib.TFLITE_KINDS)}",
     "summaries_dir": "TensorBoard log folder (default OUTPUT_DIR/summaries)",
     "how_many_training_steps": "most optimizer steps for the new layer (early stopping may end sooner)",
     "learning_rate": "learning rate of the new layer",
     "train_batch_size": "bottlenecks per training step",
     "validation_batch_size": "bottlenecks per validation pass, -1 for the whole validation set "
-                             "(at most 50,000: a random sample of a larger one)",
+    "(at most 50,000: a random sample of a larger one)",
     "test_batch_size": "bottlenecks per test batch, -1 for the whole test set",
     "eval_step_interval": "training steps between validation passes",
     "testing_percentage": "percentage of images in the test bucket",
@@ -71,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="python -m retrain",
         description="Train a new softmax layer on a frozen ImageNet backbone "
-                    "from a folder of labelled photos.",
+        "from a folder of labelled photos.",
         argument_default=None,
     )
-    parser.add_argument("--config", metavar="FILE.yaml",
-                        help="YAML file of settings (flags given here override it)")
+    parser.add_argument(
+        "--config", metavar="FILE.yaml", help="YAML file of settings (flags given here override it)"
+    )
     add_config_flags(parser)
     return parser
 
@@ -89,16 +92,27 @@ def add_config_flags(parser, names=None):
         default = getattr(defaults, field.name)
         flag = f"--{field.name}"
         if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{HELP[field.name]} (default: {'on' if default else 'off'})")
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{HELP[field.name]} (default: {'on' if default else 'off'})",
+            )
             continue
         if field.type == "list[str]":
-            parser.add_argument(flag, nargs="+", metavar="KIND",
-                                help=f"{HELP[field.name]} (default: none)")
+            parser.add_argument(
+                flag, nargs="+", metavar="KIND", help=f"{HELP[field.name]} (default: none)"
+            )
             continue
-        kind = {"int": int, "float": float}.get(field.type.removeprefix("Optional[").removesuffix("]"), str)
-        parser.add_argument(flag, type=kind, metavar=field.name.upper(),
-                            help=f"{HELP[field.name]} (default: {default})")
+        kind = {"int": int, "float": float}.get(
+            field.type.removeprefix("Optional[").removesuffix("]"), str
+        )
+        parser.add_argument(
+            flag,
+            type=kind,
+            metavar=field.name.upper(),
+            help=f"{HELP[field.name]} (default: {default})",
+        )
 
 
 def resolve_config(argv: list[str] | None = None) -> config_lib.Config:
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     and 143 SIGTERM (the cache keeps every finished batch, the output folder
     keeps the previous run).
     """
-    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    messages.setup("retrain")
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -145,13 +159,19 @@ def main(argv: list[str] | None = None) -> int:
 
         run.run(config)
     except RetrainError as exc:
-        print(f"retrain: error: {exc}", file=sys.stderr)
+        logger.error("%s", exc)
         return 2
     except KeyboardInterrupt as interrupt:
-        cause, status = ("terminated (SIGTERM)", 143) if isinstance(interrupt, Terminated) \
+        cause, status = (
+            ("terminated (SIGTERM)", 143)
+            if isinstance(interrupt, Terminated)
             else ("interrupted", 130)
-        print(f"retrain: {cause}; the bottleneck cache keeps what was extracted, and the "
-              "output folder keeps its previous outputs.", file=sys.stderr)
+        )
+        logger.info(
+            "retrain: %s; the bottleneck cache keeps what was extracted, and the "
+            "output folder keeps its previous outputs.",
+            cause,
+        )
         return status
     finally:
         if previous is not None:

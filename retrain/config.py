@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 import yaml
 
-from retrain.files import atomic_write, run_marker
 from retrain.errors import RetrainError
+from retrain.files import atomic_write, run_marker
 
 # The TFLite exports --tflite can write, each to OUTPUT_DIR/model_<kind>.tflite.
 TFLITE_KINDS = ("float32", "float16", "int8")
@@ -115,10 +115,14 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
     except OSError as exc:
-        raise RetrainError(f"Cannot read config file: {exc.strerror}. Received: config={path}") from None
+        raise RetrainError(
+            f"Cannot read config file: {exc.strerror}. Received: config={path}"
+        ) from None
     except UnicodeDecodeError as exc:
-        raise RetrainError(f"Config file {path} is not UTF-8 text ({exc.reason} at byte "
-                           f"{exc.start}). Received: config={path}") from None
+        raise RetrainError(
+            f"Config file {path} is not UTF-8 text ({exc.reason} at byte "
+            f"{exc.start}). Received: config={path}"
+        ) from None
     except yaml.YAMLError as exc:
         # PyYAML's messages span several lines; the CLI prints errors as one.
         where = " ".join(str(exc).split())
@@ -134,8 +138,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted((key for key in data if key not in FIELD_NAMES), key=repr)
     if unknown:
         raise RetrainError(
-            f"Config file {path} has unknown keys {unknown}. "
-            f"Known keys: {', '.join(FIELD_NAMES)}."
+            f"Config file {path} has unknown keys {unknown}. Known keys: {', '.join(FIELD_NAMES)}."
         )
     types = {f.name: f.type for f in fields(Config)}
     return {key: _coerce(key, value, types[key], path) for key, value in data.items()}
@@ -158,9 +161,7 @@ def _coerce(key: str, value: Any, type_name: str, path) -> Any:
     base = type_name.removeprefix("Optional[").removesuffix("]")
     expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[base]
     if isinstance(value, bool) and base != "bool" or not isinstance(value, expected):
-        raise RetrainError(
-            f"Config file {path}: '{key}' must be {base}. Received: {key}={value!r}"
-        )
+        raise RetrainError(f"Config file {path}: '{key}' must be {base}. Received: {key}={value!r}")
     return float(value) if base == "float" else value
 
 
@@ -180,34 +181,59 @@ def _real(value):
 # take settings as plain arguments (HeadSettings, discover, BottleneckCache) via
 # `check_setting`, so a notebook user gets the same message as the command line.
 _RULES = {
-    **{name: (lambda v: _count(v) and v >= 1, "an integer of at least 1")
-       for name in ("how_many_training_steps", "train_batch_size", "eval_step_interval",
-                    "extraction_batch_size")},
-    **{name: (lambda v: _count(v) and (v >= 1 or v == -1),
-              "a positive integer, or -1 for the whole set")
-       for name in ("validation_batch_size", "test_batch_size")},
+    **{
+        name: (lambda v: _count(v) and v >= 1, "an integer of at least 1")
+        for name in (
+            "how_many_training_steps",
+            "train_batch_size",
+            "eval_step_interval",
+            "extraction_batch_size",
+        )
+    },
+    **{
+        name: (
+            lambda v: _count(v) and (v >= 1 or v == -1),
+            "a positive integer, or -1 for the whole set",
+        )
+        for name in ("validation_batch_size", "test_batch_size")
+    },
     "learning_rate": (lambda v: _real(v) and 0 < v < math.inf, "a positive finite number"),
     # NumPy's (and so Keras's) global seed must fit in 32 unsigned bits.
     "seed": (lambda v: _count(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
-    **{name: (lambda v: _real(v) and 0 <= v < 100, "a number in [0, 100)")
-       for name in ("testing_percentage", "validation_percentage")},
+    **{
+        name: (lambda v: _real(v) and 0 <= v < 100, "a number in [0, 100)")
+        for name in ("testing_percentage", "validation_percentage")
+    },
     "num_shards": (lambda v: _count(v) and v >= 1, "an integer of at least 1"),
     "bottleneck_dtype": (lambda v: v in BOTTLENECK_DTYPES, " or ".join(BOTTLENECK_DTYPES)),
     "engine": (lambda v: v in ENGINE_NAMES, " or ".join(ENGINE_NAMES)),
-    "output_graph": (lambda v: v is None or isinstance(v, str) and v.endswith(".keras"),
-                     "a file name ending in .keras"),
+    "output_graph": (
+        lambda v: v is None or isinstance(v, str) and v.endswith(".keras"),
+        "a file name ending in .keras",
+    ),
     "class_weights": (lambda v: v in CLASS_WEIGHTS, " or ".join(CLASS_WEIGHTS)),
-    "tflite": (lambda v: isinstance(v, list) and set(v) <= set(TFLITE_KINDS) and len(set(v)) == len(v),
-               f"a list of distinct kinds from {', '.join(TFLITE_KINDS)}"),
-    **{name: (lambda v: _real(v) and 0 <= v < math.inf, "a percentage of 0 or more")
-       for name in ("random_crop", "random_scale")},
+    "tflite": (
+        lambda v: isinstance(v, list) and set(v) <= set(TFLITE_KINDS) and len(set(v)) == len(v),
+        f"a list of distinct kinds from {', '.join(TFLITE_KINDS)}",
+    ),
+    **{
+        name: (lambda v: _real(v) and 0 <= v < math.inf, "a percentage of 0 or more")
+        for name in ("random_crop", "random_scale")
+    },
     # Brightness is multiplied by a factor in [1 - P/100, 1 + P/100].
     "random_brightness": (lambda v: _real(v) and 0 <= v <= 100, "a percentage from 0 to 100"),
-    "fine_tune_layers": (lambda v: _count(v) and v >= -1,
-                         "0 (off), -1 (the whole backbone) or a number of layers"),
-    **{name: (lambda v: _count(v) and v >= 1, "an integer of at least 1")
-       for name in ("fine_tune_epochs", "fine_tune_batch_size")},
-    "fine_tune_learning_rate": (lambda v: _real(v) and 0 < v < math.inf, "a positive finite number"),
+    "fine_tune_layers": (
+        lambda v: _count(v) and v >= -1,
+        "0 (off), -1 (the whole backbone) or a number of layers",
+    ),
+    **{
+        name: (lambda v: _count(v) and v >= 1, "an integer of at least 1")
+        for name in ("fine_tune_epochs", "fine_tune_batch_size")
+    },
+    "fine_tune_learning_rate": (
+        lambda v: _real(v) and 0 < v < math.inf,
+        "a positive finite number",
+    ),
 }
 
 
@@ -251,8 +277,9 @@ def validate(config: Config) -> None:
         check_setting(name, getattr(config, name))
     check_split(config.testing_percentage, config.validation_percentage)
     if config.saved_model_dir is not None:
-        check_saved_model_dir(config.saved_model_dir,
-                              [config.output_dir, *config.resolved_outputs().values()])
+        check_saved_model_dir(
+            config.saved_model_dir, [config.output_dir, *config.resolved_outputs().values()]
+        )
     check_shard(config.num_shards, config.shard_index)
     if config.num_shards > 1 and not config.cache_only:
         raise RetrainError(
@@ -260,7 +287,9 @@ def validate(config: Config) -> None:
             f"run without --num_shards afterwards. Received: num_shards={config.num_shards}"
         )
     if not config.image_dir:
-        raise RetrainError("--image_dir is required: a folder with one sub-folder of images per class.")
+        raise RetrainError(
+            "--image_dir is required: a folder with one sub-folder of images per class."
+        )
 
 
 def check_saved_model_dir(saved_model_dir, other_outputs=()) -> None:
@@ -271,8 +300,11 @@ def check_saved_model_dir(saved_model_dir, other_outputs=()) -> None:
     SavedModel (replacing it would lose its content).
     """
     target = Path(saved_model_dir or ".").resolve()
-    clash = [other for other in map(Path, other_outputs)
-             if other.resolve() == target or target in other.resolve().parents]
+    clash = [
+        other
+        for other in map(Path, other_outputs)
+        if other.resolve() == target or target in other.resolve().parents
+    ]
     if not saved_model_dir or clash:
         raise RetrainError(
             "--saved_model_dir must be a folder of its own, not holding the other outputs (it is "

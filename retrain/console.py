@@ -5,11 +5,13 @@ Results go to stdout; notes about images the run could not use go to stderr.
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 from retrain.cache import CacheReport
 from retrain.files.text_escapes import one_line
+
+logger = logging.getLogger(__name__)
 
 # Skipped images a --cache_only run names one by one on stderr.
 SHOWN_SKIPPED = 5
@@ -20,33 +22,40 @@ def cache_summary(report: CacheReport, skipped: int) -> str:
     merged = f" ({report.merged} shard files merged)" if report.merged else ""
     rate = ""
     if report.extracted and report.extract_seconds > 0:
-        rate = (f" ({report.extracted / report.extract_seconds:.1f} images/s, "
-                f"{report.engine} engine)")
-    return (f"Bottleneck cache {report.path}: {report.extracted} extracted{rate}, "
-            f"{report.reused} reused, {skipped} skipped{merged}.")
+        rate = (
+            f" ({report.extracted / report.extract_seconds:.1f} images/s, {report.engine} engine)"
+        )
+    return (
+        f"Bottleneck cache {report.path}: {report.extracted} extracted{rate}, "
+        f"{report.reused} reused, {skipped} skipped{merged}."
+    )
 
 
 def shard_summary(report: CacheReport, num_shards: int, shard_index: int) -> str:
     """The one line of a --num_shards run: what this shard extracted and where it went."""
-    return (f"Shard {shard_index} of {num_shards}: {report.extracted} extracted, "
-            f"{report.reused} already cached, {len(report.failed)} failed; wrote "
-            f"{len(report.shard_files)} shard file(s) beside {report.path}. The next run without "
-            "--num_shards merges them.")
+    return (
+        f"Shard {shard_index} of {num_shards}: {report.extracted} extracted, "
+        f"{report.reused} already cached, {len(report.failed)} failed; wrote "
+        f"{len(report.shard_files)} shard file(s) beside {report.path}. The next run without "
+        "--num_shards merges them."
+    )
 
 
 def print_skipped_count(skipped: list, listing: Path) -> None:
     """A training run's note on stderr: how many images were skipped, and the file listing them."""
     if skipped:
-        print(f"{len(skipped)} images skipped; listed in {listing}", file=sys.stderr)
+        logger.info("%d images skipped; listed in %s", len(skipped), listing)
 
 
 def print_skipped_images(skipped: list) -> None:
     """A --cache_only run's note on stderr: the first SHOWN_SKIPPED skipped images and why."""
     for path, reason in skipped[:SHOWN_SKIPPED]:
-        print(f"skipped {one_line(path)}: {one_line(str(reason))}", file=sys.stderr)
+        logger.info("skipped %s: %s", one_line(path), one_line(str(reason)))
     if len(skipped) > SHOWN_SKIPPED:
-        print(f"... and {len(skipped) - SHOWN_SKIPPED} more images skipped; a training run lists "
-              "them all in skipped_images.txt", file=sys.stderr)
+        logger.info(
+            "... and %d more images skipped; a training run lists them all in skipped_images.txt",
+            len(skipped) - SHOWN_SKIPPED,
+        )
 
 
 def print_report_outcome(outcome, final_folder: Path) -> None:
@@ -58,7 +67,7 @@ def print_report_outcome(outcome, final_folder: Path) -> None:
     if outcome.page is not None:
         print(f"Report: {final_folder / outcome.page.name}")
     if outcome.parts.missing:
-        print(outcome.parts.line(), file=sys.stderr)
+        logger.info("%s", outcome.parts.line())
 
 
 def write_skipped(skipped, path: Path) -> None:
@@ -67,5 +76,7 @@ def write_skipped(skipped, path: Path) -> None:
     Paths and reasons as `text_escapes.one_line`, the escapes of every file a run writes.
     """
     if skipped:
-        path.write_text("".join(f"{one_line(rel)}\t{one_line(str(reason))}\n"
-                                for rel, reason in skipped), encoding="utf-8")
+        path.write_text(
+            "".join(f"{one_line(rel)}\t{one_line(str(reason))}\n" for rel, reason in skipped),
+            encoding="utf-8",
+        )

@@ -32,8 +32,11 @@ import logging
 import os
 import sys
 
+from retrain import messages
 from retrain.arguments import OneLineErrorParser
 from retrain.errors import RetrainError
+
+logger = logging.getLogger("retrain.label_image")
 
 BATCH_SIZE = 32
 
@@ -41,16 +44,21 @@ BATCH_SIZE = 32
 def parse_args(argv):
     parser = OneLineErrorParser(
         prog="python -m retrain.label_image",
-        description="Print the top classes of images, using a model exported by retrain.")
-    parser.add_argument("--graph", required=True,
-                        help="the model.keras, model_<kind>.tflite or SavedModel folder written by "
-                             "retrain. A .keras file may come from anyone: it is checked and "
-                             "loaded running no code from it (legacy .h5 models and Lambda "
-                             "layers are refused). A SavedModel or .tflite is a program (its ops "
-                             "can read and write files): pass one only from a trusted source.")
+        description="Print the top classes of images, using a model exported by retrain.",
+    )
+    parser.add_argument(
+        "--graph",
+        required=True,
+        help="the model.keras, model_<kind>.tflite or SavedModel folder written by "
+        "retrain. A .keras file may come from anyone: it is checked and "
+        "loaded running no code from it (legacy .h5 models and Lambda "
+        "layers are refused). A SavedModel or .tflite is a program (its ops "
+        "can read and write files): pass one only from a trusted source.",
+    )
     parser.add_argument("--labels", required=True, help="the labels.txt written with the model")
-    parser.add_argument("--image", required=True, nargs="+",
-                        help="image files or folders of images")
+    parser.add_argument(
+        "--image", required=True, nargs="+", help="image files or folders of images"
+    )
     parser.add_argument("--top_k", type=_positive_int, default=5, help="classes to print per image")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     return parser.parse_args(argv)
@@ -69,7 +77,7 @@ def _positive_int(text):
 def main(argv=None) -> int:
     """Entry point of `python -m retrain.label_image`; returns the exit status."""
     args = parse_args(argv)
-    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    messages.setup("label_image")
     from retrain.quiet_tensorflow import import_tensorflow
 
     import_tensorflow()
@@ -77,26 +85,40 @@ def main(argv=None) -> int:
         paths, failures = image_paths(args.image)
         labeller = Labeller(args.graph, args.labels)
     except RetrainError as error:
-        print(f"label_image: error: {error}", file=sys.stderr)
+        logger.error("%s", error)
         return 2
     for path, reason in failures:
-        print(f"label_image: error: {path}: {reason}", file=sys.stderr)
+        logger.error("%s: %s", path, reason)
 
     results = []
     for path, outcome in labeller.label(paths, args.top_k):
         if isinstance(outcome, RetrainError):
             failures.append((path, str(outcome)))
-            print(f"label_image: error: {outcome}", file=sys.stderr)
+            logger.error("%s", outcome)
         elif args.json:
-            results.append({"image": path, "predictions": [
-                {"label": label, "score": score} for label, score in outcome]})
+            results.append(
+                {
+                    "image": path,
+                    "predictions": [{"label": label, "score": score} for label, score in outcome],
+                }
+            )
         else:
             print(path)
-            print("".join(f"  {label} ({score:.5f})\n" for label, score in outcome), end="", flush=True)
+            print(
+                "".join(f"  {label} ({score:.5f})\n" for label, score in outcome),
+                end="",
+                flush=True,
+            )
     if args.json:
-        json.dump({"graph": args.graph, "results": results,
-                   "errors": [{"image": path, "error": reason} for path, reason in failures]},
-                  sys.stdout, indent=2)
+        json.dump(
+            {
+                "graph": args.graph,
+                "results": results,
+                "errors": [{"image": path, "error": reason} for path, reason in failures],
+            },
+            sys.stdout,
+            indent=2,
+        )
         print()
     return 1 if failures else 0
 
@@ -121,8 +143,11 @@ def image_paths(arguments):
         else:
             failures.append((argument, "no such file or folder"))
     if not paths:
-        raise RetrainError("No images to label: " + "; ".join(f"{p}: {why}" for p, why in failures)
-                           + f". Received: image={list(arguments)}")
+        raise RetrainError(
+            "No images to label: "
+            + "; ".join(f"{p}: {why}" for p, why in failures)
+            + f". Received: image={list(arguments)}"
+        )
     return paths, failures
 
 
@@ -150,9 +175,11 @@ class Labeller:
         self.input_size = self.model.input_size
         outputs = self.model.num_classes
         if outputs != len(self.class_names):
-            raise RetrainError(f"The model has {outputs} outputs but {labels} lists "
-                               f"{len(self.class_names)} labels: pass the labels file written "
-                               f"with this model. Received: graph={graph}, labels={labels}")
+            raise RetrainError(
+                f"The model has {outputs} outputs but {labels} lists "
+                f"{len(self.class_names)} labels: pass the labels file written "
+                f"with this model. Received: graph={graph}, labels={labels}"
+            )
 
     def label(self, paths, top_k):
         """Yields (path, [(label, score), ...] best first) or (path, RetrainError), in order.
@@ -181,6 +208,7 @@ class Labeller:
                 row = next(rows)
                 best = np.argsort(-row, kind="stable")[:top_k]
                 yield path, [(self.class_names[i], float(row[i])) for i in best]
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,8 +44,13 @@ def import_tensorflow():
             finally:
                 text = captured()
     finally:
-        sys.stderr.write("".join(line for line in text.splitlines(keepends=True)
-                                 if not any(noise in line for noise in STARTUP_NOISE)))
+        sys.stderr.write(
+            "".join(
+                line
+                for line in text.splitlines(keepends=True)
+                if not any(noise in line for noise in STARTUP_NOISE)
+            )
+        )
     return tf
 
 

@@ -25,7 +25,7 @@ from retrain.data.buckets import Buckets
 from retrain.errors import RetrainError
 from retrain.files import output_folder
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,7 +73,10 @@ def run(config: Config, *, after_checkpoint=()) -> RunResult:
         # Nor does a cache-only run: it must not replace the previous run's outputs.
         return run_cache_only(config, spec, image_list)
     inputs = (("image_dir", config.image_dir), ("bottleneck_dir", config.bottleneck_dir))
-    with output_folder.staged(config.output_dir, inputs) as folder, _beside_training() as background:
+    with (
+        output_folder.staged(config.output_dir, inputs) as folder,
+        _beside_training() as background,
+    ):
         return _train_and_export(config, spec, image_list, folder, background, after_checkpoint)
 
 
@@ -87,16 +90,23 @@ def _beside_training():
     training"). A failing run waits only for the page, which writes into the
     staging folder.
     """
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2,
-                                                 thread_name_prefix="retrain-background")
+    pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=2, thread_name_prefix="retrain-background"
+    )
     try:
         yield pool
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _train_and_export(config: Config, spec, image_list, folder: output_folder.OutputFolder,
-                      background: concurrent.futures.Executor, after_checkpoint) -> RunResult:
+def _train_and_export(
+    config: Config,
+    spec,
+    image_list,
+    folder: output_folder.OutputFolder,
+    background: concurrent.futures.Executor,
+    after_checkpoint,
+) -> RunResult:
     save_yaml(config, folder.staging / "settings.yaml")
     # Built before any long work, so a bad --fine_tune_layers fails fast.
     backbone = tunable_backbone(config, spec) if config.fine_tune_layers else None
@@ -129,9 +139,14 @@ def _train_and_export(config: Config, spec, image_list, folder: output_folder.Ou
     try:
         backbone = trained.backbone
         if backbone is None:
-            backbone = (export_backbone.result() if export_backbone is not None
-                        else _plain_backbone(config, spec))
-        classifier = save_model(config, spec, trained.head, backbone, image_list.class_names, folder)
+            backbone = (
+                export_backbone.result()
+                if export_backbone is not None
+                else _plain_backbone(config, spec)
+            )
+        classifier = save_model(
+            config, spec, trained.head, backbone, image_list.class_names, folder
+        )
     finally:
         if page is not None:  # it writes into the staging folder: done before that goes
             concurrent.futures.wait([page])
@@ -144,23 +159,28 @@ def _train_and_export(config: Config, spec, image_list, folder: output_folder.Ou
         from retrain.export import deployment
 
         result.deployment_paths = deployment.export_for_deployment(
-            classifier, image_list, buckets.training.entries, config, folder)
+            classifier, image_list, buckets.training.entries, config, folder
+        )
     return result
 
 
 def discover(config: Config) -> images.ImageList:
     """The images of config.image_dir with their classes and split buckets; classes checked."""
-    image_list = images.discover(config.image_dir, config.testing_percentage,
-                                 config.validation_percentage)
+    image_list = images.discover(
+        config.image_dir, config.testing_percentage, config.validation_percentage
+    )
     check_classes(image_list)
     return image_list
 
 
 def _open_cache(config: Config, spec) -> BottleneckCache:
-    return BottleneckCache(config.bottleneck_dir, spec.name,
-                           weights_file=config.backbone_weights, dtype=config.bottleneck_dtype,
-                           engine=engines.choose(config.engine, spec.name,
-                                                 config.backbone_weights))
+    return BottleneckCache(
+        config.bottleneck_dir,
+        spec.name,
+        weights_file=config.backbone_weights,
+        dtype=config.bottleneck_dtype,
+        engine=engines.choose(config.engine, spec.name, config.backbone_weights),
+    )
 
 
 def fill_cache(config: Config, spec, image_list: images.ImageList) -> FilledCache:
@@ -190,13 +210,25 @@ def start_data_checks(config: Config, cache, buckets: Buckets, folder, backgroun
     from retrain.evaluation import data_checks
 
     try:
-        entries, labels, paths, splits = buckets.entries, buckets.labels, buckets.paths, buckets.splits
+        entries, labels, paths, splits = (
+            buckets.entries,
+            buckets.labels,
+            buckets.paths,
+            buckets.splits,
+        )
         checked = data_checks.checked_rows(len(entries), config.seed)
         return background.submit(
-            report.find_data_checks, cache.read([entries[row] for row in checked]),
-            labels[checked], buckets.class_names, [paths[row] for row in checked],
-            [splits[row] for row in checked], buckets.image_dir, config.seed,
-            previous_dir=folder.final, total_images=len(entries))
+            report.find_data_checks,
+            cache.read([entries[row] for row in checked]),
+            labels[checked],
+            buckets.class_names,
+            [paths[row] for row in checked],
+            [splits[row] for row in checked],
+            buckets.image_dir,
+            config.seed,
+            previous_dir=folder.final,
+            total_images=len(entries),
+        )
     except Exception as error:  # noqa: BLE001 - the report's failure, said at its end
         checks = concurrent.futures.Future()
         checks.set_exception(error)
@@ -210,15 +242,24 @@ def train(config: Config, spec, cache, buckets: Buckets, folder, backbone, after
 
     weights = None
     if config.class_weights == "balanced":
-        weights = class_weights.balanced_class_weights(buckets.training.labels,
-                                                       len(buckets.class_names))
+        weights = class_weights.balanced_class_weights(
+            buckets.training.labels, len(buckets.class_names)
+        )
     # The checkpoint lives beside the output folder, not in the staging folder,
     # which a killed run's successor removes.
     checkpoint_root = folder.final.parent / f".{folder.final.name}.checkpoint"
     summaries_dir = folder.place_folder(config.resolved_outputs()["summaries_dir"])
-    return classifier.train_classifier(config, spec, cache, buckets, summaries_dir,
-                                       checkpoint_root, backbone, class_weights=weights,
-                                       after_checkpoint=after_checkpoint)
+    return classifier.train_classifier(
+        config,
+        spec,
+        cache,
+        buckets,
+        summaries_dir,
+        checkpoint_root,
+        backbone,
+        class_weights=weights,
+        after_checkpoint=after_checkpoint,
+    )
 
 
 def predict_splits(config: Config, spec, trained, cache, buckets: Buckets) -> dict:
@@ -226,10 +267,15 @@ def predict_splits(config: Config, spec, trained, cache, buckets: Buckets) -> di
     from retrain.evaluation import run_record
     from retrain.training import predict
 
-    return predict.split_probabilities(trained, cache, buckets, run_record.EVALUATED_SPLITS,
-                                       input_size=spec.input_size,
-                                       test_batch_size=config.test_batch_size,
-                                       extraction_batch_size=config.extraction_batch_size)
+    return predict.split_probabilities(
+        trained,
+        cache,
+        buckets,
+        run_record.EVALUATED_SPLITS,
+        input_size=spec.input_size,
+        test_batch_size=config.test_batch_size,
+        extraction_batch_size=config.extraction_batch_size,
+    )
 
 
 def evaluate(config: Config, probabilities: dict, buckets: Buckets, out_dir: Path):
@@ -238,13 +284,17 @@ def evaluate(config: Config, probabilities: dict, buckets: Buckets, out_dir: Pat
 
     testing = buckets.testing
     if not len(testing):
-        log.warning("The test bucket is empty (testing_percentage=%s): no test accuracy.",
-                    config.testing_percentage)
+        logger.warning(
+            "The test bucket is empty (testing_percentage=%s): no test accuracy.",
+            config.testing_percentage,
+        )
         return None
-    test_evaluation = evaluation.evaluate(probabilities["testing"], testing.labels,
-                                          buckets.class_names)
-    misclassified = evaluation.misclassified(probabilities["testing"], testing.entries,
-                                             buckets.class_names)
+    test_evaluation = evaluation.evaluate(
+        probabilities["testing"], testing.labels, buckets.class_names
+    )
+    misclassified = evaluation.misclassified(
+        probabilities["testing"], testing.entries, buckets.class_names
+    )
     evaluation.write_metrics(test_evaluation, out_dir, misclassified)
     print(evaluation.summary(test_evaluation))
     if config.print_misclassified_test_images:
@@ -252,20 +302,26 @@ def evaluate(config: Config, probabilities: dict, buckets: Buckets, out_dir: Pat
     return test_evaluation
 
 
-def save_record(config: Config, buckets: Buckets, trained, probabilities: dict, skipped: list,
-                out_dir: Path):
+def save_record(
+    config: Config, buckets: Buckets, trained, probabilities: dict, skipped: list, out_dir: Path
+):
     """The run record (what the report page and a rebuilt report read), saved in out_dir."""
     from retrain.evaluation import run_record
 
     head_result = trained.head_result
     record = run_record.RunRecord(
-        image_dir=str(buckets.image_dir), class_names=buckets.class_names,
+        image_dir=str(buckets.image_dir),
+        class_names=buckets.class_names,
         settings=dataclasses.asdict(config),
-        images=buckets.paths, labels=buckets.labels, splits=buckets.splits,
-        history=head_result.history, best_step=head_result.best_step,
+        images=buckets.paths,
+        labels=buckets.labels,
+        splits=buckets.splits,
+        history=head_result.history,
+        best_step=head_result.best_step,
         stopped_early=head_result.stopped_early,
         class_weights=None if trained.class_weights is None else trained.class_weights.tolist(),
-        probabilities=probabilities, skipped=[(str(path), str(reason)) for path, reason in skipped],
+        probabilities=probabilities,
+        skipped=[(str(path), str(reason)) for path, reason in skipped],
     )
     run_record.save(record, out_dir)
     return record
@@ -310,9 +366,9 @@ def run_cache_only(config: Config, spec, image_list) -> RunResult:
 
 def run_shard(config: Config, spec, image_list) -> RunResult:
     """--num_shards K --shard_index I: extract part I into shard files, merged later."""
-    report = _open_cache(config, spec).update_shard(image_list, config.num_shards,
-                                                    config.shard_index,
-                                                    batch_size=config.extraction_batch_size)
+    report = _open_cache(config, spec).update_shard(
+        image_list, config.num_shards, config.shard_index, batch_size=config.extraction_batch_size
+    )
     print(console.shard_summary(report, config.num_shards, config.shard_index))
     return RunResult(image_list, report)
 

@@ -40,8 +40,11 @@ def small_mount(tmp_path):
             pytest.skip("mounting a small tmpfs for disk-full tests needs root")
         point = tmp_path / name
         point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         points.append(point)
@@ -77,7 +80,7 @@ def variants(pixels, rng):
     for _ in range(VARIANTS):
         h, w = (int(side * rng.uniform(0.6, 0.9)) for side in (height, width))
         top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
-        crop = pixels[top:top + h, left:left + w]
+        crop = pixels[top : top + h, left : left + w]
         crop = crop[:, ::-1] if rng.random() < 0.5 else crop
         out.append(np.clip(crop * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8))
     return out
@@ -111,21 +114,45 @@ def photo_model(tmp_path_factory):
     spec = backbones.get("efficientnet_lite0")
     backbone = backbones.load(spec.name)
     # Decoded and resized as the bottleneck cache does.
-    pixels = np.stack([resizing.resize_to_input(decode.decode_rgb(path, target_size=spec.input_size),
-                                              spec.input_size) for path in paths])
+    pixels = np.stack(
+        [
+            resizing.resize_to_input(
+                decode.decode_rgb(path, target_size=spec.input_size), spec.input_size
+            )
+            for path in paths
+        ]
+    )
     bottlenecks = backbone.predict(pixels, verbose=0)
     labels = np.array(labels)
     validation = np.arange(len(paths)) % VARIANTS == 0
-    trained = train_head(bottlenecks[~validation], labels[~validation],
-                         bottlenecks[validation], labels[validation], len(PHOTOS),
-                         HeadSettings(how_many_training_steps=300, learning_rate=0.003,
-                                      train_batch_size=100, validation_batch_size=-1,
-                                      eval_step_interval=10, seed=0, progress=False))
-    graph = export.save_classifier(export.build_classifier(backbone, trained.head, spec.input_size),
-                                   root / "model.keras")
+    trained = train_head(
+        bottlenecks[~validation],
+        labels[~validation],
+        bottlenecks[validation],
+        labels[validation],
+        len(PHOTOS),
+        HeadSettings(
+            how_many_training_steps=300,
+            learning_rate=0.003,
+            train_batch_size=100,
+            validation_batch_size=-1,
+            eval_step_interval=10,
+            seed=0,
+            progress=False,
+        ),
+    )
+    graph = export.save_classifier(
+        export.build_classifier(backbone, trained.head, spec.input_size), root / "model.keras"
+    )
     labels_file = export.write_labels(list(PHOTOS), root / "labels.txt")
-    return {"graph": str(graph), "labels": str(labels_file), "photos": root / "photos", "root": root,
-            "names": list(PHOTOS), "variants": VARIANTS}
+    return {
+        "graph": str(graph),
+        "labels": str(labels_file),
+        "photos": root / "photos",
+        "root": root,
+        "names": list(PHOTOS),
+        "variants": VARIANTS,
+    }
 
 
 @pytest.fixture(scope="module")

@@ -77,4 +77,6 @@ def driver(point, then):
 
 def cli_driver(point, argv):
     """``driver`` that then runs ``retrain`` with ``argv`` as ``python -m retrain`` does."""
-    return driver(point, f"\nfrom retrain import cli\ncli.exit_without_teardown(cli.main({argv!r}))\n")
+    return driver(
+        point, f"\nfrom retrain import cli\ncli.exit_without_teardown(cli.main({argv!r}))\n"
+    )

@@ -66,7 +66,9 @@ def test_specs_are_frozen_and_complete():
 
 def test_importing_the_registry_does_not_import_keras():
     script = "import sys, retrain.backbones as b; b.fingerprint(b.DEFAULT_BACKBONE); print('keras' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "False"
 
 
@@ -108,7 +110,9 @@ def test_fingerprints_are_distinct_and_stable_across_processes():
     assert len(set(here)) == len(here)
     assert all(len(f) == 64 and int(f, 16) >= 0 for f in here)
     script = "import retrain.backbones as b; print(*[b.fingerprint(n) for n in b.names()])"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
     assert result.stdout.split() == here
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 from skimage import data
 
 from retrain import backbones
-from retrain.data import decode, images, resizing
 from retrain.cache import BottleneckCache, journal
+from retrain.data import decode, images, resizing
 from retrain.errors import RetrainError
 
 
@@ -49,7 +49,9 @@ def expected_bottlenecks(image_list):
     """What the cache must hold: decode, resize and the backbone, one image at a time."""
     model = backbones.load("efficientnet_lite0")
     pixels = [
-        resizing.resize_to_input(decode.decode_rgb(image_list.image_dir / e.relative_path, 224), 224)
+        resizing.resize_to_input(
+            decode.decode_rgb(image_list.image_dir / e.relative_path, 224), 224
+        )
         for e in image_list.entries
     ]
     return np.concatenate([model(p[None], training=False).numpy() for p in pixels])
@@ -83,16 +85,18 @@ def test_float32_storage_keeps_full_precision(tmp_path, image_dir, backbone_buil
     cache.update(found, progress=False)
     with h5py.File(cache.path) as file:
         assert file["images/bottleneck"].dtype == np.float32
-    np.testing.assert_allclose(cache.read(found.entries), expected_bottlenecks(found),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        cache.read(found.entries), expected_bottlenecks(found), rtol=1e-4, atol=1e-4
+    )
     half = BottleneckCache(tmp_path, "efficientnet_lite0", dtype="float16")
     assert half.path != cache.path
     with pytest.raises(RetrainError, match="no bottleneck cache .*-float16.h5 yet"):
         half.read(found.entries)
 
 
-def test_changed_image_is_extracted_again_and_unchanged_is_not(tmp_path, image_dir,
-                                                               backbone_builds, monkeypatch):
+def test_changed_image_is_extracted_again_and_unchanged_is_not(
+    tmp_path, image_dir, backbone_builds, monkeypatch
+):
     cache = BottleneckCache(tmp_path / "cache", "efficientnet_lite0")
     found = images.discover(image_dir)
     cache.update(found, progress=False)
@@ -148,8 +152,9 @@ def test_switching_backbone_uses_a_separate_cache(tmp_path, image_dir, backbone_
         assert file.attrs["fingerprint"] == backbones.fingerprint("efficientnet_lite1")
 
 
-def test_cache_of_another_backbone_under_this_name_is_set_aside(tmp_path, image_dir,
-                                                                backbone_builds, caplog):
+def test_cache_of_another_backbone_under_this_name_is_set_aside(
+    tmp_path, image_dir, backbone_builds, caplog
+):
     found = images.discover(image_dir)
     lite1 = BottleneckCache(tmp_path, "efficientnet_lite1")
     lite1.update(found, progress=False)
@@ -159,20 +164,26 @@ def test_cache_of_another_backbone_under_this_name_is_set_aside(tmp_path, image_
         assert lite0.update(found, progress=False).extracted == 10
     aside = list(tmp_path.glob(f"{lite0.path.name}.corrupt-*"))
     assert len(aside) == 1
-    assert any(str(lite0.path) in r.getMessage() and str(aside[0]) in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        str(lite0.path) in r.getMessage() and str(aside[0]) in r.getMessage()
+        for r in caplog.records
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_unreadable_cache_file_is_moved_aside_and_rebuilt(tmp_path, image_dir, damage,
-                                                          backbone_builds, caplog):
+def test_unreadable_cache_file_is_moved_aside_and_rebuilt(
+    tmp_path, image_dir, damage, backbone_builds, caplog
+):
     found = images.discover(image_dir)
     cache = BottleneckCache(tmp_path, "efficientnet_lite0")
     cache.update(found, progress=False)
     good = cache.read(found.entries)
     content = cache.path.read_bytes()
-    damaged = {"truncate": content[: len(content) // 2],
-               "garbage": bytes(len(content)) + b"x", "empty": b""}[damage]
+    damaged = {
+        "truncate": content[: len(content) // 2],
+        "garbage": bytes(len(content)) + b"x",
+        "empty": b"",
+    }[damage]
     cache.path.write_bytes(damaged)
     with pytest.raises(RetrainError, match="cannot be read.*update"):
         cache.read(found.entries)
@@ -186,8 +197,9 @@ def test_unreadable_cache_file_is_moved_aside_and_rebuilt(tmp_path, image_dir, d
     assert len(warnings) == 1 and str(cache.path) in warnings[0] and str(aside[0]) in warnings[0]
 
 
-def test_damaged_journal_file_is_discarded_and_its_images_extracted(tmp_path, image_dir,
-                                                                    backbone_builds, caplog):
+def test_damaged_journal_file_is_discarded_and_its_images_extracted(
+    tmp_path, image_dir, backbone_builds, caplog
+):
     found = images.discover(image_dir)
     cache = BottleneckCache(tmp_path, "efficientnet_lite0")
     pending = journal.Journal(cache.path, cache.identity)
@@ -220,16 +232,14 @@ def write_bad_and_odd_files(folder):
     (folder / "cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
     (folder / "garbled.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
     write(np.array([[[200, 30, 40]]], np.uint8), folder / "dot.png")
-    sixteen = Image.fromarray((np.linspace(0, 65535, 120 * 160).reshape(120, 160)
-                               .astype(np.uint16)))
+    sixteen = Image.fromarray(np.linspace(0, 65535, 120 * 160).reshape(120, 160).astype(np.uint16))
     sixteen.save(folder / "gray16.png")
     assert Image.open(folder / "gray16.png").mode == "I;16"
     write(np.dstack([pixels, np.full(pixels.shape[:2], 128, np.uint8)]), folder / "alpha.png")
     Image.fromarray(pixels).convert("CMYK").save(folder / "cmyk.jpg")
 
 
-def test_bad_files_are_skipped_with_one_warning_each(tmp_path, image_dir, backbone_builds,
-                                                     caplog):
+def test_bad_files_are_skipped_with_one_warning_each(tmp_path, image_dir, backbone_builds, caplog):
     write_bad_and_odd_files(image_dir / "cats")
     with caplog.at_level(logging.WARNING):
         found = images.discover(image_dir)
@@ -280,8 +290,7 @@ def test_read_names_what_is_missing(tmp_path, image_dir, backbone_builds):
     cache = BottleneckCache(tmp_path, "efficientnet_lite0")
     with pytest.raises(RetrainError, match="no bottleneck cache"):
         cache.read(found.entries)
-    cache.update(images.ImageList(image_dir, found.class_names, found.entries[:4]),
-                 progress=False)
+    cache.update(images.ImageList(image_dir, found.class_names, found.entries[:4]), progress=False)
     with pytest.raises(RetrainError, match=r"6 of 10 images .* e\.g\. cats/img9\.gif"):
         cache.read(found.entries)
 

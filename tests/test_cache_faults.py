@@ -17,14 +17,13 @@ import time
 import filelock
 import h5py
 import numpy as np
+import parking
 import pytest
 from PIL import Image
 from skimage import data
 
-from retrain.data import images
 from retrain.cache import BottleneckCache
-
-import parking
+from retrain.data import images
 
 BATCH = 4
 BUILD = """
@@ -64,7 +63,9 @@ def start(image_dir, cache_dir, pause=None, stderr=subprocess.PIPE):
     code = parking.driver(pause, BUILD) if pause else BUILD
     return subprocess.Popen(
         [sys.executable, "-c", code, str(image_dir), str(cache_dir), str(BATCH)],
-        stdout=subprocess.PIPE, stderr=stderr, text=True,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
     )
 
 
@@ -72,8 +73,10 @@ def wait_until(condition, process, timeout=120):
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            pytest.fail(f"build ended ({process.returncode}) before the kill point: "
-                        f"{process.stderr.read() if process.stderr else ''}")
+            pytest.fail(
+                f"build ended ({process.returncode}) before the kill point: "
+                f"{process.stderr.read() if process.stderr else ''}"
+            )
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail("kill point not reached in time")
@@ -122,12 +125,21 @@ def test_sigkill_at_any_point_then_rerun_equals_clean_build(image_dir, clean_bui
 
     # What each kill must leave behind shows that the point was really hit.
     for pause, marker, left_behind in [
-        ("journal:2", f"{journal}.paused",
-         lambda: len(complete_journal_files()) == 2 and path.exists()),
-        ("fold-before-replace", f"{path}.paused",
-         lambda: list(cache_dir.glob("*.tmp-*")) and any(complete_journal_files())),
-        ("fold-after-replace", f"{path}.paused",
-         lambda: path.exists() and any(complete_journal_files())),
+        (
+            "journal:2",
+            f"{journal}.paused",
+            lambda: len(complete_journal_files()) == 2 and path.exists(),
+        ),
+        (
+            "fold-before-replace",
+            f"{path}.paused",
+            lambda: list(cache_dir.glob("*.tmp-*")) and any(complete_journal_files()),
+        ),
+        (
+            "fold-after-replace",
+            f"{path}.paused",
+            lambda: path.exists() and any(complete_journal_files()),
+        ),
     ]:
         process = start(image_dir, cache_dir, pause)
         wait_until(lambda: os.path.exists(marker), process)

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain.data import images
 from retrain.cache import BottleneckCache, journal, plan
+from retrain.data import images
 
 LITE0 = "efficientnet_lite0"
 MTIME_NS = 1_600_000_000_123_456_789
@@ -54,11 +54,14 @@ def alone(image_dir, folder):
     return cache.read(found.entries)
 
 
-def test_a_shared_cache_never_feeds_one_folders_vector_to_another(tmp_path, two_folders,
-                                                                  backbone_builds):
+def test_a_shared_cache_never_feeds_one_folders_vector_to_another(
+    tmp_path, two_folders, backbone_builds
+):
     folder_a, folder_b = two_folders
-    expected = {name: alone(path, tmp_path / f"alone-{name}")
-                for name, path in (("A", folder_a), ("B", folder_b))}
+    expected = {
+        name: alone(path, tmp_path / f"alone-{name}")
+        for name, path in (("A", folder_a), ("B", folder_b))
+    }
     assert not np.allclose(expected["A"][0], expected["B"][0])
     shared = BottleneckCache(tmp_path / "shared", LITE0)
 
@@ -71,8 +74,9 @@ def test_a_shared_cache_never_feeds_one_folders_vector_to_another(tmp_path, two_
     assert shared.plan(images.discover(folder_a), progress=False).reused == 2
 
 
-def test_a_moved_image_folder_costs_a_digest_pass_not_an_extraction(tmp_path, two_folders,
-                                                                    backbone_builds):
+def test_a_moved_image_folder_costs_a_digest_pass_not_an_extraction(
+    tmp_path, two_folders, backbone_builds
+):
     folder_a, _ = two_folders
     cache = BottleneckCache(tmp_path / "cache", LITE0)
     before = cache.update(images.discover(folder_a), batch_size=2, progress=False)
@@ -95,8 +99,9 @@ def strip_folders(cache_path):
         del file["failed/folder"]
 
 
-def test_a_cache_written_before_folders_is_reused_after_one_digest_pass(tmp_path, two_folders,
-                                                                        backbone_builds):
+def test_a_cache_written_before_folders_is_reused_after_one_digest_pass(
+    tmp_path, two_folders, backbone_builds
+):
     folder_a, folder_b = two_folders
     cache = BottleneckCache(tmp_path / "cache", LITE0)
     found_a = images.discover(folder_a)

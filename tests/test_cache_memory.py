@@ -17,8 +17,9 @@ BUDGET_MB = 250
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("cache_memory",
-                                                  ROOT / "benchmarks" / "cache_memory.py")
+    spec = importlib.util.spec_from_file_location(
+        "cache_memory", ROOT / "benchmarks" / "cache_memory.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -36,8 +37,8 @@ def test_training_on_a_cache_bigger_than_the_memory_budget(tmp_path):
 
 
 def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
-    from retrain.training import datasets
     from retrain.cache import BottleneckCache
+    from retrain.training import datasets
 
     benchmark = load_benchmark()
     benchmark.write_synthetic_cache(tmp_path, 3000)
@@ -57,19 +58,22 @@ def test_stream_and_training_batches_cover_every_entry_with_its_label(tmp_path):
     for buffer in (1, len(chosen)):
         batches = datasets.cached_training(cache, chosen, 100, seed=0, shuffle_buffer=buffer)
         assert batches.options().autotune.enabled is False  # see retrain.data.pixel_batches
-        vectors, labels = map(np.concatenate, zip(*[(x.numpy(), y.numpy())
-                                                    for x, y in batches.take(len(chosen) // 100)]))
+        vectors, labels = map(
+            np.concatenate,
+            zip(*[(x.numpy(), y.numpy()) for x, y in batches.take(len(chosen) // 100)]),
+        )
         assert len(vectors) == len(chosen)
         assert len({vector.tobytes() for vector in vectors}) == len(chosen)
         assert all(rows[vector.tobytes()] == label for vector, label in zip(vectors, labels))
         assert [rows[v.tobytes()] for v in vectors[:50]] != [e.label_index for e in chosen[:50]]
 
 
-def test_predictions_and_the_validation_sample_read_a_bounded_part_of_the_cache(tmp_path, monkeypatch,
-                                                                               caplog):
+def test_predictions_and_the_validation_sample_read_a_bounded_part_of_the_cache(
+    tmp_path, monkeypatch, caplog
+):
+    from retrain.cache import BottleneckCache
     from retrain.training import datasets, predict
     from retrain.training.head import build_head
-    from retrain.cache import BottleneckCache
 
     benchmark = load_benchmark()
     benchmark.write_synthetic_cache(tmp_path, 3000)
@@ -99,7 +103,9 @@ def test_predictions_and_the_validation_sample_read_a_bounded_part_of_the_cache(
     np.testing.assert_array_equal(sample_labels, labels)
     assert "validation images" not in caplog.text
     vectors, sample_labels = datasets.cached_sample(cache, chosen, -1, seed=0, most=100)
-    assert f"{len(chosen)} validation images: the head is scored on a fixed random 100" in caplog.text
+    assert (
+        f"{len(chosen)} validation images: the head is scored on a fixed random 100" in caplog.text
+    )
     assert vectors.shape == (100, benchmark.FEATURE_DIM)
     rows = {vector.tobytes(): i for i, vector in enumerate(cache.read(chosen))}
     positions = [rows[vector.tobytes()] for vector in vectors]

@@ -6,13 +6,13 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import fill
+from test_cache import photos, write
+
 from retrain import cli
-from retrain.data import decode, images
 from retrain.cache import BottleneckCache, journal, merge, store
 from retrain.cache.identity import CacheIdentity
-from test_cache import photos, write
+from retrain.data import decode, images
 
 LITE0 = "efficientnet_lite0"
 
@@ -22,19 +22,29 @@ def journal_rows(path, identity, count, failures=0):
     records = journal.Records()
     for i in range(count):
         name = f"Crème brûlée/{'sous-dossier très long/' * 7}{i:08d}.jpg"
-        records.add_row(f"{i:064x}", name, decode.FileState(123_456, i, f"{i:064x}"),
-                        np.full(identity.feature_dim, i % 7, np.float32), f"{i:016x}")
+        records.add_row(
+            f"{i:064x}",
+            name,
+            decode.FileState(123_456, i, f"{i:064x}"),
+            np.full(identity.feature_dim, i % 7, np.float32),
+            f"{i:016x}",
+        )
     for i in range(failures):
         records.failures[f"{count + i:064x}"] = journal.Failure(
-            f"bad/{i}.jpg", 10, 1, "damaged image (UnidentifiedImageError: cannot identify)",
-            "0" * 16)
+            f"bad/{i}.jpg",
+            10,
+            1,
+            "damaged image (UnidentifiedImageError: cannot identify)",
+            "0" * 16,
+        )
     journal.Journal(path, identity).append(records)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("rows", [10, 1000, 5000])
-def test_merge_space_estimate_is_within_one_and_a_half_of_the_real_file(tmp_path, monkeypatch,
-                                                                         rows, dtype):
+def test_merge_space_estimate_is_within_one_and_a_half_of_the_real_file(
+    tmp_path, monkeypatch, rows, dtype
+):
     identity = CacheIdentity(LITE0, "0" * 64, 1280, dtype, "keras", "test")
     path = tmp_path / identity.file_name()
     journal_rows(path, identity, rows, failures=3)
@@ -75,7 +85,8 @@ def photo_dir(tmp_path):
 
 
 def test_a_merge_that_cannot_fit_is_deferred_and_the_run_reads_the_journal(
-        tmp_path, small_mount, photo_dir, backbone_builds, caplog):
+    tmp_path, small_mount, photo_dir, backbone_builds, caplog
+):
     found = images.discover(photo_dir)
     reference = BottleneckCache(tmp_path / "reference", LITE0)
     reference.update(found, batch_size=4, progress=False)
@@ -83,7 +94,9 @@ def test_a_merge_that_cannot_fit_is_deferred_and_the_run_reads_the_journal(
 
     disk = small_mount("4m")
     cache = BottleneckCache(disk, LITE0)
-    cache.update(dataclasses.replace(found, entries=found.entries[:8]), batch_size=4, progress=False)
+    cache.update(
+        dataclasses.replace(found, entries=found.entries[:8]), batch_size=4, progress=False
+    )
     # Room for the journal of 12 more images, not for a second main file (~0.7 MB).
     filler = fill(disk, leave=300_000)
     with caplog.at_level(logging.WARNING):
@@ -112,7 +125,8 @@ def test_a_merge_that_cannot_fit_is_deferred_and_the_run_reads_the_journal(
 
 
 def test_a_first_run_whose_merge_cannot_fit_reads_the_journal_alone(
-        tmp_path, small_mount, photo_dir, backbone_builds, caplog):
+    tmp_path, small_mount, photo_dir, backbone_builds, caplog
+):
     found = images.discover(photo_dir)
     reference = BottleneckCache(tmp_path / "reference", LITE0)
     reference.update(found, batch_size=4, progress=False)
@@ -126,16 +140,34 @@ def test_a_first_run_whose_merge_cannot_fit_reads_the_journal_alone(
     assert np.array_equal(cache.read(found.entries), reference.read(found.entries))
 
 
-FAST = ["--how_many_training_steps", "20", "--eval_step_interval", "10",
-        "--extraction_batch_size", "4", "--testing_percentage", "0", "--validation_percentage", "0"]
+FAST = [
+    "--how_many_training_steps",
+    "20",
+    "--eval_step_interval",
+    "10",
+    "--extraction_batch_size",
+    "4",
+    "--testing_percentage",
+    "0",
+    "--validation_percentage",
+    "0",
+]
 
 
-def test_a_run_on_a_full_cache_disk_trains_and_the_next_run_merges(tmp_path, small_mount,
-                                                                   photo_dir, capsys, caplog):
+def test_a_run_on_a_full_cache_disk_trains_and_the_next_run_merges(
+    tmp_path, small_mount, photo_dir, capsys, caplog
+):
     disk = small_mount("1m")
     filler = fill(disk, leave=400_000)
-    argv = ["--image_dir", str(photo_dir), "--bottleneck_dir", str(disk),
-            "--output_dir", str(tmp_path / "out"), *FAST]
+    argv = [
+        "--image_dir",
+        str(photo_dir),
+        "--bottleneck_dir",
+        str(disk),
+        "--output_dir",
+        str(tmp_path / "out"),
+        *FAST,
+    ]
     with caplog.at_level(logging.WARNING):
         assert cli.main(argv) == 0
     assert "merge deferred: needs" in caplog.text and "Traceback" not in capsys.readouterr().err

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain.data import images
 from retrain.cache import BottleneckCache, hdf5_checks, journal, merge, shards, store
 from retrain.cache.identity import CacheIdentity
+from retrain.data import images
 from retrain.errors import RetrainError
 
 DIM = 8
@@ -34,9 +34,12 @@ def records(start, count):
     """``count`` journal rows with keys ``start``..; bottleneck row i is all i."""
     rows = range(start, start + count)
     return journal.Records(
-        key=[f"{i:064x}" for i in rows], relative_path=[f"c/{i}.jpg" for i in rows],
-        size=[100 + i for i in rows], mtime_ns=[10**18 + i for i in rows],
-        sha256=["a" * 64 for _ in rows], bottleneck=[np.full(DIM, i, np.float32) for i in rows],
+        key=[f"{i:064x}" for i in rows],
+        relative_path=[f"c/{i}.jpg" for i in rows],
+        size=[100 + i for i in rows],
+        mtime_ns=[10**18 + i for i in rows],
+        sha256=["a" * 64 for _ in rows],
+        bottleneck=[np.full(DIM, i, np.float32) for i in rows],
     )
 
 
@@ -62,14 +65,16 @@ def secret_file(folder):
 
 def external_storage(file, elsewhere):
     del file["images/bottleneck"]
-    file["images"].create_dataset("bottleneck", (4, DIM), "f2",
-                                  external=[(str(elsewhere / "secret.bin"), 0, 4 * DIM * 2)])
+    file["images"].create_dataset(
+        "bottleneck", (4, DIM), "f2", external=[(str(elsewhere / "secret.bin"), 0, 4 * DIM * 2)]
+    )
 
 
 def external_storage_of_keys(file, elsewhere):
     del file["images/key"]
-    file["images"].create_dataset("key", (4,), "S64",
-                                  external=[(str(elsewhere / "secret.bin"), 0, 4 * 64)])
+    file["images"].create_dataset(
+        "key", (4,), "S64", external=[(str(elsewhere / "secret.bin"), 0, 4 * 64)]
+    )
 
 
 def virtual_dataset(file, elsewhere):
@@ -115,14 +120,23 @@ def text_records_all_pointing_at_one_large_string(file, elsewhere):
     failed.create_dataset("relative_path", data=["x.jpg"] * count, dtype=h5py.string_dtype())
     failed["size"] = np.zeros(count, np.int64)
     failed["mtime_ns"] = np.zeros(count, np.int64)
-    reasons = failed.create_dataset("reason", data=["r" * (1 << 20)] + ["r"] * (count - 1),
-                                    dtype=h5py.string_dtype())
+    reasons = failed.create_dataset(
+        "reason", data=["r" * (1 << 20)] + ["r"] * (count - 1), dtype=h5py.string_dtype()
+    )
     return reasons.id.get_offset(), count
 
 
-PLANTS = [external_storage, external_storage_of_keys, virtual_dataset, external_link,
-          soft_link, size_as_text, bottleneck_as_float64, absurd_shape,
-          text_records_all_pointing_at_one_large_string]
+PLANTS = [
+    external_storage,
+    external_storage_of_keys,
+    virtual_dataset,
+    external_link,
+    soft_link,
+    size_as_text,
+    bottleneck_as_float64,
+    absurd_shape,
+    text_records_all_pointing_at_one_large_string,
+]
 
 
 def plant(path, how, elsewhere):
@@ -142,8 +156,9 @@ def files_holding(folder, needle):
 
 
 @pytest.mark.parametrize("how", PLANTS, ids=lambda how: how.__name__)
-def test_planted_cache_file_is_set_aside_before_any_data_is_read(tmp_path, how, caplog,
-                                                                 monkeypatch):
+def test_planted_cache_file_is_set_aside_before_any_data_is_read(
+    tmp_path, how, caplog, monkeypatch
+):
     elsewhere = secret_file(tmp_path / "elsewhere")
     cache = tmp_path / "cache"
     path = good_cache(cache)
@@ -201,8 +216,7 @@ def test_plain_cache_written_by_retrain_passes_the_checks(tmp_path):
         cache.close()
 
 
-def test_run_over_a_planted_cache_never_copies_the_external_file(tmp_path, backbone_builds,
-                                                                 caplog):
+def test_run_over_a_planted_cache_never_copies_the_external_file(tmp_path, backbone_builds, caplog):
     """The issue's case: images/bottleneck kept in another file, then a normal update."""
     photos = tmp_path / "photos"
     for i, pixels in enumerate([data.chelsea(), data.coffee(), data.astronaut()]):
@@ -217,8 +231,9 @@ def test_run_over_a_planted_cache_never_copies_the_external_file(tmp_path, backb
     secret.write_bytes(SECRET * 12)  # 7,680 bytes: three float16 vectors of 1,280
     with h5py.File(cache.path, "a") as file:
         del file["images/bottleneck"]
-        file["images"].create_dataset("bottleneck", (3, 1280), "f2",
-                                      external=[(str(secret), 0, 3 * 1280 * 2)])
+        file["images"].create_dataset(
+            "bottleneck", (3, 1280), "f2", external=[(str(secret), 0, 3 * 1280 * 2)]
+        )
     first = photos / found.entries[0].relative_path
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
     with caplog.at_level(logging.WARNING):
@@ -248,14 +263,17 @@ def deflate_bomb(tmp_path_factory):
     np.savez(good, **journal.to_arrays(records(0, 2), IDENTITY))
     bomb = folder / "bomb.npz"
     zeros = bytes(1 << 24)
-    with zipfile.ZipFile(good) as source, \
-            zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as out:
+    with (
+        zipfile.ZipFile(good) as source,
+        zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as out,
+    ):
         for info in source.infolist():
             if info.filename != "bottleneck.npy":
                 out.writestr(info.filename, source.read(info))
         with out.open("bottleneck.npy", "w", force_zip64=True) as member:
             np.lib.format.write_array_header_1_0(
-                member, {"descr": "<f2", "fortran_order": False, "shape": (BOMB_ROWS, DIM)})
+                member, {"descr": "<f2", "fortran_order": False, "shape": (BOMB_ROWS, DIM)}
+            )
             for _ in range(BOMB_ROWS * DIM * 2 // len(zeros)):
                 member.write(zeros)
     assert bomb.stat().st_size < 4 << 20
@@ -329,16 +347,24 @@ def rewritten(source, target, member, array=None, header=None):
     return target
 
 
-@pytest.mark.parametrize("member, array, header, message", [
-    ("relative_path.npy", np.array([b"a", 1], dtype=object), None, "Python objects"),
-    ("size.npy", np.zeros(2, np.float64), None, "holds float64"),
-    ("bottleneck.npy", np.zeros((2, DIM + 1), np.float16), None, "shape"),
-    ("key.npy", np.zeros(3, "S64"), None, "shape"),
-    ("bottleneck.npy", None, {"descr": "<f2", "fortran_order": False, "shape": (10**9, DIM)},
-     "declares"),
-])
-def test_journal_member_of_wrong_dtype_shape_or_size_is_refused(tmp_path, member, array,
-                                                                header, message):
+@pytest.mark.parametrize(
+    "member, array, header, message",
+    [
+        ("relative_path.npy", np.array([b"a", 1], dtype=object), None, "Python objects"),
+        ("size.npy", np.zeros(2, np.float64), None, "holds float64"),
+        ("bottleneck.npy", np.zeros((2, DIM + 1), np.float16), None, "shape"),
+        ("key.npy", np.zeros(3, "S64"), None, "shape"),
+        (
+            "bottleneck.npy",
+            None,
+            {"descr": "<f2", "fortran_order": False, "shape": (10**9, DIM)},
+            "declares",
+        ),
+    ],
+)
+def test_journal_member_of_wrong_dtype_shape_or_size_is_refused(
+    tmp_path, member, array, header, message
+):
     good = tmp_path / "good.npz"
     np.savez(good, **journal.to_arrays(records(0, 2), IDENTITY))
     assert len(shards.load(good, IDENTITY)["key"]) == 2
@@ -348,6 +374,7 @@ def test_journal_member_of_wrong_dtype_shape_or_size_is_refused(tmp_path, member
 
 
 # --- the lock file -------------------------------------------------------------
+
 
 def test_lock_path_planted_as_a_symlink_is_not_followed(tmp_path):
     photos = tmp_path / "photos" / "cats"

@@ -36,8 +36,20 @@ def test_defaults_then_yaml_then_flags(tmp_path):
 
 
 def test_saved_settings_load_back_identically(tmp_path):
-    config = cli.resolve_config(["--image_dir", "photos", "--seed", "3", "--cache_only",
-                                 "--tflite", "int8", "float32", "--saved_model_dir", "out/sm"])
+    config = cli.resolve_config(
+        [
+            "--image_dir",
+            "photos",
+            "--seed",
+            "3",
+            "--cache_only",
+            "--tflite",
+            "int8",
+            "float32",
+            "--saved_model_dir",
+            "out/sm",
+        ]
+    )
     save_yaml(config, tmp_path / "settings.yaml")
     again = cli.resolve_config(["--config", str(tmp_path / "settings.yaml")])
     assert again == config
@@ -55,7 +67,9 @@ def test_tflite_kinds_from_yaml_and_flags(tmp_path):
     settings = tmp_path / "run.yaml"
     settings.write_text("image_dir: photos\ntflite: [float16, int8]\n")
     assert cli.resolve_config(["--config", str(settings)]).tflite == ["float16", "int8"]
-    assert cli.resolve_config(["--config", str(settings), "--tflite", "float32"]).tflite == ["float32"]
+    assert cli.resolve_config(["--config", str(settings), "--tflite", "float32"]).tflite == [
+        "float32"
+    ]
     settings.write_text("image_dir: photos\ntflite: int8\n")
     config = cli.resolve_config(["--config", str(settings)])
     assert config.tflite == ["int8"]
@@ -67,22 +81,26 @@ def test_saved_model_dir_holding_other_files_is_refused_before_any_work(tmp_path
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
-    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "none"),
-                              "--saved_model_dir", str(folder))
+    status, _, err = run_main(
+        capsys, "--image_dir", str(tmp_path / "none"), "--saved_model_dir", str(folder)
+    )
     assert status == 2 and "was not written by retrain" in err and err.count("\n") == 1
     assert (folder / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("learning_rate: fast\n", "learning_rate"),
-    ("tflite: [int8, 3]\n", "tflite"),
-    ("tflite: {int8: 1}\n", "list of strings"),
-    ("- a\n- b\n", "mapping"),
-    ("image_dir: [unclosed\n", "not valid YAML"),
-    ("1: 2\nlearning_rte: 0.5\n", "learning_rte"),
-    ("null: 1\ntypo: 2\n", "None"),
-    ("? [a, b]\n: 1\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("learning_rate: fast\n", "learning_rate"),
+        ("tflite: [int8, 3]\n", "tflite"),
+        ("tflite: {int8: 1}\n", "list of strings"),
+        ("- a\n- b\n", "mapping"),
+        ("image_dir: [unclosed\n", "not valid YAML"),
+        ("1: 2\nlearning_rte: 0.5\n", "learning_rte"),
+        ("null: 1\ntypo: 2\n", "None"),
+        ("? [a, b]\n: 1\n", "not valid YAML"),
+    ],
+)
 def test_bad_yaml_values(tmp_path, capsys, text, fragment):
     settings = tmp_path / "run.yaml"
     settings.write_text(text)
@@ -104,29 +122,45 @@ def test_missing_config_file(tmp_path, capsys):
     assert status == 2 and "absent.yaml" in err
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    ([], "--image_dir is required"),
-    (["--image_dir", "x", "--learning_rate", "-1"], "learning_rate=-1"),
-    (["--image_dir", "x", "--how_many_training_steps", "0"], "how_many_training_steps=0"),
-    (["--image_dir", "x", "--testing_percentage", "60", "--validation_percentage", "40"],
-     "testing_percentage=60"),
-    (["--image_dir", "x", "--validation_batch_size", "0"], "validation_batch_size=0"),
-    (["--image_dir", "x", "--bottleneck_dtype", "int8"], "bottleneck_dtype='int8'"),
-    (["--image_dir", "x", "--engine", "tpu"], "engine='tpu'"),
-    (["--image_dir", "x", "--output_graph", "model.pb"], "output_graph='model.pb'"),
-    (["--image_dir", "x", "--seed", "-1"], "seed=-1"),
-    (["--image_dir", "x", "--seed", str(2**32)], f"seed={2**32}"),
-    (["--image_dir", "x", "--learning_rate", "inf"], "learning_rate=inf"),
-    (["--image_dir", "x", "--tflite", "int4"], "tflite=['int4']"),
-    (["--image_dir", "x", "--tflite", "int8", "float16", "int8"], "tflite=['int8', 'float16', 'int8']"),
-    (["--image_dir", "x", "--output_dir", "out", "--saved_model_dir", "out"], "saved_model_dir=out"),
-    (["--image_dir", "x", "--output_dir", "out/run", "--saved_model_dir", "out"], "saved_model_dir=out"),
-    (["--image_dir", "x", "--saved_model_dir", ""], "saved_model_dir="),
-    (["--image_dir", "x", "--num_shards", "2"], "needs --cache_only"),
-    (["--image_dir", "x", "--cache_only", "--num_shards", "2", "--shard_index", "2"],
-     "num_shards=2, shard_index=2"),
-    (["--image_dir", "x", "--cache_only", "--num_shards", "0"], "num_shards=0"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        ([], "--image_dir is required"),
+        (["--image_dir", "x", "--learning_rate", "-1"], "learning_rate=-1"),
+        (["--image_dir", "x", "--how_many_training_steps", "0"], "how_many_training_steps=0"),
+        (
+            ["--image_dir", "x", "--testing_percentage", "60", "--validation_percentage", "40"],
+            "testing_percentage=60",
+        ),
+        (["--image_dir", "x", "--validation_batch_size", "0"], "validation_batch_size=0"),
+        (["--image_dir", "x", "--bottleneck_dtype", "int8"], "bottleneck_dtype='int8'"),
+        (["--image_dir", "x", "--engine", "tpu"], "engine='tpu'"),
+        (["--image_dir", "x", "--output_graph", "model.pb"], "output_graph='model.pb'"),
+        (["--image_dir", "x", "--seed", "-1"], "seed=-1"),
+        (["--image_dir", "x", "--seed", str(2**32)], f"seed={2**32}"),
+        (["--image_dir", "x", "--learning_rate", "inf"], "learning_rate=inf"),
+        (["--image_dir", "x", "--tflite", "int4"], "tflite=['int4']"),
+        (
+            ["--image_dir", "x", "--tflite", "int8", "float16", "int8"],
+            "tflite=['int8', 'float16', 'int8']",
+        ),
+        (
+            ["--image_dir", "x", "--output_dir", "out", "--saved_model_dir", "out"],
+            "saved_model_dir=out",
+        ),
+        (
+            ["--image_dir", "x", "--output_dir", "out/run", "--saved_model_dir", "out"],
+            "saved_model_dir=out",
+        ),
+        (["--image_dir", "x", "--saved_model_dir", ""], "saved_model_dir="),
+        (["--image_dir", "x", "--num_shards", "2"], "needs --cache_only"),
+        (
+            ["--image_dir", "x", "--cache_only", "--num_shards", "2", "--shard_index", "2"],
+            "num_shards=2, shard_index=2",
+        ),
+        (["--image_dir", "x", "--cache_only", "--num_shards", "0"], "num_shards=0"),
+    ],
+)
 def test_bad_values_exit_2_naming_the_value(capsys, argv, fragment):
     status, _, err = run_main(capsys, *argv)
     assert status == 2
@@ -134,11 +168,14 @@ def test_bad_values_exit_2_naming_the_value(capsys, argv, fragment):
     assert err.count("\n") == 1  # one line
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--image_dir"], "--image_dir"),
-    (["--learning_rate", "abc"], "'abc'"),
-    (["--no_such_flag"], "--no_such_flag"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--image_dir"], "--image_dir"),
+        (["--learning_rate", "abc"], "'abc'"),
+        (["--no_such_flag"], "--no_such_flag"),
+    ],
+)
 def test_argparse_usage_errors_exit_2_with_one_line(argv, fragment, capsys):
     with pytest.raises(SystemExit) as raised:
         cli.main(argv)
@@ -155,8 +192,9 @@ def test_missing_image_dir(tmp_path, capsys):
 
 def test_one_class_is_not_enough(tmp_path, capsys):
     write_image(tmp_path / "photos" / "cats" / "a.png")
-    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "photos"),
-                              "--bottleneck_dir", str(tmp_path / "cache"))
+    status, _, err = run_main(
+        capsys, "--image_dir", str(tmp_path / "photos"), "--bottleneck_dir", str(tmp_path / "cache")
+    )
     assert status == 2 and "two classes" in err
 
 
@@ -165,22 +203,28 @@ def test_class_without_usable_images(tmp_path, capsys):
     notes = tmp_path / "photos" / "dogs" / "notes.txt"
     notes.parent.mkdir(parents=True)
     notes.write_text("not an image")
-    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "photos"),
-                              "--bottleneck_dir", str(tmp_path / "cache"))
+    status, _, err = run_main(
+        capsys, "--image_dir", str(tmp_path / "photos"), "--bottleneck_dir", str(tmp_path / "cache")
+    )
     assert status == 2 and "dogs" in err
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*.h5"))
 
 
 def test_unknown_architecture_lists_the_known_ones(tmp_path, capsys):
     write_image(tmp_path / "photos" / "a" / "1.png")
-    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "photos"),
-                              "--architecture", "alexnet")
+    status, _, err = run_main(
+        capsys, "--image_dir", str(tmp_path / "photos"), "--architecture", "alexnet"
+    )
     assert status == 2 and "alexnet" in err and "efficientnet_lite0" in err
 
 
 def test_real_process_exits_2_without_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "retrain", "--image_dir", str(tmp_path / "nowhere")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "retrain", "--image_dir", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "nowhere" in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == ""
@@ -204,9 +248,15 @@ def test_output_dir_that_is_a_file_fails_before_extraction(tmp_path, capsys):
         write_image(tmp_path / "photos" / label / "a.png")
     taken = tmp_path / "taken"
     taken.write_text("a file where the output folder should be")
-    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "photos"),
-                              "--bottleneck_dir", str(tmp_path / "cache"),
-                              "--output_dir", str(taken))
+    status, _, err = run_main(
+        capsys,
+        "--image_dir",
+        str(tmp_path / "photos"),
+        "--bottleneck_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(taken),
+    )
     assert status == 2 and f"output_dir={taken}" in err and "Traceback" not in err
     assert not list(tmp_path.glob("cache/*.h5")), "extracted before checking the outputs"
 
@@ -217,13 +267,22 @@ def test_class_whose_images_all_fail_to_decode_is_named(tmp_path, capsys, monkey
     from retrain.cache import BottleneckCache, CacheReport
 
     def update(cache, image_list, batch_size=32, progress=True):
-        return CacheReport(extracted=0, reused=1, path=cache.path,
-                                    failed=[("dogs/a.png", "damaged PNG file")])
+        return CacheReport(
+            extracted=0, reused=1, path=cache.path, failed=[("dogs/a.png", "damaged PNG file")]
+        )
 
     monkeypatch.setattr(BottleneckCache, "update", update)
-    status, _, err = run_main(capsys, "--image_dir", str(tmp_path / "photos"),
-                              "--output_dir", str(tmp_path / "out"),
-                              "--testing_percentage", "0", "--validation_percentage", "0")
+    status, _, err = run_main(
+        capsys,
+        "--image_dir",
+        str(tmp_path / "photos"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--testing_percentage",
+        "0",
+        "--validation_percentage",
+        "0",
+    )
     assert status == 2 and "no usable images" in err and "['dogs']" in err
     assert "testing_percentage" not in err, "blames the split for undecodable images"
 

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from retrain.evaluation import data_checks
 from retrain.errors import RetrainError
+from retrain.evaluation import data_checks
 
 
 def clustered(classes=4, per_class=40, dim=64, seed=0, spread=0.35):
@@ -34,7 +34,7 @@ def test_planted_label_errors_come_first():
     wrong = labels.copy()
     wrong[planted] = (labels[planted] + 1) % 4
     issues = data_checks.find_label_issues(vectors, wrong, names, paths)
-    assert {issue.image for issue in issues[:len(planted)]} == {paths[i] for i in planted}
+    assert {issue.image for issue in issues[: len(planted)]} == {paths[i] for i in planted}
     first = {issue.image: issue for issue in issues}[paths[5]]
     assert (first.given, first.suggested) == ("b", "a")
     scores = [issue.score for issue in issues]
@@ -58,7 +58,9 @@ def test_planted_duplicates_are_the_closest_pairs_and_straddling_is_flagged():
     vectors, _, paths = clustered(per_class=50, spread=1.0)
     rng = np.random.default_rng(1)
     originals = [3, 60, 121, 180]
-    copies = vectors[originals] * 1.02 + rng.normal(0, 0.01, (4, vectors.shape[1])).astype(np.float32)
+    copies = vectors[originals] * 1.02 + rng.normal(0, 0.01, (4, vectors.shape[1])).astype(
+        np.float32
+    )
     all_vectors = np.concatenate([vectors, copies])
     all_paths = paths + [f"copy_{i}.jpg" for i in range(4)]
     splits = ["training"] * len(paths) + ["testing", "training", "training", "validation"]
@@ -76,32 +78,56 @@ def test_planted_duplicates_are_the_closest_pairs_and_straddling_is_flagged():
 def test_near_duplicate_search_does_not_build_all_pairs(monkeypatch):
     """At most n * DUPLICATE_NEIGHBOURS candidate pairs are scored, whatever n is."""
     vectors, _, paths = clustered(classes=8, per_class=250, dim=96)
-    pairs = data_checks.find_near_duplicates(vectors, paths, ["training"] * len(paths), max_distance=2.0)
+    pairs = data_checks.find_near_duplicates(
+        vectors, paths, ["training"] * len(paths), max_distance=2.0
+    )
     assert len(pairs) <= len(paths) * data_checks.DUPLICATE_NEIGHBOURS
     assert len(pairs) >= len(paths) // 2
 
 
 def test_csv_round_trip_and_header(tmp_path):
-    issues = [data_checks.LabelIssue("a/1.jpg", "a", "b", 0.01),
-              data_checks.LabelIssue("b/é,2.jpg", "b", "a", 0.2)]
+    issues = [
+        data_checks.LabelIssue("a/1.jpg", "a", "b", 0.01),
+        data_checks.LabelIssue("b/é,2.jpg", "b", "a", 0.2),
+    ]
     pairs = [data_checks.NearDuplicate("a/1.jpg", "b/2.jpg", "training", "testing", 0.003)]
     data_checks.write_label_issues(issues, tmp_path / "issues.csv")
     data_checks.write_near_duplicates(pairs, tmp_path / "pairs.csv")
-    assert (tmp_path / "issues.csv").read_text(encoding="utf-8").splitlines()[0] == "image,given,suggested,score"
-    assert (tmp_path / "pairs.csv").read_text().splitlines()[0] == "image_a,image_b,split_a,split_b,distance"
+    assert (tmp_path / "issues.csv").read_text(encoding="utf-8").splitlines()[
+        0
+    ] == "image,given,suggested,score"
+    assert (tmp_path / "pairs.csv").read_text().splitlines()[
+        0
+    ] == "image_a,image_b,split_a,split_b,distance"
     assert data_checks.read_label_issues(tmp_path / "issues.csv") == issues
     assert data_checks.read_near_duplicates(tmp_path / "pairs.csv") == pairs
     with pytest.raises(RetrainError, match="header must be image_a,image_b"):
         data_checks.read_near_duplicates(tmp_path / "issues.csv")
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: data_checks.find_near_duplicates(np.zeros((3, 4)), ["a", "b"], ["training"] * 3), "2 paths"),
-    (lambda: data_checks.find_label_issues(np.zeros((3, 4)), np.array([0, 1, 2]), ["a", "b"], list("xyz")),
-     r"range=\[0, 2\]"),
-    (lambda: data_checks.find_label_issues(np.zeros((3, 4)), np.array([0, 1]), ["a", "b"], list("xy")),
-     r"labels.shape=\(2,\)"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: data_checks.find_near_duplicates(
+                np.zeros((3, 4)), ["a", "b"], ["training"] * 3
+            ),
+            "2 paths",
+        ),
+        (
+            lambda: data_checks.find_label_issues(
+                np.zeros((3, 4)), np.array([0, 1, 2]), ["a", "b"], list("xyz")
+            ),
+            r"range=\[0, 2\]",
+        ),
+        (
+            lambda: data_checks.find_label_issues(
+                np.zeros((3, 4)), np.array([0, 1]), ["a", "b"], list("xy")
+            ),
+            r"labels.shape=\(2,\)",
+        ),
+    ],
+)
 def test_bad_input_is_named(call, message):
     with pytest.raises(RetrainError, match=message):
         call()
@@ -128,8 +154,12 @@ def test_a_group_of_copies_is_listed_once_per_image():
     rng = np.random.default_rng(2)
     copies = vectors[7] + rng.normal(0, 0.01, (3, vectors.shape[1])).astype(np.float32)
     all_paths = paths + ["copy_a.jpg", "copy_b.jpg", "copy_c.jpg"]
-    pairs = data_checks.find_near_duplicates(np.concatenate([vectors, copies]), all_paths,
-                                             ["training"] * len(all_paths), max_distance=0.01)
+    pairs = data_checks.find_near_duplicates(
+        np.concatenate([vectors, copies]),
+        all_paths,
+        ["training"] * len(all_paths),
+        max_distance=0.01,
+    )
     group = {paths[7], "copy_a.jpg", "copy_b.jpg", "copy_c.jpg"}
     assert len(pairs) == 3
     assert set().union(*({p.image_a, p.image_b} for p in pairs)) == group
@@ -144,8 +174,9 @@ def test_checks_are_reused_only_for_the_same_inputs(tmp_path):
     names, splits = ["a", "b", "c", "d"], ["training"] * len(paths)
     previous = tmp_path / "previous"
     previous.mkdir()
-    fresh = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path,
-                                    previous_dir=previous)
+    fresh = report.find_data_checks(
+        vectors, labels, names, paths, splits, tmp_path, previous_dir=previous
+    )
     assert not fresh.reused and fresh.key
     # A previous run's files from these inputs, with a finding the checks would not make.
     planted = [data_checks.LabelIssue("c0/000.jpg", "a", "b", 0.001)]
@@ -153,25 +184,40 @@ def test_checks_are_reused_only_for_the_same_inputs(tmp_path):
     data_checks.write_near_duplicates([], previous / data_checks.NEAR_DUPLICATES_FILE)
     (previous / report.CHECKS_FILE).write_text(json.dumps({"key": fresh.key}))
 
-    again = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path,
-                                    previous_dir=previous)
+    again = report.find_data_checks(
+        vectors, labels, names, paths, splits, tmp_path, previous_dir=previous
+    )
     assert again.reused and again.issues == planted and again.duplicates == []
     moved = labels.copy()
     moved[3] = 1
     nudged = vectors.copy()
     nudged[7, 0] += 1e-3
-    for changed in (dict(labels=moved), dict(bottlenecks=nudged), dict(seed=1),
-                    dict(splits=["testing"] + splits[1:]), dict(images=paths[::-1]),
-                    dict(total_images=len(paths) + 1)):
-        arguments = dict(bottlenecks=vectors, labels=labels, class_names=names, images=paths,
-                         splits=splits, image_dir=tmp_path, seed=0, previous_dir=previous)
+    for changed in (
+        dict(labels=moved),
+        dict(bottlenecks=nudged),
+        dict(seed=1),
+        dict(splits=["testing"] + splits[1:]),
+        dict(images=paths[::-1]),
+        dict(total_images=len(paths) + 1),
+    ):
+        arguments = dict(
+            bottlenecks=vectors,
+            labels=labels,
+            class_names=names,
+            images=paths,
+            splits=splits,
+            image_dir=tmp_path,
+            seed=0,
+            previous_dir=previous,
+        )
         arguments.update(changed)
         checks = report.find_data_checks(**arguments)
         assert not checks.reused and checks.key != fresh.key, changed
     # A damaged previous file is not an error: the checks run again.
     (previous / data_checks.LABEL_ISSUES_FILE).write_text("not,our,header\n")
-    damaged = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path,
-                                      previous_dir=previous)
+    damaged = report.find_data_checks(
+        vectors, labels, names, paths, splits, tmp_path, previous_dir=previous
+    )
     assert not damaged.reused and damaged.issues == fresh.issues
 
 
@@ -190,8 +236,9 @@ def test_a_large_set_is_checked_on_a_seeded_sample_and_says_so(tmp_path):
     every = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path)
     assert (every.checked, every.total, every.sampled) == (160, 160, "")
     assert "sample" not in report.checks_summary(every)
-    sampled = report.find_data_checks(vectors, labels, names, paths, splits, tmp_path,
-                                      total_images=16_000)
+    sampled = report.find_data_checks(
+        vectors, labels, names, paths, splits, tmp_path, total_images=16_000
+    )
     assert (sampled.checked, sampled.total) == (160, 16_000)
     assert "), among a random sample of 160 of the 16,000 images." in report.checks_summary(sampled)
     assert sampled.key != every.key

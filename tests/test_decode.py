@@ -27,20 +27,24 @@ def png16(array, path):
     raw = b"".join(b"\x00" + row.tobytes() for row in rows)
 
     def chunk(kind, body):
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body)))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def photo():
     return data.chelsea()[:96, :128]
-
 
 
 def test_decodes_each_format_to_rgb(tmp_path, photo):
@@ -131,11 +135,14 @@ def test_draft_decoding_keeps_jpeg_sides_at_least_twice_the_target(tmp_path, pho
     assert decode.decode_rgb(png, target_size=224).shape == (1500, 2000, 3)
 
 
-@pytest.mark.parametrize("name, content, reason", [
-    ("zero.jpg", b"", "empty file"),
-    ("text.jpg", b"hello, I am text\n" * 10, "not a JPEG, PNG, GIF, BMP or WebP image"),
-    ("fake.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "damaged PNG file"),
-])
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("zero.jpg", b"", "empty file"),
+        ("text.jpg", b"hello, I am text\n" * 10, "not a JPEG, PNG, GIF, BMP or WebP image"),
+        ("fake.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "damaged PNG file"),
+    ],
+)
 def test_bad_bytes_raise_decode_errors_naming_the_file(tmp_path, name, content, reason):
     path = tmp_path / name
     path.write_bytes(content)
@@ -169,6 +176,7 @@ def test_decode_from_content_reads_no_file(tmp_path, photo):
 
 # --- resize_to_input -------------------------------------------------------------
 
+
 def test_resize_is_the_exported_models_resizing_layer(photo):
     import keras
     import tensorflow as tf
@@ -179,10 +187,17 @@ def test_resize_is_the_exported_models_resizing_layer(photo):
     def theirs(pixels):
         return keras.ops.convert_to_numpy(layer(pixels[None].astype("float32")))[0]
 
-    digit = np.repeat((load_digits().images[0] * 16).clip(0, 255).astype(np.uint8)[..., None], 3, -1)
-    cases = {"photo": photo, "astronaut, shrunk": data.astronaut(), "digit, enlarged": digit,
-             "one pixel": photo[:1, :1], "panorama": data.coffee()[:50],
-             "tall, float input": data.rocket()[:, :80].astype(np.float64)}
+    digit = np.repeat(
+        (load_digits().images[0] * 16).clip(0, 255).astype(np.uint8)[..., None], 3, -1
+    )
+    cases = {
+        "photo": photo,
+        "astronaut, shrunk": data.astronaut(),
+        "digit, enlarged": digit,
+        "one pixel": photo[:1, :1],
+        "panorama": data.coffee()[:50],
+        "tall, float input": data.rocket()[:, :80].astype(np.float64),
+    }
     for name, pixels in cases.items():
         ours = resizing.resize_to_input(pixels, 224)  # numpy: Pillow's float resampling
         assert ours.dtype == np.float32 and ours.shape == (224, 224, 3), name
@@ -210,15 +225,21 @@ def test_resize_refuses_bad_sizes(photo):
 @pytest.fixture
 def photo_files(tmp_path, photo):
     """Three real photos and, second, a damaged JPEG."""
-    paths = [save(photo, tmp_path / "a.jpg"), tmp_path / "bad.jpg",
-             save(photo[::-1], tmp_path / "b.png"), save(photo[:, ::-1], tmp_path / "c.jpg")]
+    paths = [
+        save(photo, tmp_path / "a.jpg"),
+        tmp_path / "bad.jpg",
+        save(photo[::-1], tmp_path / "b.png"),
+        save(photo[:, ::-1], tmp_path / "c.jpg"),
+    ]
     paths[1].write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     return paths
 
 
 def test_image_batches_keep_order_and_report_failures(photo_files):
     outcomes = {}
-    batches = list(pixel_batches.image_batches(photo_files, 32, 3, outcomes=outcomes, hash_files=True))
+    batches = list(
+        pixel_batches.image_batches(photo_files, 32, 3, outcomes=outcomes, hash_files=True)
+    )
     indices = np.concatenate([b[0].numpy() for b in batches])
     ok = np.concatenate([b[2].numpy() for b in batches])
     assert indices.tolist() == [0, 1, 2, 3] and ok.tolist() == [True, False, True, True]
@@ -233,8 +254,14 @@ def test_image_batches_keep_order_and_report_failures(photo_files):
 def test_image_batches_drop_failed_shuffle_and_distort(photo_files):
     import tensorflow as tf
 
-    dataset = pixel_batches.image_batches(photo_files, 16, 8, drop_failed=True, shuffle_seed=3,
-                                   distort=lambda image: tf.image.flip_left_right(image))
+    dataset = pixel_batches.image_batches(
+        photo_files,
+        16,
+        8,
+        drop_failed=True,
+        shuffle_seed=3,
+        distort=lambda image: tf.image.flip_left_right(image),
+    )
     # tf.data's autotuner is off (retrain.data.pixel_batches): its teardown stalled runs.
     assert dataset.options().autotune.enabled is False
     assert dataset.map(lambda *batch: batch[1]).options().autotune.enabled is False
@@ -253,12 +280,17 @@ def blank_png(path, width, height):
     body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
 
     def chunk(kind, content):
-        return (struct.pack(">I", len(content)) + kind + content
-                + struct.pack(">I", zlib.crc32(kind + content)))
+        return (
+            struct.pack(">I", len(content))
+            + kind
+            + content
+            + struct.pack(">I", zlib.crc32(kind + content))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -266,8 +298,9 @@ def blank_png(path, width, height):
 def test_a_png_over_the_memory_budget_is_refused_before_decoding(tmp_path):
     # 12000 x 12000 = 144 megapixels: under Pillow's bomb limit, over the budget.
     path = blank_png(tmp_path / "huge.png", 12000, 12000)
-    with pytest.raises(decode.ImageDecodeError,
-                       match="12000x12000 PNG needs about 1240 MB, the budget is 512 MB") as raised:
+    with pytest.raises(
+        decode.ImageDecodeError, match="12000x12000 PNG needs about 1240 MB, the budget is 512 MB"
+    ) as raised:
         decode.decode_rgb(path, 224)
     assert raised.value.lasting
 
@@ -302,8 +335,9 @@ try:
 except decode.ImageDecodeError as error:
     print(json.dumps({"reason": error.reason, "lasting": error.lasting}))
 """
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome is not None, "decoded within the cap: raise the image size"

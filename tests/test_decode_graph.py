@@ -37,8 +37,10 @@ def with_big_endian_exif(content, orientation):
 
 
 # Traced once for the module, as a SavedModel signature would be.
-in_graph = tf.function(lambda content: decode_graph.decode_image_bytes(content, SIZE),
-                       input_signature=[tf.TensorSpec([], tf.string)])
+in_graph = tf.function(
+    lambda content: decode_graph.decode_image_bytes(content, SIZE),
+    input_signature=[tf.TensorSpec([], tf.string)],
+)
 
 
 def compare(content):
@@ -61,13 +63,16 @@ LARGE_CAT = np.asarray(Image.fromarray(CAT).resize((1400, 930), Image.BICUBIC)) 
 HUGE_CAT = np.asarray(Image.fromarray(CAT).resize((3700, 1900), Image.BILINEAR))  # 1/4 scale
 
 
-@pytest.mark.parametrize("name, content", [
-    ("photo", jpeg(CAT)),
-    ("decoded at 1/2 scale", jpeg(LARGE_CAT)),
-    ("decoded at 1/4 scale", jpeg(HUGE_CAT)),
-    ("grayscale JPEG", jpeg(data.camera())),
-    ("progressive JPEG", jpeg(CAT, progressive=True)),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("photo", jpeg(CAT)),
+        ("decoded at 1/2 scale", jpeg(LARGE_CAT)),
+        ("decoded at 1/4 scale", jpeg(HUGE_CAT)),
+        ("grayscale JPEG", jpeg(data.camera())),
+        ("progressive JPEG", jpeg(CAT, progressive=True)),
+    ],
+)
 def test_jpeg_pixels_are_identical(name, content):
     assert compare(content) == 0, name
 
@@ -86,20 +91,39 @@ def test_exif_orientation_is_applied_like_pillow(orientation, pixels):
         assert np.abs(rotated - stored).max() > 50
 
 
-@pytest.mark.parametrize("damage", [(b"MM\x00\x2a", b"XY\x00\x2a"), (b"Exif", b"Exig"),
-                                    (b"\x01\x12\x00\x03", b"\x01\x13\x00\x03")])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        (b"MM\x00\x2a", b"XY\x00\x2a"),
+        (b"Exif", b"Exig"),
+        (b"\x01\x12\x00\x03", b"\x01\x13\x00\x03"),
+    ],
+)
 def test_an_unreadable_exif_orientation_means_none(damage):
     broken = with_big_endian_exif(jpeg(CAT), 6).replace(*damage)
     assert np.array_equal(in_graph(broken).numpy(), in_graph(jpeg(CAT)).numpy())
 
 
-@pytest.mark.parametrize("name, content, tolerance", [
-    ("RGB PNG", encoded(data.astronaut()), 0),
-    ("grayscale PNG", encoded(data.camera()), 0),
-    ("BMP", encoded(CAT, "BMP"), 0),
-    ("lossless WebP", encoded(CAT, "WEBP", lossless=True), 0),
-    ("PNG with alpha", encoded(np.dstack([data.astronaut(),
-                                      np.linspace(0, 255, 512 * 512).reshape(512, 512).astype(np.uint8)])), 1.0),
-])
+@pytest.mark.parametrize(
+    "name, content, tolerance",
+    [
+        ("RGB PNG", encoded(data.astronaut()), 0),
+        ("grayscale PNG", encoded(data.camera()), 0),
+        ("BMP", encoded(CAT, "BMP"), 0),
+        ("lossless WebP", encoded(CAT, "WEBP", lossless=True), 0),
+        (
+            "PNG with alpha",
+            encoded(
+                np.dstack(
+                    [
+                        data.astronaut(),
+                        np.linspace(0, 255, 512 * 512).reshape(512, 512).astype(np.uint8),
+                    ]
+                )
+            ),
+            1.0,
+        ),
+    ],
+)
 def test_other_formats_match(name, content, tolerance):
     assert compare(content) <= tolerance, name

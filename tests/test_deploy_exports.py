@@ -16,11 +16,10 @@ from PIL import Image
 from skimage import data
 
 from retrain import export, label_image
-from retrain.export import deployment
 from retrain.data import images
-from retrain.export import saved_model, tflite
 from retrain.engines import litert
 from retrain.errors import RetrainError
+from retrain.export import deployment, saved_model, tflite
 
 KINDS = ("float32", "float16", "int8")
 
@@ -32,11 +31,15 @@ def exports(photo_model, tmp_path_factory):
     classifier = export.load_classifier(photo_model["graph"])
     fixed = export.fixed_size_classifier(classifier)
     names = photo_model["names"]
-    graphs = {"keras": photo_model["graph"],
-              "saved_model": str(saved_model.save_saved_model(fixed, names, out / "saved_model"))}
+    graphs = {
+        "keras": photo_model["graph"],
+        "saved_model": str(saved_model.save_saved_model(fixed, names, out / "saved_model")),
+    }
     calibration = tflite.calibration_pixels(sorted(photo_model["photos"].glob("*/*.png")), 224)
     for kind in KINDS:
-        graphs[kind] = str(tflite.save_tflite(fixed, kind, names, out / f"model_{kind}.tflite", calibration))
+        graphs[kind] = str(
+            tflite.save_tflite(fixed, kind, names, out / f"model_{kind}.tflite", calibration)
+        )
     return graphs
 
 
@@ -52,7 +55,7 @@ def unseen(photo_model, tmp_path_factory):
         height, width, _ = pixels.shape
         for number in range(3):
             top, left = rng.integers(0, height // 5), rng.integers(0, width // 5)
-            crop = pixels[top:top + int(height * 0.8), left:left + int(width * 0.8)]
+            crop = pixels[top : top + int(height * 0.8), left : left + int(width * 0.8)]
             path = folder / f"{name}_{number}.jpg"
             Image.fromarray(crop).save(path, quality=90)
             truth[str(path)] = name
@@ -61,8 +64,13 @@ def unseen(photo_model, tmp_path_factory):
     Image.fromarray(sources["coffee"]).convert("L").save(folder / "coffee_gray.png")
     rgba = np.dstack([sources["rocket"], np.full(sources["rocket"].shape[:2], 200, np.uint8)])
     Image.fromarray(rgba).save(folder / "rocket_alpha.png")
-    truth.update({str(folder / "cat_large.jpg"): "cat", str(folder / "coffee_gray.png"): "coffee",
-                  str(folder / "rocket_alpha.png"): "rocket"})
+    truth.update(
+        {
+            str(folder / "cat_large.jpg"): "cat",
+            str(folder / "coffee_gray.png"): "coffee",
+            str(folder / "rocket_alpha.png"): "rocket",
+        }
+    )
     return truth
 
 
@@ -72,8 +80,10 @@ def label(graph, labels, paths, capsys):
     out, err = capsys.readouterr()
     assert err == "", err
     document = json.loads(out)
-    return status, {r["image"]: [(p["label"], p["score"]) for p in r["predictions"]]
-                    for r in document["results"]}
+    return status, {
+        r["image"]: [(p["label"], p["score"]) for p in r["predictions"]]
+        for r in document["results"]
+    }
 
 
 def test_every_export_gives_the_keras_top_class(exports, photo_model, unseen, capsys):
@@ -90,8 +100,12 @@ def test_every_export_gives_the_keras_top_class(exports, photo_model, unseen, ca
     tolerance = {"saved_model": 1e-5, "float32": 1e-4, "float16": 1e-2, "int8": 0.1}
     for name, atol in tolerance.items():
         for path in paths:
-            np.testing.assert_allclose(dict(results[name][path])[reference[path][0][0]],
-                                       reference[path][0][1], atol=atol, err_msg=f"{name} {path}")
+            np.testing.assert_allclose(
+                dict(results[name][path])[reference[path][0][0]],
+                reference[path][0][1],
+                atol=atol,
+                err_msg=f"{name} {path}",
+            )
 
 
 SERVING = """
@@ -106,12 +120,18 @@ assert not any(name.startswith("retrain") for name in sys.modules)
 """
 
 
-def test_serving_signature_takes_image_bytes_in_a_fresh_process(exports, photo_model, unseen, capsys):
+def test_serving_signature_takes_image_bytes_in_a_fresh_process(
+    exports, photo_model, unseen, capsys
+):
     paths = list(unseen)
     _, reference = label(exports["keras"], photo_model["labels"], paths, capsys)
-    done = subprocess.run([sys.executable, "-c", SERVING, exports["saved_model"], *paths],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    done = subprocess.run(
+        [sys.executable, "-c", SERVING, exports["saved_model"], *paths],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert done.returncode == 0, done.stderr
     outputs = json.loads(done.stdout.splitlines()[-1])
     assert outputs["label"] == [reference[p][0][0] for p in paths]
@@ -119,8 +139,12 @@ def test_serving_signature_takes_image_bytes_in_a_fresh_process(exports, photo_m
     assert np.array(outputs["top_scores"]).shape == (len(paths), 3)
     # Bytes decoded in the graph give label_image's (Pillow's) probabilities.
     for path, row in zip(paths, outputs["probabilities"]):
-        np.testing.assert_allclose(row[photo_model["names"].index(reference[path][0][0])],
-                                   reference[path][0][1], atol=2e-3, err_msg=path)
+        np.testing.assert_allclose(
+            row[photo_model["names"].index(reference[path][0][0])],
+            reference[path][0][1],
+            atol=2e-3,
+            err_msg=path,
+        )
 
 
 def test_tflite_files_carry_their_labels_and_int8_is_full_integer(exports, photo_model):
@@ -145,10 +169,12 @@ def test_unusable_models_exit_2_with_one_line(exports, photo_model, tmp_path, ca
     not_saved_model.mkdir()
     two_labels = tmp_path / "labels.txt"
     two_labels.write_text("cat\ncoffee\n", encoding="utf-8")
-    for graph, labels, message in [(str(fake), photo_model["labels"], "Cannot load TFLite model"),
-                                   (str(not_saved_model), photo_model["labels"], "no saved_model.pb"),
-                                   (exports["int8"], str(two_labels), "3 outputs but"),
-                                   (exports["saved_model"], str(two_labels), "3 outputs but")]:
+    for graph, labels, message in [
+        (str(fake), photo_model["labels"], "Cannot load TFLite model"),
+        (str(not_saved_model), photo_model["labels"], "no saved_model.pb"),
+        (exports["int8"], str(two_labels), "3 outputs but"),
+        (exports["saved_model"], str(two_labels), "3 outputs but"),
+    ]:
         status = label_image.main(["--graph", graph, "--labels", labels, "--image", image])
         out, err = capsys.readouterr()
         assert (status, out) == (2, ""), err
@@ -179,15 +205,19 @@ def test_saved_model_is_replaced_atomically(exports, photo_model, tmp_path, monk
     assert (target / "notes.txt").read_text() == "the user's"  # carried into the new export
 
 
-@pytest.mark.parametrize("content", [{"keep.jpg": b"precious"},
-                                     {"saved_model.pb": b"someone else's SavedModel",
-                                      "variables/variables.index": b"theirs"}])
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"keep.jpg": b"precious"},
+        {"saved_model.pb": b"someone else's SavedModel", "variables/variables.index": b"theirs"},
+    ],
+)
 def test_a_folder_retrain_did_not_write_is_never_replaced(exports, photo_model, tmp_path, content):
     fixed = export.fixed_size_classifier(export.load_classifier(photo_model["graph"]))
     other = tmp_path / "photos_of_mine"
-    for name, data in content.items():
+    for name, bytes_ in content.items():
         (other / name).parent.mkdir(parents=True, exist_ok=True)
-        (other / name).write_bytes(data)
+        (other / name).write_bytes(bytes_)
     with pytest.raises(RetrainError, match="was not written by retrain"):
         saved_model.save_saved_model(fixed, photo_model["names"], other)
     assert {name: (other / name).read_bytes() for name in content} == content
@@ -198,7 +228,9 @@ def test_failed_conversion_keeps_the_previous_file(photo_model, tmp_path):
     target = tmp_path / "model_int8.tflite"
     target.write_bytes(b"previous export")
     with pytest.raises(RetrainError, match="calibration images"):
-        tflite.save_tflite(fixed, "int8", photo_model["names"], target, calibration=np.zeros((0, 224, 224, 3)))
+        tflite.save_tflite(
+            fixed, "int8", photo_model["names"], target, calibration=np.zeros((0, 224, 224, 3))
+        )
     assert target.read_bytes() == b"previous export" and os.listdir(tmp_path) == [target.name]
 
 
@@ -214,20 +246,52 @@ def test_a_run_writes_the_exports_it_is_asked_for(photo_model, tmp_path, capsys)
     from retrain import cli
 
     out = tmp_path / "out"
-    status = cli.main(["--image_dir", str(photo_model["photos"]), "--bottleneck_dir", str(tmp_path / "cache"),
-                       "--output_dir", str(out), "--saved_model_dir", str(out / "saved_model"),
-                       "--tflite", "float16", "--how_many_training_steps", "20",
-                       "--testing_percentage", "0", "--validation_percentage", "0"])
+    status = cli.main(
+        [
+            "--image_dir",
+            str(photo_model["photos"]),
+            "--bottleneck_dir",
+            str(tmp_path / "cache"),
+            "--output_dir",
+            str(out),
+            "--saved_model_dir",
+            str(out / "saved_model"),
+            "--tflite",
+            "float16",
+            "--how_many_training_steps",
+            "20",
+            "--testing_percentage",
+            "0",
+            "--validation_percentage",
+            "0",
+        ]
+    )
     printed = capsys.readouterr()
     assert status == 0, printed.err
     assert "Saved TFLite float16 model" in printed.out
     assert sorted(p.name for p in out.iterdir() if "model" in p.name) == [
-        "model.keras", "model_float16.tflite", "saved_model"]
+        "model.keras",
+        "model_float16.tflite",
+        "saved_model",
+    ]
     assert (out / "saved_model" / "assets" / "labels.txt").read_text() == "cat\ncoffee\nrocket\n"
     image = str(photo_model["photos"] / "coffee" / "0.png")
     tops = []
     for graph in ("model.keras", "model_float16.tflite", "saved_model"):
-        assert label_image.main(["--graph", str(out / graph), "--labels", str(out / "labels.txt"),
-                                 "--image", image, "--top_k", "1"]) == 0
+        assert (
+            label_image.main(
+                [
+                    "--graph",
+                    str(out / graph),
+                    "--labels",
+                    str(out / "labels.txt"),
+                    "--image",
+                    image,
+                    "--top_k",
+                    "1",
+                ]
+            )
+            == 0
+        )
         tops.append(capsys.readouterr().out.splitlines()[1].split()[0])
     assert tops == ["coffee"] * 3

@@ -10,13 +10,15 @@ from PIL import Image
 from skimage import data
 
 from retrain import backbones, engines
-from retrain.engines import check, litert as litert_lib
-from retrain.data import decode, images, resizing
 from retrain.cache import BottleneckCache
+from retrain.data import decode, images, resizing
+from retrain.engines import check
+from retrain.engines import litert as litert_lib
 from retrain.errors import RetrainError
 
-pytestmark = pytest.mark.skipif(not engines.runtime_available(),
-                                reason="ai-edge-litert is not installed")
+pytestmark = pytest.mark.skipif(
+    not engines.runtime_available(), reason="ai-edge-litert is not installed"
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +27,15 @@ def lite0():
     model = backbones.load("efficientnet_lite0")
     real_load = backbones.load
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backbones, "load", lambda name, include_top=False, weights_file=None:
-                      model if (name, include_top) == ("efficientnet_lite0", False)
-                      else real_load(name, include_top, weights_file))
+        patch.setattr(
+            backbones,
+            "load",
+            lambda name, include_top=False, weights_file=None: (
+                model
+                if (name, include_top) == ("efficientnet_lite0", False)
+                else real_load(name, include_top, weights_file)
+            ),
+        )
         yield model
 
 
@@ -75,22 +83,31 @@ def test_converted_file_is_reused_without_converting(litert, monkeypatch):
     assert again.path == litert.path
 
 
-def test_failed_check_falls_back_to_keras_and_is_remembered(tmp_path, lite0, monkeypatch,
-                                                            caplog):
+def test_failed_check_falls_back_to_keras_and_is_remembered(tmp_path, lite0, monkeypatch, caplog):
     monkeypatch.setenv("RETRAIN_HOME", str(tmp_path / "home"))
     # A wrong conversion: a real flatbuffer, of another network with the same shapes.
-    wrong = keras.Sequential([keras.Input((224, 224, 3)), keras.layers.AveragePooling2D(28),
-                              keras.layers.Flatten(), keras.layers.Dense(1280)])
+    wrong = keras.Sequential(
+        [
+            keras.Input((224, 224, 3)),
+            keras.layers.AveragePooling2D(28),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1280),
+        ]
+    )
     real_convert = litert_lib.convert_backbone
-    monkeypatch.setattr(litert_lib, "convert_backbone", lambda model, size, batch:
-                        real_convert(wrong, size, batch))
+    monkeypatch.setattr(
+        litert_lib, "convert_backbone", lambda model, size, batch: real_convert(wrong, size, batch)
+    )
     root = tmp_path / "photos"
     for name, photo in (("cats", data.chelsea()), ("cups", data.coffee())):
         (root / name).mkdir(parents=True)
         Image.fromarray(photo).save(root / name / "a.jpg")
     found = images.discover(root)
-    cache = BottleneckCache(tmp_path / "cache", "efficientnet_lite0",
-                            engine=engines.choose("litert", "efficientnet_lite0"))
+    cache = BottleneckCache(
+        tmp_path / "cache",
+        "efficientnet_lite0",
+        engine=engines.choose("litert", "efficientnet_lite0"),
+    )
     assert cache.engine_name == "litert"
     with caplog.at_level(logging.WARNING):
         report = cache.update(found, progress=False)
@@ -127,8 +144,7 @@ def test_gpu_makes_auto_choose_keras(monkeypatch):
 def photo_dir(tmp_path):
     """Four full-size photos (JPEG, so draft decoding applies) in two classes."""
     root = tmp_path / "photos"
-    for i, photo in enumerate([data.chelsea(), data.coffee(), data.astronaut(),
-                               data.rocket()]):
+    for i, photo in enumerate([data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]):
         folder = root / ("a" if i % 2 else "b")
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(photo).save(folder / f"{i}.jpg", quality=95)
@@ -137,16 +153,20 @@ def photo_dir(tmp_path):
 
 def rows(path):
     with h5py.File(path) as file:
-        return {key: vector for key, vector in zip(file["images/key"][()],
-                                                   file["images/bottleneck"][()])}
+        return {
+            key: vector
+            for key, vector in zip(file["images/key"][()], file["images/bottleneck"][()])
+        }
 
 
 def test_changed_engine_gives_a_new_cache_file(tmp_path, photo_dir, lite0, litert):
     found = images.discover(photo_dir)
-    by_keras = BottleneckCache(tmp_path, "efficientnet_lite0",
-                               engine=engines.choose("keras", "efficientnet_lite0"))
-    by_litert = BottleneckCache(tmp_path, "efficientnet_lite0",
-                                engine=engines.choose("litert", "efficientnet_lite0"))
+    by_keras = BottleneckCache(
+        tmp_path, "efficientnet_lite0", engine=engines.choose("keras", "efficientnet_lite0")
+    )
+    by_litert = BottleneckCache(
+        tmp_path, "efficientnet_lite0", engine=engines.choose("litert", "efficientnet_lite0")
+    )
     assert by_keras.path != by_litert.path
     assert by_keras.update(found, progress=False).extracted == 4
     keras_rows = rows(by_keras.path)
@@ -159,12 +179,12 @@ def test_changed_engine_gives_a_new_cache_file(tmp_path, photo_dir, lite0, liter
     with h5py.File(by_litert.path) as file:
         assert file.attrs["engine"] == "litert"
         assert file.attrs["pixels"] == decode.pixel_settings_id()
-    np.testing.assert_allclose(by_litert.read(found.entries), by_keras.read(found.entries),
-                               rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        by_litert.read(found.entries), by_keras.read(found.entries), rtol=2e-3, atol=2e-3
+    )
 
 
-def test_changed_decode_setting_gives_a_new_cache_file(tmp_path, photo_dir, lite0,
-                                                       monkeypatch):
+def test_changed_decode_setting_gives_a_new_cache_file(tmp_path, photo_dir, lite0, monkeypatch):
     found = images.discover(photo_dir)
     before = BottleneckCache(tmp_path, "efficientnet_lite0")
     before.update(found, progress=False)

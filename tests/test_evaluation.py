@@ -45,38 +45,50 @@ def test_metrics_equal_scikit_learns_on_random_predictions():
     labels = rng.integers(0, 6, 300)  # class_6 never occurs: its support must be 0
     probabilities = rng.dirichlet(np.ones(7), 300).astype(np.float32)
     probabilities[np.arange(150), labels[:150]] += 1.0  # half of them right
-    expected = classification_report(labels, probabilities.argmax(1), labels=range(7),
-                                     output_dict=True, zero_division=0)
+    expected = classification_report(
+        labels, probabilities.argmax(1), labels=range(7), output_dict=True, zero_division=0
+    )
     evaluation = evaluation_lib.evaluate(probabilities, labels, names)
     assert evaluation.accuracy == pytest.approx(expected["accuracy"])
     for index in range(7):
         row = expected[str(index)]
-        assert (evaluation.precision[index], evaluation.recall[index], evaluation.f1[index]) == \
-            pytest.approx((row["precision"], row["recall"], row["f1-score"]))
+        assert (
+            evaluation.precision[index],
+            evaluation.recall[index],
+            evaluation.f1[index],
+        ) == pytest.approx((row["precision"], row["recall"], row["f1-score"]))
         assert evaluation.support[index] == row["support"]
-    np.testing.assert_array_equal(evaluation.confusion,
-                                  confusion_matrix(labels, probabilities.argmax(1), labels=range(7)))
+    np.testing.assert_array_equal(
+        evaluation.confusion, confusion_matrix(labels, probabilities.argmax(1), labels=range(7))
+    )
 
 
 def test_a_class_never_seen_or_predicted_scores_zero_without_warnings():
-    evaluation = evaluation_lib.evaluate(one_hot_probabilities(np.array([0, 1])), np.array([0, 1]), NAMES)
+    evaluation = evaluation_lib.evaluate(
+        one_hot_probabilities(np.array([0, 1])), np.array([0, 1]), NAMES
+    )
     assert evaluation.accuracy == 1.0
     assert evaluation.precision[2] == evaluation.recall[2] == evaluation.support[2] == 0
 
 
-@pytest.mark.parametrize("probabilities, labels, message", [
-    (np.zeros((6, 2)), LABELS, r"probabilities must be \[n, 3\]"),
-    (np.zeros((5, 3)), LABELS, "labels.shape=\\(6,\\)"),
-    (np.zeros((0, 3)), np.zeros(0, int), "Nothing to evaluate"),
-    (np.zeros((2, 3)), np.array([0, 3]), r"range=\[0, 3\]"),
-])
+@pytest.mark.parametrize(
+    "probabilities, labels, message",
+    [
+        (np.zeros((6, 2)), LABELS, r"probabilities must be \[n, 3\]"),
+        (np.zeros((5, 3)), LABELS, "labels.shape=\\(6,\\)"),
+        (np.zeros((0, 3)), np.zeros(0, int), "Nothing to evaluate"),
+        (np.zeros((2, 3)), np.array([0, 3]), r"range=\[0, 3\]"),
+    ],
+)
 def test_bad_input_is_named(probabilities, labels, message):
     with pytest.raises(RetrainError, match=message):
         evaluation_lib.evaluate(probabilities, labels, NAMES)
 
 
 def test_summary_lists_accuracy_and_every_class():
-    text = evaluation_lib.summary(evaluation_lib.evaluate(one_hot_probabilities(PREDICTED), LABELS, NAMES))
+    text = evaluation_lib.summary(
+        evaluation_lib.evaluate(one_hot_probabilities(PREDICTED), LABELS, NAMES)
+    )
     lines = text.splitlines()
     assert lines[0] == "Final test accuracy = 50.0% (N=6)"
     assert [line.split()[0] for line in lines[2:]] == NAMES
@@ -84,12 +96,16 @@ def test_summary_lists_accuracy_and_every_class():
 
 
 def test_misclassified_names_path_true_predicted_and_score(capsys):
-    entries = [SimpleNamespace(relative_path=f"{NAMES[y]}/{i}.jpg", label_index=int(y))
-               for i, y in enumerate(LABELS)]
+    entries = [
+        SimpleNamespace(relative_path=f"{NAMES[y]}/{i}.jpg", label_index=int(y))
+        for i, y in enumerate(LABELS)
+    ]
     wrong = evaluation_lib.misclassified(one_hot_probabilities(PREDICTED), entries, NAMES)
-    assert wrong == [("cat/2.jpg", "cat", "dog", pytest.approx(0.8)),
-                     ("dog/4.jpg", "dog", "cat", pytest.approx(0.8)),
-                     ("fish/5.jpg", "fish", "cat", pytest.approx(0.8))]
+    assert wrong == [
+        ("cat/2.jpg", "cat", "dog", pytest.approx(0.8)),
+        ("dog/4.jpg", "dog", "cat", pytest.approx(0.8)),
+        ("fish/5.jpg", "fish", "cat", pytest.approx(0.8)),
+    ]
     evaluation_lib.print_misclassified(wrong)
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "=== MISCLASSIFIED TEST IMAGES ==="
@@ -106,7 +122,8 @@ def test_write_metrics_files_read_back(tmp_path):
     assert metrics["per_class"]["dog"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
     assert metrics["confusion_matrix"] == evaluation.confusion.tolist()
     assert metrics["misclassified"] == [
-        {"path": "cat/2.jpg", "true": "cat", "predicted": "dog", "score": 0.8}]
+        {"path": "cat/2.jpg", "true": "cat", "predicted": "dog", "score": 0.8}
+    ]
 
     with open(paths["confusion_matrix"], newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))

@@ -12,8 +12,8 @@ from skimage import data
 
 from retrain import backbones, export
 from retrain.data import resizing
-from retrain.training.head import build_head
 from retrain.errors import RetrainError
+from retrain.training.head import build_head
 
 NAMES = ["cat", "coffee", "person"]
 # Real photos at their own sizes: 300x451, 400x600, 512x512, and a small crop.
@@ -41,9 +41,12 @@ def parts():
 def in_process(parts):
     """Probabilities the way training sees images: resize_to_input -> backbone -> head."""
     backbone, head, _, size = parts
-    return {name: head.predict(backbone.predict(resizing.resize_to_input(pixels, size)[None], verbose=0),
-                               verbose=0)[0]
-            for name, pixels in PHOTOS.items()}
+    return {
+        name: head.predict(
+            backbone.predict(resizing.resize_to_input(pixels, size)[None], verbose=0), verbose=0
+        )[0]
+        for name, pixels in PHOTOS.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,9 @@ def test_saved_model_loads_with_the_same_probabilities(saved, in_process):
     loaded = export.load_classifier(saved)
     assert export.input_size(loaded) == 224
     for name, pixels in PHOTOS.items():
-        np.testing.assert_allclose(classify(loaded, pixels), in_process[name], atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            classify(loaded, pixels), in_process[name], atol=1e-5, err_msg=name
+        )
 
 
 def test_saved_model_uses_only_builtin_keras_layers(saved):
@@ -104,9 +109,14 @@ def test_fresh_process_loads_with_keras_alone(saved, in_process, tmp_path):
         "print(json.dumps(model.predict(pixels, verbose=0)[0].tolist()))\n"
         "assert not any(name.startswith('retrain') for name in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(saved), str(tmp_path / "coffee.npy")],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(saved), str(tmp_path / "coffee.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert result.returncode == 0, result.stderr
     probabilities = json.loads(result.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(probabilities, in_process["coffee"], atol=1e-5)
@@ -141,15 +151,18 @@ def test_save_refuses_other_suffixes(parts, tmp_path):
         export.save_classifier(parts[1], tmp_path / "model.h5")
 
 
-@pytest.mark.parametrize("read, name, content, message", [
-    (export.load_classifier, "model.keras", None, "Model file not found"),
-    (export.load_classifier, "model.keras", b"not a zip at all", "Refusing model"),
-    (export.load_classifier, "model.keras", b"PK\x03\x04 truncated zip", "Refusing model"),
-    (export.read_labels, "labels.txt", None, "Cannot read labels file"),
-    (export.read_labels, "labels.txt", b"", "one class name per line"),
-    (export.read_labels, "labels.txt", b"cat\n\ndog\n", "no blank"),
-    (export.read_labels, "labels.txt", b"\xff\xfe\x00c", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "read, name, content, message",
+    [
+        (export.load_classifier, "model.keras", None, "Model file not found"),
+        (export.load_classifier, "model.keras", b"not a zip at all", "Refusing model"),
+        (export.load_classifier, "model.keras", b"PK\x03\x04 truncated zip", "Refusing model"),
+        (export.read_labels, "labels.txt", None, "Cannot read labels file"),
+        (export.read_labels, "labels.txt", b"", "one class name per line"),
+        (export.read_labels, "labels.txt", b"cat\n\ndog\n", "no blank"),
+        (export.read_labels, "labels.txt", b"\xff\xfe\x00c", "not UTF-8"),
+    ],
+)
 def test_unusable_files_are_named_in_one_line(tmp_path, read, name, content, message):
     path = tmp_path / name
     if content is not None:
@@ -173,9 +186,21 @@ def test_labels_round_trip_in_order(tmp_path):
 
 
 # Legal folder names that str.splitlines() would cut in two, and other awkward ones.
-HOSTILE_NAMES = ["line\u2028sep", "para\u2029sep", "next\x85line", "vertical\x0btab",
-                 "form\x0cfeed", "file\x1csep", "tab\tname", "two  spaces", " leading",
-                 "trailing ", "Crème brûlée", "日本", "Ähre"]
+HOSTILE_NAMES = [
+    "line\u2028sep",
+    "para\u2029sep",
+    "next\x85line",
+    "vertical\x0btab",
+    "form\x0cfeed",
+    "file\x1csep",
+    "tab\tname",
+    "two  spaces",
+    " leading",
+    "trailing ",
+    "Crème brûlée",
+    "日本",
+    "Ähre",
+]
 
 
 def test_labels_with_line_separators_tabs_and_accents_round_trip(tmp_path):
@@ -189,11 +214,16 @@ def test_labels_written_on_windows_read_back(tmp_path):
     assert export.read_labels(path) == ["daisy", "line\u2028sep"]
 
 
-@pytest.mark.parametrize("names, message", [
-    ([], "single-line"), (["ok", ""], "single-line"), (["two\nlines"], "single-line"),
-    (["carriage\rreturn"], "single-line"),
-    (["caf\udce9"], "not valid UTF-8"),  # a folder name in Latin-1, as os.listdir returns it
-])
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        ([], "single-line"),
+        (["ok", ""], "single-line"),
+        (["two\nlines"], "single-line"),
+        (["carriage\rreturn"], "single-line"),
+        (["caf\udce9"], "not valid UTF-8"),  # a folder name in Latin-1, as os.listdir returns it
+    ],
+)
 def test_write_labels_refuses_unusable_names(tmp_path, names, message):
     with pytest.raises(RetrainError, match=message) as raised:
         export.write_labels(names, tmp_path / "labels.txt")

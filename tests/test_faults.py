@@ -20,31 +20,46 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import parking
 import pytest
 from conftest import fill, remount_read_only
-import parking
 from PIL import Image
 from skimage import data
 
 from retrain import cli, engines, export, label_image
-from retrain.data import decode, images
-from retrain.files import output_folder, run_marker
 from retrain.cache import BottleneckCache, store
 from retrain.config import Config
+from retrain.data import decode, images
 from retrain.errors import RetrainError
+from retrain.files import output_folder, run_marker
 
 # Folder names that are legal on Linux and macOS and that broke labels.txt or
 # its readers: accents, repeated spaces, U+2028, a tab, CJK.
 NAMES = ["Crème brûlée", "two  spaces", "line\u2028sep", "tab\tname", "日本"]
 PER_CLASS = 4
-FAST = ["--how_many_training_steps", "20", "--eval_step_interval", "10",
-        "--extraction_batch_size", "4", "--testing_percentage", "0", "--validation_percentage", "0"]
+FAST = [
+    "--how_many_training_steps",
+    "20",
+    "--eval_step_interval",
+    "10",
+    "--extraction_batch_size",
+    "4",
+    "--testing_percentage",
+    "0",
+    "--validation_percentage",
+    "0",
+]
 
 
 def write_photos(root, names=NAMES):
     """PER_CLASS real photo crops per class, a different photo for each class."""
-    sources = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(),
-               data.immunohistochemistry()]
+    sources = [
+        data.chelsea(),
+        data.coffee(),
+        data.astronaut(),
+        data.rocket(),
+        data.immunohistochemistry(),
+    ]
     rng = np.random.default_rng(0)
     for name, pixels in zip(names, sources):
         folder = root / name
@@ -52,21 +67,24 @@ def write_photos(root, names=NAMES):
         height, width = pixels.shape[:2]
         for number in range(PER_CLASS):
             top, left = rng.integers(0, height // 4), rng.integers(0, width // 4)
-            crop = pixels[top:top + 3 * height // 4, left:left + 3 * width // 4]
+            crop = pixels[top : top + 3 * height // 4, left : left + 3 * width // 4]
             Image.fromarray(crop).save(folder / f"{number}.jpg")
     return root
 
 
 def contents(folder):
     """{relative path: bytes} of every file below folder."""
-    return {str(path.relative_to(folder)): path.read_bytes()
-            for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(Path(folder).rglob("*"))
+        if path.is_file()
+    }
 
 
 def error_lines(err):
     assert "Traceback" not in err, err
     # Progress bars end their lines with "\r", so a message may follow one on its line.
-    return [line[line.index("retrain: "):] for line in err.split("\n") if "retrain: " in line]
+    return [line[line.index("retrain: ") :] for line in err.split("\n") if "retrain: " in line]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +96,15 @@ def hostile(tmp_path_factory):
     (photos / "日本" / "0.jpg").rename(os.fsdecode(bytes(photos / "日本") + b"/caf\xe9.jpg"))
     (photos / "line\u2028sep" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     out = base / "out"
-    argv = ["--image_dir", str(photos), "--bottleneck_dir", str(base / "cache"),
-            "--output_dir", str(out), *FAST]
+    argv = [
+        "--image_dir",
+        str(photos),
+        "--bottleneck_dir",
+        str(base / "cache"),
+        "--output_dir",
+        str(out),
+        *FAST,
+    ]
     assert cli.main(argv) == 0
     return {"photos": photos, "cache": base / "cache", "out": out, "argv": argv}
 
@@ -110,22 +135,43 @@ def test_skipped_list_keeps_one_line_per_image(hostile):
 
 
 def test_the_non_utf8_file_name_was_used(hostile, tmp_path, capsys):
-    status = cli.main(["--image_dir", str(hostile["photos"]), "--bottleneck_dir",
-                       str(hostile["cache"]), "--output_dir", str(tmp_path / "out"), "--cache_only"])
+    status = cli.main(
+        [
+            "--image_dir",
+            str(hostile["photos"]),
+            "--bottleneck_dir",
+            str(hostile["cache"]),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--cache_only",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0 and f"0 extracted, {len(NAMES) * PER_CLASS} reused, 1 skipped" in out
 
 
-@pytest.mark.parametrize("name, message", [
-    (b"two\nlines", "single-line"),
-    (b"carriage\rreturn", "single-line"),
-    (b"caf\xe9", "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (b"two\nlines", "single-line"),
+        (b"carriage\rreturn", "single-line"),
+        (b"caf\xe9", "not valid UTF-8"),
+    ],
+)
 def test_class_names_labels_txt_cannot_hold_are_refused_up_front(tmp_path, capsys, name, message):
     photos = write_photos(tmp_path / "photos", ["fine", "other"])
     os.rename(photos / "other", os.fsdecode(bytes(photos) + b"/" + name))
-    status = cli.main(["--image_dir", str(photos), "--bottleneck_dir", str(tmp_path / "cache"),
-                       "--output_dir", str(tmp_path / "out"), *FAST])
+    status = cli.main(
+        [
+            "--image_dir",
+            str(photos),
+            "--bottleneck_dir",
+            str(tmp_path / "cache"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            *FAST,
+        ]
+    )
     [line] = error_lines(capsys.readouterr().err)
     assert status == 2 and message in line and "rename the class folder" in line
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
@@ -134,8 +180,15 @@ def test_class_names_labels_txt_cannot_hold_are_refused_up_front(tmp_path, capsy
 def test_disk_full_or_read_only_while_writing_keeps_the_previous_run(hostile, small_mount, capsys):
     disk = small_mount("24m")  # one exported Lite0 model (14 MB) fits, two do not
     out = disk / "out"
-    argv = ["--image_dir", str(hostile["photos"]), "--bottleneck_dir", str(hostile["cache"]),
-            "--output_dir", str(out), *FAST]
+    argv = [
+        "--image_dir",
+        str(hostile["photos"]),
+        "--bottleneck_dir",
+        str(hostile["cache"]),
+        "--output_dir",
+        str(out),
+        *FAST,
+    ]
     assert cli.main(argv) == 0
     before = contents(out)
     capsys.readouterr()
@@ -155,8 +208,9 @@ def test_disk_full_or_read_only_while_writing_keeps_the_previous_run(hostile, sm
 
 def start(argv, pause=None):
     command = ["-c", parking.cli_driver(pause, argv)] if pause else ["-m", "retrain", *argv]
-    return subprocess.Popen([sys.executable, *command], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, *command], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def wait_for(path, process, timeout=180):
@@ -170,20 +224,31 @@ def wait_for(path, process, timeout=180):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signum, status, words", [
-    (signal.SIGTERM, 143, "retrain: terminated (SIGTERM)"),
-    (signal.SIGINT, 130, "retrain: interrupted"),
-])
-def test_a_signal_keeps_finished_batches_and_the_previous_outputs(tmp_path, capsys, signum,
-                                                                  status, words):
+@pytest.mark.parametrize(
+    "signum, status, words",
+    [
+        (signal.SIGTERM, 143, "retrain: terminated (SIGTERM)"),
+        (signal.SIGINT, 130, "retrain: interrupted"),
+    ],
+)
+def test_a_signal_keeps_finished_batches_and_the_previous_outputs(
+    tmp_path, capsys, signum, status, words
+):
     photos = write_photos(tmp_path / "photos")
     cache, out = tmp_path / "cache", tmp_path / "out"
     with output_folder.staged(out) as previous:  # a previous run's folder, marker and all
         (previous.staging / "settings.yaml").write_text("the previous run\n")
         (previous.staging / "labels.txt").write_text("a\nb\n")
     before = contents(out)
-    argv = ["--image_dir", str(photos), "--bottleneck_dir", str(cache), "--output_dir", str(out),
-            *FAST]
+    argv = [
+        "--image_dir",
+        str(photos),
+        "--bottleneck_dir",
+        str(cache),
+        "--output_dir",
+        str(out),
+        *FAST,
+    ]
     # The command line's engine (auto), which names the cache file.
     engine = engines.choose(Config().engine, "efficientnet_lite0")
     pending = Path(f"{BottleneckCache(cache, 'efficientnet_lite0', engine=engine).path}.journal")
@@ -214,22 +279,26 @@ def test_a_signal_keeps_finished_batches_and_the_previous_outputs(tmp_path, caps
 # but not for the merge is no failure: the merge is deferred and the run reads
 # the journal (tests/test_cache_space.py).
 @pytest.mark.parametrize("free, journalled", [(0, 0)])
-def test_full_disk_under_the_cache_keeps_old_rows_and_completes_later(tmp_path, small_mount,
-                                                                      free, journalled):
+def test_full_disk_under_the_cache_keeps_old_rows_and_completes_later(
+    tmp_path, small_mount, free, journalled
+):
     found = images.discover(write_photos(tmp_path / "photos"))
     disk = small_mount("4m")  # the main file and its rewrite: one 655 kB chunk each
     cache = BottleneckCache(disk, "efficientnet_lite0")
     cache.update(replace(found, entries=found.entries[:8]), batch_size=4, progress=False)
     filler = fill(disk, leave=free)
-    with pytest.raises(RetrainError, match=f"Cannot write the bottleneck cache {disk}.*"
-                                           "No space left on device") as raised:
+    with pytest.raises(
+        RetrainError, match=f"Cannot write the bottleneck cache {disk}.*No space left on device"
+    ) as raised:
         cache.update(found, batch_size=4, progress=False)
     assert "\n" not in str(raised.value)
     assert len(cache.read(found.entries[:8])) == 8, "old rows lost"
     filler.unlink()
     report = cache.update(found, batch_size=4, progress=False)
-    assert (report.extracted, report.reused) == (len(found.entries) - 8 - journalled,
-                                                 8 + journalled)
+    assert (report.extracted, report.reused) == (
+        len(found.entries) - 8 - journalled,
+        8 + journalled,
+    )
     assert not [p for p in os.listdir(disk) if ".tmp-" in p or ".corrupt-" in p]
 
 
@@ -245,9 +314,16 @@ def small_cache(tmp_path):
 def test_a_cache_another_program_holds_open_is_not_set_aside(small_cache):
     found, cache = small_cache
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import h5py, sys, time\nf = h5py.File(sys.argv[1], 'a')\n"
-         "print('open', flush=True)\ntime.sleep(300)", str(cache.path)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import h5py, sys, time\nf = h5py.File(sys.argv[1], 'a')\n"
+            "print('open', flush=True)\ntime.sleep(300)",
+            str(cache.path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "open"
         with pytest.raises(RetrainError, match="Another program has the file open"):
@@ -266,7 +342,7 @@ def test_a_cache_the_user_may_not_read_is_not_set_aside(small_cache):
     # nobody may enter every folder and create files in the cache folder, but
     # not read the cache file itself.
     folders = [cache.path.parent, *cache.path.parent.parents]
-    folders = folders[:folders.index(Path(tempfile.gettempdir()))]
+    folders = folders[: folders.index(Path(tempfile.gettempdir()))]
     modes = {folder: folder.stat().st_mode for folder in folders}
     for folder in folders:
         os.chmod(folder, 0o777 if folder == cache.path.parent else 0o755)
@@ -274,7 +350,9 @@ def test_a_cache_the_user_may_not_read_is_not_set_aside(small_cache):
     os.chmod(cache.path, 0o600)
     os.seteuid(65534)
     try:
-        with pytest.raises(RetrainError, match="Cannot write the bottleneck cache .*Permission denied"):
+        with pytest.raises(
+            RetrainError, match="Cannot write the bottleneck cache .*Permission denied"
+        ):
             cache.update(found, progress=False)
         with pytest.raises(PermissionError):
             store.open_or_set_aside(cache.path, cache.identity)
@@ -339,10 +417,23 @@ def test_sigkill_at_random_moments_leaves_one_complete_run(tmp_path):
     and beside it only what the next run finishes (which it does)."""
     photos = write_photos(tmp_path / "photos", NAMES[:2])
     out = tmp_path / "out"
-    argv = ["--image_dir", str(photos), "--bottleneck_dir", str(tmp_path / "cache"),
-            "--output_dir", str(out), "--no-report", "--how_many_training_steps", "5",
-            "--extraction_batch_size", "8", "--testing_percentage", "0",
-            "--validation_percentage", "0"]
+    argv = [
+        "--image_dir",
+        str(photos),
+        "--bottleneck_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(out),
+        "--no-report",
+        "--how_many_training_steps",
+        "5",
+        "--extraction_batch_size",
+        "8",
+        "--testing_percentage",
+        "0",
+        "--validation_percentage",
+        "0",
+    ]
     seen = set()
     for seed in (0, 1):  # the first fills the cache; the second, timed, is what is killed
         started = time.monotonic()
@@ -358,8 +449,11 @@ def test_sigkill_at_random_moments_leaves_one_complete_run(tmp_path):
         staging = tmp_path / f".out.staging-{process.pid}"
         if moment == "swap":  # once the staging folder's marker is complete
             deadline = time.monotonic() + 300
-            while process.poll() is None and time.monotonic() < deadline and getattr(
-                    run_marker.read_marker(staging), "files", None) is None:
+            while (
+                process.poll() is None
+                and time.monotonic() < deadline
+                and getattr(run_marker.read_marker(staging), "files", None) is None
+            ):
                 time.sleep(0.001)
         else:
             time.sleep(moment)

@@ -4,11 +4,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrain.report import figures
 from retrain.errors import RetrainError
+from retrain.report import figures
 
-HISTORY = [{"step": 10 * (i + 1), "learning_rate": 0.003, "loss": 2.0 / (i + 1), "accuracy": 0.5 + i / 40,
-            "val_loss": 2.2 / (i + 1), "val_accuracy": 0.45 + i / 40} for i in range(20)]
+HISTORY = [
+    {
+        "step": 10 * (i + 1),
+        "learning_rate": 0.003,
+        "loss": 2.0 / (i + 1),
+        "accuracy": 0.5 + i / 40,
+        "val_loss": 2.2 / (i + 1),
+        "val_accuracy": 0.45 + i / 40,
+    }
+    for i in range(20)
+]
 
 
 def assert_png(path, min_side=200):
@@ -36,7 +45,6 @@ def test_recall_order_puts_the_worst_class_first():
     assert figures.recall_order(confusion, ["a", "b", "c"]).tolist() == [1, 2, 0]
 
 
-
 @pytest.mark.parametrize("k", [3, 120])
 def test_confusion_matrix_png_labels_do_not_overlap(tmp_path, k):
     rng = np.random.default_rng(0)
@@ -51,9 +59,14 @@ def test_confusion_matrix_png_labels_do_not_overlap(tmp_path, k):
     axis, renderer = figure.axes[0], figure.canvas.get_renderer()
     for ticks, coordinate in ((axis.get_yticklabels(), 1), (axis.get_xticklabels(), 0)):
         assert len(ticks) == k
-        boxes = sorted((box.get_points()[:, coordinate] for box in
-                        (tick.get_window_extent(renderer) for tick in ticks)), key=lambda b: b[0])
-        for (low, high), (next_low, _) in zip(boxes, boxes[1:]):
+        boxes = sorted(
+            (
+                box.get_points()[:, coordinate]
+                for box in (tick.get_window_extent(renderer) for tick in ticks)
+            ),
+            key=lambda b: b[0],
+        )
+        for (_, high), (next_low, _) in zip(boxes, boxes[1:]):
             assert high <= next_low + 0.01, "tick labels overlap"
     order = figures.recall_order(confusion, names)
     assert [tick.get_text() for tick in axis.get_yticklabels()] == [names[i] for i in order]

@@ -24,8 +24,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain.data import decode, decode_memory, images, pixel_batches
 from retrain import label_image
+from retrain.data import decode, decode_memory, images, pixel_batches
 from retrain.files import paths
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -45,16 +45,22 @@ def png_chunk(kind, body):
 def png_claiming(path, width, height, body_bytes=0):
     """A gray PNG whose header says width x height; its IDAT holds ``body_bytes`` of zeros."""
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
-                     + png_chunk(b"IDAT", bytes(body_bytes)) + png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", bytes(body_bytes))
+        + png_chunk(b"IEND", b"")
+    )
     return path
 
 
 def vm_peak_delta(action):
     """(result of action(), bytes the peak RSS rose above the RSS before it), Linux only."""
+
     def status(key):
         with open("/proc/self/status") as file:
             return int(next(line for line in file if line.startswith(key)).split()[1]) * 1024
+
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")  # resets VmHWM to the current RSS
     before = status("VmRSS")
@@ -100,8 +106,11 @@ def test_a_sparse_64_gb_jpeg_is_skipped_at_discovery_with_one_line_unread(sparse
     root, path = sparse_jpeg
     caplog.set_level(logging.WARNING)
     start = time.monotonic()
-    found, rise = vm_peak_delta(lambda: images.discover(root)) if can_reset_peak() \
+    found, rise = (
+        vm_peak_delta(lambda: images.discover(root))
+        if can_reset_peak()
         else (images.discover(root), 0)
+    )
     assert time.monotonic() - start < 5
     assert rise < 64 << 20
     assert [e.relative_path for e in found.entries] == ["cats/ok.jpg"]
@@ -118,8 +127,11 @@ def test_load_and_every_reader_refuse_the_sparse_file_fast_and_flat(sparse_jpeg)
     _, path = sparse_jpeg
     import_tensorflow()  # for the dataset builder: its start-up is not what is timed
     start = time.monotonic()
-    (pixels, outcome), rise = vm_peak_delta(lambda: decode.load(path, 224, with_state=True)) \
-        if can_reset_peak() else (decode.load(path, 224, with_state=True), 0)
+    (pixels, outcome), rise = (
+        vm_peak_delta(lambda: decode.load(path, 224, with_state=True))
+        if can_reset_peak()
+        else (decode.load(path, 224, with_state=True), 0)
+    )
     assert pixels is None and outcome.reason.startswith("file too large (68,719,476,736 bytes")
     assert outcome.lasting and outcome.state.size == 64 << 30  # remembered by size and mtime
     with pytest.raises(decode.ImageDecodeError, match="file too large"):
@@ -230,8 +242,11 @@ def special_files(tmp_path, photo):
     os.mkfifo(cats / "pipe.jpg")
     os.symlink(cats / "pipe.jpg", cats / "to_pipe.jpg")
     os.symlink("/dev/zero", cats / "zero.jpg")
-    expected = {"pipe.jpg": "not a regular file (FIFO)", "to_pipe.jpg": "not a regular file (FIFO)",
-                "zero.jpg": "not a regular file (character device)"}
+    expected = {
+        "pipe.jpg": "not a regular file (FIFO)",
+        "to_pipe.jpg": "not a regular file (FIFO)",
+        "zero.jpg": "not a regular file (character device)",
+    }
     server = socket.socket(socket.AF_UNIX)
     try:
         server.bind(str(cats / "sock.jpg"))
@@ -244,26 +259,35 @@ def special_files(tmp_path, photo):
 
 def run_python(script, *args, timeout=120):
     """Runs ``script`` in a fresh interpreter; a blocked open fails the test instead of hanging."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     return done
 
 
 def test_fifos_sockets_and_devices_are_skipped_unopened_by_discovery(special_files):
     root, expected = special_files
-    done = run_python("""
+    done = run_python(
+        """
         import json, logging, sys
         logging.basicConfig(format="%(message)s")
         from retrain.data import images
         found = images.discover(sys.argv[1])
         print(json.dumps([[e.relative_path for e in found.entries], found.skipped]))
-        """, root, timeout=60)
+        """,
+        root,
+        timeout=60,
+    )
     entries, skipped = json.loads(done.stdout)
     assert entries == ["cats/ok.jpg"]
     assert dict(skipped) == {f"cats/{name}": reason for name, reason in expected.items()}
     assert sorted(done.stderr.splitlines()) == sorted(
-        f"skipped cats/{name}: {reason}" for name, reason in expected.items())
+        f"skipped cats/{name}: {reason}" for name, reason in expected.items()
+    )
 
 
 def test_every_reader_refuses_a_special_file_put_in_place_of_an_image(special_files):
@@ -271,7 +295,8 @@ def test_every_reader_refuses_a_special_file_put_in_place_of_an_image(special_fi
     calibration), decode_rgb (thumbnails, the conversion check), file_state
     (the plan's digest) and label_image's folder walk never block on it."""
     root, expected = special_files
-    done = run_python("""
+    done = run_python(
+        """
         import json, sys
         from retrain.data import decode, pixel_batches
         from retrain import label_image
@@ -294,7 +319,11 @@ def test_every_reader_refuses_a_special_file_put_in_place_of_an_image(special_fi
         result["batches"] = [outcomes[i].reason for i in range(len(sys.argv) - 2)]
         result["label_image"] = label_image.image_paths([sys.argv[1]])[0]
         print(json.dumps(result))
-        """, root, *(root / "cats" / name for name in expected), timeout=60)
+        """,
+        root,
+        *(root / "cats" / name for name in expected),
+        timeout=60,
+    )
     result = json.loads(done.stdout)
     for name, reason in expected.items():
         path = str(root / "cats" / name)
@@ -328,8 +357,12 @@ def mode_file(folder, mode, width, height):
         gray = (rng.integers(0, 65535, (height, width))).astype(">u2")
         raw = b"".join(b"\x00" + row.tobytes() for row in gray)
         header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
-        path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
-                         + png_chunk(b"IDAT", zlib.compress(raw, 1)) + png_chunk(b"IEND", b""))
+        path.write_bytes(
+            b"\x89PNG\r\n\x1a\n"
+            + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", zlib.compress(raw, 1))
+            + png_chunk(b"IEND", b"")
+        )
     elif mode == "P":
         rgb.convert("P").save(path, transparency=0, compress_level=1)
     elif mode == "CMYK":
@@ -422,8 +455,10 @@ with Image.open(tiff) as image:
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not can_reset_peak(),
-                    reason="measures the peak RSS through /proc/self/clear_refs (Linux)")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not can_reset_peak(),
+    reason="measures the peak RSS through /proc/self/clear_refs (Linux)",
+)
 def test_the_estimate_bounds_the_measured_peak_of_each_mode(tmp_path):
     """Peak RSS of load + resize, in a fresh process per mode, against ``peak_bytes``:
     never under, at most 1.5 times over (3 megapixels; 12 for the JPEGs, drafted)."""
@@ -449,11 +484,17 @@ def test_the_estimate_bounds_the_measured_peak_of_each_mode(tmp_path):
         cases[name] = (str(path), 224, estimate(path, 224))
     # One fresh process a case: how much a decode adds to the peak depends on
     # what the allocator kept from earlier ones.
-    results = {name: [needed, int(run_python(MEASURE, tmp_path / "warm", path, size).stdout)]
-               for name, (path, size, needed) in cases.items()}
+    results = {
+        name: [needed, int(run_python(MEASURE, tmp_path / "warm", path, size).stdout)]
+        for name, (path, size, needed) in cases.items()
+    }
     results["I"] = json.loads(run_python(MEASURE, tmp_path / "warm", "I", 224).stdout)
-    print({name: f"{peak / 2**20:.1f} MB, estimate x{needed / peak:.2f}"
-           for name, (needed, peak) in results.items()})
+    print(
+        {
+            name: f"{peak / 2**20:.1f} MB, estimate x{needed / peak:.2f}"
+            for name, (needed, peak) in results.items()
+        }
+    )
     for name, (needed, peak) in results.items():
         assert peak <= needed <= 1.5 * peak, (name, needed / 2**20, peak / 2**20)
 
@@ -466,7 +507,7 @@ def test_a_run_skips_each_hostile_file_with_one_line_and_finishes(special_files,
     for name, pixels in (("cats", data.chelsea()), ("cups", data.coffee())):
         for number in range(8):
             top, left = rng.integers(0, 40, 2)
-            save(pixels[top:top + 200, left:left + 250], root / name / f"{number}.jpg")
+            save(pixels[top : top + 200, left : left + 250], root / name / f"{number}.jpg")
     with open(root / "cats" / "x.jpg", "wb") as file:
         file.write(JPEG_HEADER)
         try:
@@ -474,9 +515,20 @@ def test_a_run_skips_each_hostile_file_with_one_line_and_finishes(special_files,
         except OSError as error:
             pytest.skip(f"this file system cannot hold a sparse 64 GB file: {error}")
     expected["x.jpg"] = "file too large (68,719,476,736 bytes"
-    done = subprocess.run([sys.executable, "-m", "retrain", "--image_dir", str(root),
-                           "--output_dir", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retrain",
+            "--image_dir",
+            str(root),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     listed = (tmp_path / "out" / "skipped_images.txt").read_text().splitlines()
     for name, reason in expected.items():

@@ -80,12 +80,17 @@ def test_unsupported_formats_are_named(tmp_path, photo):
     assert [e.relative_path for e in found.entries] == ["c/ok.jpg"]
 
 
-@pytest.mark.parametrize("bad", [
-    {"testing_percentage": -1}, {"testing_percentage": 100},
-    {"validation_percentage": float("nan")}, {"validation_percentage": "10"},
-    {"testing_percentage": 60, "validation_percentage": 40},
-    {"testing_percentage": True},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"testing_percentage": -1},
+        {"testing_percentage": 100},
+        {"validation_percentage": float("nan")},
+        {"validation_percentage": "10"},
+        {"testing_percentage": 60, "validation_percentage": 40},
+        {"testing_percentage": True},
+    ],
+)
 def test_bad_percentages_are_refused_with_their_values(tree, bad):
     with pytest.raises(RetrainError, match="Received: .*percentage="):
         images.discover(tree, **bad)
@@ -111,8 +116,10 @@ def test_symlinks_are_followed_once_without_looping_nor_blocking(tmp_path, photo
     os.mkfifo(root / "cats" / "pipe.jpg")
     found = images.discover(root)
     assert [e.relative_path for e in found.entries] == ["cats/a.jpg", "cats/linked/x.jpg"]
-    assert found.skipped == [("cats/broken.jpg", "cannot read: broken symbolic link"),
-                             ("cats/pipe.jpg", "not a regular file (FIFO)")]
+    assert found.skipped == [
+        ("cats/broken.jpg", "cannot read: broken symbolic link"),
+        ("cats/pipe.jpg", "not a regular file (FIFO)"),
+    ]
 
 
 def test_split_does_not_move_when_folder_moves_or_grows(tree, tmp_path, photo):
@@ -136,7 +143,8 @@ def test_split_is_pinned_and_matches_percentages():
     # and every version; a change of hash or formula fails here.
     assert images.split_percentage("daisy/a.jpg") == pytest.approx(21.1602002382)
     assert images.cache_key("daisy/a.jpg") == (
-        "4f4645e6dda1d3f641b86058208bbb088c08d35466241ee34cd8cf99d1b15c64")
+        "4f4645e6dda1d3f641b86058208bbb088c08d35466241ee34cd8cf99d1b15c64"
+    )
     paths = [f"class{i % 7}/img{i}.jpg" for i in range(20000)]
     buckets = [images.split_bucket(p, 15, 5) for p in paths]
     assert buckets.count("testing") / len(paths) == pytest.approx(0.15, abs=0.01)
@@ -153,7 +161,8 @@ def test_nohash_variants_share_a_bucket_but_not_a_key():
     assert spread == {"training", "validation", "testing"}
     # Only the file name is grouped: the same stem in another class is separate.
     assert images.split_percentage("a/x_nohash_1.jpg") != images.split_percentage(
-        "b/x_nohash_1.jpg")
+        "b/x_nohash_1.jpg"
+    )
 
 
 def test_unicode_normalisation_does_not_change_split_or_key():
@@ -173,6 +182,7 @@ def test_bucket_lists_entries_and_refuses_unknown_names(tree):
 
 
 # --- decode_rgb ---------------------------------------------------------------
+
 
 def test_names_equal_after_unicode_normalisation_keep_one_key_each(tmp_path):
     # Linux keeps both spellings as two files; they share a cache key, so

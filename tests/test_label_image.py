@@ -9,6 +9,7 @@ import pytest
 
 from retrain import label_image
 
+
 @pytest.fixture(scope="module")
 def model(photo_model):
     return photo_model
@@ -67,8 +68,10 @@ def test_a_folder_is_searched_for_images(model, capsys):
     assert (status, err) == (0, "")
     result = parse_text(out)
     assert len(result) == len(model["names"]) * model["variants"]
-    correct = sum(predictions[0][0] == os.path.basename(os.path.dirname(path))
-                  for path, predictions in result.items())
+    correct = sum(
+        predictions[0][0] == os.path.basename(os.path.dirname(path))
+        for path, predictions in result.items()
+    )
     assert correct == len(result)
 
 
@@ -91,10 +94,19 @@ def test_missing_image_paths_are_reported(model, capsys):
     assert len(err.splitlines()) == 1 and "nope.jpg: no such file or folder" in err
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--labels", "labels.txt", "--image", "x.jpg"], "the following arguments are required: --graph"),
-    (["--graph", "m.keras", "--labels", "l.txt", "--image", "x.jpg", "--top_k", "0"], "--top_k"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ["--labels", "labels.txt", "--image", "x.jpg"],
+            "the following arguments are required: --graph",
+        ),
+        (
+            ["--graph", "m.keras", "--labels", "l.txt", "--image", "x.jpg", "--top_k", "0"],
+            "--top_k",
+        ),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(arguments, message, capsys):
     with pytest.raises(SystemExit) as raised:
         label_image.main(arguments)
@@ -112,7 +124,9 @@ def test_unusable_model_or_labels_exit_2_with_one_line(model, tmp_path, capsys):
 
     two_labels = tmp_path / "labels.txt"
     two_labels.write_text("cat\ncoffee\n", encoding="utf-8")
-    status = label_image.main(["--graph", model["graph"], "--labels", str(two_labels), "--image", image])
+    status = label_image.main(
+        ["--graph", model["graph"], "--labels", str(two_labels), "--image", image]
+    )
     err = capsys.readouterr().err
     assert status == 2 and len(err.splitlines()) == 1 and "3 outputs but" in err
 
@@ -121,9 +135,22 @@ def test_command_line_prints_only_results(model):
     """The real command: stdout has the labels, stderr stays clean (no TensorFlow noise)."""
     path = str(model["photos"] / "rocket" / "4.png")
     result = subprocess.run(
-        [sys.executable, "-m", "retrain.label_image", "--graph", model["graph"],
-         "--labels", model["labels"], "--image", path],
-        capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+        [
+            sys.executable,
+            "-m",
+            "retrain.label_image",
+            "--graph",
+            model["graph"],
+            "--labels",
+            model["labels"],
+            "--image",
+            path,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.splitlines()[0] == path
     assert result.stdout.splitlines()[1].split()[0] == "rocket"

@@ -7,8 +7,8 @@ import os
 import pytest
 from conftest import fill, remount_read_only
 
-from retrain.files import atomic_write, output_folder, run_marker
 from retrain.errors import RetrainError
+from retrain.files import atomic_write, output_folder, run_marker
 
 
 def write_run(folder, number, extra=()):
@@ -23,9 +23,11 @@ def write_run(folder, number, extra=()):
 
 def contents(folder):
     """{relative path: bytes} of every file below folder but the run marker."""
-    return {str(path.relative_to(folder)): path.read_bytes()
-            for path in sorted(folder.rglob("*"))
-            if path.is_file() and path.name != run_marker.MARKER}
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != run_marker.MARKER
+    }
 
 
 def test_a_completed_run_replaces_the_whole_folder(tmp_path):
@@ -38,16 +40,21 @@ def test_a_completed_run_replaces_the_whole_folder(tmp_path):
         write_run(folder.staging, 2)
         assert contents(out)["settings.yaml"] == b"run: 1\n"
     # Nothing of run 1 is left beside run 2's files, nor any staging folder.
-    assert contents(out) == {"settings.yaml": b"run: 2\n", "model.keras": bytes([2]) * 1000,
-                             "summaries/events": b"2"}
+    assert contents(out) == {
+        "settings.yaml": b"run: 2\n",
+        "model.keras": bytes([2]) * 1000,
+        "summaries/events": b"2",
+    }
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]
     marker = run_marker.read_marker(out)  # the run's id and every name it wrote
     assert marker.run_id == folder.run_id and len(marker.run_id) == 32
     assert marker.files == {"settings.yaml", "model.keras", "summaries/", "summaries/events"}
 
 
-@pytest.mark.parametrize("failure", [OSError(errno.EIO, "Input/output error"), KeyboardInterrupt(),
-                                     RetrainError("bad input")])
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(errno.EIO, "Input/output error"), KeyboardInterrupt(), RetrainError("bad input")],
+)
 def test_a_failed_run_leaves_the_previous_outputs(tmp_path, failure):
     out = tmp_path / "out"
     with output_folder.staged(out) as folder:
@@ -89,7 +96,9 @@ def test_files_outside_the_folder_are_renamed_at_the_end(tmp_path):
         with output_folder.staged(out) as folder:
             folder.place(elsewhere).write_bytes(b"new")
             raise KeyboardInterrupt
-    assert os.listdir(elsewhere.parent) == ["flowers.keras"] and elsewhere.read_bytes() == b"previous"
+    assert (
+        os.listdir(elsewhere.parent) == ["flowers.keras"] and elsewhere.read_bytes() == b"previous"
+    )
     with output_folder.staged(out) as folder:
         assert folder.place(out / "labels.txt") == folder.staging / "labels.txt"
         assert folder.place_folder(tmp_path / "logs") == tmp_path / "logs"
@@ -179,7 +188,10 @@ def test_atomic_write_on_a_full_disk_leaves_the_old_file_and_no_temporary(small_
 
 def test_leftovers_are_only_the_targets_temporary_files(tmp_path):
     target = tmp_path / "cache.h5"
-    mine, other = atomic_write.temporary_path(target), atomic_write.temporary_path(tmp_path / "x.h5")
+    mine, other = (
+        atomic_write.temporary_path(target),
+        atomic_write.temporary_path(tmp_path / "x.h5"),
+    )
     for path in (mine, other, tmp_path / "cache.h5", tmp_path / "00000001.npz"):
         path.write_bytes(b"")
     assert mine.name.startswith(".cache.tmp-") and mine.suffix == ".h5"

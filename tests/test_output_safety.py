@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from retrain.files import atomic_write, output_folder, run_marker
 from retrain import cli
 from retrain.errors import RetrainError
+from retrain.files import atomic_write, output_folder, run_marker
 
 
 def run_into(out, number, extra=()):
@@ -41,8 +41,11 @@ def contents(folder):
         for name in names:
             path = os.path.join(root, name)
             key = os.path.relpath(path, folder)
-            found[key] = (f"-> {os.readlink(path)}".encode() if os.path.islink(path)
-                          else open(path, "rb").read())
+            found[key] = (
+                f"-> {os.readlink(path)}".encode()
+                if os.path.islink(path)
+                else open(path, "rb").read()
+            )
     return found
 
 
@@ -55,14 +58,18 @@ def dead_pid():
 
 # The folder rule: a marker of retrain's, other files carried over.
 
+
 def test_the_issue_repro_a_settings_yaml_does_not_make_a_folder_retrains(tmp_path):
     p = tmp_path / "p"
     p.mkdir()
     (p / "settings.yaml").write_text("x\n")
     (p / "keep.txt").write_text("precious\n")
     entered = []
-    with pytest.raises(RetrainError, match=r"holds files but no \.retrain-run\.json .*'keep\.txt'"
-                                           r".*Move those files away"):
+    with pytest.raises(
+        RetrainError,
+        match=r"holds files but no \.retrain-run\.json .*'keep\.txt'"
+        r".*Move those files away",
+    ):
         with output_folder.staged(p):
             entered.append(True)
     assert not entered, "the run started before refusing"
@@ -82,11 +89,14 @@ def test_a_planted_or_foreign_marker_does_not_count(tmp_path, planted):
     elif planted == "symlink":
         marker.symlink_to(tmp_path / "real" / run_marker.MARKER)
     else:
-        marker.write_text({"other tool": '{"tool": "hydra", "format": 1, "run_id": "%s", '
-                                         '"files": []}' % ("a" * 32),
-                           "not json": "{",
-                           "bad run id": '{"tool": "retrain", "format": 1, "run_id": "x", '
-                                         '"files": []}'}[planted])
+        marker.write_text(
+            {
+                "other tool": '{"tool": "hydra", "format": 1, "run_id": "%s", '
+                '"files": []}' % ("a" * 32),
+                "not json": "{",
+                "bad run id": '{"tool": "retrain", "format": 1, "run_id": "x", "files": []}',
+            }[planted]
+        )
     with pytest.raises(RetrainError, match="no .retrain-run.json"):
         with output_folder.staged(out):
             pass
@@ -96,17 +106,22 @@ def test_a_planted_or_foreign_marker_does_not_count(tmp_path, planted):
 def test_files_a_run_did_not_write_are_carried_into_the_new_folder(tmp_path):
     out = tmp_path / "out"
     first = run_into(out, 1, extra=["report.html"])
-    (out / "notes.txt").write_text("mine")                      # beside the run's files
-    (out / "summaries" / "mine.txt").write_text("mine too")     # inside a folder of the run's
-    (out / "plots").mkdir()                                     # a folder of the user's
+    (out / "notes.txt").write_text("mine")  # beside the run's files
+    (out / "summaries" / "mine.txt").write_text("mine too")  # inside a folder of the run's
+    (out / "plots").mkdir()  # a folder of the user's
     (out / "plots" / "a.png").write_bytes(b"png")
-    (out / "link").symlink_to(tmp_path / "elsewhere")           # carried as a link, not followed
+    (out / "link").symlink_to(tmp_path / "elsewhere")  # carried as a link, not followed
     second = run_into(out, 2)
     assert contents(out) == {
-        "settings.yaml": b"run: 2\n", "model.keras": bytes([2]) * 100, "summaries/events": b"2",
-        "notes.txt": b"mine", "summaries/mine.txt": b"mine too", "plots/a.png": b"png",
-        "link": f"-> {tmp_path / 'elsewhere'}".encode(), run_marker.MARKER:
-        (out / run_marker.MARKER).read_bytes()}
+        "settings.yaml": b"run: 2\n",
+        "model.keras": bytes([2]) * 100,
+        "summaries/events": b"2",
+        "notes.txt": b"mine",
+        "summaries/mine.txt": b"mine too",
+        "plots/a.png": b"png",
+        "link": f"-> {tmp_path / 'elsewhere'}".encode(),
+        run_marker.MARKER: (out / run_marker.MARKER).read_bytes(),
+    }
     assert "report.html" not in os.listdir(out), "run 1's own file was kept"
     marker = run_marker.read_marker(out)
     assert marker.run_id == second.run_id != first.run_id
@@ -121,8 +136,12 @@ def test_names_that_are_not_utf8_are_the_runs_own_next_time(tmp_path):
     run_into(out, 1, extra=[name])
     assert name in run_marker.read_marker(out).files
     run_into(out, 2)
-    assert sorted(contents(out)) == [run_marker.MARKER, "model.keras", "settings.yaml",
-                                     "summaries/events"]
+    assert sorted(contents(out)) == [
+        run_marker.MARKER,
+        "model.keras",
+        "settings.yaml",
+        "summaries/events",
+    ]
 
 
 def test_a_users_file_at_a_name_the_new_run_writes_is_kept_under_another_name(tmp_path, caplog):
@@ -174,6 +193,7 @@ def test_output_dir_moved_during_the_run_is_refused_at_the_swap(tmp_path):
 
 # Leftovers of killed runs: exact names, dead owners, our marker.
 
+
 def test_staging_folders_of_killed_runs_are_removed(tmp_path):
     out = tmp_path / "out"
     killed = tmp_path / f".out.staging-{dead_pid()}"
@@ -200,15 +220,24 @@ def test_leftover_clean_up_never_touches_a_users_folder(tmp_path):
     (user / "data.csv").write_text("mine")
     alive = tmp_path / f".out.staging-{os.getppid()}"  # its owner runs
     unmarked = tmp_path / f".out.staging-{dead_pid()}"  # no marker: not ours
-    for folder in (alive, unmarked, tmp_path / ".out.staging-notapid",
-                   tmp_path / ".out.staging-12 "):
+    for folder in (
+        alive,
+        unmarked,
+        tmp_path / ".out.staging-notapid",
+        tmp_path / ".out.staging-12 ",
+    ):
         folder.mkdir()
         (folder / "data.csv").write_text("mine")
     run_marker.write_marker(alive, "0" * 32, None)
     (tmp_path / f".out.staging-{dead_pid()}").symlink_to(user)  # a symlink is never followed
     run_into(out, 1)
-    for folder in (alive, unmarked, tmp_path / ".out.staging-notapid",
-                   tmp_path / ".out.staging-12 ", user):
+    for folder in (
+        alive,
+        unmarked,
+        tmp_path / ".out.staging-notapid",
+        tmp_path / ".out.staging-12 ",
+        user,
+    ):
         assert (folder / "data.csv").read_text() == "mine", folder
 
 
@@ -228,6 +257,7 @@ def test_a_killed_runs_old_folder_gives_its_foreign_files_back(tmp_path):
 
 # The two-rename swap, failing at each step.
 
+
 @pytest.fixture
 def renames_failing(monkeypatch):
     """fail(*steps): from now on the steps-th os.rename calls (1-based) raise EIO."""
@@ -244,6 +274,7 @@ def renames_failing(monkeypatch):
             return real_rename(source, destination)
 
         monkeypatch.setattr(os, "rename", rename)
+
     return fail
 
 
@@ -272,12 +303,16 @@ def test_the_swap_is_done_after_two_renames(tmp_path, renames_failing):
 
 
 def test_a_failed_put_back_says_where_the_folder_is_and_the_next_run_restores_it(
-        tmp_path, renames_failing, monkeypatch):
+    tmp_path, renames_failing, monkeypatch
+):
     out = tmp_path / "out"
     run_into(out, 1)
     before = contents(out)
-    with pytest.raises(RetrainError, match=r"could not be put back and is now at \S*"
-                                           rf"\.out\.previous-{os.getpid()}") as raised:
+    with pytest.raises(
+        RetrainError,
+        match=r"could not be put back and is now at \S*"
+        rf"\.out\.previous-{os.getpid()}",
+    ) as raised:
         with output_folder.staged(out) as folder:
             (folder.staging / "model.keras").write_bytes(b"new")
             renames_failing(2, 3)
@@ -292,11 +327,14 @@ def test_a_failed_put_back_says_where_the_folder_is_and_the_next_run_restores_it
 
 # Mount points and EBUSY / EXDEV.
 
+
 def test_a_mount_point_is_refused_before_any_work_and_a_sub_folder_works(small_mount):
     disk = small_mount("1m")
     entered = []
-    with pytest.raises(RetrainError, match=f"{disk} is a mount point.*use a sub-folder of it, "
-                                           f"e.g. --output_dir {disk}/retrain"):
+    with pytest.raises(
+        RetrainError,
+        match=f"{disk} is a mount point.*use a sub-folder of it, e.g. --output_dir {disk}/retrain",
+    ):
         with output_folder.staged(disk):
             entered.append(True)
     assert not entered
@@ -313,8 +351,9 @@ def test_a_folder_mounted_during_the_run_is_refused_at_the_swap(tmp_path, small_
     assert os.listdir(out) == [] and sorted(os.listdir(tmp_path)) == [".small.lock", "small"]
 
 
-@pytest.mark.parametrize("code, words", [(errno.EBUSY, "busy (a mount point"),
-                                         (errno.EXDEV, "another file system")])
+@pytest.mark.parametrize(
+    "code, words", [(errno.EBUSY, "busy (a mount point"), (errno.EXDEV, "another file system")]
+)
 def test_busy_or_cross_device_at_the_swap_names_the_cause(tmp_path, monkeypatch, code, words):
     out = tmp_path / "out"
     run_into(out, 1)
@@ -332,26 +371,37 @@ def test_busy_or_cross_device_at_the_swap_names_the_cause(tmp_path, monkeypatch,
 
 # --cache_only and shard runs.
 
+
 def write_photos(root, per_class=3):
     """Small real photo crops, one photo per class."""
     for name, pixels in (("cat", data.chelsea()), ("coffee", data.coffee())):
         (root / name).mkdir(parents=True)
         for number in range(per_class):
-            crop = pixels[number * 20:number * 20 + 200, number * 30:number * 30 + 240]
+            crop = pixels[number * 20 : number * 20 + 200, number * 30 : number * 30 + 240]
             Image.fromarray(np.ascontiguousarray(crop)).save(root / name / f"{number}.jpg")
     return root
 
 
 @pytest.mark.parametrize("shards", [[], ["--num_shards", "2", "--shard_index", "1"]])
-def test_cache_only_and_shard_runs_leave_the_output_folder_byte_for_byte(tmp_path, capsys,
-                                                                         shards):
+def test_cache_only_and_shard_runs_leave_the_output_folder_byte_for_byte(tmp_path, capsys, shards):
     photos = write_photos(tmp_path / "photos")
     out = tmp_path / "out"
     run_into(out, 1, extra=["labels.txt", "report.html"])
     before, beside = contents(out), sorted(os.listdir(tmp_path))
-    status = cli.main(["--image_dir", str(photos), "--bottleneck_dir", str(tmp_path / "cache"),
-                       "--output_dir", str(out), "--cache_only", *shards,
-                       "--extraction_batch_size", "4"])
+    status = cli.main(
+        [
+            "--image_dir",
+            str(photos),
+            "--bottleneck_dir",
+            str(tmp_path / "cache"),
+            "--output_dir",
+            str(out),
+            "--cache_only",
+            *shards,
+            "--extraction_batch_size",
+            "4",
+        ]
+    )
     assert status == 0, capsys.readouterr().err
     assert contents(out) == before
     assert sorted(os.listdir(tmp_path)) == sorted([*beside, "cache"])
@@ -364,8 +414,9 @@ def test_the_command_refuses_a_folder_it_did_not_write_before_any_work(tmp_path,
     p.mkdir()
     (p / "settings.yaml").write_text("x\n")
     (p / "keep.txt").write_text("precious\n")
-    status = cli.main(["--image_dir", str(photos), "--bottleneck_dir", str(cache),
-                       "--output_dir", str(p)])
+    status = cli.main(
+        ["--image_dir", str(photos), "--bottleneck_dir", str(cache), "--output_dir", str(p)]
+    )
     err = capsys.readouterr().err
     lines = [line for line in err.split("\n") if line.startswith("retrain: ")]
     assert status == 2 and len(lines) == 1 and "keep.txt" in lines[0] and "Traceback" not in err

@@ -27,13 +27,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
+from test_figures import assert_png
 
 from retrain import cli, evaluation, report
-from retrain.evaluation import data_checks, run_record
-from retrain.report import figures, thumbnails
-from retrain.files import text_escapes
 from retrain.errors import RetrainError
-from test_figures import assert_png
+from retrain.evaluation import data_checks, run_record
+from retrain.files import text_escapes
+from retrain.report import figures, thumbnails
 
 ROOT = Path(__file__).parents[1]
 LATIN1 = os.fsdecode(b"caf\xe9.jpg")  # 'caf\udce9.jpg'
@@ -41,6 +41,7 @@ FORMULAS = ["=1+2", "+x", "-y", "@SUM(A1)", "\tz", "\rw", "'=quoted", "''@two", 
 
 
 # ---------------------------------------------------------------- escapes and CSV cells
+
 
 def test_one_line_escapes_undecodable_bytes_like_skipped_images_txt():
     assert text_escapes.one_line(f"cat/{LATIN1}") == "cat/caf\\xe9.jpg"
@@ -73,7 +74,9 @@ def test_check_csvs_quote_formulas_escape_paths_and_read_back(tmp_path):
     data_checks.write_label_issues(issues, tmp_path / "issues.csv")
     data_checks.write_near_duplicates(pairs, tmp_path / "pairs.csv")
     for name in ("issues.csv", "pairs.csv"):
-        assert all(cell[:1] not in text_escapes.FORMULA_STARTS for cell in cells(tmp_path / name) if cell)
+        assert all(
+            cell[:1] not in text_escapes.FORMULA_STARTS for cell in cells(tmp_path / name) if cell
+        )
         assert "caf\\xe9.jpg" in (tmp_path / name).read_text(encoding="utf-8")
     read = data_checks.read_label_issues(tmp_path / "issues.csv")
     assert [(i.given, i.suggested, i.score) for i in read] == [(n, "=1+2", 0.25) for n in FORMULAS]
@@ -84,7 +87,9 @@ def test_check_csvs_quote_formulas_escape_paths_and_read_back(tmp_path):
 
 def test_metrics_files_quote_class_names_and_escape_paths(tmp_path, capsys):
     names = ["=1+2", "-neg", "plain"]
-    result = evaluation.evaluate(np.eye(3, dtype=np.float32)[[0, 1, 2, 0]], np.array([0, 1, 2, 1]), names)
+    result = evaluation.evaluate(
+        np.eye(3, dtype=np.float32)[[0, 1, 2, 0]], np.array([0, 1, 2, 1]), names
+    )
     wrong = [(f"-neg/{LATIN1}", "-neg", "=1+2", 0.9)]
     evaluation.write_metrics(result, tmp_path, wrong)
     written = cells(tmp_path / "confusion_matrix.csv")
@@ -114,13 +119,16 @@ def test_the_page_shows_undecodable_settings_escaped(tmp_path):
     record = small_record()
     record.settings["image_dir"] = record.image_dir = f"/photos/{LATIN1}"
     run_record.save(record, tmp_path)
-    assert json.loads((tmp_path / run_record.RECORD_FILE).read_text())["settings"]["image_dir"] \
-        == f"/photos/{LATIN1}"  # kept exactly (as \\udce9 in the JSON)
+    assert (
+        json.loads((tmp_path / run_record.RECORD_FILE).read_text())["settings"]["image_dir"]
+        == f"/photos/{LATIN1}"
+    )  # kept exactly (as \\udce9 in the JSON)
     page = report.build(tmp_path).read_text(encoding="utf-8")  # UnicodeEncodeError before
     assert page.count("/photos/caf\\xe9.jpg") >= 3  # title, lead line, settings
 
 
 # ---------------------------------------------------------------- a received output folder
+
 
 @pytest.fixture
 def folder(tmp_path):
@@ -130,21 +138,30 @@ def folder(tmp_path):
     out = tmp_path / "received"
     out.mkdir()
     run_record.save(small_record(), out)
-    data_checks.write_label_issues([data_checks.LabelIssue("cat/1.jpg", "cat", "dog", 0.1)],
-                                   out / data_checks.LABEL_ISSUES_FILE)
+    data_checks.write_label_issues(
+        [data_checks.LabelIssue("cat/1.jpg", "cat", "dog", 0.1)],
+        out / data_checks.LABEL_ISSUES_FILE,
+    )
     data_checks.write_near_duplicates([], out / data_checks.NEAR_DUPLICATES_FILE)
     return out
 
 
 def rebuild(out, timeout=120):
     """`python -m retrain.report out` in a subprocess: a FIFO read would block it."""
-    return subprocess.run([sys.executable, "-m", "retrain.report", str(out)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "retrain.report", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def assert_one_line_refusal(done, *fragments):
     assert done.returncode == 2, (done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, (
+        done.stderr
+    )
     for fragment in fragments:
         assert fragment in done.stderr, done.stderr
 
@@ -156,8 +173,15 @@ def test_rebuild_of_a_clean_folder_works(folder):
     assert "cat/1.jpg" in (folder / "report.html").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("name", [run_record.RECORD_FILE, data_checks.LABEL_ISSUES_FILE,
-                                  report.CHECKS_FILE, run_record.PROBABILITIES_FILE])
+@pytest.mark.parametrize(
+    "name",
+    [
+        run_record.RECORD_FILE,
+        data_checks.LABEL_ISSUES_FILE,
+        report.CHECKS_FILE,
+        run_record.PROBABILITIES_FILE,
+    ],
+)
 def test_a_fifo_left_in_the_folder_is_refused_not_read(folder, name):
     (folder / name).unlink(missing_ok=True)
     os.mkfifo(folder / name)
@@ -197,7 +221,7 @@ def test_a_linked_thumbnails_folder_is_not_shown(folder, tmp_path):
 
 def test_a_huge_sparse_record_is_refused_before_it_is_read(folder):
     with open(folder / run_record.RECORD_FILE, "r+b") as handle:
-        handle.truncate(5 * 1024 ** 3)  # 5 GB, sparse: costs no disk
+        handle.truncate(5 * 1024**3)  # 5 GB, sparse: costs no disk
     assert_one_line_refusal(rebuild(folder, timeout=60), run_record.RECORD_FILE, "bytes")
 
 
@@ -218,29 +242,39 @@ def npy(array) -> bytes:
 def npy_claiming(shape, data: bytes) -> bytes:
     """A float32 .npy header claiming `shape`, followed by `data`."""
     buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False,
-                                                  "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "<f4", "fortran_order": False, "shape": shape}
+    )
     return buffer.getvalue() + data
 
 
-@pytest.mark.parametrize("members, fragment", [
-    # A pickled object array: reading it would run code; refused without loading pickles.
-    ({"testing.npy": npy(np.array([object(), None], dtype=object))}, "probabilities.npz"),
-    # A deflate bomb: 200 MB of zeros in a few hundred KB, claiming a huge array.
-    ({"testing.npy": npy_claiming((50_000_000, 1), bytes(200 * 1024 ** 2))}, "the record implies"),
-    ({"other.npy": npy(np.zeros((2, 2), np.float32))}, "unexpected array"),
-])
+@pytest.mark.parametrize(
+    "members, fragment",
+    [
+        # A pickled object array: reading it would run code; refused without loading pickles.
+        ({"testing.npy": npy(np.array([object(), None], dtype=object))}, "probabilities.npz"),
+        # A deflate bomb: 200 MB of zeros in a few hundred KB, claiming a huge array.
+        (
+            {"testing.npy": npy_claiming((50_000_000, 1), bytes(200 * 1024**2))},
+            "the record implies",
+        ),
+        ({"other.npy": npy(np.zeros((2, 2), np.float32))}, "unexpected array"),
+    ],
+)
 def test_probabilities_are_checked_before_they_are_read(folder, members, fragment):
     (folder / run_record.PROBABILITIES_FILE).write_bytes(npz_bytes(members))
     assert_one_line_refusal(rebuild(folder, timeout=60), fragment)
 
 
-@pytest.mark.parametrize("content, fragment", [
-    (b"image,given,suggested,score\r\ncat/1.jpg,cat,dog,nan\r\n", "not a finite number"),
-    (b"image,given,suggested,score\r\ncat/1.jpg,cat\r\n", "more or fewer cells"),
-    (b"who,what\r\n", "header must be"),
-    (b"image,given,suggested,score\r\n\xff,cat,dog,0.1\r\n", "codec"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"image,given,suggested,score\r\ncat/1.jpg,cat,dog,nan\r\n", "not a finite number"),
+        (b"image,given,suggested,score\r\ncat/1.jpg,cat\r\n", "more or fewer cells"),
+        (b"who,what\r\n", "header must be"),
+        (b"image,given,suggested,score\r\n\xff,cat,dog,0.1\r\n", "codec"),
+    ],
+)
 def test_a_csv_retrain_did_not_write_is_one_line(folder, content, fragment):
     (folder / data_checks.LABEL_ISSUES_FILE).write_bytes(content)
     assert_one_line_refusal(rebuild(folder), fragment)
@@ -255,6 +289,7 @@ def test_a_record_retrain_did_not_write_is_one_line(folder):
 
 # ---------------------------------------------------------------- a failing part is a warning
 
+
 def test_a_failing_part_is_a_warning_and_the_page_is_still_written(folder, monkeypatch, caplog):
     def fail(*args, **kwargs):
         raise RuntimeError("planted")
@@ -264,10 +299,14 @@ def test_a_failing_part_is_a_warning_and_the_page_is_still_written(folder, monke
     outcome = report.write_run_report(record, fail, folder)
     assert outcome.checks is None and outcome.page == folder / report.REPORT_FILE
     missing = [name for name, _ in outcome.parts.missing]
-    assert missing == [f"data checks ({data_checks.LABEL_ISSUES_FILE}, "
-                       f"{data_checks.NEAR_DUPLICATES_FILE})", report.CONFUSION_FILE]
-    assert outcome.parts.line() == ("Report incomplete: " + "; ".join(
-        f"{name} missing (RuntimeError: planted)" for name in missing))
+    assert missing == [
+        f"data checks ({data_checks.LABEL_ISSUES_FILE}, {data_checks.NEAR_DUPLICATES_FILE})",
+        report.CONFUSION_FILE,
+    ]
+    assert outcome.parts.line() == (
+        "Report incomplete: "
+        + "; ".join(f"{name} missing (RuntimeError: planted)" for name in missing)
+    )
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if "planted" in w]) == 2, warnings
     page = (folder / report.REPORT_FILE).read_text(encoding="utf-8")
@@ -287,21 +326,34 @@ def test_interrupts_are_not_turned_into_warnings(folder):
 # Hostile to a spreadsheet (formulas) and to matplotlib's mathtext parser.
 CLASSES = ["=1+2", "$\\alpha$", "$\\frac{$", "@home"]
 PER_CLASS = 6
-FAST = ["--how_many_training_steps", "20", "--eval_step_interval", "10",
-        "--extraction_batch_size", "8", "--testing_percentage", "35", "--validation_percentage", "0"]
+FAST = [
+    "--how_many_training_steps",
+    "20",
+    "--eval_step_interval",
+    "10",
+    "--extraction_batch_size",
+    "8",
+    "--testing_percentage",
+    "35",
+    "--validation_percentage",
+    "0",
+]
 
 
 def write_photos(root):
     """PER_CLASS crops of a different scikit-image photo per class, and in the first
     class an exact copy of its first photo under a Latin-1 name (a near-duplicate pair)."""
     rng = np.random.default_rng(0)
-    for name, pixels in zip(CLASSES, [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]):
+    for name, pixels in zip(
+        CLASSES, [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+    ):
         (root / name).mkdir(parents=True)
         height, width = pixels.shape[:2]
         for number in range(PER_CLASS):
             top, left = rng.integers(0, height // 4), rng.integers(0, width // 4)
-            Image.fromarray(pixels[top:top + 3 * height // 4, left:left + 3 * width // 4]).save(
-                root / name / f"{number}.jpg")
+            Image.fromarray(pixels[top : top + 3 * height // 4, left : left + 3 * width // 4]).save(
+                root / name / f"{number}.jpg"
+            )
     first = root / CLASSES[0]
     Path(os.fsdecode(bytes(first) + b"/caf\xe9.jpg")).write_bytes((first / "0.jpg").read_bytes())
     return root
@@ -349,8 +401,9 @@ def test_class_names_are_drawn_as_written(hostile_run):
     assert sorted(tick.get_text() for tick in figure.axes[0].get_yticklabels()) == sorted(names)
 
 
-def test_a_failing_figure_and_checks_are_warnings_and_the_model_is_kept(hostile_run, monkeypatch,
-                                                                          caplog, capsys):
+def test_a_failing_figure_and_checks_are_warnings_and_the_model_is_kept(
+    hostile_run, monkeypatch, caplog, capsys
+):
     def fail(*args, **kwargs):
         raise RuntimeError("planted failure")
 
@@ -362,8 +415,9 @@ def test_a_failing_figure_and_checks_are_warnings_and_the_model_is_kept(hostile_
     assert (out / report.REPORT_FILE).is_file() and (out / report.CONFUSION_FILE).is_file()
     assert not (out / report.CURVES_FILE).exists() and not (out / "label_issues.csv").exists()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("training_curves.png not written (RuntimeError: planted failure)" in w
-               for w in warnings), warnings
+    assert any(
+        "training_curves.png not written (RuntimeError: planted failure)" in w for w in warnings
+    ), warnings
     captured = capsys.readouterr()
     [line] = [line for line in captured.err.splitlines() if line.startswith("Report incomplete")]
     assert "training_curves.png missing (RuntimeError: planted failure)" in line

@@ -19,13 +19,20 @@ import numpy as np
 import pytest
 from PIL import Image
 from sklearn import metrics
-
-from retrain.report import page_screenshot, thumbnails
-from retrain import report
 from test_end_to_end import load_demo_writer, run_command
 from test_figures import assert_png
 
-MOVED = [("0", 3, "4"), ("1", 10, "0"), ("2", 17, "5"), ("3", 25, "1"), ("4", 31, "2"), ("5", 40, "3")]
+from retrain import report
+from retrain.report import page_screenshot, thumbnails
+
+MOVED = [
+    ("0", 3, "4"),
+    ("1", 10, "0"),
+    ("2", 17, "5"),
+    ("3", 25, "1"),
+    ("4", 31, "2"),
+    ("5", 40, "3"),
+]
 COPIED = [("0", 7), ("2", 12), ("3", 33), ("5", 21)]
 
 
@@ -50,11 +57,26 @@ def planted_run(tmp_path_factory):
     image_dir, cache_dir, out_dir = base / "digits", base / "cache", base / "out"
     load_demo_writer()(image_dir, classes=range(6), per_class=70)
     moved, pairs = plant(image_dir)
-    done = run_command("retrain", "--image_dir", str(image_dir), "--bottleneck_dir", str(cache_dir),
-                       "--output_dir", str(out_dir), "--how_many_training_steps", "400")
+    done = run_command(
+        "retrain",
+        "--image_dir",
+        str(image_dir),
+        "--bottleneck_dir",
+        str(cache_dir),
+        "--output_dir",
+        str(out_dir),
+        "--how_many_training_steps",
+        "400",
+    )
     assert done.returncode == 0, done.stderr
-    return {"image_dir": image_dir, "cache_dir": cache_dir, "out": out_dir, "moved": moved,
-            "pairs": pairs, "stdout": done.stdout}
+    return {
+        "image_dir": image_dir,
+        "cache_dir": cache_dir,
+        "out": out_dir,
+        "moved": moved,
+        "pairs": pairs,
+        "stdout": done.stdout,
+    }
 
 
 def read_csv(path):
@@ -65,7 +87,7 @@ def read_csv(path):
 def test_planted_label_errors_lead_label_issues(planted_run):
     rows = read_csv(planted_run["out"] / "label_issues.csv")
     assert list(rows[0]) == ["image", "given", "suggested", "score"]
-    top = [row["image"] for row in rows[:2 * len(MOVED)]]
+    top = [row["image"] for row in rows[: 2 * len(MOVED)]]
     # Some handwritten digits are ambiguous (a 2 that looks like the 5 it was
     # moved to): as in the 9-of-12 floor on photos, most must lead, not all.
     found = [path for path in planted_run["moved"] if path in top]
@@ -81,7 +103,7 @@ def test_planted_label_errors_lead_label_issues(planted_run):
 def test_planted_duplicates_lead_near_duplicates(planted_run):
     rows = read_csv(planted_run["out"] / "near_duplicates.csv")
     assert list(rows[0]) == ["image_a", "image_b", "split_a", "split_b", "distance"]
-    top = {frozenset((row["image_a"], row["image_b"])) for row in rows[:2 * len(COPIED)]}
+    top = {frozenset((row["image_a"], row["image_b"])) for row in rows[: 2 * len(COPIED)]}
     assert {frozenset(pair) for pair in planted_run["pairs"]} <= top
     distances = [float(row["distance"]) for row in rows]
     assert distances == sorted(distances)
@@ -142,8 +164,15 @@ def test_every_image_of_the_page_resolves(planted_run):
     assert_png(out / "training_curves.png")
     assert_png(out / "confusion_matrix.png")
     page = (out / "report.html").read_text(encoding="utf-8")
-    for heading in ("Classes and splits", "Settings", "Confusion matrix", "Per-class precision",
-                    "Misclassified test images", "Suspicious labels", "Near-duplicate images"):
+    for heading in (
+        "Classes and splits",
+        "Settings",
+        "Confusion matrix",
+        "Per-class precision",
+        "Misclassified test images",
+        "Suspicious labels",
+        "Near-duplicate images",
+    ):
         assert heading in page
     for moved in planted_run["moved"]:
         assert moved in page
@@ -157,9 +186,13 @@ def test_report_command_rebuilds_the_page_from_the_output_folder(planted_run, tm
     for name in ("report.html", "training_curves.png", "confusion_matrix.png"):
         (copy / name).unlink()
     # The record alone: no image folder, no cache.
-    done = subprocess.run([sys.executable, "-m", "retrain.report", str(copy)], capture_output=True,
-                          text=True, timeout=300, env={"PYTHONPATH": str(Path(__file__).parents[1]),
-                                                      "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-m", "retrain.report", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr
     assert "tensorflow" not in done.stderr.lower()
     original = (planted_run["out"] / "report.html").read_text(encoding="utf-8").splitlines()
@@ -185,14 +218,21 @@ def test_the_page_says_when_the_checks_saw_a_sample(planted_run, tmp_path):
     assert page.count(note) == 2  # the label issues and the near-duplicates sections
 
 
-@pytest.mark.parametrize("folder, message", [
-    ("missing", "No such output folder"),
-    ("empty", "has no run_record.json"),
-])
+@pytest.mark.parametrize(
+    "folder, message",
+    [
+        ("missing", "No such output folder"),
+        ("empty", "has no run_record.json"),
+    ],
+)
 def test_report_command_on_a_bad_folder_says_what_is_wrong(tmp_path, folder, message):
     (tmp_path / "empty").mkdir()
-    done = subprocess.run([sys.executable, "-m", "retrain.report", str(tmp_path / folder)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "retrain.report", str(tmp_path / folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
@@ -200,17 +240,35 @@ def test_report_command_on_a_bad_folder_says_what_is_wrong(tmp_path, folder, mes
 
 def test_no_report_skips_page_and_checks_and_balanced_weights_are_recorded(planted_run, tmp_path):
     out = tmp_path / "out"
-    done = run_command("retrain", "--image_dir", str(planted_run["image_dir"]),
-                       "--bottleneck_dir", str(planted_run["cache_dir"]), "--output_dir", str(out),
-                       "--how_many_training_steps", "50", "--no-report", "--class_weights", "balanced",
-                       "--print_misclassified_test_images")
+    done = run_command(
+        "retrain",
+        "--image_dir",
+        str(planted_run["image_dir"]),
+        "--bottleneck_dir",
+        str(planted_run["cache_dir"]),
+        "--output_dir",
+        str(out),
+        "--how_many_training_steps",
+        "50",
+        "--no-report",
+        "--class_weights",
+        "balanced",
+        "--print_misclassified_test_images",
+    )
     assert done.returncode == 0, done.stderr
-    for name in ("report.html", "label_issues.csv", "near_duplicates.csv", "confusion_matrix.png",
-                 "thumbnails"):
+    for name in (
+        "report.html",
+        "label_issues.csv",
+        "near_duplicates.csv",
+        "confusion_matrix.png",
+        "thumbnails",
+    ):
         assert not (out / name).exists(), name
     assert "=== MISCLASSIFIED TEST IMAGES ===" in done.stdout and "Data checks" not in done.stdout
     record = json.loads((out / "run_record.json").read_text())
-    counts = np.bincount([image["label"] for image in record["images"] if image["split"] == "training"])
+    counts = np.bincount(
+        [image["label"] for image in record["images"] if image["split"] == "training"]
+    )
     weights = np.array(record["class_weights"])
     np.testing.assert_allclose(weights * counts, counts.sum() / len(counts))  # n / (k * n_c)
 
@@ -220,11 +278,21 @@ def test_a_rerun_with_the_same_images_reuses_the_data_checks(planted_run, tmp_pa
     the previous run, and the thumbnails of their top rows are there."""
     out = tmp_path / "out"
     shutil.copytree(planted_run["out"], out)
-    before = {name: (out / name).read_bytes()
-              for name in ("label_issues.csv", "near_duplicates.csv", "data_checks.json")}
-    done = run_command("retrain", "--image_dir", str(planted_run["image_dir"]),
-                       "--bottleneck_dir", str(planted_run["cache_dir"]), "--output_dir", str(out),
-                       "--how_many_training_steps", "60")
+    before = {
+        name: (out / name).read_bytes()
+        for name in ("label_issues.csv", "near_duplicates.csv", "data_checks.json")
+    }
+    done = run_command(
+        "retrain",
+        "--image_dir",
+        str(planted_run["image_dir"]),
+        "--bottleneck_dir",
+        str(planted_run["cache_dir"]),
+        "--output_dir",
+        str(out),
+        "--how_many_training_steps",
+        "60",
+    )
     assert done.returncode == 0, done.stderr
     assert "reused from the previous run" in done.stdout
     assert "reused from the previous run" not in planted_run["stdout"]
@@ -236,11 +304,14 @@ def test_a_rerun_with_the_same_images_reuses_the_data_checks(planted_run, tmp_pa
                 assert (out / thumbnails.thumbnail_path(image)).is_file(), image
 
 
-@pytest.mark.skipif(page_screenshot.find_chromium() is None,
-                    reason="Chromium is not installed (Debian/Ubuntu: apt-get install chromium)")
+@pytest.mark.skipif(
+    page_screenshot.find_chromium() is None,
+    reason="Chromium is not installed (Debian/Ubuntu: apt-get install chromium)",
+)
 def test_chromium_renders_the_page(planted_run, tmp_path):
-    png = page_screenshot.screenshot(planted_run["out"] / "report.html", tmp_path / "report.png",
-                                     width=1280, height=2400)
+    png = page_screenshot.screenshot(
+        planted_run["out"] / "report.html", tmp_path / "report.png", width=1280, height=2400
+    )
     with Image.open(png) as image:
         assert image.size == (1280, 2400)
         pixels = np.asarray(image.convert("RGB")).astype(np.int16)

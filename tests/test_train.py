@@ -5,13 +5,13 @@ import logging
 import numpy as np
 import pytest
 
+from retrain.errors import RetrainError
+from retrain.quiet_tensorflow import import_tensorflow
 from retrain.training import predict
 from retrain.training.callbacks import ValidationScores
 from retrain.training.class_weights import balanced_class_weights
 from retrain.training.head import build_head, train_head
 from retrain.training.settings import HeadSettings
-from retrain.errors import RetrainError
-from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
 import keras  # noqa: E402
@@ -19,8 +19,15 @@ import keras  # noqa: E402
 FEATURES = 32
 CLASSES = 4
 # The command line's defaults, with a smaller step budget.
-FAST = dict(how_many_training_steps=300, learning_rate=0.003, train_batch_size=100,
-            validation_batch_size=-1, eval_step_interval=10, seed=0, progress=False)
+FAST = dict(
+    how_many_training_steps=300,
+    learning_rate=0.003,
+    train_batch_size=100,
+    validation_batch_size=-1,
+    eval_step_interval=10,
+    seed=0,
+    progress=False,
+)
 
 
 def settings(**changes):
@@ -71,8 +78,14 @@ def test_early_stopping_keeps_the_best_weights():
     # head memorises them, so training must stop early and roll back.
     (tx, _), (vx, vy) = clusters(200, 1), clusters(100, 2)
     ty = np.random.default_rng(3).integers(0, CLASSES, 200)
-    result = train_head(tx, ty, vx, vy, CLASSES,
-                        HeadSettings(**settings(how_many_training_steps=4000, learning_rate=0.05)))
+    result = train_head(
+        tx,
+        ty,
+        vx,
+        vy,
+        CLASSES,
+        HeadSettings(**settings(how_many_training_steps=4000, learning_rate=0.05)),
+    )
     steps = [entry["step"] for entry in result.history]
     assert result.stopped_early and steps[-1] < 4000
     assert result.best_step < steps[-1]
@@ -85,8 +98,12 @@ def test_early_stopping_keeps_the_best_weights():
 
 def test_same_seed_same_head_other_seed_other_head():
     (tx, ty), (vx, vy) = clusters(200, 1), clusters(50, 2)
-    weights = [train_head(tx, ty, vx, vy, CLASSES, HeadSettings(**settings(seed=seed))).head.get_weights()[0]
-               for seed in (5, 5, 6)]
+    weights = [
+        train_head(tx, ty, vx, vy, CLASSES, HeadSettings(**settings(seed=seed))).head.get_weights()[
+            0
+        ]
+        for seed in (5, 5, 6)
+    ]
     np.testing.assert_array_equal(weights[0], weights[1])
     assert not np.allclose(weights[0], weights[2])
 
@@ -105,7 +122,9 @@ def test_empty_validation_set_trains_the_whole_budget(caplog):
 
 def test_steps_are_whole_evaluation_intervals():
     (tx, ty), (vx, vy) = clusters(100, 1), clusters(40, 2)
-    result = train_head(tx, ty, vx, vy, CLASSES, HeadSettings(**settings(how_many_training_steps=25)))
+    result = train_head(
+        tx, ty, vx, vy, CLASSES, HeadSettings(**settings(how_many_training_steps=25))
+    )
     assert [entry["step"] for entry in result.history] == [10, 20, 30]
     short = train_head(tx, ty, vx, vy, CLASSES, HeadSettings(**settings(how_many_training_steps=3)))
     assert [entry["step"] for entry in short.history] == [3]
@@ -114,29 +133,49 @@ def test_steps_are_whole_evaluation_intervals():
 def test_validation_sample_and_summaries(tmp_path):
     (tx, ty), (vx, vy) = clusters(100, 1), clusters(60, 2)
     for steps in (50, 30):  # the second run's logs replace the first's
-        train_head(tx, ty, vx, vy, CLASSES,
-                   HeadSettings(summaries_dir=str(tmp_path),
-                                **settings(validation_batch_size=20, how_many_training_steps=steps)))
+        train_head(
+            tx,
+            ty,
+            vx,
+            vy,
+            CLASSES,
+            HeadSettings(
+                summaries_dir=str(tmp_path),
+                **settings(validation_batch_size=20, how_many_training_steps=steps),
+            ),
+        )
     for folder in ("train", "validation"):
-        events = [event for path in (tmp_path / folder).iterdir()
-                  for event in tf.compat.v1.train.summary_iterator(str(path))]
+        events = [
+            event
+            for path in (tmp_path / folder).iterdir()
+            for event in tf.compat.v1.train.summary_iterator(str(path))
+        ]
         scalars = {(value.tag, event.step) for event in events for value in event.summary.value}
-        tags = {"train": ("loss", "accuracy", "learning_rate"), "validation": ("loss", "accuracy")}[folder]
+        tags = {"train": ("loss", "accuracy", "learning_rate"), "validation": ("loss", "accuracy")}[
+            folder
+        ]
         assert scalars == {(tag, step) for tag in tags for step in (10, 20, 30)}
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(train_y=np.full(50, CLASSES)), "class indices in"),
-    (dict(train_y=np.zeros(49, np.int64)), "train_x must be"),
-    (dict(val_x=np.zeros((10, FEATURES + 1), np.float32), val_y=np.zeros(10, np.int64)),
-     "as many features"),
-    (dict(train_x=np.zeros((0, FEATURES), np.float32), train_y=np.zeros(0, np.int64)),
-     "No bottlenecks to train on"),
-    (dict(train_x=np.full((50, FEATURES), np.nan, np.float32)), "NaN"),
-    (dict(how_many_training_steps=0), "how_many_training_steps=0"),
-    (dict(learning_rate=-1.0), "learning_rate=-1.0"),
-    (dict(validation_batch_size=0), "validation_batch_size=0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(train_y=np.full(50, CLASSES)), "class indices in"),
+        (dict(train_y=np.zeros(49, np.int64)), "train_x must be"),
+        (
+            dict(val_x=np.zeros((10, FEATURES + 1), np.float32), val_y=np.zeros(10, np.int64)),
+            "as many features",
+        ),
+        (
+            dict(train_x=np.zeros((0, FEATURES), np.float32), train_y=np.zeros(0, np.int64)),
+            "No bottlenecks to train on",
+        ),
+        (dict(train_x=np.full((50, FEATURES), np.nan, np.float32)), "NaN"),
+        (dict(how_many_training_steps=0), "how_many_training_steps=0"),
+        (dict(learning_rate=-1.0), "learning_rate=-1.0"),
+        (dict(validation_batch_size=0), "validation_batch_size=0"),
+    ],
+)
 def test_bad_input_is_named(change, message):
     (tx, ty), (vx, vy) = clusters(50, 1), clusters(10, 2)
     arguments = dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy, num_classes=CLASSES, **FAST)
@@ -170,7 +209,9 @@ def test_balanced_weights_raise_recall_of_a_rare_class():
     assert recalls["balanced"] > recalls["none"] + 0.2, recalls
 
 
-@pytest.mark.parametrize("weights", [np.ones(3), np.array([1.0, -1.0, 1.0, 1.0]), np.array([1, np.nan, 1, 1])])
+@pytest.mark.parametrize(
+    "weights", [np.ones(3), np.array([1.0, -1.0, 1.0, 1.0]), np.array([1, np.nan, 1, 1])]
+)
 def test_bad_class_weights_are_named(weights):
     (tx, ty), (vx, vy) = clusters(50, 1), clusters(20, 2)
     with pytest.raises(RetrainError, match="class_weights must be 4 finite weights"):
@@ -189,8 +230,9 @@ def test_validation_scores_equal_keras_evaluate():
     class Compare(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             expected = head.evaluate(vx, vy, verbose=0, return_dict=True)
-            seen.append((logs["val_loss"], expected["loss"], logs["val_accuracy"],
-                         expected["accuracy"]))
+            seen.append(
+                (logs["val_loss"], expected["loss"], logs["val_accuracy"], expected["accuracy"])
+            )
 
     head.fit(tx, ty, epochs=3, batch_size=50, verbose=0, callbacks=[scores, Compare()])
     assert len(seen) == 3 and seen[0][0] != seen[-1][0]

@@ -18,11 +18,11 @@ from PIL import Image
 from skimage import data
 
 from retrain import backbones, cli, export
+from retrain.data import distortions, pixel_batches
+from retrain.quiet_tensorflow import import_tensorflow
 from retrain.training import checkpoints, datasets, fine_tune
 from retrain.training.checkpoints import Checkpoint
 from retrain.training.settings import FineTuneSettings
-from retrain.data import distortions, pixel_batches
-from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
 import keras  # noqa: E402
@@ -32,8 +32,18 @@ PHOTOS = {"cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket(
 PER_CLASS = 8
 SIZE = 224
 # Tiny runs: few head steps, one small fine-tuning epoch.
-FAST = ["--how_many_training_steps", "20", "--eval_step_interval", "10",
-        "--testing_percentage", "20", "--validation_percentage", "20", "--seed", "3"]
+FAST = [
+    "--how_many_training_steps",
+    "20",
+    "--eval_step_interval",
+    "10",
+    "--testing_percentage",
+    "20",
+    "--validation_percentage",
+    "20",
+    "--seed",
+    "3",
+]
 
 
 def write_photos(folder, rng):
@@ -44,9 +54,10 @@ def write_photos(folder, rng):
         for number in range(PER_CLASS):
             h, w = (int(side * rng.uniform(0.6, 0.9)) for side in (height, width))
             top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
-            crop = pixels[top:top + h, left:left + w][:, ::rng.choice([-1, 1])]
+            crop = pixels[top : top + h, left : left + w][:, :: rng.choice([-1, 1])]
             Image.fromarray(np.ascontiguousarray(crop)).resize((48, 48)).save(
-                folder / name / f"{number}.png")
+                folder / name / f"{number}.png"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +74,19 @@ def run_main(capsys, *argv):
 
 
 def file_digests(folder):
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(Path(folder).rglob("*"))
+        if path.is_file()
+    }
 
 
 def test_distorted_batches_differ_between_epochs_and_from_plain_pixels(photos):
     paths = sorted(photos.rglob("*.png"))[:4]
     plain = next(iter(pixel_batches.image_batches(paths, SIZE, 4)))[1].numpy()
-    distort = distortions.distortion_function(SIZE, flip_left_right=True, random_crop=20,
-                                              random_scale=20, random_brightness=20)
+    distort = distortions.distortion_function(
+        SIZE, flip_left_right=True, random_crop=20, random_scale=20, random_brightness=20
+    )
     # One iterator through two epochs, as training runs it.
     epochs = pixel_batches.image_batches(paths, SIZE, 4, distort=distort).repeat().take(2)
     first, second = (batch[1].numpy() for batch in epochs)
@@ -89,13 +104,35 @@ def test_no_distortion_is_no_function():
 
 def test_distortion_run_trains_and_leaves_the_cache_bytes_untouched(photos, tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "out"
-    status, _, err = run_main(capsys, "--image_dir", photos, "--bottleneck_dir", cache,
-                              "--output_dir", tmp_path / "plain", "--cache_only")
+    status, _, err = run_main(
+        capsys,
+        "--image_dir",
+        photos,
+        "--bottleneck_dir",
+        cache,
+        "--output_dir",
+        tmp_path / "plain",
+        "--cache_only",
+    )
     assert status == 0, err
     before = file_digests(cache)
-    status, stdout, err = run_main(capsys, "--image_dir", photos, "--bottleneck_dir", cache,
-                                   "--output_dir", out, "--flip_left_right", "--random_crop", 10,
-                                   "--random_scale", 10, "--random_brightness", 10, *FAST)
+    status, stdout, err = run_main(
+        capsys,
+        "--image_dir",
+        photos,
+        "--bottleneck_dir",
+        cache,
+        "--output_dir",
+        out,
+        "--flip_left_right",
+        "--random_crop",
+        10,
+        "--random_scale",
+        10,
+        "--random_brightness",
+        10,
+        *FAST,
+    )
     assert status == 0, err
     assert "0 extracted, 24 reused" in stdout
     assert file_digests(cache) == before
@@ -113,27 +150,45 @@ def weights_by_layer(model):
 def test_fine_tuning_changes_only_the_chosen_layers_and_no_batchnorm_statistics(photos):
     spec = backbones.get("efficientnet_lite0")
     backbone = backbones.load(spec.name)
-    head = keras.Sequential([keras.Input((spec.feature_dim,)),
-                             keras.layers.Dense(3, activation="softmax")])
+    head = keras.Sequential(
+        [keras.Input((spec.feature_dim,)), keras.layers.Dense(3, activation="softmax")]
+    )
     before = weights_by_layer(backbone)
-    entries = [type("Entry", (), {"relative_path": str(path.relative_to(photos)),
-                                  "label_index": list(PHOTOS).index(path.parent.name)})()
-               for path in sorted(photos.rglob("*.png"))][::3]
+    entries = [
+        type(
+            "Entry",
+            (),
+            {
+                "relative_path": str(path.relative_to(photos)),
+                "label_index": list(PHOTOS).index(path.parent.name),
+            },
+        )()
+        for path in sorted(photos.rglob("*.png"))
+    ][::3]
     training = datasets.decoded_training(photos, entries, SIZE, 4, seed=0)
     top = 12
-    result = fine_tune.fine_tune(backbone, head, training, None,
-                                 FineTuneSettings(layers=top, epochs=1, learning_rate=1e-3,
-                                                  batch_size=4, progress=False),
-                                 input_size=SIZE, steps_per_epoch=2,
-                                 checkpoint=Checkpoint(photos.parent / "checkpoint", "x"))
+    result = fine_tune.fine_tune(
+        backbone,
+        head,
+        training,
+        None,
+        FineTuneSettings(layers=top, epochs=1, learning_rate=1e-3, batch_size=4, progress=False),
+        input_size=SIZE,
+        steps_per_epoch=2,
+        checkpoint=Checkpoint(photos.parent / "checkpoint", "x"),
+    )
     chosen = {layer.name for layer in backbone.layers[-top:]}
     assert set(result.trainable_layers) == {
-        layer.name for layer in backbone.layers[-top:]
-        if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)}
+        layer.name
+        for layer in backbone.layers[-top:]
+        if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
+    }
     assert result.trainable_layers  # top_conv, the last blocks' project/expand convs ...
     after = weights_by_layer(backbone)
     for layer in backbone.layers:
-        changed = any(not np.array_equal(a, b) for a, b in zip(before[layer.name], after[layer.name]))
+        changed = any(
+            not np.array_equal(a, b) for a, b in zip(before[layer.name], after[layer.name])
+        )
         if isinstance(layer, keras.layers.BatchNormalization):
             # gamma, beta, moving mean and moving variance, bit for bit.
             assert not changed, layer.name
@@ -141,8 +196,9 @@ def test_fine_tuning_changes_only_the_chosen_layers_and_no_batchnorm_statistics(
             assert changed, layer.name
         else:
             assert not changed, layer.name
-    assert all(layer.name in chosen for layer in backbone.layers
-               if layer.name in result.trainable_layers)
+    assert all(
+        layer.name in chosen for layer in backbone.layers if layer.name in result.trainable_layers
+    )
     assert all(layer.trainable for layer in backbone.layers)  # as loaded, for export
 
 
@@ -150,42 +206,72 @@ def test_fine_tuning_weights_its_loss_by_class(photos):
     """--class_weights reaches fine-tuning: with every class weighted 0 the loss is 0,
     so nothing moves; class 0 alone weighted moves the same layers as an unweighted run."""
     spec = backbones.get("efficientnet_lite0")
-    entries = [type("Entry", (), {"relative_path": str(path.relative_to(photos)),
-                                  "label_index": list(PHOTOS).index(path.parent.name)})()
-               for path in sorted(photos.rglob("*.png"))][::3]
+    entries = [
+        type(
+            "Entry",
+            (),
+            {
+                "relative_path": str(path.relative_to(photos)),
+                "label_index": list(PHOTOS).index(path.parent.name),
+            },
+        )()
+        for path in sorted(photos.rglob("*.png"))
+    ][::3]
     moved = {}
     for name, weights in (("none", np.zeros(3)), ("first", np.array([1.0, 0.0, 0.0]))):
         backbone = backbones.load(spec.name)
-        head = keras.Sequential([keras.Input((spec.feature_dim,)),
-                                 keras.layers.Dense(3, activation="softmax")])
+        head = keras.Sequential(
+            [keras.Input((spec.feature_dim,)), keras.layers.Dense(3, activation="softmax")]
+        )
         before = [w.numpy().copy() for w in backbone.weights + head.weights]
-        fine_tune.fine_tune(backbone, head, datasets.decoded_training(photos, entries, SIZE, 4,
-                                                                      seed=0),
-                            None, FineTuneSettings(layers=12, epochs=1, learning_rate=1e-3,
-                                                   batch_size=4, progress=False,
-                                                   class_weights=weights),
-                            input_size=SIZE, steps_per_epoch=2,
-                            checkpoint=Checkpoint(photos.parent / f"checkpoint-{name}", name))
+        fine_tune.fine_tune(
+            backbone,
+            head,
+            datasets.decoded_training(photos, entries, SIZE, 4, seed=0),
+            None,
+            FineTuneSettings(
+                layers=12,
+                epochs=1,
+                learning_rate=1e-3,
+                batch_size=4,
+                progress=False,
+                class_weights=weights,
+            ),
+            input_size=SIZE,
+            steps_per_epoch=2,
+            checkpoint=Checkpoint(photos.parent / f"checkpoint-{name}", name),
+        )
         after = [w.numpy() for w in backbone.weights + head.weights]
         moved[name] = sum(not np.array_equal(a, b) for a, b in zip(before, after))
     assert moved["none"] == 0
     assert moved["first"] > 0
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--random_crop", "-5"], "random_crop"),
-    (["--random_scale", "-1"], "random_scale"),
-    (["--random_brightness", "150"], "random_brightness"),
-    (["--fine_tune_layers", "-2"], "fine_tune_layers"),
-    (["--fine_tune_epochs", "0"], "fine_tune_epochs"),
-    (["--fine_tune_learning_rate", "0"], "fine_tune_learning_rate"),
-    (["--fine_tune_layers", "100000"], "fine_tune_layers=100000"),
-    # avg_pool, top_activation and top_bn: nothing that fine-tuning may train.
-    (["--fine_tune_layers", "3"], "nothing to train"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--random_crop", "-5"], "random_crop"),
+        (["--random_scale", "-1"], "random_scale"),
+        (["--random_brightness", "150"], "random_brightness"),
+        (["--fine_tune_layers", "-2"], "fine_tune_layers"),
+        (["--fine_tune_epochs", "0"], "fine_tune_epochs"),
+        (["--fine_tune_learning_rate", "0"], "fine_tune_learning_rate"),
+        (["--fine_tune_layers", "100000"], "fine_tune_layers=100000"),
+        # avg_pool, top_activation and top_bn: nothing that fine-tuning may train.
+        (["--fine_tune_layers", "3"], "nothing to train"),
+    ],
+)
 def test_bad_values_exit_2_with_one_line(photos, tmp_path, capsys, argv, fragment):
-    status, out, err = run_main(capsys, "--image_dir", photos, "--bottleneck_dir",
-                                tmp_path / "cache", "--output_dir", tmp_path / "out", *argv)
+    status, out, err = run_main(
+        capsys,
+        "--image_dir",
+        photos,
+        "--bottleneck_dir",
+        tmp_path / "cache",
+        "--output_dir",
+        tmp_path / "out",
+        *argv,
+    )
     assert status == 2
     assert len(err.strip().splitlines()) == 1 and fragment in err, err
     assert not (tmp_path / "cache").exists()  # refused before any extraction
@@ -216,13 +302,36 @@ cli.exit_without_teardown(cli.main({argv!r}))
 
 def start(photos, folder, *extra, park_marker=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    argv = ["--image_dir", str(photos), "--bottleneck_dir", str(folder / "cache"), "--output_dir",
-            str(folder / "out"), "--fine_tune_layers", "20", "--fine_tune_epochs", "2",
-            "--fine_tune_batch_size", "8", "--flip_left_right", *FAST, *extra]
-    command = (["-c", PARK_AFTER_FIRST_CHECKPOINT.format(marker=str(park_marker), argv=argv)]
-               if park_marker else ["-m", "retrain", *argv])
-    return subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    argv = [
+        "--image_dir",
+        str(photos),
+        "--bottleneck_dir",
+        str(folder / "cache"),
+        "--output_dir",
+        str(folder / "out"),
+        "--fine_tune_layers",
+        "20",
+        "--fine_tune_epochs",
+        "2",
+        "--fine_tune_batch_size",
+        "8",
+        "--flip_left_right",
+        *FAST,
+        *extra,
+    ]
+    command = (
+        ["-c", PARK_AFTER_FIRST_CHECKPOINT.format(marker=str(park_marker), argv=argv)]
+        if park_marker
+        else ["-m", "retrain", *argv]
+    )
+    return subprocess.Popen(
+        [sys.executable, *command],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def kill_after_first_checkpoint(photos, folder, *extra):
@@ -261,7 +370,10 @@ def test_a_checkpoint_of_other_settings_or_images_is_discarded(tmp_path, caplog)
     caplog.clear()
     assert checkpoints.resume_point(folder, "run-b", 3, "Fine-tuning") == 0
     assert "starts over" in caplog.text
-    assert not (folder / "latest.weights.h5").exists() and not (folder / checkpoints.EPOCH_FILE).exists()
+    assert (
+        not (folder / "latest.weights.h5").exists()
+        and not (folder / checkpoints.EPOCH_FILE).exists()
+    )
 
 
 def test_the_fingerprint_follows_settings_and_images():

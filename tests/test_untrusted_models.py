@@ -20,11 +20,11 @@ from PIL import Image
 from skimage import data
 
 from retrain import export, label_image
+from retrain.backbones import keras_apps
+from retrain.errors import RetrainError
 from retrain.export import keras_file
 from retrain.training.head import build_head, train_head
 from retrain.training.settings import HeadSettings
-from retrain.backbones import keras_apps
-from retrain.errors import RetrainError
 
 SIZE = 16
 NAMES = ["cat", "coffee"]
@@ -44,21 +44,38 @@ def exported(tmp_path_factory):
     backbone = keras.Model(pixels, features, name="tiny")
     rng = np.random.default_rng(0)
     vectors, labels = rng.normal(size=(12, 4)).astype(np.float32), np.arange(12) % 2
-    trained = train_head(vectors[:8], labels[:8], vectors[8:], labels[8:], len(NAMES),
-                         HeadSettings(how_many_training_steps=4, learning_rate=0.01,
-                                      train_batch_size=4, validation_batch_size=-1,
-                                      eval_step_interval=2, seed=0, progress=False))
-    graph = export.save_classifier(export.build_classifier(backbone, trained.head, SIZE),
-                                   root / "model.keras")
+    trained = train_head(
+        vectors[:8],
+        labels[:8],
+        vectors[8:],
+        labels[8:],
+        len(NAMES),
+        HeadSettings(
+            how_many_training_steps=4,
+            learning_rate=0.01,
+            train_batch_size=4,
+            validation_batch_size=-1,
+            eval_step_interval=2,
+            seed=0,
+            progress=False,
+        ),
+    )
+    graph = export.save_classifier(
+        export.build_classifier(backbone, trained.head, SIZE), root / "model.keras"
+    )
     image = root / "cat.png"
     Image.fromarray(data.chelsea()).save(image)
-    return {"graph": graph, "labels": export.write_labels(NAMES, root / "labels.txt"),
-            "image": image}
+    return {
+        "graph": graph,
+        "labels": export.write_labels(NAMES, root / "labels.txt"),
+        "image": image,
+    }
 
 
 @pytest.fixture
 def keras_never_loads(monkeypatch):
     """Fails the test if anything reaches keras.saving.load_model."""
+
     def load_model(*args, **kwargs):
         raise AssertionError("keras.saving.load_model was reached")
 
@@ -66,8 +83,16 @@ def keras_never_loads(monkeypatch):
 
 
 def label(graph, exported, capsys):
-    status = label_image.main(["--graph", str(graph), "--labels", str(exported["labels"]),
-                               "--image", str(exported["image"])])
+    status = label_image.main(
+        [
+            "--graph",
+            str(graph),
+            "--labels",
+            str(exported["labels"]),
+            "--image",
+            str(exported["image"]),
+        ]
+    )
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -106,8 +131,9 @@ def test_a_retrain_export_loads_and_labels(exported, capsys):
 
 
 @pytest.mark.parametrize("name", ["model.h5", "model.keras"])
-def test_a_legacy_h5_model_with_a_lambda_is_refused_and_runs_nothing(exported, tmp_path, capsys,
-                                                                     name):
+def test_a_legacy_h5_model_with_a_lambda_is_refused_and_runs_nothing(
+    exported, tmp_path, capsys, name
+):
     marker = tmp_path / "marker"
     legacy = tmp_path / "legacy.h5"
     lambda_model(marker).save(legacy)
@@ -119,8 +145,9 @@ def test_a_legacy_h5_model_with_a_lambda_is_refused_and_runs_nothing(exported, t
     assert not marker.exists()
 
 
-def test_a_keras_zip_with_a_lambda_is_refused_before_keras_opens_it(exported, tmp_path, capsys,
-                                                                    monkeypatch):
+def test_a_keras_zip_with_a_lambda_is_refused_before_keras_opens_it(
+    exported, tmp_path, capsys, monkeypatch
+):
     marker = tmp_path / "marker"
     graph = tmp_path / "model.keras"
     lambda_model(marker).save(graph)
@@ -143,9 +170,11 @@ def objects(node, class_name):
 
 def replace_conv(**fields):
     """An edit putting `fields` in place of the backbone's Conv2D (nested two models deep)."""
+
     def edit(config):
         conv = next(objects(config, "Conv2D"))
         conv.update(fields)
+
     return edit
 
 
@@ -154,45 +183,83 @@ def edit_first(class_name, edit):
 
 
 HOSTILE_CONFIGS = {
-    "os.system": (replace_conv(module="os", class_name="system", config={"command": "touch x"}),
-                  "names os.system"),
+    "os.system": (
+        replace_conv(module="os", class_name="system", config={"command": "touch x"}),
+        "names os.system",
+    ),
     "keras.utils.get_file (CVE-2025-8747)": (
-        replace_conv(module="keras.utils", class_name="get_file",
-                     config={"origin": "http://127.0.0.1:9/x", "fname": "x"}),
-        "names keras.utils.get_file"),
+        replace_conv(
+            module="keras.utils",
+            class_name="get_file",
+            config={"origin": "http://127.0.0.1:9/x", "fname": "x"},
+        ),
+        "names keras.utils.get_file",
+    ),
     "enable_unsafe_deserialization (CVE-2025-9906)": (
-        edit_first("Rescaling", lambda layer: layer["config"].update(dtype={
-            "module": "keras.config", "class_name": "enable_unsafe_deserialization",
-            "config": {}, "registered_name": None})),
-        "names keras.config.enable_unsafe_deserialization"),
+        edit_first(
+            "Rescaling",
+            lambda layer: layer["config"].update(
+                dtype={
+                    "module": "keras.config",
+                    "class_name": "enable_unsafe_deserialization",
+                    "config": {},
+                    "registered_name": None,
+                }
+            ),
+        ),
+        "names keras.config.enable_unsafe_deserialization",
+    ),
     "TFSMLayer (CVE-2026-1462)": (
         replace_conv(class_name="TFSMLayer", config={"filepath": "/tmp/x", "call_endpoint": "f"}),
-        "names keras.layers.TFSMLayer"),
+        "names keras.layers.TFSMLayer",
+    ),
     "StringLookup vocabulary file (CVE-2025-12058)": (
         replace_conv(class_name="StringLookup", config={"vocabulary": "/etc/passwd"}),
-        "names keras.layers.StringLookup"),
+        "names keras.layers.StringLookup",
+    ),
     "a registered name pointing elsewhere": (
         edit_first("Dense", lambda layer: layer.update(registered_name="evil>Dense")),
-        "registers Dense as 'evil>Dense'"),
+        "registers Dense as 'evil>Dense'",
+    ),
     "an activation object": (
-        edit_first("Dense", lambda layer: layer["config"].update(activation={
-            "module": "os", "class_name": "system", "config": "ls"})),
-        "activation"),
+        edit_first(
+            "Dense",
+            lambda layer: layer["config"].update(
+                activation={"module": "os", "class_name": "system", "config": "ls"}
+            ),
+        ),
+        "activation",
+    ),
     "an activation registered elsewhere": (
         edit_first("Dense", lambda layer: layer["config"].update(activation="evil>run")),
-        "activation 'evil>run'"),
+        "activation 'evil>run'",
+    ),
     "a lambda inside an allowed layer": (
-        edit_first("Dense", lambda layer: layer["config"].update(kernel_initializer={
-            "class_name": "__lambda__", "config": {"code": "", "defaults": None,
-                                                   "closure": None}})),
-        "Lambda layer"),
+        edit_first(
+            "Dense",
+            lambda layer: layer["config"].update(
+                kernel_initializer={
+                    "class_name": "__lambda__",
+                    "config": {"code": "", "defaults": None, "closure": None},
+                }
+            ),
+        ),
+        "Lambda layer",
+    ),
     "the optimizer of the head's compile config": (
-        edit_first("Sequential", lambda head: head["compile_config"].update(optimizer={
-            "module": "builtins", "class_name": "exec", "config": {}})),
-        "names builtins.exec"),
+        edit_first(
+            "Sequential",
+            lambda head: head["compile_config"].update(
+                optimizer={"module": "builtins", "class_name": "exec", "config": {}}
+            ),
+        ),
+        "names builtins.exec",
+    ),
     "a module that is not a string": (replace_conv(module=["keras.layers"]), "names"),
-    "a class name that breaks the line": (replace_conv(class_name="Conv2D\nsecond line"),
-                                          "names keras.layers.Conv2D\\nsecond line"),
+    "a class name that breaks the line": (
+        replace_conv(class_name="Conv2D\nsecond line"),
+        "names keras.layers.Conv2D\\nsecond line",
+    ),
 }
 
 
@@ -201,8 +268,15 @@ def rewrite(source, target, edit=None, members=None, compression=zipfile.ZIP_STO
     with zipfile.ZipFile(source) as archive:
         contents = [(name, archive.read(name)) for name in archive.namelist()]
     if edit is not None:
-        contents = [(name, json.dumps(_edited(json.loads(body), edit)).encode()
-                     if name == "config.json" else body) for name, body in contents]
+        contents = [
+            (
+                name,
+                json.dumps(_edited(json.loads(body), edit)).encode()
+                if name == "config.json"
+                else body,
+            )
+            for name, body in contents
+        ]
     if members is not None:
         contents = members(contents)
     with zipfile.ZipFile(target, "w", compression=compression) as archive:
@@ -217,8 +291,9 @@ def _edited(config, edit):
 
 
 @pytest.mark.parametrize("case", HOSTILE_CONFIGS)
-def test_objects_outside_the_allowlist_are_refused(exported, tmp_path, capsys, keras_never_loads,
-                                                   case):
+def test_objects_outside_the_allowlist_are_refused(
+    exported, tmp_path, capsys, keras_never_loads, case
+):
     edit, message = HOSTILE_CONFIGS[case]
     graph = rewrite(exported["graph"], tmp_path / "model.keras", edit)
     assert_refused(label(graph, exported, capsys), graph, message)
@@ -229,13 +304,16 @@ def test_the_allowlist_admits_every_backbone_export():
     for name, app in keras_apps.APPS.items():
         size = 75  # the smallest input every application accepts
         base = getattr(keras.applications, app.constructor)(
-            include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg")
+            include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg"
+        )
         pixels = keras.Input((size, size, 3), name="pixels")
         normalized = keras.layers.Rescaling(app.scale, offset=app.offset, name="normalize")(pixels)
         backbone = keras.Model(pixels, base(normalized), name=name)
         head = build_head(backbone.output_shape[-1], 3, l2=1e-4)
         classifier = export.build_classifier(backbone, head, size)
-        assert keras_file.check_model_config(keras.saving.serialize_keras_object(classifier)) is None, name
+        assert (
+            keras_file.check_model_config(keras.saving.serialize_keras_object(classifier)) is None
+        ), name
 
 
 def members_without(name):
@@ -247,21 +325,43 @@ def members_with(name, body):
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name")  # the duplicate member is the point
-@pytest.mark.parametrize("make, message", [
-    (lambda path, source: path.write_bytes(b"not a zip at all"), "not a .keras zip archive"),
-    (lambda path, source: path.write_bytes(b"PK\x03\x04 truncated zip"), "not a .keras zip"),
-    (lambda path, source: rewrite(source, path, members=members_without("model.weights.h5")),
-     "not exactly"),
-    (lambda path, source: rewrite(source, path, members=members_with("assets/x.txt", b"x")),
-     "not exactly"),
-    (lambda path, source: rewrite(source, path, members=lambda c: c + c[:1]), "not exactly"),
-    (lambda path, source: rewrite(source, path, members=lambda c: [
-        (n, b"{" if n == "config.json" else body) for n, body in c]), "is not JSON"),
-    (lambda path, source: os.mkfifo(path), "not a regular file"),
-], ids=["text", "truncated zip", "no weights", "extra member", "duplicate member", "bad JSON",
-        "FIFO"])
-def test_files_that_are_not_keras_archives_are_refused(exported, tmp_path, capsys,
-                                                       keras_never_loads, make, message):
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda path, source: path.write_bytes(b"not a zip at all"), "not a .keras zip archive"),
+        (lambda path, source: path.write_bytes(b"PK\x03\x04 truncated zip"), "not a .keras zip"),
+        (
+            lambda path, source: rewrite(source, path, members=members_without("model.weights.h5")),
+            "not exactly",
+        ),
+        (
+            lambda path, source: rewrite(source, path, members=members_with("assets/x.txt", b"x")),
+            "not exactly",
+        ),
+        (lambda path, source: rewrite(source, path, members=lambda c: c + c[:1]), "not exactly"),
+        (
+            lambda path, source: rewrite(
+                source,
+                path,
+                members=lambda c: [(n, b"{" if n == "config.json" else body) for n, body in c],
+            ),
+            "is not JSON",
+        ),
+        (lambda path, source: os.mkfifo(path), "not a regular file"),
+    ],
+    ids=[
+        "text",
+        "truncated zip",
+        "no weights",
+        "extra member",
+        "duplicate member",
+        "bad JSON",
+        "FIFO",
+    ],
+)
+def test_files_that_are_not_keras_archives_are_refused(
+    exported, tmp_path, capsys, keras_never_loads, make, message
+):
     graph = tmp_path / "model.keras"
     make(graph, exported["graph"])
     assert_refused(label(graph, exported, capsys), graph, message)
@@ -281,17 +381,23 @@ def test_a_sparse_huge_file_is_refused_unread(exported, tmp_path, capsys, monkey
     assert_refused(label(graph, exported, capsys), graph, "at most")
 
 
-def test_a_deflate_bomb_config_is_refused_from_its_header(exported, tmp_path, capsys,
-                                                          keras_never_loads):
+def test_a_deflate_bomb_config_is_refused_from_its_header(
+    exported, tmp_path, capsys, keras_never_loads
+):
     bomb = b'{"padding": 1' + b" " * keras_file.MAX_CONFIG_BYTES + b"}"
-    graph = rewrite(exported["graph"], tmp_path / "model.keras", compression=zipfile.ZIP_DEFLATED,
-                    members=lambda c: [(n, bomb if n == "config.json" else body) for n, body in c])
+    graph = rewrite(
+        exported["graph"],
+        tmp_path / "model.keras",
+        compression=zipfile.ZIP_DEFLATED,
+        members=lambda c: [(n, bomb if n == "config.json" else body) for n, body in c],
+    )
     assert graph.stat().st_size < keras_file.MAX_CONFIG_BYTES // 100
     assert_refused(label(graph, exported, capsys), graph, "config.json expands to")
 
 
-def test_the_total_uncompressed_size_is_bounded(exported, tmp_path, capsys, keras_never_loads,
-                                                monkeypatch):
+def test_the_total_uncompressed_size_is_bounded(
+    exported, tmp_path, capsys, keras_never_loads, monkeypatch
+):
     graph = rewrite(exported["graph"], tmp_path / "model.keras", compression=zipfile.ZIP_DEFLATED)
     with zipfile.ZipFile(graph) as archive:
         total = sum(info.file_size for info in archive.infolist())
@@ -300,13 +406,21 @@ def test_the_total_uncompressed_size_is_bounded(exported, tmp_path, capsys, kera
     assert_refused(label(graph, exported, capsys), graph, f"expands to {total} bytes")
 
 
-@pytest.mark.parametrize("config", [
-    "[" * 100_000 + "]" * 100_000,  # deeper than json's recursion limit
-    '{"a": ' * (keras_file.MAX_CONFIG_DEPTH + 1) + "{}" + "}" * (keras_file.MAX_CONFIG_DEPTH + 1),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "[" * 100_000 + "]" * 100_000,  # deeper than json's recursion limit
+        '{"a": ' * (keras_file.MAX_CONFIG_DEPTH + 1)
+        + "{}"
+        + "}" * (keras_file.MAX_CONFIG_DEPTH + 1),
+    ],
+)
 def test_deeply_nested_configs_are_refused(exported, tmp_path, capsys, keras_never_loads, config):
-    graph = rewrite(exported["graph"], tmp_path / "model.keras", members=lambda c: [
-        (n, config.encode() if n == "config.json" else body) for n, body in c])
+    graph = rewrite(
+        exported["graph"],
+        tmp_path / "model.keras",
+        members=lambda c: [(n, config.encode() if n == "config.json" else body) for n, body in c],
+    )
     assert_refused(label(graph, exported, capsys), graph, "config.json")
 
 

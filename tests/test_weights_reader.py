@@ -236,9 +236,7 @@ def _structure_position(data, part):
     }[part]
 
 
-@pytest.mark.parametrize(
-    "part", ["magic number", "storage global", "key list", "element count"]
-)
+@pytest.mark.parametrize("part", ["magic number", "storage global", "key list", "element count"])
 def test_flipped_structure_bytes_give_a_clear_error(tmp_path, lite0_bytes, part):
     damaged = bytearray(lite0_bytes)
     damaged[_structure_position(lite0_bytes, part)] ^= 0xFF

@@ -8,17 +8,21 @@ prints one line on stderr and exits with status 2.
 
 import argparse
 import dataclasses
+import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
 
-from retrain import backbones
+from retrain import backbones, messages
 from retrain.errors import RetrainError
+
+logger = logging.getLogger("retrain.backbones")
 
 
 def main(argv=None):
+    messages.setup("")
     parser = argparse.ArgumentParser(prog="python -m retrain.backbones")
     parser.add_argument(
         "--describe",
@@ -33,14 +37,11 @@ def main(argv=None):
         action="store_true",
         help="also time loading NAME with a cold and a warm conversion cache",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="warm loads to time (median shown)"
-    )
+    parser.add_argument("--repeats", type=int, default=5, help="warm loads to time (median shown)")
     args = parser.parse_args(argv)
     if args.describe and args.describe not in backbones.BACKBONES:
         parser.error(
-            f"unknown backbone {args.describe!r}; choose one of: "
-            f"{', '.join(backbones.names())}"
+            f"unknown backbone {args.describe!r}; choose one of: {', '.join(backbones.names())}"
         )
     if args.time and not args.describe:
         parser.error("--time needs a backbone name: --describe NAME --time")
@@ -52,7 +53,7 @@ def main(argv=None):
         if args.time:
             time_loads(args.describe, args.repeats)
     except RetrainError as error:
-        print(f"error: {error}", file=sys.stderr)
+        logger.error("%s", error)
         return 2
     return 0
 

@@ -51,8 +51,7 @@ def load_or_convert(name, source_sha256, convert):
             return _read(path)
         except Exception as error:  # any unreadable cache is rebuilt
             logger.warning(
-                "Rebuilding the converted weights cache %s, which cannot be "
-                "used: %s",
+                "Rebuilding the converted weights cache %s, which cannot be used: %s",
                 path,
                 error,
             )

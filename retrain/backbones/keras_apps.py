@@ -60,8 +60,7 @@ APPS = {
             "9a0d58056eeedaa3f26cb7ebd46da564",
         ),
         WeightsFile(
-            _RELEASES
-            + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            _RELEASES + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
             "bcbd6486424b2319ff4ef7d526e38f63",
         ),
         scale=1 / 127.5,
@@ -85,8 +84,7 @@ APPS = {
     "mobilenet_v2": KerasApp(
         "MobileNetV2",
         WeightsFile(
-            _RELEASES
-            + "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5",
+            _RELEASES + "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5",
             None,
         ),
         WeightsFile(

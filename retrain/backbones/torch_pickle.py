@@ -124,9 +124,7 @@ def read_state_dict(path, sha256=None):
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise WeightsFileError(
-            f"Cannot read the weights file {path}: {error.strerror}."
-        ) from None
+        raise WeightsFileError(f"Cannot read the weights file {path}: {error.strerror}.") from None
     actual = hashlib.sha256(data).hexdigest()
     if sha256 is not None and actual != sha256:
         raise WeightsFileError(

@@ -12,13 +12,22 @@ import importlib.util
 import logging
 import sys
 
-from retrain import arguments, cli
-from retrain.data import images
+from retrain import arguments, cli, messages
 from retrain import config as config_lib
+from retrain.data import images
 from retrain.errors import RetrainError
 
-FLAGS = ("image_dir", "bottleneck_dir", "architecture", "backbone_weights",
-         "bottleneck_dtype", "engine", "extraction_batch_size")
+logger = logging.getLogger("retrain.beam")
+
+FLAGS = (
+    "image_dir",
+    "bottleneck_dir",
+    "architecture",
+    "backbone_weights",
+    "bottleneck_dtype",
+    "engine",
+    "extraction_batch_size",
+)
 PROG = "python -m retrain.beam"
 
 
@@ -27,8 +36,8 @@ def parse(argv):
     parser = arguments.OneLineErrorParser(
         prog=PROG,
         description="Fill the bottleneck cache with an Apache Beam pipeline. Flags not "
-                    "listed here are Beam pipeline options (--runner, --direct_num_workers, "
-                    "--direct_running_mode, Dataflow/Flink/Spark options).",
+        "listed here are Beam pipeline options (--runner, --direct_num_workers, "
+        "--direct_running_mode, Dataflow/Flink/Spark options).",
         argument_default=None,
     )
     cli.add_config_flags(parser, FLAGS)
@@ -41,10 +50,12 @@ def parse(argv):
 
 def main(argv=None):
     """Returns the exit status: 0 done, 2 usage error or apache-beam missing."""
-    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    messages.setup(PROG)
     if importlib.util.find_spec("apache_beam") is None:
-        print(f"{PROG}: error: apache-beam is not installed; install the extra with "
-              "pip install -e '.[beam]' (or pip install apache-beam).", file=sys.stderr)
+        logger.error(
+            "apache-beam is not installed; install the extra with "
+            "pip install -e '.[beam]' (or pip install apache-beam)."
+        )
         return 2
     try:
         config, pipeline_args = parse(argv)
@@ -57,11 +68,13 @@ def main(argv=None):
             logging.disable(logging.NOTSET)
         summary = pipeline.run(config, pipeline_args, image_list)
     except RetrainError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        logger.error("%s", error)
         return 2
-    print(f"Extracted {summary['extracted']} images into shard files in "
-          f"{config.bottleneck_dir} ({summary['failed']} failed); the next "
-          "`python -m retrain` run merges them into the cache.")
+    print(
+        f"Extracted {summary['extracted']} images into shard files in "
+        f"{config.bottleneck_dir} ({summary['failed']} failed); the next "
+        "`python -m retrain` run merges them into the cache."
+    )
     return 0
 
 

@@ -18,9 +18,9 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from retrain import engines
+from retrain.cache import BottleneckCache
 from retrain.data import images
 from retrain.files import paths
-from retrain.cache import BottleneckCache
 
 MAX_BATCH = 256
 NAMESPACE = "retrain"
@@ -36,8 +36,16 @@ class ExtractToShard(beam.DoFn):
     ``retrain/extracted`` and ``retrain/failed`` count images.
     """
 
-    def __init__(self, image_dir, bottleneck_dir, architecture, weights_file=None,
-                 dtype="float16", batch_size=32, engine="keras"):
+    def __init__(
+        self,
+        image_dir,
+        bottleneck_dir,
+        architecture,
+        weights_file=None,
+        dtype="float16",
+        batch_size=32,
+        engine="keras",
+    ):
         self._image_dir = str(image_dir)
         self._cache_arguments = (str(bottleneck_dir), architecture, weights_file, dtype)
         self._engine_choice = engines.EngineChoice(engine, architecture, weights_file)
@@ -53,7 +61,11 @@ class ExtractToShard(beam.DoFn):
     def process(self, entries):
         writer = self._cache.shard_writer("beam", chunk_rows=len(entries))
         extracted, failed = self._cache.extract_to_shard(
-            self._image_dir, entries, writer, self._batch_size, progress=False,
+            self._image_dir,
+            entries,
+            writer,
+            self._batch_size,
+            progress=False,
             engine=self._engine,
         )
         writer.close()
@@ -62,8 +74,17 @@ class ExtractToShard(beam.DoFn):
         yield from writer.files
 
 
-def build_pipeline(pipeline, image_dir, entries, bottleneck_dir, architecture,
-                   weights_file=None, dtype="float16", batch_size=32, engine="keras"):
+def build_pipeline(
+    pipeline,
+    image_dir,
+    entries,
+    bottleneck_dir,
+    architecture,
+    weights_file=None,
+    dtype="float16",
+    batch_size=32,
+    engine="keras",
+):
     """Adds the extraction to ``pipeline``; returns the PCollection of shard file paths.
 
     Args:
@@ -82,15 +103,22 @@ def build_pipeline(pipeline, image_dir, entries, bottleneck_dir, architecture,
     # Whole backbone batches: only a bundle's last batch is padded.
     shard_rows = batch_size * max(1, MAX_BATCH // batch_size)
     if isinstance(entries, str):
-        found = (pipeline | "Listing" >> beam.io.ReadFromText(entries)
-                 | "Images" >> beam.Map(lambda line: images.ImageEntry(**json.loads(line))))
+        found = (
+            pipeline
+            | "Listing" >> beam.io.ReadFromText(entries)
+            | "Images" >> beam.Map(lambda line: images.ImageEntry(**json.loads(line)))
+        )
     else:
         found = pipeline | "Images" >> beam.Create(entries)
     return (
         found
         | "Batch" >> beam.BatchElements(min_batch_size=shard_rows, max_batch_size=shard_rows)
-        | "Extract" >> beam.ParDo(ExtractToShard(image_dir, bottleneck_dir, architecture,
-                                                 weights_file, dtype, batch_size, engine))
+        | "Extract"
+        >> beam.ParDo(
+            ExtractToShard(
+                image_dir, bottleneck_dir, architecture, weights_file, dtype, batch_size, engine
+            )
+        )
     )
 
 
@@ -107,24 +135,35 @@ def run(config, pipeline_args, image_list=None):
       dict of ints: ``to_extract``, ``already_cached``, ``extracted``, ``failed``.
     """
     image_list = image_list or images.discover(config.image_dir)
-    cache = BottleneckCache(config.bottleneck_dir, config.architecture,
-                            weights_file=config.backbone_weights, dtype=config.bottleneck_dtype,
-                            engine=engines.choose(config.engine, config.architecture,
-                                                  config.backbone_weights))
+    cache = BottleneckCache(
+        config.bottleneck_dir,
+        config.architecture,
+        weights_file=config.backbone_weights,
+        dtype=config.bottleneck_dtype,
+        engine=engines.choose(config.engine, config.architecture, config.backbone_weights),
+    )
     plan = cache.plan(image_list)
     if plan.todo and cache.engine_name != "keras":
         # Convert and check LiteRT once here; if the check fails the cache
         # switches to the Keras engine's file, whose plan differs.
         engine = cache.engine_name
-        cache.build_engine(check_paths=[paths.join(image_list.image_dir, entry.relative_path)
-                                        for entry in plan.todo[:8]])
+        cache.build_engine(
+            check_paths=[
+                paths.join(image_list.image_dir, entry.relative_path) for entry in plan.todo[:8]
+            ]
+        )
         if cache.engine_name != engine:
             plan = cache.plan(image_list)
-    summary = {"to_extract": len(plan.todo),
-               "already_cached": plan.reused + plan.sharded + len(plan.touched),
-               "extracted": 0, "failed": len(plan.failed)}
-    print(f"{summary['to_extract']} images to extract, {summary['already_cached']} already "
-          f"cached, {summary['failed']} unreadable or failed before.")
+    summary = {
+        "to_extract": len(plan.todo),
+        "already_cached": plan.reused + plan.sharded + len(plan.touched),
+        "extracted": 0,
+        "failed": len(plan.failed),
+    }
+    print(
+        f"{summary['to_extract']} images to extract, {summary['already_cached']} already "
+        f"cached, {summary['failed']} unreadable or failed before."
+    )
     if not plan.todo:
         return summary
     if not any(arg.startswith("--default_sdk_harness_log_level") for arg in pipeline_args):
@@ -133,9 +172,17 @@ def run(config, pipeline_args, image_list=None):
     pipeline = beam.Pipeline(options=PipelineOptions(pipeline_args))
     listing = write_listing(plan.todo, cache.folder) if len(plan.todo) > CREATE_LIMIT else None
     try:
-        build_pipeline(pipeline, image_list.image_dir, listing or plan.todo, cache.folder,
-                       config.architecture, config.backbone_weights, config.bottleneck_dtype,
-                       config.extraction_batch_size, cache.engine_name)
+        build_pipeline(
+            pipeline,
+            image_list.image_dir,
+            listing or plan.todo,
+            cache.folder,
+            config.architecture,
+            config.backbone_weights,
+            config.bottleneck_dtype,
+            config.extraction_batch_size,
+            cache.engine_name,
+        )
         result = pipeline.run()
         result.wait_until_finish()
     finally:

@@ -7,15 +7,15 @@ import time
 from pathlib import Path
 
 from retrain import backbones
-from retrain.data import decode
-from retrain.engines import EngineChoice, build_or_fall_back, extraction
-from retrain.files import paths
-from retrain.cache import plan as plan_lib
 from retrain.cache import lock, merge, shards, store, view
+from retrain.cache import plan as plan_lib
 from retrain.cache.identity import CacheIdentity
 from retrain.cache.journal import Journal, batch_records, journal_touched
 from retrain.config import check_setting, check_shard
+from retrain.data import decode
+from retrain.engines import EngineChoice, build_or_fall_back, extraction
 from retrain.errors import RetrainError
+from retrain.files import paths
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,15 @@ class BottleneckCache:
         gives Keras and the cache moves to the Keras engine's file.
     """
 
-    def __init__(self, bottleneck_dir, backbone_name, weights_file=None,
-                 dtype="float16", lock_timeout=6 * 3600.0, engine=None):
+    def __init__(
+        self,
+        bottleneck_dir,
+        backbone_name,
+        weights_file=None,
+        dtype="float16",
+        lock_timeout=6 * 3600.0,
+        engine=None,
+    ):
         check_setting("bottleneck_dtype", dtype, argument="dtype")
         self._spec = backbones.get(backbone_name)
         self._choice = engine or EngineChoice("keras", self._spec.name, weights_file)
@@ -88,8 +95,12 @@ class BottleneckCache:
         """Points identity and path at the cache of vectors made by ``engine_name``."""
         self.engine_name = engine_name
         self.identity = CacheIdentity(
-            self._spec.name, self._fingerprint, self._spec.feature_dim, self._dtype,
-            engine_name, decode.pixel_settings_id(),
+            self._spec.name,
+            self._fingerprint,
+            self._spec.feature_dim,
+            self._dtype,
+            engine_name,
+            decode.pixel_settings_id(),
         )
         self.path = self._folder / self.identity.file_name()
 
@@ -121,11 +132,16 @@ class BottleneckCache:
                 # Either merge may be deferred (too little space for the new
                 # file): the plan and later reads then see the journal too.
                 merged = merge.fold(self.path, self.identity).merged
-                cache = view.open_view(self.folder, self.path, self.identity,
-                                       lambda: store.open_or_set_aside(self.path, self.identity))
+                cache = view.open_view(
+                    self.folder,
+                    self.path,
+                    self.identity,
+                    lambda: store.open_or_set_aside(self.path, self.identity),
+                )
                 journal = Journal(self.path, self.identity)
-                plan, extracted, failed = self._fill(image_list, image_list.entries, cache,
-                                                     journal, batch_size, progress)
+                plan, extracted, failed = self._fill(
+                    image_list, image_list.entries, cache, journal, batch_size, progress
+                )
                 merged += self.merge()
         return self._report(plan, extracted, failed, merged=merged)
 
@@ -138,8 +154,15 @@ class BottleneckCache:
         except _EngineChanged:
             return work(*args)
 
-    def update_shard(self, image_list, num_shards, shard_index, batch_size=32, progress=True,
-                     chunk_rows=shards.CHUNK_ROWS):
+    def update_shard(
+        self,
+        image_list,
+        num_shards,
+        shard_index,
+        batch_size=32,
+        progress=True,
+        chunk_rows=shards.CHUNK_ROWS,
+    ):
         """Extracts one shard's part of what ``update`` would, into shard files.
 
         The images whose cache key falls in part ``shard_index`` of
@@ -156,15 +179,22 @@ class BottleneckCache:
         _check_batch_size(batch_size)
         check_shard(num_shards, shard_index)
         part = [e for e in image_list.entries if shards.in_part(e.key, num_shards, shard_index)]
-        return self._again_if_engine_changed(self._update_shard, image_list, part,
-                                  f"{shard_index}of{num_shards}", batch_size, progress,
-                                  chunk_rows)
+        return self._again_if_engine_changed(
+            self._update_shard,
+            image_list,
+            part,
+            f"{shard_index}of{num_shards}",
+            batch_size,
+            progress,
+            chunk_rows,
+        )
 
     def _update_shard(self, image_list, part, label, batch_size, progress, chunk_rows):
         writer = self.shard_writer(label, chunk_rows)
         with self._writing():
-            plan, extracted, failed = self._fill(image_list, part, self._open_read_only(),
-                                                 writer, batch_size, progress)
+            plan, extracted, failed = self._fill(
+                image_list, part, self._open_read_only(), writer, batch_size, progress
+            )
             writer.close()
         return self._report(plan, extracted, failed, shard_files=writer.files)
 
@@ -188,8 +218,9 @@ class BottleneckCache:
     def _plan(self, image_list, entries, cache, progress):
         return plan_lib.plan(image_list.image_dir, entries, cache, progress)
 
-    def extract_to_shard(self, image_dir, entries, writer, batch_size=32, progress=True,
-                         engine=None):
+    def extract_to_shard(
+        self, image_dir, entries, writer, batch_size=32, progress=True, engine=None
+    ):
         """Extracts ``entries`` into ``writer`` (a shards.ShardWriter or the journal).
 
         ``engine``: the engine (``build_engine``), when the caller has built it
@@ -202,15 +233,21 @@ class BottleneckCache:
             return extraction.Extraction(0, [])
         if engine is None:
             identity = self.identity
-            engine = self.build_engine([paths.join(image_dir, entry.relative_path)
-                                        for entry in entries[:8]])
+            engine = self.build_engine(
+                [paths.join(image_dir, entry.relative_path) for entry in entries[:8]]
+            )
             if self.identity != identity:
                 raise _EngineChanged()
         folder = plan_lib.folder_id(image_dir)
         started = time.perf_counter()
         done = extraction.extract(
-            image_dir, entries, engine, self._spec.input_size,
-            lambda batch: writer.append(batch_records(batch, folder)), batch_size, progress,
+            image_dir,
+            entries,
+            engine,
+            self._spec.input_size,
+            lambda batch: writer.append(batch_records(batch, folder)),
+            batch_size,
+            progress,
         )
         self.extract_seconds = time.perf_counter() - started
         return done
@@ -228,8 +265,7 @@ class BottleneckCache:
 
     def shard_writer(self, label, chunk_rows=shards.CHUNK_ROWS):
         """A new shards.ShardWriter for this cache (``label``: letters and digits)."""
-        return shards.ShardWriter(self.folder, self.path.name, self.identity, label,
-                                  chunk_rows)
+        return shards.ShardWriter(self.folder, self.path.name, self.identity, label, chunk_rows)
 
     def merge(self):
         """Merges finished shard files (and a killed run's journal) into the cache.
@@ -255,15 +291,15 @@ class BottleneckCache:
                 cache.close()
         for relative_path, reason in plan.failed:
             logger.warning("skipped %s: %s", relative_path, reason)
-        extracted, failed = self.extract_to_shard(image_list.image_dir, plan.todo, sink,
-                                                  batch_size, progress)
+        extracted, failed = self.extract_to_shard(
+            image_list.image_dir, plan.todo, sink, batch_size, progress
+        )
         return plan, extracted, failed
 
     def _report(self, plan, extracted, failed, **details):
         failed = plan.failed + failed
         if failed:
-            logger.warning("%d image(s) could not be read or decoded and were skipped",
-                           len(failed))
+            logger.warning("%d image(s) could not be read or decoded and were skipped", len(failed))
         return CacheReport(
             extracted=extracted,
             reused=plan.reused + plan.sharded + len(plan.touched),
@@ -378,6 +414,7 @@ class BottleneckCache:
                 f"The bottleneck cache {self.path} cannot be read ({error}); "
                 "run BottleneckCache.update (or retrain --cache_only) to build it."
             ) from None
+
 
 class _EngineChanged(Exception):
     """The engine built is not the one this cache's work was planned for."""

@@ -106,8 +106,9 @@ def check_datasets(group, expected, file_size, path, optional=()):
             if dataset.dtype != np.dtype(kind):
                 raise UnreadableCache(f"{dataset.name} holds {dataset.dtype}, not {np.dtype(kind)}")
             if dataset.nbytes > file_size:
-                raise UnreadableCache(f"{dataset.name} declares {dataset.nbytes} bytes in a file "
-                                      f"of {file_size}")
+                raise UnreadableCache(
+                    f"{dataset.name} declares {dataset.nbytes} bytes in a file of {file_size}"
+                )
         datasets[name] = dataset
     return datasets
 
@@ -118,8 +119,10 @@ def _check_hard_link(group, name):
         raise UnreadableCache(f"{group.name.rstrip('/')}/{name} is missing")
     if not isinstance(link, h5py.HardLink):
         # Only the link is looked at: following it would open the other file.
-        raise UnreadableCache(f"{group.name.rstrip('/')}/{name} is a {type(link).__name__}, "
-                              "not a plain dataset or group")
+        raise UnreadableCache(
+            f"{group.name.rstrip('/')}/{name} is a {type(link).__name__}, "
+            "not a plain dataset or group"
+        )
 
 
 def _check_storage(dataset):
@@ -129,8 +132,9 @@ def _check_storage(dataset):
     if create.get_external_count():
         raise UnreadableCache(f"{dataset.name} keeps its data in external files")
     if create.get_nfilters():
-        raise UnreadableCache(f"{dataset.name} uses HDF5 filters (compression), "
-                              "which retrain never writes")
+        raise UnreadableCache(
+            f"{dataset.name} uses HDF5 filters (compression), which retrain never writes"
+        )
 
 
 def _check_text(dataset, file_size, path):
@@ -141,12 +145,18 @@ def _check_text(dataset, file_size, path):
     # HDF5 allocates each string at its recorded length before reading it, so
     # the recorded lengths bound what reading the dataset takes; many records
     # pointing at one large heap object would otherwise multiply it.
-    total = sum(int(np.fromfile(path, _VLEN_RECORD, count=count, offset=offset)["length"]
-                    .sum(dtype=np.uint64))
-                for offset, count in _raw_extents(dataset, file_size))
+    total = sum(
+        int(
+            np.fromfile(path, _VLEN_RECORD, count=count, offset=offset)["length"].sum(
+                dtype=np.uint64
+            )
+        )
+        for offset, count in _raw_extents(dataset, file_size)
+    )
     if total > file_size:
-        raise UnreadableCache(f"{dataset.name} declares {total} bytes of text in a file "
-                              f"of {file_size}")
+        raise UnreadableCache(
+            f"{dataset.name} declares {total} bytes of text in a file of {file_size}"
+        )
 
 
 def _raw_extents(dataset, file_size):

@@ -38,5 +38,6 @@ class CacheIdentity:
 
     def file_name(self):
         """``<backbone>-<fingerprint[:16]>-<engine>-<pixels>-<dtype>.h5``."""
-        return (f"{self.backbone}-{self.fingerprint[:16]}-{self.engine}-{self.pixels}-"
-                f"{self.dtype}.h5")
+        return (
+            f"{self.backbone}-{self.fingerprint[:16]}-{self.engine}-{self.pixels}-{self.dtype}.h5"
+        )

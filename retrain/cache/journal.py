@@ -168,8 +168,9 @@ def to_arrays(records, identity):
         "size": np.array(records.size, dtype=np.int64),
         "mtime_ns": np.array(records.mtime_ns, dtype=np.int64),
         "sha256": np.array([d.encode() for d in records.sha256], dtype="S64"),
-        "folder": np.array([f.encode() for f in records.folder or [""] * len(records.key)],
-                           dtype="S16"),
+        "folder": np.array(
+            [f.encode() for f in records.folder or [""] * len(records.key)], dtype="S16"
+        ),
         "bottleneck": np.asarray(records.bottleneck, dtype=identity.dtype).reshape(
             len(records.key), identity.feature_dim
         ),
@@ -230,8 +231,10 @@ def load_arrays(file, identity, names=None):
 MAX_FILE_BYTES = 1 << 30
 _MAX_MEMBERS = 64
 _MAX_SCALAR_BYTES = 1 << 16
-_NPY_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0}
+_NPY_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 
 
 def _member_layout(identity):
@@ -240,13 +243,21 @@ def _member_layout(identity):
     rows, failed = ("rows",), ("failed",)
     int64, digest, folder = np.dtype(np.int64), np.dtype("S64"), np.dtype("S16")
     return {
-        "format_version": (int64, ()), "identity": ("S", ()),
-        "key": (digest, rows), "relative_path": ("S", rows), "size": (int64, rows),
-        "mtime_ns": (int64, rows), "sha256": (digest, rows), "folder": (folder, rows),
+        "format_version": (int64, ()),
+        "identity": ("S", ()),
+        "key": (digest, rows),
+        "relative_path": ("S", rows),
+        "size": (int64, rows),
+        "mtime_ns": (int64, rows),
+        "sha256": (digest, rows),
+        "folder": (folder, rows),
         "bottleneck": (np.dtype(identity.dtype), ("rows", identity.feature_dim)),
-        "failed_key": (digest, failed), "failed_relative_path": ("S", failed),
-        "failed_size": (int64, failed), "failed_mtime_ns": (int64, failed),
-        "failed_reason": ("S", failed), "failed_folder": (folder, failed),
+        "failed_key": (digest, failed),
+        "failed_relative_path": ("S", failed),
+        "failed_size": (int64, failed),
+        "failed_mtime_ns": (int64, failed),
+        "failed_reason": ("S", failed),
+        "failed_folder": (folder, failed),
     }
 
 
@@ -264,15 +275,18 @@ def _checked_members(archive, identity):
         raise UnreadableCache(f"{len(infos)} members, expected at most {_MAX_MEMBERS}")
     declared = sum(info.file_size for info in infos)
     if declared > MAX_FILE_BYTES:
-        raise UnreadableCache(f"members declare {declared} bytes uncompressed, more than the "
-                              f"{MAX_FILE_BYTES} a journal or shard file may hold")
+        raise UnreadableCache(
+            f"members declare {declared} bytes uncompressed, more than the "
+            f"{MAX_FILE_BYTES} a journal or shard file may hold"
+        )
     layout, counts, members = _member_layout(identity), {}, {}
     for info in infos:
         name = info.filename.removesuffix(".npy")
         shape, dtype = _member_header(archive, info)
         want_dtype, want_shape = layout.get(name, (None, None))
-        if want_dtype is not None and (dtype.kind != "S" if want_dtype == "S"
-                                       else dtype != want_dtype):
+        if want_dtype is not None and (
+            dtype.kind != "S" if want_dtype == "S" else dtype != want_dtype
+        ):
             raise UnreadableCache(f"{info.filename} holds {dtype}, expected {want_dtype}")
         if want_shape is not None:
             if len(shape) != len(want_shape):
@@ -281,8 +295,9 @@ def _checked_members(archive, identity):
                 # A number is a fixed width; a name, a row count all its arrays share.
                 expected = want if isinstance(want, int) else counts.setdefault(want, size)
                 if size != expected:
-                    raise UnreadableCache(f"{info.filename} has shape {shape}, expected "
-                                          f"{expected} in place of {size}")
+                    raise UnreadableCache(
+                        f"{info.filename} has shape {shape}, expected {expected} in place of {size}"
+                    )
         if shape == () and dtype.itemsize > _MAX_SCALAR_BYTES:
             raise UnreadableCache(f"{info.filename} holds {dtype.itemsize} bytes")
         members[name] = info
@@ -300,8 +315,9 @@ def _member_header(archive, info):
     if dtype.hasobject:
         raise UnreadableCache(f"{info.filename} holds Python objects")
     if info.file_size != header_bytes + math.prod(shape) * dtype.itemsize:
-        raise UnreadableCache(f"{info.filename} declares {info.file_size} bytes, its header "
-                              f"{shape} x {dtype}")
+        raise UnreadableCache(
+            f"{info.filename} declares {info.file_size} bytes, its header {shape} x {dtype}"
+        )
     return shape, dtype
 
 

@@ -6,11 +6,13 @@ one waits, saying so, up to its timeout.
 
 import contextlib
 import errno
-import sys
+import logging
 
 import filelock
 
 from retrain.errors import RetrainError
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -24,10 +26,11 @@ def locked(path, timeout):
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
-        print(
-            f"Another process is updating the bottleneck cache {path} "
-            f"(lock {lock.lock_file}); waiting up to {timeout:.0f} s.",
-            file=sys.stderr,
+        logger.info(
+            "Another process is updating the bottleneck cache %s (lock %s); waiting up to %.0f s.",
+            path,
+            lock.lock_file,
+            timeout,
         )
         try:
             lock.acquire(timeout=timeout)

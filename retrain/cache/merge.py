@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.files import atomic_write
 from retrain.cache import shards, store
 from retrain.cache.journal import Failure, Journal, UnreadableCache, folders
+from retrain.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,11 @@ def fold(path, identity):
     try:
         needed, free = _space(path, identity, main, winners, journal_keys)
         if needed > free:
-            return Folded(0, f"merge deferred: needs {needed / 1e6:.1f} MB, {free / 1e6:.1f} "
-                             f"MB free in {path.parent}; the journal keeps the new vectors")
+            return Folded(
+                0,
+                f"merge deferred: needs {needed / 1e6:.1f} MB, {free / 1e6:.1f} "
+                f"MB free in {path.parent}; the journal keeps the new vectors",
+            )
         with atomic_write.atomic_path(path) as temporary:
             try:
                 store.write_main(temporary, identity, main, winners, journal_keys)
@@ -92,8 +95,10 @@ class _Source(typing.NamedTuple):
 def pending_sources(folder, path, identity):
     """The records not merged into the main file ``path`` yet, oldest first:
     finished shard files in ``folder`` (a path or URL), then journal files."""
-    sources = [_Source(file, _shard_loader(identity), True)
-               for file in shards.finished(folder, Path(path).name)]
+    sources = [
+        _Source(file, _shard_loader(identity), True)
+        for file in shards.finished(folder, Path(path).name)
+    ]
     journal = Journal(path, identity)
     return sources + [_Source(file, journal.load, False) for file in journal.files()]
 
@@ -156,7 +161,14 @@ def _estimate(identity, rows, text_bytes, failures):
     # A failure: key, size, mtime, folder, two strings' references and heap
     # objects; its reason is a short sentence.
     per_failure = 256 + 512
-    return vectors + rows * per_row + text_bytes * 11 // 10 + failures * per_failure + chunks * 64 + (64 << 10)
+    return (
+        vectors
+        + rows * per_row
+        + text_bytes * 11 // 10
+        + failures * per_failure
+        + chunks * 64
+        + (64 << 10)
+    )
 
 
 def _as_os_error(error, path):
@@ -209,8 +221,10 @@ def _winner(source, arrays, seen):
     failed_folders = folders(arrays, "failed_")
     failures = {
         arrays["failed_key"][row].decode(): Failure(
-            arrays["failed_relative_path"][row].decode(), int(arrays["failed_size"][row]),
-            int(arrays["failed_mtime_ns"][row]), arrays["failed_reason"][row].decode(),
+            arrays["failed_relative_path"][row].decode(),
+            int(arrays["failed_size"][row]),
+            int(arrays["failed_mtime_ns"][row]),
+            arrays["failed_reason"][row].decode(),
             failed_folders[row].decode(),
         )
         for row in kept[1]

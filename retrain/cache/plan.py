@@ -72,8 +72,10 @@ def plan(image_dir, entries, cache, progress=True):
                 _count_current(result, entry, cache)
             else:
                 to_check.append((entry, row))
-        elif failure is not None and (failure.size, failure.mtime_ns,
-                                      failure.folder.encode()) == (*stat, folder):
+        elif failure is not None and (failure.size, failure.mtime_ns, failure.folder.encode()) == (
+            *stat,
+            folder,
+        ):
             if entry.key in cache.shard_keys:
                 result.sharded += 1
             else:
@@ -97,9 +99,14 @@ def _check_digests(image_dir, to_check, cache, result, progress):
     mtimes; a moved or copied image folder keeps its vectors)."""
     files = [paths.join(image_dir, entry.relative_path) for entry, _ in to_check]
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        states = tqdm(pool.map(_state_or_none, files), total=len(files),
-                      desc="checking changed files", unit="file", file=sys.stderr,
-                      disable=not progress)
+        states = tqdm(
+            pool.map(_state_or_none, files),
+            total=len(files),
+            desc="checking changed files",
+            unit="file",
+            file=sys.stderr,
+            disable=not progress,
+        )
         for (entry, row), state in zip(to_check, states):
             if state is not None and state.sha256.encode() == cache.sha256[row]:
                 result.touched.append((entry, row, state))

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.files import atomic_write, paths
 from retrain.cache.journal import Records, load_arrays, to_arrays
 from retrain.errors import RetrainError
+from retrain.files import atomic_write, paths
 from retrain.quiet_tensorflow import import_tensorflow
 
 logger = logging.getLogger(__name__)
@@ -147,4 +147,3 @@ def _npz_bytes(arrays):
     stream = io.BytesIO()
     np.savez(stream, **arrays)
     return stream.getvalue()
-

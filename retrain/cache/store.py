@@ -53,8 +53,12 @@ FOLDER = "folder"
 # bottleneck's dtype is the identity's. The optional ones may be absent (files
 # written before they existed).
 _FIELD_TYPES = {
-    "key": ("S64", 1), "relative_path": (hdf5_checks.TEXT, 1), "size": (np.int64, 1),
-    "mtime_ns": (np.int64, 1), "sha256": ("S64", 1), "reason": (hdf5_checks.TEXT, 1),
+    "key": ("S64", 1),
+    "relative_path": (hdf5_checks.TEXT, 1),
+    "size": (np.int64, 1),
+    "mtime_ns": (np.int64, 1),
+    "sha256": ("S64", 1),
+    "reason": (hdf5_checks.TEXT, 1),
     "folder": ("S16", 1),
 }
 _OPTIONAL_FIELDS = ("folder",)
@@ -97,8 +101,9 @@ class CacheFile:
             self.rows = {key.decode(): row for row, key in enumerate(self.keys)}
             failed = self._file["failed"]
             self.failures = {
-                key.decode(): Failure(path.decode(), int(size), int(mtime), reason.decode(),
-                                      folder.decode())
+                key.decode(): Failure(
+                    path.decode(), int(size), int(mtime), reason.decode(), folder.decode()
+                )
                 for key, path, size, mtime, reason, folder in zip(
                     *(failed[name][()] for name in _FAILED_FIELDS),
                     _folder_field(failed, len(failed["key"])),
@@ -128,11 +133,14 @@ class CacheFile:
         for group_name, fields in (("images", _ROW_FIELDS), ("failed", _FAILED_FIELDS)):
             group = hdf5_checks.checked_group(self._file, group_name)
             expected = {name: types[name] for name in (*fields, *_OPTIONAL_FIELDS)}
-            datasets = hdf5_checks.check_datasets(group, expected, self._size, self.path,
-                                                  optional=_OPTIONAL_FIELDS)
+            datasets = hdf5_checks.check_datasets(
+                group, expected, self._size, self.path, optional=_OPTIONAL_FIELDS
+            )
             lengths = {dataset.shape[0] for dataset in datasets.values()}
-            if len(lengths) != 1 or (group_name == "images" and datasets["bottleneck"].shape[1:]
-                                     != (identity.feature_dim,)):
+            if len(lengths) != 1 or (
+                group_name == "images"
+                and datasets["bottleneck"].shape[1:] != (identity.feature_dim,)
+            ):
                 raise UnreadableCache(f"datasets of unequal length or wrong width in {group_name}")
 
     def bottlenecks(self, rows):
@@ -160,8 +168,7 @@ class CacheFile:
             mask = keep[start : start + _BLOCK_ROWS]
             if mask.any():
                 block = {
-                    name: images[name][start : start + len(mask)][mask]
-                    for name in _ROW_FIELDS
+                    name: images[name][start : start + len(mask)][mask] for name in _ROW_FIELDS
                 }
                 block[FOLDER] = self.folder[start : start + len(mask)][mask]
                 yield block
@@ -206,7 +213,9 @@ def open_or_set_aside(path, identity):
         os.replace(path, aside)
         logger.warning(
             "bottleneck cache %s cannot be used (%s); moved it to %s and rebuilding",
-            path, error, aside,
+            path,
+            error,
+            aside,
         )
         return None
 
@@ -217,9 +226,7 @@ def write_main(temporary, identity, main, winners, journal_keys):
         main_keep, failures = np.zeros(0, bool), {}
     else:
         main_keep = ~np.isin(main.keys, np.array(sorted(journal_keys), dtype="S64"))
-        failures = {
-            k: f for k, f in main.failures.items() if k.encode() not in journal_keys
-        }
+        failures = {k: f for k, f in main.failures.items() if k.encode() not in journal_keys}
     total = int(main_keep.sum()) + sum(len(winner.rows) for winner in winners)
     with h5py.File(temporary, "w") as out:
         out.attrs.update(identity.attributes())
@@ -227,13 +234,20 @@ def write_main(temporary, identity, main, winners, journal_keys):
         datasets = {
             name: images.create_dataset(name, (total,), dtype)
             for name, dtype in (
-                ("key", "S64"), ("relative_path", _TEXT), ("size", np.int64),
-                ("mtime_ns", np.int64), ("sha256", "S64"), (FOLDER, "S16"),
+                ("key", "S64"),
+                ("relative_path", _TEXT),
+                ("size", np.int64),
+                ("mtime_ns", np.int64),
+                ("sha256", "S64"),
+                (FOLDER, "S16"),
             )
         }
         datasets["bottleneck"] = images.create_dataset(
-            "bottleneck", (total, identity.feature_dim), identity.dtype,
-            chunks=(CHUNK_ROWS, identity.feature_dim), maxshape=(None, identity.feature_dim),
+            "bottleneck",
+            (total, identity.feature_dim),
+            identity.dtype,
+            chunks=(CHUNK_ROWS, identity.feature_dim),
+            maxshape=(None, identity.feature_dim),
         )
         blocks = [] if main is None else main.blocks(main_keep)
         written = 0
@@ -264,9 +278,7 @@ def _write_failures(group, failures):
         "relative_path", data=[failures[k].relative_path for k in keys], dtype=_TEXT
     )
     group.create_dataset("size", data=np.array([failures[k].size for k in keys], np.int64))
-    group.create_dataset(
-        "mtime_ns", data=np.array([failures[k].mtime_ns for k in keys], np.int64)
-    )
+    group.create_dataset("mtime_ns", data=np.array([failures[k].mtime_ns for k in keys], np.int64))
     group.create_dataset("reason", data=[failures[k].reason for k in keys], dtype=_TEXT)
     group.create_dataset(
         FOLDER, data=np.array([failures[k].folder.encode() for k in keys], dtype="S16")

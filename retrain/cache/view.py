@@ -48,8 +48,11 @@ class CacheView:
         parts = [base] + [winner.index for winner in winners]
         for name, _ in _INDEX:
             values = [part[name] for part in parts]
-            setattr(self, "keys" if name == "key" else name,
-                    np.concatenate(values) if len(values) > 1 else values[0])
+            setattr(
+                self,
+                "keys" if name == "key" else name,
+                np.concatenate(values) if len(values) > 1 else values[0],
+            )
         row = self._main_rows
         for winner in winners:
             keys = [key.decode() for key in winner.index["key"]]
@@ -81,10 +84,12 @@ class CacheView:
         """The unmerged vectors [pending rows, feature_dim] in the cache dtype,
         read from their files once (they are small batches, not yet merged)."""
         if self._vectors is None:
-            self._vectors = np.concatenate([
-                winner.source.load(winner.source.file)["bottleneck"][winner.rows]
-                for winner in self._winners
-            ])
+            self._vectors = np.concatenate(
+                [
+                    winner.source.load(winner.source.file)["bottleneck"][winner.rows]
+                    for winner in self._winners
+                ]
+            )
         return self._vectors
 
     def close(self):
@@ -93,10 +98,20 @@ class CacheView:
 
 
 # The index arrays: (name, dtype); CacheFile attribute names differ for "key".
-_INDEX = (("key", "S64"), ("size", np.int64), ("mtime_ns", np.int64), ("sha256", "S64"),
-          ("folder", "S16"))
-_FIELDS = (("key", "keys"), ("size", "size"), ("mtime_ns", "mtime_ns"),
-           ("sha256", "sha256"), ("folder", "folder"))
+_INDEX = (
+    ("key", "S64"),
+    ("size", np.int64),
+    ("mtime_ns", np.int64),
+    ("sha256", "S64"),
+    ("folder", "S16"),
+)
+_FIELDS = (
+    ("key", "keys"),
+    ("size", "size"),
+    ("mtime_ns", "mtime_ns"),
+    ("sha256", "sha256"),
+    ("folder", "folder"),
+)
 
 
 def open_view(folder, path, identity, open_main):

@@ -56,8 +56,9 @@ class Buckets:
         return cls(image_list.image_dir, image_list.class_names, **splits)
 
     def __getitem__(self, name: str) -> Split:
-        return {"training": self.training, "validation": self.validation,
-                "testing": self.testing}[name]
+        return {"training": self.training, "validation": self.validation, "testing": self.testing}[
+            name
+        ]
 
     @property
     def entries(self) -> list:

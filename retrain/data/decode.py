@@ -17,8 +17,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from retrain.data import decode_memory
-from retrain.data.decode_memory import (HEADER_BYTES, MAX_FILE_BYTES, MEMORY_BUDGET, conversion_kind,
-                                        file_too_large, peak_bytes)
+from retrain.data.decode_memory import (
+    HEADER_BYTES,
+    MAX_FILE_BYTES,
+    MEMORY_BUDGET,
+    conversion_kind,
+    file_too_large,
+    peak_bytes,
+)
 from retrain.errors import RetrainError
 from retrain.files import digests, paths
 
@@ -48,7 +54,7 @@ PIXEL_SETTINGS = {
 
 
 def pixel_settings_id():
-    """"px" + the first 8 hex digits of the sha256 of PIXEL_SETTINGS (as JSON)."""
+    """ "px" + the first 8 hex digits of the sha256 of PIXEL_SETTINGS (as JSON)."""
     return "px" + digests.json_digest(PIXEL_SETTINGS)[:8]
 
 
@@ -222,14 +228,17 @@ def _open_within_budget(path, content, target_size, budget, file_bytes=None):
         if target_size and image.format == "JPEG":
             margin = PIXEL_SETTINGS["jpeg_draft_margin"]
             image.draft(None, (margin * target_size,) * 2)
-        needed = peak_bytes(image, len(content) if file_bytes is None else file_bytes,
-                            full_size, target_size)
+        needed = peak_bytes(
+            image, len(content) if file_bytes is None else file_bytes, full_size, target_size
+        )
         if needed > budget:
             raise ImageDecodeError(
-                path, f"too large to decode within the memory budget: "
+                path,
+                f"too large to decode within the memory budget: "
                 f"{full_size[0]}x{full_size[1]} {image.format} needs about "
                 f"{needed / 2**20:.0f} MB, the budget is {budget / 2**20:.0f} MB; "
-                "shrink it or save it as JPEG")
+                "shrink it or save it as JPEG",
+            )
         yield image
 
 
@@ -301,15 +310,14 @@ def decode_rgb(path, target_size=None, *, content=None, memory_budget=None):
         raise ImageDecodeError(path, f"image too large ({error})") from None
     except MemoryError:
         raise ImageDecodeError(
-            path, "out of memory while decoding it (other work may have held the memory; "
-            "it is tried again next run)", lasting=False) from None
+            path,
+            "out of memory while decoding it (other work may have held the memory; "
+            "it is tried again next run)",
+            lasting=False,
+        ) from None
     except OSError as error:
         raise ImageDecodeError(path, f"unreadable or truncated ({error})") from None
     # Pillow's decoders raise many types (SyntaxError, ValueError, EOFError,
     # struct.error, ...) on damaged files; one damaged file must not stop a run.
     except Exception as error:  # noqa: BLE001
-        raise ImageDecodeError(
-            path, f"damaged image ({type(error).__name__}: {error})"
-        ) from None
-
-
+        raise ImageDecodeError(path, f"damaged image ({type(error).__name__}: {error})") from None

@@ -61,8 +61,10 @@ def file_too_large(size=None):
     """The reason a file of ``size`` bytes (None: one that grew past the cap while
     it was read) is not read as an image (over MAX_FILE_BYTES)."""
     found = f"{size:,} bytes" if size is not None else "it grew past that while read"
-    return (f"file too large ({found}; images over {MAX_FILE_BYTES / 2**20:.0f} MB "
-            "are not read): shrink it or save it as JPEG")
+    return (
+        f"file too large ({found}; images over {MAX_FILE_BYTES / 2**20:.0f} MB "
+        "are not read): shrink it or save it as JPEG"
+    )
 
 
 def conversion_kind(image):

@@ -18,8 +18,14 @@ from __future__ import annotations
 from retrain.quiet_tensorflow import import_tensorflow
 
 
-def distortion_function(input_size: int, *, flip_left_right: bool = False, random_crop: float = 0.0,
-                        random_scale: float = 0.0, random_brightness: float = 0.0):
+def distortion_function(
+    input_size: int,
+    *,
+    flip_left_right: bool = False,
+    random_crop: float = 0.0,
+    random_scale: float = 0.0,
+    random_brightness: float = 0.0,
+):
     """A per-image random distortion, or None when every setting is off.
 
     Args:
@@ -53,8 +59,9 @@ def distortion_function(input_size: int, *, flip_left_right: bool = False, rando
         if flip_left_right:
             pixels = tf.image.random_flip_left_right(pixels)
         if random_brightness:
-            factor = tf.random.uniform([], 1.0 - random_brightness / 100.0,
-                                       1.0 + random_brightness / 100.0)
+            factor = tf.random.uniform(
+                [], 1.0 - random_brightness / 100.0, 1.0 + random_brightness / 100.0
+            )
             pixels = tf.clip_by_value(pixels * factor, 0.0, 255.0)
         return pixels
 

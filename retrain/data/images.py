@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.files import paths, regular_file
 from retrain.config import check_split
 from retrain.data.decode import FORMAT_NAMES, SNIFF_BYTES, sniff_format
 from retrain.data.decode_memory import MAX_FILE_BYTES, file_too_large
 from retrain.errors import RetrainError
+from retrain.files import paths, regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -155,10 +155,7 @@ def rejection(path):
     for offset, magic, name in _KNOWN_UNSUPPORTED:
         if head[offset : offset + len(magic)] == magic:
             return f"unsupported format ({name}); convert it to JPEG or PNG"
-    return (
-        f"unsupported format (content starts with {head[:8]!r}; "
-        f"accepted: {FORMAT_NAMES})"
-    )
+    return f"unsupported format (content starts with {head[:8]!r}; accepted: {FORMAT_NAMES})"
 
 
 def _is_ignored(name):
@@ -183,9 +180,7 @@ def _class_files(class_dir, seen_dirs):
             seen_dirs.add(identity)
             kept.append(name)
         dirnames[:] = kept
-        files.extend(
-            paths.join(folder, name) for name in filenames if not _is_ignored(name)
-        )
+        files.extend(paths.join(folder, name) for name in filenames if not _is_ignored(name))
     return sorted(files)
 
 
@@ -231,8 +226,7 @@ def _class_folders(root, image_dir):
         )
     if loose_files:
         logger.warning(
-            "ignoring %d file(s) directly in %s (images must be in a class "
-            "sub-folder): %s",
+            "ignoring %d file(s) directly in %s (images must be in a class sub-folder): %s",
             len(loose_files),
             image_dir,
             ", ".join(loose_files[:5]) + (", ..." if len(loose_files) > 5 else ""),
@@ -263,8 +257,11 @@ def discover(image_dir, testing_percentage=10.0, validation_percentage=10.0):
     seen_dirs = {_dir_identity(paths.join(root, name)) for name in class_names}
     for label_index, label in enumerate(class_names):
         for path in _class_files(paths.join(root, label), seen_dirs):
-            relative_path = (path[len(root) + 1 :] if paths.is_url(root)
-                             else Path(path).relative_to(root).as_posix())
+            relative_path = (
+                path[len(root) + 1 :]
+                if paths.is_url(root)
+                else Path(path).relative_to(root).as_posix()
+            )
             key = cache_key(relative_path)
             reason = rejection(path)
             if not reason and key in path_of_key:

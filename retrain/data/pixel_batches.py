@@ -28,8 +28,17 @@ from retrain.quiet_tensorflow import import_tensorflow
 _BATCHES_AHEAD = 2
 
 
-def image_batches(paths, input_size, batch_size, *, distort=None, outcomes=None,
-                  hash_files=False, shuffle_seed=None, drop_failed=False):
+def image_batches(
+    paths,
+    input_size,
+    batch_size,
+    *,
+    distort=None,
+    outcomes=None,
+    hash_files=False,
+    shuffle_seed=None,
+    drop_failed=False,
+):
     """The one dataset builder: image files -> batches of model-ready pixels.
 
     Reading and decoding (Pillow, ``decode_rgb``) and resizing run on tf.data's
@@ -82,8 +91,9 @@ def image_batches(paths, input_size, batch_size, *, distort=None, outcomes=None,
     dataset = tf.data.Dataset.range(len(paths))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=shuffle_seed is None)
+    dataset = dataset.map(
+        prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=shuffle_seed is None
+    )
     if drop_failed:
         dataset = dataset.filter(lambda index, pixels, ok: ok)
     # A fixed prefetch, not AUTOTUNE (whose buffer may grow with free RAM):

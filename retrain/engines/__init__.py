@@ -27,8 +27,14 @@ from typing import Optional
 from retrain import backbones
 from retrain.config import ENGINE_NAMES
 from retrain.engines.check import (
-    LITERT_BATCH, TOLERANCE, EngineCheckFailed, compare, converted_engine, litert_path,
-    read_record, record_path,
+    LITERT_BATCH,
+    TOLERANCE,
+    EngineCheckFailed,
+    compare,
+    converted_engine,
+    litert_path,
+    read_record,
+    record_path,
 )
 from retrain.engines.keras_engine import KerasEngine
 from retrain.engines.litert import LiteRTEngine, runtime_available
@@ -36,9 +42,19 @@ from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
 __all__ = [
-    "EngineCheckFailed", "EngineChoice", "KerasEngine", "LITERT_BATCH", "LiteRTEngine",
-    "TOLERANCE", "build", "build_or_fall_back", "choose", "compare", "gpu_available",
-    "resolve", "runtime_available",
+    "EngineCheckFailed",
+    "EngineChoice",
+    "KerasEngine",
+    "LITERT_BATCH",
+    "LiteRTEngine",
+    "TOLERANCE",
+    "build",
+    "build_or_fall_back",
+    "choose",
+    "compare",
+    "gpu_available",
+    "resolve",
+    "runtime_available",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,9 +86,12 @@ def resolve(requested, backbone_name, weights_file=None):
     path = litert_path(backbone_name, weights_file)
     record = read_record(path)
     if record is not None and not record.get("passed"):
-        _fall_back(requested, f"its conversion failed the check against Keras "
-                              f"({record.get('reason')}); delete {record_path(path)} "
-                              "to convert again")
+        _fall_back(
+            requested,
+            f"its conversion failed the check against Keras "
+            f"({record.get('reason')}); delete {record_path(path)} "
+            "to convert again",
+        )
         return "keras"
     return "litert"
 
@@ -97,8 +116,9 @@ class EngineChoice:
 
 def choose(requested, backbone_name, weights_file=None):
     """``resolve`` as an EngineChoice (``requested``: "auto", "keras" or "litert")."""
-    return EngineChoice(resolve(requested, backbone_name, weights_file), backbone_name,
-                        weights_file)
+    return EngineChoice(
+        resolve(requested, backbone_name, weights_file), backbone_name, weights_file
+    )
 
 
 def build_or_fall_back(choice, model=None, check_paths=()):

@@ -61,8 +61,11 @@ def converted_engine(spec, weights_file=None, model=None, check_paths=()):
         logger.warning("converting %s again: %s does not match its record", spec.name, path)
     if model is None:
         model = backbones.load(spec.name, include_top=False, weights_file=weights_file)
-    logger.warning("converting %s to LiteRT once (about half a minute); it is kept in %s",
-                   spec.name, path.parent)
+    logger.warning(
+        "converting %s to LiteRT once (about half a minute); it is kept in %s",
+        spec.name,
+        path.parent,
+    )
     engine, record = _convert_and_check(model, spec.input_size, path, check_paths)
     _write_record(path, record)
     if not record["passed"]:
@@ -88,8 +91,12 @@ def _convert_and_check(model, input_size, path, check_paths):
         deviation, reason = None, f"conversion failed ({type(error).__name__}: {error})"
     else:
         reason = f"max relative deviation {deviation:.2e} > {TOLERANCE:.0e} on {len(pixels)} photos"
-    record = {"sha256": _file_sha256(path), "max_relative_deviation": deviation,
-              "tolerance": TOLERANCE, "passed": deviation is not None and deviation <= TOLERANCE}
+    record = {
+        "sha256": _file_sha256(path),
+        "max_relative_deviation": deviation,
+        "tolerance": TOLERANCE,
+        "passed": deviation is not None and deviation <= TOLERANCE,
+    }
     if not record["passed"]:
         record["reason"] = reason
         path.unlink(missing_ok=True)
@@ -100,8 +107,11 @@ def _write_record(path, record):
     try:
         atomic_write.write_bytes(record_path(path), json.dumps(record, indent=1).encode())
     except OSError as error:
-        logger.warning("cannot record the LiteRT conversion in %s (%s); set RETRAIN_HOME "
-                       "to a writable folder", path.parent, error.strerror or error)
+        logger.warning(
+            "cannot record the LiteRT conversion in %s (%s); set RETRAIN_HOME to a writable folder",
+            path.parent,
+            error.strerror or error,
+        )
 
 
 def compare(reference, engine, pixels):
@@ -129,8 +139,10 @@ def check_pixels(input_size, paths=()):
 
         images += [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
     if not images:
-        raise RetrainError("No photo to check the LiteRT conversion on: none of "
-                           f"{len(paths)} images decoded and scikit-image is not installed.")
+        raise RetrainError(
+            "No photo to check the LiteRT conversion on: none of "
+            f"{len(paths)} images decoded and scikit-image is not installed."
+        )
     return np.stack([resizing.resize_to_input(image, input_size) for image in images])
 
 
@@ -138,9 +150,12 @@ def litert_path(backbone_name, weights_file=None):
     """Where the conversion of this backbone (and weights) is kept: a Path."""
     tf = import_tensorflow()  # for its version: the converter is TensorFlow's
     fingerprint = backbones.fingerprint(backbone_name, weights_file)
-    return (conversion_cache.retrain_home() / "backbones" /
-            f"{backbone_name}-{fingerprint[:16]}-b{LITERT_BATCH}-tf{tf.__version__}"
-            f"-v{_FORMAT_VERSION}.tflite")
+    return (
+        conversion_cache.retrain_home()
+        / "backbones"
+        / f"{backbone_name}-{fingerprint[:16]}-b{LITERT_BATCH}-tf{tf.__version__}"
+        f"-v{_FORMAT_VERSION}.tflite"
+    )
 
 
 def record_path(path):

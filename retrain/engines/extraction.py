@@ -77,8 +77,9 @@ def bottleneck_batches(paths, engine, input_size, batch_size=32):
     Closing the generator early stops the engine thread after its batch.
     """
     outcomes = {}
-    dataset = pixel_batches.image_batches(paths, input_size, batch_size, outcomes=outcomes,
-                                  hash_files=True)
+    dataset = pixel_batches.image_batches(
+        paths, input_size, batch_size, outcomes=outcomes, hash_files=True
+    )
     finished = queue.Queue(maxsize=_QUEUED)
     stop = threading.Event()
 
@@ -193,16 +194,29 @@ def extract(image_dir, entries, engine, input_size, write, batch_size=32, progre
         return Extraction(0, [])
     files = [paths_lib.join(image_dir, entry.relative_path) for entry in entries]
     extracted, failed = 0, []
-    with logging_redirect_tqdm(), tqdm(
-        total=len(entries), desc="bottlenecks", unit="img", file=sys.stderr,
-        disable=not progress, smoothing=0.1,
-    ) as bar:
+    with (
+        logging_redirect_tqdm(),
+        tqdm(
+            total=len(entries),
+            desc="bottlenecks",
+            unit="img",
+            file=sys.stderr,
+            disable=not progress,
+            smoothing=0.1,
+        ) as bar,
+    ):
         for batch in bottleneck_batches(files, engine, input_size, batch_size):
             done = EntryBatch(
-                vectors=[ImageVector(entries[position], state, vector) for position, state, vector
-                         in zip(batch.positions, batch.states, batch.bottlenecks)],
-                failures=[ImageFailure(entries[position], reason, state)
-                          for position, reason, state in batch.failures],
+                vectors=[
+                    ImageVector(entries[position], state, vector)
+                    for position, state, vector in zip(
+                        batch.positions, batch.states, batch.bottlenecks
+                    )
+                ],
+                failures=[
+                    ImageFailure(entries[position], reason, state)
+                    for position, reason, state in batch.failures
+                ],
             )
             for failure in done.failures:
                 failed.append((failure.entry.relative_path, failure.reason))

@@ -72,8 +72,10 @@ def convert(fixed, kind="float32", calibration=None) -> bytes:
     """
     tf = import_tensorflow()
     if kind not in TFLITE_KINDS:
-        raise RetrainError(f"Unknown TFLite kind; expected one of {', '.join(TFLITE_KINDS)}. "
-                           f"Received: kind={kind!r}")
+        raise RetrainError(
+            f"Unknown TFLite kind; expected one of {', '.join(TFLITE_KINDS)}. "
+            f"Received: kind={kind!r}"
+        )
     converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
     if kind != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]

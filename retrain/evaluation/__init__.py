@@ -7,8 +7,22 @@
 The names below are the package's public API (from `metrics`).
 """
 
-from retrain.evaluation.metrics import (Evaluation, Mistake, evaluate, misclassified,
-                                        print_misclassified, summary, write_metrics)
+from retrain.evaluation.metrics import (
+    Evaluation,
+    Mistake,
+    evaluate,
+    misclassified,
+    print_misclassified,
+    summary,
+    write_metrics,
+)
 
-__all__ = ["Evaluation", "Mistake", "evaluate", "misclassified", "print_misclassified", "summary",
-           "write_metrics"]
+__all__ = [
+    "Evaluation",
+    "Mistake",
+    "evaluate",
+    "misclassified",
+    "print_misclassified",
+    "summary",
+    "write_metrics",
+]

@@ -40,9 +40,9 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler, normalize
 from threadpoolctl import threadpool_limits
 
-from retrain.files import atomic_write, received_files, text_escapes
-from retrain.errors import RetrainError
 from retrain.data.sampling import sample_rows
+from retrain.errors import RetrainError
+from retrain.files import atomic_write, received_files, text_escapes
 from retrain.files.text_escapes import one_line
 
 # Cross-validation folds for the out-of-sample probabilities (fewer when the
@@ -115,8 +115,9 @@ class NearDuplicate:
         return self.split_a != self.split_b
 
 
-def out_of_sample_probabilities(bottlenecks: np.ndarray, labels: np.ndarray, num_classes: int,
-                                seed: int = 0) -> np.ndarray:
+def out_of_sample_probabilities(
+    bottlenecks: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0
+) -> np.ndarray:
     """Class probabilities float32 [n, num_classes] from models that never saw the row's image.
 
     bottlenecks: float [n, d]; labels: int [n] in [0, num_classes). The
@@ -150,8 +151,12 @@ def _cross_validated(x, labels, num_classes, seed):
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.simplefilter("ignore", ConvergenceWarning)
         probabilities = cross_val_predict(
-            model, scaled, labels, method="predict_proba",
-            cv=list(_capped_folds(labels, folds, LABEL_ISSUE_FIT_ROWS, seed)))
+            model,
+            scaled,
+            labels,
+            method="predict_proba",
+            cv=list(_capped_folds(labels, folds, LABEL_ISSUE_FIT_ROWS, seed)),
+        )
     full = np.zeros((len(x), num_classes), np.float32)
     full[:, np.unique(labels)] = probabilities
     return full
@@ -169,13 +174,21 @@ def _capped_folds(labels: np.ndarray, folds: int, fit_rows: int, seed: int):
         if len(train) > fit_rows:
             classes = np.unique(labels[train])
             share = max(1, fit_rows // len(classes))
-            train = np.sort(np.concatenate([
-                rng.permutation(train[labels[train] == c])[:share] for c in classes]))
+            train = np.sort(
+                np.concatenate(
+                    [rng.permutation(train[labels[train] == c])[:share] for c in classes]
+                )
+            )
         yield train, held_out
 
 
-def find_label_issues(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],
-                      images: list[str], seed: int = 0) -> list[LabelIssue]:
+def find_label_issues(
+    bottlenecks: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    images: list[str],
+    seed: int = 0,
+) -> list[LabelIssue]:
     """Images whose label the cached vectors disagree with, most suspicious first.
 
     bottlenecks: float [n, d]; labels: int [n] class indices; images: n
@@ -183,8 +196,10 @@ def find_label_issues(bottlenecks: np.ndarray, labels: np.ndarray, class_names: 
     """
     labels = np.asarray(labels)
     if len(images) != len(labels):
-        raise RetrainError(f"One image path per label is needed. Received: {len(images)} paths, "
-                           f"{len(labels)} labels")
+        raise RetrainError(
+            f"One image path per label is needed. Received: {len(images)} paths, "
+            f"{len(labels)} labels"
+        )
     if len(labels) < 2 or len(np.unique(labels)) < 2:
         return []
     probabilities = out_of_sample_probabilities(bottlenecks, labels, len(class_names), seed)
@@ -193,21 +208,32 @@ def find_label_issues(bottlenecks: np.ndarray, labels: np.ndarray, class_names: 
     local = np.searchsorted(present, labels)
     local_probabilities = probabilities[:, present]
     local_probabilities /= np.maximum(local_probabilities.sum(axis=1, keepdims=True), 1e-12)
-    quality = cleanlab.rank.get_label_quality_scores(local, local_probabilities,
-                                                     method="self_confidence")
+    quality = cleanlab.rank.get_label_quality_scores(
+        local, local_probabilities, method="self_confidence"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         flagged = cleanlab.filter.find_label_issues(local, local_probabilities, n_jobs=1)
     suggested = present[local_probabilities.argmax(axis=1)]
     rows = np.flatnonzero(flagged | (suggested != labels))
     rows = rows[np.argsort(quality[rows], kind="stable")]
-    return [LabelIssue(images[row], class_names[labels[row]], class_names[suggested[row]],
-                       round(float(quality[row]), 6))
-            for row in rows]
+    return [
+        LabelIssue(
+            images[row],
+            class_names[labels[row]],
+            class_names[suggested[row]],
+            round(float(quality[row]), 6),
+        )
+        for row in rows
+    ]
 
 
-def find_near_duplicates(bottlenecks: np.ndarray, images: list[str], splits: list[str],
-                         max_distance: float = DUPLICATE_DISTANCE) -> list[NearDuplicate]:
+def find_near_duplicates(
+    bottlenecks: np.ndarray,
+    images: list[str],
+    splits: list[str],
+    max_distance: float = DUPLICATE_DISTANCE,
+) -> list[NearDuplicate]:
     """Pairs of images with cosine distance <= max_distance, closest first.
 
     bottlenecks: float [n, d]; images, splits: n relative paths and split
@@ -216,8 +242,10 @@ def find_near_duplicates(bottlenecks: np.ndarray, images: list[str], splits: lis
     """
     x = np.asarray(bottlenecks, dtype=np.float32)
     if x.ndim != 2 or len(x) != len(images) or len(images) != len(splits):
-        raise RetrainError(f"bottlenecks must be [n, d] with one path and split per row. Received: "
-                           f"shape={x.shape}, {len(images)} paths, {len(splits)} splits")
+        raise RetrainError(
+            f"bottlenecks must be [n, d] with one path and split per row. Received: "
+            f"shape={x.shape}, {len(images)} paths, {len(splits)} splits"
+        )
     if len(x) < 2:
         return []
     with threadpool_limits(THREADS):
@@ -242,8 +270,10 @@ def _near_duplicates(x, images, splits, max_distance):
     close = distance <= max_distance
     pairs, distance = pairs[close], distance[close]
     order = np.lexsort((pairs[:, 1], pairs[:, 0], distance))
-    return [NearDuplicate(images[a], images[b], splits[a], splits[b], round(float(d), 6))
-            for a, b, d in _spanning_pairs(pairs[order], distance[order], len(x))]
+    return [
+        NearDuplicate(images[a], images[b], splits[a], splits[b], round(float(d), 6))
+        for a, b, d in _spanning_pairs(pairs[order], distance[order], len(x))
+    ]
 
 
 def _cosine_distances(unit, pairs, chunk=PAIR_CHUNK):
@@ -254,8 +284,10 @@ def _cosine_distances(unit, pairs, chunk=PAIR_CHUNK):
     """
     distance = np.empty(len(pairs), unit.dtype)
     for start in range(0, len(pairs), chunk):
-        part = pairs[start:start + chunk]
-        distance[start:start + chunk] = 1.0 - np.einsum("ij,ij->i", unit[part[:, 0]], unit[part[:, 1]])
+        part = pairs[start : start + chunk]
+        distance[start : start + chunk] = 1.0 - np.einsum(
+            "ij,ij->i", unit[part[:, 0]], unit[part[:, 1]]
+        )
     return np.maximum(distance, 0.0)
 
 
@@ -290,11 +322,15 @@ def _check(bottlenecks, labels, num_classes):
     x = np.asarray(bottlenecks, dtype=np.float32)
     labels = np.asarray(labels)
     if x.ndim != 2 or labels.shape != x.shape[:1]:
-        raise RetrainError(f"bottlenecks must be [n, d] and labels [n]. "
-                           f"Received: bottlenecks.shape={x.shape}, labels.shape={labels.shape}")
+        raise RetrainError(
+            f"bottlenecks must be [n, d] and labels [n]. "
+            f"Received: bottlenecks.shape={x.shape}, labels.shape={labels.shape}"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise RetrainError(f"labels must be class indices in [0, {num_classes}). "
-                           f"Received: range=[{labels.min()}, {labels.max()}]")
+        raise RetrainError(
+            f"labels must be class indices in [0, {num_classes}). "
+            f"Received: range=[{labels.min()}, {labels.max()}]"
+        )
     return x, labels.astype(np.int64)
 
 
@@ -314,16 +350,22 @@ def write_near_duplicates(pairs: list[NearDuplicate], path) -> Path:
 
 def read_label_issues(path) -> list[LabelIssue]:
     """The issues `write_label_issues` wrote (RetrainError naming the file if it cannot be)."""
-    return _parsed(path, lambda row: LabelIssue(row["image"], row["given"], row["suggested"],
-                                                _number(row["score"])),
-                   _read_rows(LabelIssue, path))
+    return _parsed(
+        path,
+        lambda row: LabelIssue(row["image"], row["given"], row["suggested"], _number(row["score"])),
+        _read_rows(LabelIssue, path),
+    )
 
 
 def read_near_duplicates(path) -> list[NearDuplicate]:
     """The pairs `write_near_duplicates` wrote (RetrainError naming the file if it cannot be)."""
-    return _parsed(path, lambda row: NearDuplicate(row["image_a"], row["image_b"], row["split_a"],
-                                                   row["split_b"], _number(row["distance"])),
-                   _read_rows(NearDuplicate, path))
+    return _parsed(
+        path,
+        lambda row: NearDuplicate(
+            row["image_a"], row["image_b"], row["split_a"], row["split_b"], _number(row["distance"])
+        ),
+        _read_rows(NearDuplicate, path),
+    )
 
 
 def _number(text: str) -> float:
@@ -337,8 +379,9 @@ def _parsed(path, make, rows):
     try:
         return [make(row) for row in rows]
     except ValueError as error:
-        raise RetrainError(f"{path} holds a value retrain did not write: {error}. "
-                           "Rerun retrain to write it again.") from None
+        raise RetrainError(
+            f"{path} holds a value retrain did not write: {error}. Rerun retrain to write it again."
+        ) from None
 
 
 def _write_rows(kind, rows, path) -> Path:
@@ -346,8 +389,10 @@ def _write_rows(kind, rows, path) -> Path:
     not followed); image paths as `text_escapes.one_line`, formula-like cells quoted."""
     header = [f.name for f in fields(kind)]
     paths = [name for name in header if name.startswith("image")]
-    cells = ([one_line(value) if name in paths else value for name, value in zip(header, astuple(row))]
-             for row in rows)
+    cells = (
+        [one_line(value) if name in paths else value for name, value in zip(header, astuple(row))]
+        for row in rows
+    )
     return atomic_write.write_text(path, text_escapes.csv_rows(header, cells))
 
 
@@ -364,18 +409,25 @@ def _read_rows(kind, path) -> list[dict]:
     except RetrainError:
         raise
     except (OSError, ValueError) as error:
-        raise RetrainError(f"Cannot read {path}: {getattr(error, 'strerror', None) or error}. "
-                           "Rerun retrain without --no-report to write it.") from None
+        raise RetrainError(
+            f"Cannot read {path}: {getattr(error, 'strerror', None) or error}. "
+            "Rerun retrain without --no-report to write it."
+        ) from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames != expected:
-        raise RetrainError(f"{path} is not a retrain {Path(path).name}: its header must be "
-                           f"{','.join(expected)}. Received: {reader.fieldnames}")
+        raise RetrainError(
+            f"{path} is not a retrain {Path(path).name}: its header must be "
+            f"{','.join(expected)}. Received: {reader.fieldnames}"
+        )
     try:
         rows = list(reader)
     except csv.Error as error:
-        raise RetrainError(f"{path} is not a valid CSV file: {error}. "
-                           "Rerun retrain to write it again.") from None
+        raise RetrainError(
+            f"{path} is not a valid CSV file: {error}. Rerun retrain to write it again."
+        ) from None
     if any(None in row or None in row.values() for row in rows):
-        raise RetrainError(f"{path} has rows with more or fewer cells than its header "
-                           f"{','.join(expected)}. Rerun retrain to write it again.")
+        raise RetrainError(
+            f"{path} has rows with more or fewer cells than its header "
+            f"{','.join(expected)}. Rerun retrain to write it again."
+        )
     return [{name: text_escapes.from_csv(value) for name, value in row.items()} for row in rows]

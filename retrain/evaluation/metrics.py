@@ -50,8 +50,9 @@ class Evaluation:
             "count": self.count,
             "per_class": {
                 name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                for name, p, r, f, s in zip(self.class_names, self.precision, self.recall,
-                                            self.f1, self.support)
+                for name, p, r, f, s in zip(
+                    self.class_names, self.precision, self.recall, self.f1, self.support
+                )
             },
             "confusion_matrix": self.confusion.tolist(),
         }
@@ -72,7 +73,11 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, class_names: list[st
     probabilities = np.asarray(probabilities)
     labels = np.asarray(labels)
     k = len(class_names)
-    if probabilities.ndim != 2 or probabilities.shape[1] != k or labels.shape != probabilities.shape[:1]:
+    if (
+        probabilities.ndim != 2
+        or probabilities.shape[1] != k
+        or labels.shape != probabilities.shape[:1]
+    ):
         raise RetrainError(
             f"probabilities must be [n, {k}] (one column per class) and labels [n]. "
             f"Received: probabilities.shape={probabilities.shape}, labels.shape={labels.shape}"
@@ -80,16 +85,22 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, class_names: list[st
     if not len(labels):
         raise RetrainError("Nothing to evaluate: no images. Received: labels.shape=(0,)")
     if labels.min() < 0 or labels.max() >= k:
-        raise RetrainError(f"labels must be class indices in [0, {k}). "
-                           f"Received: range=[{labels.min()}, {labels.max()}]")
+        raise RetrainError(
+            f"labels must be class indices in [0, {k}). "
+            f"Received: range=[{labels.min()}, {labels.max()}]"
+        )
     predicted = probabilities.argmax(axis=1)
     classes = np.arange(k)
     precision, recall, f1, support = metrics.precision_recall_fscore_support(
-        labels, predicted, labels=classes, zero_division=0)
+        labels, predicted, labels=classes, zero_division=0
+    )
     return Evaluation(
         class_names=list(class_names),
         accuracy=float(metrics.accuracy_score(labels, predicted)),
-        precision=precision, recall=recall, f1=f1, support=support.astype(np.int64),
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        support=support.astype(np.int64),
         confusion=metrics.confusion_matrix(labels, predicted, labels=classes).astype(np.int64),
     )
 
@@ -101,8 +112,13 @@ def summary(evaluation: Evaluation) -> str:
         f"Final test accuracy = {100 * evaluation.accuracy:.1f}% (N={evaluation.count})",
         f"{'class':<{width}}  precision  recall     f1  support",
     ]
-    for name, p, r, f, s in zip(evaluation.class_names, evaluation.precision, evaluation.recall,
-                                evaluation.f1, evaluation.support):
+    for name, p, r, f, s in zip(
+        evaluation.class_names,
+        evaluation.precision,
+        evaluation.recall,
+        evaluation.f1,
+        evaluation.support,
+    ):
         lines.append(f"{name:<{width}}  {p:9.3f}  {r:6.3f}  {f:5.3f}  {s:7d}")
     return "\n".join(lines)
 
@@ -126,8 +142,12 @@ def misclassified(probabilities: np.ndarray, entries, class_names: list[str]) ->
     """
     predicted = np.asarray(probabilities).argmax(axis=1)
     return [
-        Mistake(entry.relative_path, class_names[entry.label_index], class_names[guess],
-                float(probabilities[row, guess]))
+        Mistake(
+            entry.relative_path,
+            class_names[entry.label_index],
+            class_names[guess],
+            float(probabilities[row, guess]),
+        )
         for row, (entry, guess) in enumerate(zip(entries, predicted))
         if guess != entry.label_index
     ]
@@ -141,8 +161,9 @@ def print_misclassified(wrong: list[Mistake]) -> None:
         print(f"{one_line(relative_path):>70}  {predicted} ({score:.3f}, true: {true})")
 
 
-def write_metrics(evaluation: Evaluation, output_dir,
-                  misclassified: list[Mistake] = ()) -> dict[str, Path]:
+def write_metrics(
+    evaluation: Evaluation, output_dir, misclassified: list[Mistake] = ()
+) -> dict[str, Path]:
     """Writes metrics.json and confusion_matrix.csv into output_dir; returns their paths.
 
     misclassified: `Mistake`s (or equal tuples), listed in
@@ -159,7 +180,11 @@ def write_metrics(evaluation: Evaluation, output_dir,
     ]
     atomic_write.write_text(paths["metrics"], json.dumps(document, indent=2) + "\n")
     # Class names may start like a formula (a class "=1+2"): csv_rows quotes them.
-    rows = ([name, *row.tolist()] for name, row in zip(evaluation.class_names, evaluation.confusion))
-    atomic_write.write_text(paths["confusion_matrix"], text_escapes.csv_rows(
-        ["true \\ predicted", *evaluation.class_names], rows))
+    rows = (
+        [name, *row.tolist()] for name, row in zip(evaluation.class_names, evaluation.confusion)
+    )
+    atomic_write.write_text(
+        paths["confusion_matrix"],
+        text_escapes.csv_rows(["true \\ predicted", *evaluation.class_names], rows),
+    )
     return paths

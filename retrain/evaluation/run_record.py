@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.files import atomic_write, received_files
 from retrain.errors import RetrainError
+from retrain.files import atomic_write, received_files
 from retrain.files.text_escapes import one_line, utf8
 
 RECORD_FILE = "run_record.json"
@@ -92,9 +92,14 @@ def save(record: RunRecord, output_dir) -> tuple[Path, Path]:
     """
     out = Path(output_dir)
     for split, array in record.probabilities.items():
-        if split not in EVALUATED_SPLITS or array.shape != (len(record.rows(split)), len(record.class_names)):
-            raise RetrainError(f"probabilities[{split!r}] must be [images in {split}, classes]. "
-                               f"Received: shape={np.shape(array)}")
+        if split not in EVALUATED_SPLITS or array.shape != (
+            len(record.rows(split)),
+            len(record.class_names),
+        ):
+            raise RetrainError(
+                f"probabilities[{split!r}] must be [images in {split}, classes]. "
+                f"Received: shape={np.shape(array)}"
+            )
     document = {
         "format_version": FORMAT_VERSION,
         "image_dir": one_line(record.image_dir),
@@ -103,18 +108,28 @@ def save(record: RunRecord, output_dir) -> tuple[Path, Path]:
         "history": record.history,
         "best_step": int(record.best_step),
         "stopped_early": bool(record.stopped_early),
-        "class_weights": None if record.class_weights is None else [float(w) for w in record.class_weights],
-        "images": [{"path": one_line(path), "label": int(label), "split": split}
-                   for path, label, split in zip(record.images, record.labels, record.splits)],
-        "skipped": [{"path": one_line(path), "reason": utf8(str(reason))}
-                    for path, reason in record.skipped],
+        "class_weights": None
+        if record.class_weights is None
+        else [float(w) for w in record.class_weights],
+        "images": [
+            {"path": one_line(path), "label": int(label), "split": split}
+            for path, label, split in zip(record.images, record.labels, record.splits)
+        ],
+        "skipped": [
+            {"path": one_line(path), "reason": utf8(str(reason))} for path, reason in record.skipped
+        ],
     }
     record_path, probabilities_path = out / RECORD_FILE, out / PROBABILITIES_FILE
     # ensure_ascii (the default): settings keep any undecodable path exactly, as \udcNN.
     atomic_write.write_text(record_path, json.dumps(document, indent=1) + "\n")
     with atomic_write.atomic_path(probabilities_path) as temporary:
-        np.savez_compressed(temporary, **{split: np.asarray(array, np.float32)
-                                          for split, array in record.probabilities.items()})
+        np.savez_compressed(
+            temporary,
+            **{
+                split: np.asarray(array, np.float32)
+                for split, array in record.probabilities.items()
+            },
+        )
     return record_path, probabilities_path
 
 
@@ -133,19 +148,24 @@ def load(output_dir) -> RunRecord:
     out = Path(output_dir)
     record_path = out / RECORD_FILE
     if not out.is_dir():
-        raise RetrainError(f"No such output folder: {out}. Pass the --output_dir of a retrain run. "
-                           f"Received: output_dir={output_dir}")
+        raise RetrainError(
+            f"No such output folder: {out}. Pass the --output_dir of a retrain run. "
+            f"Received: output_dir={output_dir}"
+        )
     try:
         record = _from_document(json.loads(received_files.read_text(record_path)))
     except FileNotFoundError:
-        raise RetrainError(f"{out} has no {RECORD_FILE}: it is not the output folder of a finished "
-                           f"retrain run (or one from before run records). Received: output_dir={output_dir}"
-                           ) from None
+        raise RetrainError(
+            f"{out} has no {RECORD_FILE}: it is not the output folder of a finished "
+            f"retrain run (or one from before run records). Received: output_dir={output_dir}"
+        ) from None
     except RetrainError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise RetrainError(f"Cannot read {record_path}: {type(error).__name__}: {error}. "
-                           "Rerun retrain to write it again.") from None
+        raise RetrainError(
+            f"Cannot read {record_path}: {type(error).__name__}: {error}. "
+            "Rerun retrain to write it again."
+        ) from None
     record.probabilities = _load_probabilities(out, record)
     return record
 
@@ -172,7 +192,9 @@ def _from_document(document) -> RunRecord:
     if len(record.labels) and (record.labels.min() < 0 or record.labels.max() >= len(class_names)):
         raise ValueError(f"image labels must be in [0, {len(class_names)})")
     if not set(record.splits) <= {"training", *EVALUATED_SPLITS}:
-        raise ValueError(f"unknown splits {sorted(set(record.splits) - {'training', *EVALUATED_SPLITS})}")
+        raise ValueError(
+            f"unknown splits {sorted(set(record.splits) - {'training', *EVALUATED_SPLITS})}"
+        )
     weights = record.class_weights
     if weights is not None and (not isinstance(weights, list) or len(weights) != len(class_names)):
         raise ValueError("class_weights must be null or one number per class")
@@ -181,12 +203,16 @@ def _from_document(document) -> RunRecord:
 
 def _npy_header(archive: zipfile.ZipFile, member: str):
     """(shape, dtype) from the .npy header of a zip member; its data is not read."""
-    readers = {(1, 0): np.lib.format.read_array_header_1_0,
-               (2, 0): np.lib.format.read_array_header_2_0}
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
     with archive.open(member) as handle:
         version = np.lib.format.read_magic(handle)
         if version not in readers:
-            raise ValueError(f"{member} has .npy format version {version}, not one numpy's savez writes")
+            raise ValueError(
+                f"{member} has .npy format version {version}, not one numpy's savez writes"
+            )
         shape, _, dtype = readers[version](handle)
     return shape, dtype
 
@@ -199,7 +225,9 @@ def _load_probabilities(out: Path, record: RunRecord) -> dict[str, np.ndarray]:
     file that claims a huge array is refused, never expanded.
     """
     path = out / PROBABILITIES_FILE
-    expected = {split: (len(record.rows(split)), len(record.class_names)) for split in EVALUATED_SPLITS}
+    expected = {
+        split: (len(record.rows(split)), len(record.class_names)) for split in EVALUATED_SPLITS
+    }
     largest = sum(rows * k * 4 for rows, k in expected.values())
     try:
         # Compression can only shrink float32 rows much; 2x + 1 MB allows for any overhead.
@@ -210,13 +238,17 @@ def _load_probabilities(out: Path, record: RunRecord) -> dict[str, np.ndarray]:
                     raise ValueError(f"unexpected array {name!r}")
                 shape, dtype = _npy_header(archive.zip, name + ".npy")
                 if shape != expected[name] or dtype != np.float32:
-                    raise ValueError(f"{name} is {dtype} {shape}; the record implies float32 "
-                                     f"{expected[name]}")
+                    raise ValueError(
+                        f"{name} is {dtype} {shape}; the record implies float32 {expected[name]}"
+                    )
             return {name: archive[name] for name in archive.files}
     except FileNotFoundError:
-        raise RetrainError(f"{out} has {RECORD_FILE} but no {PROBABILITIES_FILE}. "
-                           "Rerun retrain to write it again.") from None
+        raise RetrainError(
+            f"{out} has {RECORD_FILE} but no {PROBABILITIES_FILE}. Rerun retrain to write it again."
+        ) from None
     except RetrainError:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
-        raise RetrainError(f"Cannot read {path}: {error}. Rerun retrain to write it again.") from None
+        raise RetrainError(
+            f"Cannot read {path}: {error}. Rerun retrain to write it again."
+        ) from None

@@ -10,10 +10,22 @@
 The names below are the package's public API.
 """
 
-from retrain.export.classifier import (build_classifier, fixed_size_classifier, input_size,
-                                       save_classifier)
+from retrain.export.classifier import (
+    build_classifier,
+    fixed_size_classifier,
+    input_size,
+    save_classifier,
+)
 from retrain.export.keras_file import load_classifier
 from retrain.export.labels import check_class_names, read_labels, write_labels
 
-__all__ = ["build_classifier", "check_class_names", "fixed_size_classifier", "input_size",
-           "load_classifier", "read_labels", "save_classifier", "write_labels"]
+__all__ = [
+    "build_classifier",
+    "check_class_names",
+    "fixed_size_classifier",
+    "input_size",
+    "load_classifier",
+    "read_labels",
+    "save_classifier",
+    "write_labels",
+]

@@ -36,8 +36,9 @@ def build_classifier(backbone: keras.Model, head: keras.Model, input_size: int) 
       class probabilities.
     """
     images = keras.Input((None, None, 3), dtype="float32", name="image")
-    resized = keras.layers.Resizing(input_size, input_size, interpolation="bilinear",
-                                    antialias=True, name="resize")(images)
+    resized = keras.layers.Resizing(
+        input_size, input_size, interpolation="bilinear", antialias=True, name="resize"
+    )(images)
     probabilities = head(backbone(resized))
     return keras.Model(images, probabilities, name="retrained_classifier")
 
@@ -66,7 +67,9 @@ def input_size(model: keras.Model) -> int:
     for layer in model.layers:
         if isinstance(layer, keras.layers.Resizing):
             return int(layer.height)
-    raise RetrainError(f"Model {model.name} has no Resizing layer: it was not made by retrain's export.")
+    raise RetrainError(
+        f"Model {model.name} has no Resizing layer: it was not made by retrain's export."
+    )
 
 
 def save_classifier(model: keras.Model, path) -> Path:

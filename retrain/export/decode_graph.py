@@ -39,8 +39,14 @@ def decode_image_bytes(content, size: int):
       content: tf.string scalar, the bytes of a JPEG, PNG, BMP, GIF or WebP file.
       size: the backbone's square input side.
     """
-    return resize_to_input(tf.cond(tf.io.is_jpeg(content), lambda: _decode_jpeg(content, size),
-                                   lambda: _decode_other(content)), size)
+    return resize_to_input(
+        tf.cond(
+            tf.io.is_jpeg(content),
+            lambda: _decode_jpeg(content, size),
+            lambda: _decode_other(content),
+        ),
+        size,
+    )
 
 
 def _decode_jpeg(content, size):
@@ -50,10 +56,15 @@ def _decode_jpeg(content, size):
     margin = PIXEL_SETTINGS["jpeg_draft_margin"]
     fits = tf.minimum(width // (margin * size), height // (margin * size))
     branch = tf.add_n([tf.cast(fits >= ratio, tf.int32) for ratio in _JPEG_RATIOS[1:]])
-    image = tf.switch_case(branch, [
-        lambda ratio=ratio: tf.io.decode_jpeg(content, channels=3, ratio=ratio,
-                                              dct_method="INTEGER_ACCURATE")
-        for ratio in _JPEG_RATIOS])
+    image = tf.switch_case(
+        branch,
+        [
+            lambda ratio=ratio: tf.io.decode_jpeg(
+                content, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE"
+            )
+            for ratio in _JPEG_RATIOS
+        ],
+    )
     # Oriented as float: TensorFlow's uint8 transpose logs a oneDNN warning on some CPUs.
     return _orient(tf.cast(image, tf.float32), _exif_orientation(content))
 
@@ -61,13 +72,13 @@ def _decode_jpeg(content, size):
 # PIL.ImageOps.exif_transpose's transposition for EXIF orientations 1-8.
 _ORIENTATIONS = (
     lambda image: image,
-    tf.image.flip_left_right,                          # FLIP_LEFT_RIGHT
-    lambda image: tf.image.rot90(image, 2),            # ROTATE_180
-    tf.image.flip_up_down,                             # FLIP_TOP_BOTTOM
-    tf.image.transpose,                                # TRANSPOSE
-    lambda image: tf.image.rot90(image, 3),            # ROTATE_270 (clockwise 90)
+    tf.image.flip_left_right,  # FLIP_LEFT_RIGHT
+    lambda image: tf.image.rot90(image, 2),  # ROTATE_180
+    tf.image.flip_up_down,  # FLIP_TOP_BOTTOM
+    tf.image.transpose,  # TRANSPOSE
+    lambda image: tf.image.rot90(image, 3),  # ROTATE_270 (clockwise 90)
     lambda image: tf.image.rot90(tf.image.transpose(image), 2),  # TRANSVERSE
-    lambda image: tf.image.rot90(image, 1),            # ROTATE_90 (counter-clockwise)
+    lambda image: tf.image.rot90(image, 1),  # ROTATE_90 (counter-clockwise)
 )
 # APP1 segments are at most 64 KB and come right after the start marker and
 # any other APPn segments; the walk gives up after this many segments.
@@ -82,8 +93,9 @@ def _orient(image, orientation):
 
 def _exif_orientation(content):
     """int32 scalar 1-8: the JPEG's EXIF orientation tag, 1 when absent or unreadable."""
-    head = tf.cast(tf.io.decode_raw(tf.strings.substr(content, 0, _EXIF_SEARCH_BYTES), tf.uint8),
-                   tf.int32)
+    head = tf.cast(
+        tf.io.decode_raw(tf.strings.substr(content, 0, _EXIF_SEARCH_BYTES), tf.uint8), tf.int32
+    )
     head = tf.concat([head, tf.zeros([16], tf.int32)], 0)  # reads past the end see zeros
     last = tf.size(head) - 1
 
@@ -93,15 +105,20 @@ def _exif_orientation(content):
     def segment_walk(position, tiff, step):
         """From one APPn marker to the next until the Exif one is found."""
         is_exif = (byte(position + 1) == 0xE1) & tf.reduce_all(
-            tf.stack([byte(position + 4 + i) for i in range(6)]) == tf.constant(list(b"Exif\0\0")))
+            tf.stack([byte(position + 4 + i) for i in range(6)]) == tf.constant(list(b"Exif\0\0"))
+        )
         length = byte(position + 2) * 256 + byte(position + 3)
         return (position + 2 + length, tf.where(is_exif, position + 10, tiff), step + 1)
 
     def keep_walking(position, tiff, step):
-        is_app = (byte(position) == 0xFF) & (byte(position + 1) >= 0xE0) & (byte(position + 1) <= 0xEF)
+        is_app = (
+            (byte(position) == 0xFF) & (byte(position + 1) >= 0xE0) & (byte(position + 1) <= 0xEF)
+        )
         return is_app & (tiff < 0) & (step < _EXIF_SEARCH_SEGMENTS)
 
-    _, tiff, _ = tf.while_loop(keep_walking, segment_walk, (tf.constant(2), tf.constant(-1), tf.constant(0)))
+    _, tiff, _ = tf.while_loop(
+        keep_walking, segment_walk, (tf.constant(2), tf.constant(-1), tf.constant(0))
+    )
     little = (byte(tiff) == ord("I")) & (byte(tiff + 1) == ord("I"))
     big = (byte(tiff) == ord("M")) & (byte(tiff + 1) == ord("M"))
 
@@ -130,8 +147,11 @@ def _decode_other(content):
     image.set_shape([None, None, None])
     channels = tf.shape(image)[-1]
     pixels = tf.cast(image, tf.float32)
-    color = tf.cond(channels >= 3, lambda: pixels[..., :3], lambda: tf.tile(pixels[..., :1], [1, 1, 3]))
-    alpha = tf.cond(channels % 2 == 0, lambda: pixels[..., -1:] / 255.0,
-                    lambda: tf.ones_like(pixels[..., :1]))
+    color = tf.cond(
+        channels >= 3, lambda: pixels[..., :3], lambda: tf.tile(pixels[..., :1], [1, 1, 3])
+    )
+    alpha = tf.cond(
+        channels % 2 == 0, lambda: pixels[..., -1:] / 255.0, lambda: tf.ones_like(pixels[..., :1])
+    )
     background = tf.constant(ALPHA_BACKGROUND, tf.float32)
     return tf.round(color * alpha + background * (1.0 - alpha))

@@ -12,8 +12,9 @@ from pathlib import Path
 from retrain.files import output_folder
 
 
-def export_for_deployment(classifier, image_list, training_entries, config,
-                          folder: output_folder.OutputFolder) -> dict:
+def export_for_deployment(
+    classifier, image_list, training_entries, config, folder: output_folder.OutputFolder
+) -> dict:
     """The SavedModel and TFLite exports the Config asks for (--saved_model_dir, --tflite).
 
     classifier: the Keras classifier, uint8/float32 RGB [b, h, w, 3] ->
@@ -27,17 +28,22 @@ def export_for_deployment(classifier, image_list, training_entries, config,
     fixed = export.fixed_size_classifier(classifier)
     written = {}
     if config.saved_model_dir:
-        saved_model.save_saved_model(fixed, image_list.class_names,
-                                     folder.place_folder(config.saved_model_dir))
+        saved_model.save_saved_model(
+            fixed, image_list.class_names, folder.place_folder(config.saved_model_dir)
+        )
         written["saved_model"] = Path(config.saved_model_dir)
         print(f"Saved SavedModel {config.saved_model_dir} (serving_default takes encoded images).")
     calibration = None
     if "int8" in config.tflite:
         sample = calibration_entries(training_entries, tflite.CALIBRATION_IMAGES)
         calibration = tflite.calibration_pixels(
-            [image_list.image_dir / entry.relative_path for entry in sample], export.input_size(classifier))
+            [image_list.image_dir / entry.relative_path for entry in sample],
+            export.input_size(classifier),
+        )
     for kind, path in config.tflite_paths().items():
-        staged = tflite.save_tflite(fixed, kind, image_list.class_names, folder.place(path), calibration)
+        staged = tflite.save_tflite(
+            fixed, kind, image_list.class_names, folder.place(path), calibration
+        )
         written[kind] = path
         print(f"Saved TFLite {kind} model {path} ({staged.stat().st_size / 1e6:.1f} MB).")
     return written

@@ -54,9 +54,11 @@ def load_classifier(path) -> keras.Model:
         try:
             return keras.saving.load_model(copy, compile=False, safe_mode=True)
         except Exception as error:  # noqa: BLE001  (zip, HDF5, JSON and Keras errors all mean "unusable")
-            raise RetrainError(f"Cannot load model {path}: {type(error).__name__}: "
-                               f"{str(error).splitlines()[0] if str(error) else 'no details'}. "
-                               "Re-export it with a retrain run.") from None
+            raise RetrainError(
+                f"Cannot load model {path}: {type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else 'no details'}. "
+                "Re-export it with a retrain run."
+            ) from None
 
 
 # Keras releases that fixed ways around safe mode or out of the model file:
@@ -81,9 +83,22 @@ ALLOWED_CLASSES = {
     "keras": {"DTypePolicy", "Sequential"},
     "keras.src.models.functional": {"Functional"},
     "keras.layers": {
-        "Activation", "Add", "AveragePooling2D", "BatchNormalization", "Concatenate", "Conv2D",
-        "Dense", "DepthwiseConv2D", "GlobalAveragePooling2D", "InputLayer", "MaxPooling2D", "ReLU",
-        "Rescaling", "Resizing", "ZeroPadding2D"},
+        "Activation",
+        "Add",
+        "AveragePooling2D",
+        "BatchNormalization",
+        "Concatenate",
+        "Conv2D",
+        "Dense",
+        "DepthwiseConv2D",
+        "GlobalAveragePooling2D",
+        "InputLayer",
+        "MaxPooling2D",
+        "ReLU",
+        "Rescaling",
+        "Resizing",
+        "ZeroPadding2D",
+    },
     "keras.initializers": {"GlorotUniform", "Ones", "Zeros"},
     "keras.regularizers": {"L2"},
     "keras.optimizers": {"Adam"},
@@ -100,8 +115,10 @@ def _check_keras_version():
     found = re.match(r"(\d+)\.(\d+)\.(\d+)", keras.__version__)
     if found is None or tuple(map(int, found.groups())) < MIN_KERAS:
         wanted = ".".join(map(str, MIN_KERAS))
-        raise RetrainError(f"Keras {keras.__version__} lacks the fixes for model files that run code "
-                           f"despite safe mode: upgrade with pip install 'keras>={wanted}'.")
+        raise RetrainError(
+            f"Keras {keras.__version__} lacks the fixes for model files that run code "
+            f"despite safe mode: upgrade with pip install 'keras>={wanted}'."
+        )
 
 
 def _private_copy(path: Path, target: Path) -> Path:
@@ -114,22 +131,32 @@ def _private_copy(path: Path, target: Path) -> Path:
         # Checked by path first too: a socket would fail to open (ENXIO) with a vaguer message.
         status = os.stat(path)
         if not stat.S_ISREG(status.st_mode):
-            raise RetrainError(f"Model {path} is not a regular file: pass the model.keras file "
-                               f"written by a retrain run. Received: path={path}")
-        with regular_file.open_regular(path, follow_symlinks=True,
-                                       limit=MAX_MODEL_BYTES) as (source, status):
+            raise RetrainError(
+                f"Model {path} is not a regular file: pass the model.keras file "
+                f"written by a retrain run. Received: path={path}"
+            )
+        with regular_file.open_regular(path, follow_symlinks=True, limit=MAX_MODEL_BYTES) as (
+            source,
+            status,
+        ):
             with open(target, "xb") as copy:
                 shutil.copyfileobj(source, copy)
                 if copy.tell() != status.st_size:
-                    raise RetrainError(f"Model {path} changed while it was read: pass a file "
-                                       f"nothing else is writing. Received: path={path}")
+                    raise RetrainError(
+                        f"Model {path} changed while it was read: pass a file "
+                        f"nothing else is writing. Received: path={path}"
+                    )
     except regular_file.RefusedFile as refused:  # the file opened, whatever the path now names
-        raise RetrainError(f"Model {path} is not a regular file of at most "
-                           f"{MAX_MODEL_BYTES // 2**20} MB, as retrain's exports are. "
-                           f"Received: path={path}, size={refused.status.st_size}") from None
+        raise RetrainError(
+            f"Model {path} is not a regular file of at most "
+            f"{MAX_MODEL_BYTES // 2**20} MB, as retrain's exports are. "
+            f"Received: path={path}, size={refused.status.st_size}"
+        ) from None
     except FileNotFoundError:
-        raise RetrainError(f"Model file not found: {path}. Pass the .keras file written by a "
-                           f"retrain run (default output/model.keras). Received: path={path}") from None
+        raise RetrainError(
+            f"Model file not found: {path}. Pass the .keras file written by a "
+            f"retrain run (default output/model.keras). Received: path={path}"
+        ) from None
     except OSError as error:
         raise RetrainError(f"Cannot read model {path}: {error.strerror or error}.") from None
     return target
@@ -150,8 +177,10 @@ def check_model_archive(path, shown_as=None) -> None:
     def refuse(reason):
         # The reason quotes names from the file: escaped and cut, so it stays one short line.
         reason = "".join(c if c.isprintable() else repr(c)[1:-1] for c in reason[:300])
-        raise RetrainError(f"Refusing model {shown}: {reason}. Only .keras files exported by "
-                           "retrain are loaded: re-export the model with a retrain run.")
+        raise RetrainError(
+            f"Refusing model {shown}: {reason}. Only .keras files exported by "
+            "retrain are loaded: re-export the model with a retrain run."
+        )
 
     with open(path, "rb") as handle:
         if handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
@@ -164,11 +193,15 @@ def check_model_archive(path, shown_as=None) -> None:
         with zipfile.ZipFile(path) as archive:
             members = {info.filename: info for info in archive.infolist()}
             if len(members) != len(archive.infolist()) or sorted(members) != sorted(KERAS_MEMBERS):
-                refuse(f"the archive holds {sorted(archive.namelist())}, not exactly "
-                       f"{list(KERAS_MEMBERS)}")
+                refuse(
+                    f"the archive holds {sorted(archive.namelist())}, not exactly "
+                    f"{list(KERAS_MEMBERS)}"
+                )
             sizes = {name: info.file_size for name, info in members.items()}
-            for name, limit in (("config.json", MAX_CONFIG_BYTES),
-                                ("metadata.json", MAX_METADATA_BYTES)):
+            for name, limit in (
+                ("config.json", MAX_CONFIG_BYTES),
+                ("metadata.json", MAX_METADATA_BYTES),
+            ):
                 if sizes[name] > limit:
                     refuse(f"its {name} expands to {sizes[name]} bytes (at most {limit})")
             if sum(sizes.values()) > MAX_MODEL_BYTES:
@@ -208,19 +241,26 @@ def check_model_config(config, depth=0) -> str | None:
 
 def _refused_object(node: dict) -> str | None:
     activation = node.get("activation")
-    if activation is not None and (not isinstance(activation, str)
-                                   or activation not in ALLOWED_ACTIVATIONS):
+    if activation is not None and (
+        not isinstance(activation, str) or activation not in ALLOWED_ACTIVATIONS
+    ):
         return f"it uses the activation {activation!r}, not one of {sorted(ALLOWED_ACTIVATIONS)}"
     if "class_name" not in node:
         return None
     class_name, module = node["class_name"], node.get("module")
     if class_name in ("Lambda", "__lambda__"):
-        return f"it holds a Lambda layer {node.get('name', '')!r}, Python code that loading would run"
+        return (
+            f"it holds a Lambda layer {node.get('name', '')!r}, Python code that loading would run"
+        )
     allowed = ALLOWED_CLASSES.get(module, ()) if isinstance(module, (str, type(None))) else ()
     if not isinstance(class_name, str) or class_name not in allowed:
-        return (f"its config.json names {module}.{class_name}, which retrain's exports never hold "
-                "(custom objects and classes outside keras' built-in layers are refused)")
+        return (
+            f"its config.json names {module}.{class_name}, which retrain's exports never hold "
+            "(custom objects and classes outside keras' built-in layers are refused)"
+        )
     if node.get("registered_name") not in (None, class_name):
-        return (f"its config.json registers {class_name} as {node['registered_name']!r}, "
-                "a custom object")
+        return (
+            f"its config.json registers {class_name} as {node['registered_name']!r}, "
+            "a custom object"
+        )
     return None

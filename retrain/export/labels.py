@@ -22,17 +22,23 @@ def check_class_names(class_names: list[str]) -> None:
     Unicode (folder names whose bytes are not UTF-8).
     """
     if not class_names:
-        raise RetrainError("Class names must be non-empty single-line strings; there are none. "
-                           "Received: class_names=[]")
+        raise RetrainError(
+            "Class names must be non-empty single-line strings; there are none. "
+            "Received: class_names=[]"
+        )
     for name in class_names:
         if not name or "\n" in name or "\r" in name:
-            raise RetrainError(f"Class names must be non-empty single-line strings: rename the "
-                               f"class folder. Received: class name {name!r}")
+            raise RetrainError(
+                f"Class names must be non-empty single-line strings: rename the "
+                f"class folder. Received: class name {name!r}"
+            )
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
-            raise RetrainError(f"Class name {name!r} is not valid UTF-8 (the folder name's bytes "
-                               "are in another encoding): rename the class folder.") from None
+            raise RetrainError(
+                f"Class name {name!r} is not valid UTF-8 (the folder name's bytes "
+                "are in another encoding): rename the class folder."
+            ) from None
 
 
 def write_labels(class_names: list[str], path) -> Path:
@@ -53,14 +59,18 @@ def read_labels(path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-        raise RetrainError(f"Cannot read labels file {path}: {reason}. Pass the labels.txt written "
-                           f"with the model. Received: path={path}") from None
+        raise RetrainError(
+            f"Cannot read labels file {path}: {reason}. Pass the labels.txt written "
+            f"with the model. Received: path={path}"
+        ) from None
     # Only "\n" ends a name: str.splitlines would also split at U+2028, U+0085,
     # \x0b, \x0c... which may be part of a class folder's name.
     names = text.split("\n")
     if names[-1] == "":
         names.pop()
     if not names or not all(names):
-        raise RetrainError(f"Labels file {path} must list one class name per line, with no blank "
-                           f"lines. Received {len(names)} lines.")
+        raise RetrainError(
+            f"Labels file {path} must list one class name per line, with no blank "
+            f"lines. Received {len(names)} lines."
+        )
     return names

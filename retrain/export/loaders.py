@@ -40,7 +40,7 @@ class KerasPixelClassifier:
 
 
 def model_format(graph) -> str:
-    """"saved_model" for a folder, "tflite" for a TFLite flatbuffer, otherwise "keras"."""
+    """ "saved_model" for a folder, "tflite" for a TFLite flatbuffer, otherwise "keras"."""
     from retrain.export import tflite
 
     if os.path.isdir(graph):
@@ -53,8 +53,10 @@ def model_format(graph) -> str:
 def load_pixel_classifier(graph):
     """The classifier in `graph` (see the module docstring); RetrainError naming it if unusable."""
     if not os.path.exists(graph):
-        raise RetrainError(f"Model not found: {graph}. Pass the model.keras, model_<kind>.tflite or "
-                           f"SavedModel folder written by a retrain run. Received: graph={graph}")
+        raise RetrainError(
+            f"Model not found: {graph}. Pass the model.keras, model_<kind>.tflite or "
+            f"SavedModel folder written by a retrain run. Received: graph={graph}"
+        )
     kind = model_format(graph)
     if kind == "saved_model":
         from retrain.export.saved_model import PixelClassifier

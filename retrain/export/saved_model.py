@@ -27,11 +27,11 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from retrain.files import atomic_write, run_marker
 from retrain.config import check_saved_model_dir
+from retrain.errors import RetrainError
 from retrain.export.decode_graph import decode_image_bytes
 from retrain.export.labels import write_labels
-from retrain.errors import RetrainError
+from retrain.files import atomic_write, run_marker
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
@@ -53,13 +53,20 @@ class _Exported(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def __call__(self, images):
         """The serving_default signature, also what calling the loaded SavedModel runs."""
-        pixels = tf.map_fn(lambda content: decode_image_bytes(content, self.size), images,
-                           fn_output_signature=tf.TensorSpec([self.size, self.size, 3], tf.float32))
+        pixels = tf.map_fn(
+            lambda content: decode_image_bytes(content, self.size),
+            images,
+            fn_output_signature=tf.TensorSpec([self.size, self.size, 3], tf.float32),
+        )
         probabilities = self.classifier(pixels, training=False)
         scores, indices = tf.math.top_k(probabilities, k=self.top_k)
         top_labels = tf.gather(tf.constant(self.class_names), indices)
-        return {"probabilities": probabilities, "label": top_labels[:, 0],
-                "top_labels": top_labels, "top_scores": scores}
+        return {
+            "probabilities": probabilities,
+            "label": top_labels[:, 0],
+            "top_labels": top_labels,
+            "top_scores": scores,
+        }
 
     def classify_pixels(self, pixels):
         return {"probabilities": self.classifier(pixels, training=False)}
@@ -83,15 +90,22 @@ def save_saved_model(fixed, class_names: list[str], path) -> Path:
     run_id = uuid.uuid4().hex
     try:
         with atomic_write.atomic_folder(
-                path, seal=lambda folder: run_marker.write_marker(
-                    folder, run_id, run_marker.written_names(folder)),
-                clear_old=lambda old: run_marker.clear_previous(old, path, run_id)) as temporary:
+            path,
+            seal=lambda folder: run_marker.write_marker(
+                folder, run_id, run_marker.written_names(folder)
+            ),
+            clear_old=lambda old: run_marker.clear_previous(old, path, run_id),
+        ) as temporary:
             labels_file = write_labels(class_names, temporary / "labels.txt")
             module = _Exported(fixed, class_names, labels_file)
             signatures = {
                 "serving_default": module.__call__,
-                "classify_pixels": tf.function(module.classify_pixels, input_signature=[
-                    tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]),
+                "classify_pixels": tf.function(
+                    module.classify_pixels,
+                    input_signature=[
+                        tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")
+                    ],
+                ),
             }
             tf.saved_model.save(module, str(temporary), signatures=signatures)
             labels_file.unlink()  # saved into assets/
@@ -106,14 +120,18 @@ class PixelClassifier:
     def __init__(self, path):
         path = Path(path)
         if not (path / "saved_model.pb").is_file():
-            raise RetrainError(f"{path} is not a SavedModel folder (it has no saved_model.pb). Pass the "
-                               f"--saved_model_dir folder of a retrain run. Received: graph={path}")
+            raise RetrainError(
+                f"{path} is not a SavedModel folder (it has no saved_model.pb). Pass the "
+                f"--saved_model_dir folder of a retrain run. Received: graph={path}"
+            )
         try:
             self._signature = tf.saved_model.load(str(path)).signatures["classify_pixels"]
         except (KeyError, OSError, ValueError, tf.errors.OpError) as error:
-            raise RetrainError(f"Cannot load SavedModel {path}: {type(error).__name__}: "
-                               f"{str(error).splitlines()[0] if str(error) else 'no details'}. "
-                               "Re-export it with a retrain run.") from None
+            raise RetrainError(
+                f"Cannot load SavedModel {path}: {type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else 'no details'}. "
+                "Re-export it with a retrain run."
+            ) from None
         spec = self._signature.structured_input_signature[1]["pixels"]
         self.input_size = int(spec.shape[1])
         self.num_classes = int(self._signature.structured_outputs["probabilities"].shape[-1])

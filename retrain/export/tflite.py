@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.files import atomic_write
-from retrain.data import pixel_batches, resizing
+from retrain.data import pixel_batches
 from retrain.engines import litert
 from retrain.errors import RetrainError
+from retrain.files import atomic_write
 from retrain.quiet_tensorflow import import_tensorflow
 
 # Imported here, quietly, before the TFLite schema imports below can import it noisily.
@@ -58,7 +58,9 @@ def with_labels(model: bytes, class_names: list[str]) -> bytes:
 
     content = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
     buffer = schema.BufferT()
-    buffer.data = np.frombuffer("".join(f"{name}\n" for name in class_names).encode("utf-8"), np.uint8)
+    buffer.data = np.frombuffer(
+        "".join(f"{name}\n" for name in class_names).encode("utf-8"), np.uint8
+    )
     content.buffers.append(buffer)
     entry = schema.MetadataT()
     entry.name = LABELS_METADATA
@@ -94,8 +96,9 @@ def calibration_pixels(paths, size: int) -> np.ndarray:
     Images that fail to decode are left out (extraction already reported them).
     """
     batches = pixel_batches.image_batches(paths, size, 32, drop_failed=True)
-    return np.concatenate([np.zeros((0, size, size, 3), np.float32),
-                           *(pixels.numpy() for _, pixels, _ in batches)])
+    return np.concatenate(
+        [np.zeros((0, size, size, 3), np.float32), *(pixels.numpy() for _, pixels, _ in batches)]
+    )
 
 
 class PixelClassifier:
@@ -105,8 +108,10 @@ class PixelClassifier:
         try:
             self._interpreter = litert.open_interpreter(path)
         except (ValueError, RuntimeError) as error:
-            raise RetrainError(f"Cannot load TFLite model {path}: {str(error).splitlines()[0]}. "
-                               f"Re-export it with a retrain run. Received: graph={path}") from None
+            raise RetrainError(
+                f"Cannot load TFLite model {path}: {str(error).splitlines()[0]}. "
+                f"Re-export it with a retrain run. Received: graph={path}"
+            ) from None
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self.input_size = int(self._input["shape"][1])

@@ -165,9 +165,12 @@ def swap_folder(staging: Path, final: Path) -> Path | None:
         try:
             os.rename(previous, final)
         except OSError:
-            raise OSError(error.errno, f"{error.strerror}; the previous folder {final} could not "
-                          f"be put back and is now at {previous} (the next run puts it back)",
-                          error.filename) from error
+            raise OSError(
+                error.errno,
+                f"{error.strerror}; the previous folder {final} could not "
+                f"be put back and is now at {previous} (the next run puts it back)",
+                error.filename,
+            ) from error
         raise
     fsync_path(final.parent)
     return previous
@@ -182,8 +185,10 @@ def _exchange(first: Path, second: Path) -> bool:
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
         return False
-    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
-                 _RENAME_EXCHANGE) == 0:
+    if (
+        renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
+        == 0
+    ):
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):

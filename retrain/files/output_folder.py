@@ -45,10 +45,16 @@ from pathlib import Path
 
 import filelock
 
-from retrain.files import atomic_write
 from retrain.errors import RetrainError
-from retrain.files.run_marker import MARKER, clear_previous, finish_leftovers, read_marker, \
-    write_marker, written_names
+from retrain.files import atomic_write
+from retrain.files.run_marker import (
+    MARKER,
+    clear_previous,
+    finish_leftovers,
+    read_marker,
+    write_marker,
+    written_names,
+)
 
 
 class OutputFolder:
@@ -59,8 +65,9 @@ class OutputFolder:
     (it may lie outside the output folder) to learn where to write it.
     """
 
-    def __init__(self, final: Path, staging: Path, given: Path | None = None,
-                 run_id: str | None = None):
+    def __init__(
+        self, final: Path, staging: Path, given: Path | None = None, run_id: str | None = None
+    ):
         self.final = final
         self.staging = staging
         self.run_id = run_id or uuid.uuid4().hex
@@ -70,8 +77,11 @@ class OutputFolder:
 
     def _inside(self, path: Path) -> Path | None:
         """``path`` relative to the output folder (as named or as real path), or None."""
-        for base, candidate in ((self._given, _absolute(path)), (self.final, _absolute(path)),
-                                (self.final, _real(path.parent) / path.name)):
+        for base, candidate in (
+            (self._given, _absolute(path)),
+            (self.final, _absolute(path)),
+            (self.final, _real(path.parent) / path.name),
+        ):
             with contextlib.suppress(ValueError):
                 return candidate.relative_to(base)
         return None
@@ -264,9 +274,9 @@ _ADVICE = {
     errno.EACCES: "choose a writable --output_dir",
     errno.EPERM: "choose a writable --output_dir",
     errno.EBUSY: "the folder is busy (a mount point, or held by another program) and cannot "
-                 "be replaced; use a sub-folder of it as --output_dir",
+    "be replaced; use a sub-folder of it as --output_dir",
     errno.EXDEV: "the output folder is on another file system than the folder beside it "
-                 "(a mount point?); use a sub-folder of it as --output_dir",
+    "(a mount point?); use a sub-folder of it as --output_dir",
 }
 
 

@@ -58,23 +58,31 @@ def read_bytes(path, limit: int = MAX_TEXT_BYTES) -> bytes:
         raise NotRegularFile(_refusal(path, refused, limit)) from None
     data = b"".join(chunks)
     if len(data) > limit:
-        raise NotRegularFile(f"{path} grew beyond {limit:,} bytes while read. Received: a file "
-                             "that is still being written; rerun when it is complete.")
+        raise NotRegularFile(
+            f"{path} grew beyond {limit:,} bytes while read. Received: a file "
+            "that is still being written; rerun when it is complete."
+        )
     return data
 
 
 def _refusal(path: Path, refused: regular_file.RefusedFile, limit: int) -> str:
     """The message for a file `regular_file.open_regular` refused: what it is, and the fix."""
     if refused.errno == errno.ELOOP:
-        return (f"{path} is a symbolic link; retrain reads only regular files "
-                "of an output folder. Replace it with the file itself.")
+        return (
+            f"{path} is a symbolic link; retrain reads only regular files "
+            "of an output folder. Replace it with the file itself."
+        )
     if refused.errno == errno.EFBIG:
-        return (f"{path} is {refused.status.st_size:,} bytes, more than the "
-                f"{limit:,} retrain reads back; it is not a file a run wrote. "
-                "Remove it or rerun retrain.")
-    return (f"{path} is not a regular file (a FIFO, device, socket or "
-            "folder); retrain will not read it. Remove it or replace it "
-            "with the file a run wrote.")
+        return (
+            f"{path} is {refused.status.st_size:,} bytes, more than the "
+            f"{limit:,} retrain reads back; it is not a file a run wrote. "
+            "Remove it or rerun retrain."
+        )
+    return (
+        f"{path} is not a regular file (a FIFO, device, socket or "
+        "folder); retrain will not read it. Remove it or replace it "
+        "with the file a run wrote."
+    )
 
 
 def read_text(path, limit: int = MAX_TEXT_BYTES) -> str:

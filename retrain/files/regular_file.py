@@ -39,10 +39,14 @@ class RefusedFile(OSError):
 
 def kind(mode: int) -> str:
     """What an ``st_mode`` is, in words for an error: "FIFO", "socket", ..."""
-    for test, name in ((stat_module.S_ISREG, "regular file"), (stat_module.S_ISDIR, "folder"),
-                       (stat_module.S_ISFIFO, "FIFO"), (stat_module.S_ISSOCK, "socket"),
-                       (stat_module.S_ISCHR, "character device"),
-                       (stat_module.S_ISBLK, "block device")):
+    for test, name in (
+        (stat_module.S_ISREG, "regular file"),
+        (stat_module.S_ISDIR, "folder"),
+        (stat_module.S_ISFIFO, "FIFO"),
+        (stat_module.S_ISSOCK, "socket"),
+        (stat_module.S_ISCHR, "character device"),
+        (stat_module.S_ISBLK, "block device"),
+    ):
         if test(mode):
             return name
     return "special file"
@@ -81,8 +85,9 @@ def open_regular(path, *, follow_symlinks: bool, limit: int | None):
         if reason:
             raise RefusedFile(errno.EINVAL, reason, path, status)
         if limit is not None and status.st_size > limit:
-            raise RefusedFile(errno.EFBIG, f"{status.st_size:,} bytes, more than the {limit:,} "
-                              "read", path, status)
+            raise RefusedFile(
+                errno.EFBIG, f"{status.st_size:,} bytes, more than the {limit:,} read", path, status
+            )
         os.set_blocking(descriptor, True)
         file = os.fdopen(descriptor, "rb")
     except BaseException:

@@ -45,8 +45,12 @@ class Marker:
 
 def write_marker(folder: Path, run_id: str, files) -> None:
     """Writes ``folder``'s marker: ``files`` the relative names the run wrote, None while it runs."""
-    document = {"tool": "retrain", "format": MARKER_FORMAT, "run_id": run_id,
-                "files": None if files is None else sorted(files)}
+    document = {
+        "tool": "retrain",
+        "format": MARKER_FORMAT,
+        "run_id": run_id,
+        "files": None if files is None else sorted(files),
+    }
     # ensure_ascii: names that are not UTF-8 survive as \\udcxx escapes.
     atomic_write.write_text(folder / MARKER, json.dumps(document, indent=0) + "\n")
 
@@ -58,19 +62,24 @@ def read_marker(folder: Path) -> Marker | None:
     FIFO planted under the name is no marker), and read only when small.
     """
     try:
-        with regular_file.open_regular(folder / MARKER, follow_symlinks=False,
-                                       limit=MAX_MARKER_BYTES) as (handle, _):
+        with regular_file.open_regular(
+            folder / MARKER, follow_symlinks=False, limit=MAX_MARKER_BYTES
+        ) as (handle, _):
             document = json.loads(handle.read())
     except (OSError, ValueError):  # RefusedFile too: a link, FIFO or huge file is no marker
         return None
-    if not isinstance(document, dict) or document.get("tool") != "retrain" \
-            or document.get("format") != MARKER_FORMAT:
+    if (
+        not isinstance(document, dict)
+        or document.get("tool") != "retrain"
+        or document.get("format") != MARKER_FORMAT
+    ):
         return None
     run_id, files = document.get("run_id"), document.get("files")
     if not isinstance(run_id, str) or len(run_id) != 32 or set(run_id) - set("0123456789abcdef"):
         return None
-    if files is not None and (not isinstance(files, list)
-                              or not all(isinstance(name, str) for name in files)):
+    if files is not None and (
+        not isinstance(files, list) or not all(isinstance(name, str) for name in files)
+    ):
         return None
     return Marker(run_id, None if files is None else frozenset(files))
 
@@ -128,8 +137,9 @@ def clear_previous(old: Path, final: Path, run_id: str, carry_unmarked: bool = T
             carry(old / name, final, name, run_id)
         _delete_written(old, written)
     except OSError as error:
-        logger.warning("Could not empty %s (%s); what it holds is kept there.", old,
-                       error.strerror or error)
+        logger.warning(
+            "Could not empty %s (%s); what it holds is kept there.", old, error.strerror or error
+        )
 
 
 def carry(source: Path, final: Path, name: str, run_id: str) -> Path:
@@ -150,8 +160,12 @@ def carry(source: Path, final: Path, name: str, run_id: str) -> Path:
         raise FileExistsError(errno.EEXIST, "no free name to keep it under", str(source))
     os.rename(source, kept)
     if kept != final / name:
-        logger.warning("%s in the output folder was not written by retrain; the new run wrote "
-                       "that name too, so it is kept as %s.", name, kept)
+        logger.warning(
+            "%s in the output folder was not written by retrain; the new run wrote "
+            "that name too, so it is kept as %s.",
+            name,
+            kept,
+        )
     return kept
 
 
@@ -184,17 +198,23 @@ def finish_leftovers(final: Path) -> None:
     """
     prefix = f".{final.name}."
     for name in sorted(os.listdir(final.parent)):
-        kind, dash, pid = name[len(prefix):].partition("-")
-        if not name.startswith(prefix) or kind not in ("staging", "previous") or not dash \
-                or not (pid.isascii() and pid.isdigit()) or _alive(int(pid)):
+        kind, dash, pid = name[len(prefix) :].partition("-")
+        if (
+            not name.startswith(prefix)
+            or kind not in ("staging", "previous")
+            or not dash
+            or not (pid.isascii() and pid.isdigit())
+            or _alive(int(pid))
+        ):
             continue
         path = final.parent / name
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             continue
         if kind == "previous" and not os.path.lexists(final):
             os.rename(path, final)
-            logger.warning("Put back the output folder %s, which a killed run left at %s.",
-                           final, path)
+            logger.warning(
+                "Put back the output folder %s, which a killed run left at %s.", final, path
+            )
         else:
             clear_previous(path, final, uuid.uuid4().hex, carry_unmarked=kind == "previous")
 

@@ -26,5 +26,14 @@ from retrain.report.checks import CHECKS_FILE, DataChecks, checks_summary, find_
 from retrain.report.page import CONFUSION_FILE, CURVES_FILE, REPORT_FILE, build
 from retrain.report.run_report import write_run_report
 
-__all__ = ["CHECKS_FILE", "CONFUSION_FILE", "CURVES_FILE", "DataChecks", "REPORT_FILE", "build",
-           "checks_summary", "find_data_checks", "write_run_report"]
+__all__ = [
+    "CHECKS_FILE",
+    "CONFUSION_FILE",
+    "CURVES_FILE",
+    "DataChecks",
+    "REPORT_FILE",
+    "build",
+    "checks_summary",
+    "find_data_checks",
+    "write_run_report",
+]

@@ -11,10 +11,13 @@ import argparse
 import logging
 import sys
 
+from retrain import messages
 from retrain.errors import RetrainError
 from retrain.files.text_escapes import one_line
 from retrain.report.page import build
 from retrain.report.report_parts import ReportParts
+
+logger = logging.getLogger("retrain.report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,33 +28,47 @@ def main(argv: list[str] | None = None) -> int:
     folder cannot give a page (no record, a file that is no regular file, too
     large, or not what retrain wrote).
     """
-    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    messages.setup("retrain.report")
     parser = argparse.ArgumentParser(
         prog="python -m retrain.report",
-        description="Rebuild report.html and its figures from the output folder of a retrain run.")
+        description="Rebuild report.html and its figures from the output folder of a retrain run.",
+    )
     parser.add_argument("output_dir", help="the --output_dir of a finished run")
-    parser.add_argument("--screenshot", metavar="FILE.png",
-                        help="also render the page with headless Chromium into this PNG")
-    parser.add_argument("--width", type=int, default=1280, help="screenshot width in pixels (default 1280)")
-    parser.add_argument("--height", type=int, default=3000, help="screenshot height in pixels (default 3000)")
+    parser.add_argument(
+        "--screenshot",
+        metavar="FILE.png",
+        help="also render the page with headless Chromium into this PNG",
+    )
+    parser.add_argument(
+        "--width", type=int, default=1280, help="screenshot width in pixels (default 1280)"
+    )
+    parser.add_argument(
+        "--height", type=int, default=3000, help="screenshot height in pixels (default 3000)"
+    )
     args = parser.parse_args(argv)
     parts = ReportParts()
     try:
         path = build(args.output_dir, parts)
         print(f"Wrote {path}")
         if parts.missing:
-            print(parts.line(), file=sys.stderr)
+            logger.info("%s", parts.line())
         if args.screenshot:
             from retrain.report import page_screenshot
 
-            print(f"Wrote {page_screenshot.screenshot(path, args.screenshot, args.width, args.height)}")
+            print(
+                f"Wrote {page_screenshot.screenshot(path, args.screenshot, args.width, args.height)}"
+            )
     except RetrainError as error:
-        print(f"retrain.report: error: {one_line(str(error))}", file=sys.stderr)
+        logger.error("%s", one_line(str(error)))
         return 2
     except Exception as error:  # noqa: BLE001 - a received folder's content must not give a traceback
-        print(f"retrain.report: error: cannot rebuild the page in {one_line(args.output_dir)}: "
-              f"{type(error).__name__}: {one_line(str(error))}. Is it the output folder of a "
-              "retrain run, unchanged?", file=sys.stderr)
+        logger.error(
+            "cannot rebuild the page in %s: %s: %s. Is it the output folder of a "
+            "retrain run, unchanged?",
+            one_line(args.output_dir),
+            type(error).__name__,
+            one_line(str(error)),
+        )
         return 2
     return 0
 

@@ -67,15 +67,21 @@ class DataChecks:
 
 
 def sample_note(checked: int, total: int) -> str:
-    """", among a random sample of k of the n images" when the checks saw a sample, else ""."""
+    """ ", among a random sample of k of the n images" when the checks saw a sample, else ""."""
     if checked >= total:
         return ""
     return f", among a random sample of {checked:,} of the {total:,} images"
 
 
-def data_checks_key(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],
-                    images: list[str], splits: list[str], seed: int = 0,
-                    total_images: int | None = None) -> str:
+def data_checks_key(
+    bottlenecks: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    images: list[str],
+    splits: list[str],
+    seed: int = 0,
+    total_images: int | None = None,
+) -> str:
     """Hex sha256 of everything the data checks' findings depend on.
 
     The vectors themselves (float32 bytes), every checked image's path, class
@@ -83,18 +89,32 @@ def data_checks_key(bottlenecks: np.ndarray, labels: np.ndarray, class_names: li
     the class names, the seed and the checks' method (CHECKS_VERSION, the
     near-duplicate threshold).
     """
-    return digests.json_digest({
-        "version": CHECKS_VERSION, "class_names": list(class_names), "seed": seed,
-        "total_images": len(labels) if total_images is None else int(total_images),
-        "max_distance": data_checks.DUPLICATE_DISTANCE,
-        "vectors": digests.array_digest(np.asarray(bottlenecks, dtype=np.float32)),
-        "images": [[image, int(label), split] for image, label, split in zip(images, labels, splits)],
-    })
+    return digests.json_digest(
+        {
+            "version": CHECKS_VERSION,
+            "class_names": list(class_names),
+            "seed": seed,
+            "total_images": len(labels) if total_images is None else int(total_images),
+            "max_distance": data_checks.DUPLICATE_DISTANCE,
+            "vectors": digests.array_digest(np.asarray(bottlenecks, dtype=np.float32)),
+            "images": [
+                [image, int(label), split] for image, label, split in zip(images, labels, splits)
+            ],
+        }
+    )
 
 
-def find_data_checks(bottlenecks: np.ndarray, labels: np.ndarray, class_names: list[str],
-                     images: list[str], splits: list[str], image_dir, seed: int = 0,
-                     previous_dir=None, total_images: int | None = None) -> DataChecks:
+def find_data_checks(
+    bottlenecks: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    images: list[str],
+    splits: list[str],
+    image_dir,
+    seed: int = 0,
+    previous_dir=None,
+    total_images: int | None = None,
+) -> DataChecks:
     """Label issues and near-duplicate pairs of the images; nothing is written.
 
     bottlenecks: float [n, d]; labels: int [n]; images, splits: n relative
@@ -124,15 +144,28 @@ def find_data_checks(bottlenecks: np.ndarray, labels: np.ndarray, class_names: l
         for image in shown:
             try:
                 thumbnails[image] = received_files.read_bytes(
-                    Path(previous_dir) / thumbnail_path(image), MAX_THUMBNAIL_BYTES)
+                    Path(previous_dir) / thumbnail_path(image), MAX_THUMBNAIL_BYTES
+                )
             except (OSError, RetrainError) as error:
                 # Made again below: one unreadable (or foreign) thumbnail costs one render.
-                logger.warning("Report: the previous run's thumbnail of %s is not reused (%s); "
-                               "it is made again.", one_line(image), one_line(str(error)))
-    thumbnails.update(render_thumbnails(image_dir, [image for image in shown
-                                                    if image not in thumbnails]))
-    return DataChecks(issues, duplicates, thumbnails, key, reused=previous is not None,
-                      checked=len(labels), total=total)
+                logger.warning(
+                    "Report: the previous run's thumbnail of %s is not reused (%s); "
+                    "it is made again.",
+                    one_line(image),
+                    one_line(str(error)),
+                )
+    thumbnails.update(
+        render_thumbnails(image_dir, [image for image in shown if image not in thumbnails])
+    )
+    return DataChecks(
+        issues,
+        duplicates,
+        thumbnails,
+        key,
+        reused=previous is not None,
+        checked=len(labels),
+        total=total,
+    )
 
 
 def _previous_checks(previous_dir, key):
@@ -144,26 +177,36 @@ def _previous_checks(previous_dir, key):
     try:
         if json.loads(received_files.read_text(folder / CHECKS_FILE)).get("key") != key:
             return None
-        return (data_checks.read_label_issues(folder / data_checks.LABEL_ISSUES_FILE),
-                data_checks.read_near_duplicates(folder / data_checks.NEAR_DUPLICATES_FILE))
+        return (
+            data_checks.read_label_issues(folder / data_checks.LABEL_ISSUES_FILE),
+            data_checks.read_near_duplicates(folder / data_checks.NEAR_DUPLICATES_FILE),
+        )
     except FileNotFoundError:
         return None  # no previous run with data checks: nothing failed
     except (OSError, ValueError, AttributeError, KeyError, RetrainError) as error:
         # Files not ours, or damaged: the checks are computed afresh.
-        logger.warning("Not reusing the previous data checks in %s: %s", one_line(str(folder)),
-                       one_line(str(error)))
+        logger.warning(
+            "Not reusing the previous data checks in %s: %s",
+            one_line(str(folder)),
+            one_line(str(error)),
+        )
         return None
 
 
 def checks_summary(checks: DataChecks) -> str:
     """The run's one line about the data checks."""
     straddling = sum(pair.straddles_splits for pair in checks.duplicates)
-    reused = (" Unchanged images, labels, split and vectors: reused from the previous run."
-              if checks.reused else "")
-    return (f"Data checks: {len(checks.issues)} suspicious labels in "
-            f"{data_checks.LABEL_ISSUES_FILE}, {len(checks.duplicates)} near-duplicate pairs in "
-            f"{data_checks.NEAR_DUPLICATES_FILE} ({straddling} across splits){checks.sampled}."
-            f"{reused}")
+    reused = (
+        " Unchanged images, labels, split and vectors: reused from the previous run."
+        if checks.reused
+        else ""
+    )
+    return (
+        f"Data checks: {len(checks.issues)} suspicious labels in "
+        f"{data_checks.LABEL_ISSUES_FILE}, {len(checks.duplicates)} near-duplicate pairs in "
+        f"{data_checks.NEAR_DUPLICATES_FILE} ({straddling} across splits){checks.sampled}."
+        f"{reused}"
+    )
 
 
 def read_checks(out: Path):
@@ -176,14 +219,19 @@ def read_checks(out: Path):
     issues_path = out / data_checks.LABEL_ISSUES_FILE
     duplicates_path = out / data_checks.NEAR_DUPLICATES_FILE
     issues = data_checks.read_label_issues(issues_path) if os.path.lexists(issues_path) else None
-    duplicates = (data_checks.read_near_duplicates(duplicates_path)
-                  if os.path.lexists(duplicates_path) else None)
+    duplicates = (
+        data_checks.read_near_duplicates(duplicates_path)
+        if os.path.lexists(duplicates_path)
+        else None
+    )
     try:
         counts = json.loads(received_files.read_text(out / CHECKS_FILE))
         note = sample_note(int(counts["checked"]), int(counts["total"]))
     except FileNotFoundError:
         note = ""  # a run from before the counts were kept: it checked every image (no failure)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
-        raise RetrainError(f"Cannot read {out / CHECKS_FILE}: {type(error).__name__}: {error}. "
-                           "Rerun retrain to write it again.") from None
+        raise RetrainError(
+            f"Cannot read {out / CHECKS_FILE}: {type(error).__name__}: {error}. "
+            "Rerun retrain to write it again."
+        ) from None
     return issues, duplicates, note

@@ -48,15 +48,22 @@ def plot_training_curves(history: list[dict], path, best_step: int | None = None
     figure = Figure(figsize=(11, 4), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2)
-    for axis, key, title in ((axes[0], "loss", "Cross-entropy loss"),
-                             (axes[1], "accuracy", "Accuracy")):
+    for axis, key, title in (
+        (axes[0], "loss", "Cross-entropy loss"),
+        (axes[1], "accuracy", "Accuracy"),
+    ):
         for prefix, label, style in (("", "training", "-"), ("val_", "validation", "-")):
             values = [entry.get(prefix + key) for entry in history]
             if any(value is not None for value in values):
                 axis.plot(steps, [np.nan if v is None else v for v in values], style, label=label)
         if best_step:
-            axis.axvline(best_step, color="0.4", linestyle="--", linewidth=1,
-                         label=f"kept weights (step {best_step})")
+            axis.axvline(
+                best_step,
+                color="0.4",
+                linestyle="--",
+                linewidth=1,
+                label=f"kept weights (step {best_step})",
+            )
         axis.set_title(title)
         axis.set_xlabel("training step")
         axis.grid(alpha=0.3)
@@ -78,20 +85,24 @@ def recall_order(confusion: np.ndarray, class_names: list[str]) -> np.ndarray:
     """Class indices sorted by recall (worst first), then by name; classes without images last."""
     confusion = np.asarray(confusion)
     support = confusion.sum(axis=1)
-    recall = np.divide(np.diag(confusion), support, out=np.full(len(support), np.inf),
-                       where=support > 0)
-    return np.array(sorted(range(len(class_names)), key=lambda i: (recall[i], class_names[i])),
-                    dtype=np.int64)
+    recall = np.divide(
+        np.diag(confusion), support, out=np.full(len(support), np.inf), where=support > 0
+    )
+    return np.array(
+        sorted(range(len(class_names)), key=lambda i: (recall[i], class_names[i])), dtype=np.int64
+    )
 
 
-def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str], path,
-                          title: str = "Confusion matrix (test)") -> Path:
+def plot_confusion_matrix(
+    confusion: np.ndarray, class_names: list[str], path, title: str = "Confusion matrix (test)"
+) -> Path:
     """Writes `draw_confusion_matrix(confusion, class_names, title)` to `path` (PNG)."""
     return save_png(draw_confusion_matrix(confusion, class_names, title), path)
 
 
-def draw_confusion_matrix(confusion: np.ndarray, class_names: list[str],
-                          title: str = "Confusion matrix (test)") -> Figure:
+def draw_confusion_matrix(
+    confusion: np.ndarray, class_names: list[str], title: str = "Confusion matrix (test)"
+) -> Figure:
     """The confusion matrix int [k, k] (rows true, columns predicted) as a Figure on an Agg canvas.
 
     Cells are coloured by the fraction of the true class; classes are sorted by
@@ -103,8 +114,9 @@ def draw_confusion_matrix(confusion: np.ndarray, class_names: list[str],
     if confusion.shape != (k, k):
         from retrain.errors import RetrainError
 
-        raise RetrainError(f"confusion must be [{k}, {k}] for {k} class names. "
-                           f"Received: shape={confusion.shape}")
+        raise RetrainError(
+            f"confusion must be [{k}, {k}] for {k} class names. Received: shape={confusion.shape}"
+        )
     order = recall_order(confusion, class_names)
     matrix = confusion[np.ix_(order, order)]
     names = [class_names[i] for i in order]
@@ -117,8 +129,13 @@ def draw_confusion_matrix(confusion: np.ndarray, class_names: list[str],
     FigureCanvasAgg(figure)
     axis = figure.subplots()
     # A square-root colour scale: one mistake among many images still shows.
-    image = axis.imshow(shares, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1),
-                        interpolation="nearest", aspect="equal")
+    image = axis.imshow(
+        shares,
+        cmap="Blues",
+        norm=PowerNorm(0.5, vmin=0, vmax=1),
+        interpolation="nearest",
+        aspect="equal",
+    )
     # Class names are folder names, never TeX: drawn as written, so "$\alpha$" or
     # "$\frac{" cannot fail in the mathtext parser (or in LaTeX, under a
     # matplotlibrc with text.usetex).
@@ -132,8 +149,14 @@ def draw_confusion_matrix(confusion: np.ndarray, class_names: list[str],
         for row in range(k):
             for column in range(k):
                 if matrix[row, column]:
-                    axis.text(column, row, str(matrix[row, column]), ha="center", va="center",
-                              fontsize=LABEL_POINTS,
-                              color="white" if shares[row, column] > 0.3 else "black")
+                    axis.text(
+                        column,
+                        row,
+                        str(matrix[row, column]),
+                        ha="center",
+                        va="center",
+                        fontsize=LABEL_POINTS,
+                        color="white" if shares[row, column] > 0.3 else "black",
+                    )
     figure.colorbar(image, ax=axis, shrink=min(1.0, 6 / size), label="share of the true class")
     return figure

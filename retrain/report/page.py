@@ -37,8 +37,10 @@ def misclassified_tests(record: run_record.RunRecord) -> list[Mistake]:
     entries = record.entries("testing")
     if probabilities is None or not entries:
         return []
-    return sorted(misclassified(probabilities, entries, record.class_names),
-                  key=lambda mistake: -mistake.confidence)
+    return sorted(
+        misclassified(probabilities, entries, record.class_names),
+        key=lambda mistake: -mistake.confidence,
+    )
 
 
 def _evaluations(record) -> dict[str, Evaluation]:
@@ -46,8 +48,9 @@ def _evaluations(record) -> dict[str, Evaluation]:
     for split in run_record.EVALUATED_SPLITS:
         rows = record.rows(split)
         if len(rows) and split in record.probabilities:
-            result[split] = evaluate(record.probabilities[split], record.labels[rows],
-                                     record.class_names)
+            result[split] = evaluate(
+                record.probabilities[split], record.labels[rows], record.class_names
+            )
     return result
 
 
@@ -58,20 +61,34 @@ def class_table(record, evaluations) -> list[dict]:
     """
     counts = record.counts()
     reference = evaluations.get("testing") or evaluations.get("validation")
-    order = (figures.recall_order(reference.confusion, record.class_names) if reference
-             else np.arange(len(record.class_names)))
+    order = (
+        figures.recall_order(reference.confusion, record.class_names)
+        if reference
+        else np.arange(len(record.class_names))
+    )
     largest = max(int(counts[:, 0].max()), 1)
     rows = []
     for index in order:
-        rows.append({
-            "name": record.class_names[index], "training": int(counts[index, 0]),
-            "validation": int(counts[index, 1]), "testing": int(counts[index, 2]),
-            "total": int(counts[index].sum()), "bar": round(100 * counts[index, 0] / largest, 1),
-            "weight": None if record.class_weights is None else record.class_weights[index],
-            "metrics": {split: {"precision": result.precision[index], "recall": result.recall[index],
-                                "f1": result.f1[index], "support": int(result.support[index])}
-                        for split, result in evaluations.items()},
-        })
+        rows.append(
+            {
+                "name": record.class_names[index],
+                "training": int(counts[index, 0]),
+                "validation": int(counts[index, 1]),
+                "testing": int(counts[index, 2]),
+                "total": int(counts[index].sum()),
+                "bar": round(100 * counts[index, 0] / largest, 1),
+                "weight": None if record.class_weights is None else record.class_weights[index],
+                "metrics": {
+                    split: {
+                        "precision": result.precision[index],
+                        "recall": result.recall[index],
+                        "f1": result.f1[index],
+                        "support": int(result.support[index]),
+                    }
+                    for split, result in evaluations.items()
+                },
+            }
+        )
     return rows
 
 
@@ -101,8 +118,11 @@ def build(output_dir, parts: ReportParts | None = None) -> Path:
     if confusion_split in evaluations:
         with parts.part(CONFUSION_FILE):
             figures.plot_confusion_matrix(
-                evaluations[confusion_split].confusion, record.class_names, out / CONFUSION_FILE,
-                title=f"Confusion matrix ({'test' if confusion_split == 'testing' else 'validation'})")
+                evaluations[confusion_split].confusion,
+                record.class_names,
+                out / CONFUSION_FILE,
+                title=f"Confusion matrix ({'test' if confusion_split == 'testing' else 'validation'})",
+            )
             confusion = CONFUSION_FILE
     thumbnails_linked = os.path.islink(out / THUMBNAIL_DIR)
 
@@ -112,9 +132,16 @@ def build(output_dir, parts: ReportParts | None = None) -> Path:
         return relative if usable else None
 
     page = _render_page(
-        record=record, evaluations=evaluations, curves=curves, confusion=confusion,
-        confusion_split=confusion_split, issues=issues, duplicates=duplicates,
-        checks_sample=checks_sample, thumbnail=thumbnail)
+        record=record,
+        evaluations=evaluations,
+        curves=curves,
+        confusion=confusion,
+        confusion_split=confusion_split,
+        issues=issues,
+        duplicates=duplicates,
+        checks_sample=checks_sample,
+        thumbnail=thumbnail,
+    )
     return atomic_write.write_text(out / REPORT_FILE, page)
 
 
@@ -126,22 +153,33 @@ def _render_page(record, evaluations, issues, duplicates, **values) -> str:
     training_counts = counts[:, 0][counts[:, 0] > 0]
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("retrain.report", "templates"),
-        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
         # Every text value on the page as UTF-8 can hold it: a settings value
         # with a name that is not UTF-8 (a lone surrogate) shows as \xNN.
-        finalize=lambda value: utf8(value) if type(value) is str else value)
+        finalize=lambda value: utf8(value) if type(value) is str else value,
+    )
     return environment.get_template("report.html.j2").render(
         record=record,
         generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         evaluations=evaluations,
         split_totals=counts.sum(axis=0).tolist(),
-        imbalance=(int(training_counts.max()) / int(training_counts.min())) if len(training_counts) else 1.0,
+        imbalance=(int(training_counts.max()) / int(training_counts.min()))
+        if len(training_counts)
+        else 1.0,
         classes=class_table(record, evaluations),
         mistakes=misclassified_tests(record),
         shown_mistakes=SHOWN_MISCLASSIFIED,
-        issues=issues, shown_issues=SHOWN_LABEL_ISSUES,
-        duplicates=duplicates, shown_duplicates=SHOWN_DUPLICATES,
+        issues=issues,
+        shown_issues=SHOWN_LABEL_ISSUES,
+        duplicates=duplicates,
+        shown_duplicates=SHOWN_DUPLICATES,
         straddling=sum(pair.straddles_splits for pair in duplicates or []),
-        files={"issues": data_checks.LABEL_ISSUES_FILE, "duplicates": data_checks.NEAR_DUPLICATES_FILE},
+        files={
+            "issues": data_checks.LABEL_ISSUES_FILE,
+            "duplicates": data_checks.NEAR_DUPLICATES_FILE,
+        },
         **values,
     )

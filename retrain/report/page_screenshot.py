@@ -20,9 +20,18 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 # No network, no first-run UI, no background services, a throw-away profile:
 # the page must render from disk alone. --no-sandbox because CI and containers
 # often run as root, where Chromium's sandbox refuses to start.
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--virtual-time-budget=10000")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--virtual-time-budget=10000",
+)
 TIMEOUT_SECONDS = 120
 
 
@@ -44,21 +53,32 @@ def screenshot(page, png, width: int = 1280, height: int = 3000) -> Path:
     """
     chromium = find_chromium()
     if chromium is None:
-        raise RetrainError("Taking a screenshot needs Chromium: install it (Debian/Ubuntu: "
-                           "apt-get install chromium) or set CHROMIUM to its path.")
+        raise RetrainError(
+            "Taking a screenshot needs Chromium: install it (Debian/Ubuntu: "
+            "apt-get install chromium) or set CHROMIUM to its path."
+        )
     page, png = Path(page).resolve(), Path(png).resolve()
     if not page.is_file():
         raise RetrainError(f"No page to render. Received: page={page}")
     png.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="retrain-chromium-") as profile:
-        command = [chromium, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={png}",
-                   f"--window-size={width},{height}", page.as_uri()]
+        command = [
+            chromium,
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            f"--screenshot={png}",
+            f"--window-size={width},{height}",
+            page.as_uri(),
+        ]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
-            raise RetrainError(f"Chromium did not finish within {TIMEOUT_SECONDS} s. "
-                               f"Received: page={page}") from None
+            raise RetrainError(
+                f"Chromium did not finish within {TIMEOUT_SECONDS} s. Received: page={page}"
+            ) from None
     if done.returncode != 0 or not png.is_file():
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RetrainError(f"Chromium could not render {page} (exit status {done.returncode}): {last}")
+        raise RetrainError(
+            f"Chromium could not render {page} (exit status {done.returncode}): {last}"
+        )
     return png

@@ -40,11 +40,12 @@ class ReportParts:
             self.missing.append((name, reason))
 
     def line(self) -> str:
-        """"Report incomplete: X missing (reason); ..." or "" when nothing is missing."""
+        """ "Report incomplete: X missing (reason); ..." or "" when nothing is missing."""
         if not self.missing:
             return ""
-        return "Report incomplete: " + "; ".join(f"{name} missing ({reason})"
-                                                 for name, reason in self.missing)
+        return "Report incomplete: " + "; ".join(
+            f"{name} missing ({reason})" for name, reason in self.missing
+        )
 
 
 @dataclass

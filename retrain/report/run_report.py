@@ -37,15 +37,20 @@ def write_run_report(record: run_record.RunRecord, checks, output_dir) -> Report
     out = Path(output_dir)
     parts = ReportParts()
     found = None
-    with parts.part(f"data checks ({data_checks.LABEL_ISSUES_FILE}, "
-                    f"{data_checks.NEAR_DUPLICATES_FILE})"):
+    with parts.part(
+        f"data checks ({data_checks.LABEL_ISSUES_FILE}, {data_checks.NEAR_DUPLICATES_FILE})"
+    ):
         found = checks() if callable(checks) else checks
     if found is not None:
         _write_checks(found, out, parts)
     issues, duplicates = (found.issues, found.duplicates) if found is not None else ([], [])
     with parts.part(THUMBNAIL_DIR + "/"):
-        write_thumbnails(record.image_dir, shown_images(record, issues, duplicates), out,
-                         found.thumbnails if found is not None else None)
+        write_thumbnails(
+            record.image_dir,
+            shown_images(record, issues, duplicates),
+            out,
+            found.thumbnails if found is not None else None,
+        )
     page = None
     with parts.part(REPORT_FILE):
         page = build(out, parts)
@@ -63,5 +68,8 @@ def _write_checks(checks: DataChecks, out: Path, parts: ReportParts) -> None:
         written += 1
     if written == 2:
         with parts.part(CHECKS_FILE):
-            atomic_write.write_text(out / CHECKS_FILE, json.dumps(
-                {"key": checks.key, "checked": checks.checked, "total": checks.total}) + "\n")
+            atomic_write.write_text(
+                out / CHECKS_FILE,
+                json.dumps({"key": checks.key, "checked": checks.checked, "total": checks.total})
+                + "\n",
+            )

@@ -12,10 +12,10 @@ import logging
 import os
 from pathlib import Path
 
-from retrain.files import atomic_write
 from retrain.data.decode import ImageDecodeError, decode_rgb
-from retrain.errors import RetrainError
 from retrain.data.images import cache_key
+from retrain.errors import RetrainError
+from retrain.files import atomic_write
 from retrain.files.text_escapes import one_line
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,12 @@ def render_thumbnails(image_dir, paths: list[str]) -> dict[str, bytes]:
         except (ImageDecodeError, FileNotFoundError):
             continue  # removed or damaged since the run read it: the page shows the path
         except Exception as error:  # noqa: BLE001 - one thumbnail never costs the others
-            logger.warning("Report: no thumbnail of %s (%s: %s).", one_line(relative),
-                           type(error).__name__, one_line(str(error)))
+            logger.warning(
+                "Report: no thumbnail of %s (%s: %s).",
+                one_line(relative),
+                type(error).__name__,
+                one_line(str(error)),
+            )
     return rendered
 
 
@@ -76,12 +80,17 @@ def write_thumbnails(image_dir, paths: list[str], output_dir, rendered=None) -> 
     """
     folder = Path(output_dir) / THUMBNAIL_DIR
     if folder.is_symlink():
-        raise RetrainError(f"{folder} is a symbolic link; retrain writes thumbnails only into "
-                           "a folder of its own. Remove the link.")
+        raise RetrainError(
+            f"{folder} is a symbolic link; retrain writes thumbnails only into "
+            "a folder of its own. Remove the link."
+        )
     folder.mkdir(parents=True, exist_ok=True)
     rendered = dict(rendered or {})
-    missing = [path for path in paths if path not in rendered
-               and not os.path.lexists(Path(output_dir) / thumbnail_path(path))]
+    missing = [
+        path
+        for path in paths
+        if path not in rendered and not os.path.lexists(Path(output_dir) / thumbnail_path(path))
+    ]
     rendered.update(render_thumbnails(image_dir, missing))
     written = 0
     for relative in dict.fromkeys(paths):

@@ -42,8 +42,9 @@ class ValidationScores(keras.callbacks.Callback):
         @tf.function
         def score():
             predictions = model(self.inputs, training=False)
-            loss = model.compute_loss(x=self.inputs, y=self.labels, y_pred=predictions,
-                                      training=False)
+            loss = model.compute_loss(
+                x=self.inputs, y=self.labels, y_pred=predictions, training=False
+            )
             hits = tf.equal(tf.argmax(predictions, axis=-1), self.labels)
             return loss, tf.reduce_mean(tf.cast(hits, tf.float32))
 
@@ -61,7 +62,8 @@ class ValidationScores(keras.callbacks.Callback):
 # longer installs; a plain summary tagged for the scalars plugin is what it
 # writes, and TensorBoard shows it the same way.
 SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+).SerializeToString()
 # (TensorBoard tag, history key); train and validation share tags so that
 # TensorBoard draws them on one chart.
 TRAIN_SCALARS = (("loss", "loss"), ("accuracy", "accuracy"), ("learning_rate", "learning_rate"))
@@ -76,9 +78,17 @@ class EvaluationLog(keras.callbacks.Callback):
     The bar counts images, so it shows images/s and the time left.
     """
 
-    def __init__(self, interval: int, epochs: int, batch_size: int, summaries_dir: str | None,
-                 progress: bool, description: str = "Training", run_names=("train", "validation"),
-                 initial_epoch: int = 0):
+    def __init__(
+        self,
+        interval: int,
+        epochs: int,
+        batch_size: int,
+        summaries_dir: str | None,
+        progress: bool,
+        description: str = "Training",
+        run_names=("train", "validation"),
+        initial_epoch: int = 0,
+    ):
         super().__init__()
         self.interval = interval
         self.batch_size = batch_size
@@ -90,17 +100,30 @@ class EvaluationLog(keras.callbacks.Callback):
             for name in run_names:
                 for old in Path(summaries_dir, name).glob("events.out.tfevents.*"):
                     old.unlink()
-            self.writers = dict(zip(("train", "validation"), (
-                tf.summary.create_file_writer(f"{summaries_dir}/{name}") for name in run_names)))
+            self.writers = dict(
+                zip(
+                    ("train", "validation"),
+                    (
+                        tf.summary.create_file_writer(f"{summaries_dir}/{name}")
+                        for name in run_names
+                    ),
+                )
+            )
         self.flushed = time.monotonic()
         self.bar = None
         self.epoch_start = self.steps_shown = initial_epoch * interval
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=epochs * interval * batch_size, initial=self.steps_shown * batch_size,
-                            desc=description, unit="img", unit_scale=True, leave=False,
-                            smoothing=0.1)
+            self.bar = tqdm(
+                total=epochs * interval * batch_size,
+                initial=self.steps_shown * batch_size,
+                desc=description,
+                unit="img",
+                unit_scale=True,
+                leave=False,
+                smoothing=0.1,
+            )
 
     def on_train_batch_end(self, batch, logs=None):
         if self.bar is not None:
@@ -116,8 +139,10 @@ class EvaluationLog(keras.callbacks.Callback):
         logs = logs or {}
         # The rate the steps since the last evaluation used (callbacks after
         # this one may cut it).
-        entry = {"step": (epoch + 1) * self.interval,
-                 "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
+        entry = {
+            "step": (epoch + 1) * self.interval,
+            "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+        }
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             entry[key] = float(logs[key]) if key in logs else None
         self.history.append(entry)
@@ -135,8 +160,11 @@ class EvaluationLog(keras.callbacks.Callback):
                 writer.flush()
             self.flushed = time.monotonic()
         if self.bar is not None and entry["val_loss"] is not None:
-            self.bar.set_postfix(val_loss=f"{entry['val_loss']:.4f}",
-                                 val_accuracy=f"{entry['val_accuracy']:.3f}", refresh=False)
+            self.bar.set_postfix(
+                val_loss=f"{entry['val_loss']:.4f}",
+                val_accuracy=f"{entry['val_accuracy']:.3f}",
+                refresh=False,
+            )
 
     def close(self):
         for writer in self.writers.values():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from retrain.files import digests
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,20 @@ def resume_point(folder: Path, fingerprint: str, epochs: int, description: str) 
         except (OSError, ValueError, KeyError, TypeError):
             epoch = 0
         if 0 < epoch < epochs:
-            log.warning("%s resumes from the checkpoint in %s: %d of %d epochs were done.",
-                        description, folder, epoch, epochs)
+            logger.warning(
+                "%s resumes from the checkpoint in %s: %d of %d epochs were done.",
+                description,
+                folder,
+                epoch,
+                epochs,
+            )
             return epoch
     elif folder.exists():
-        log.warning("%s starts over: the checkpoint in %s is from other settings or images.",
-                    description, folder)
+        logger.warning(
+            "%s starts over: the checkpoint in %s is from other settings or images.",
+            description,
+            folder,
+        )
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)

@@ -35,7 +35,7 @@ from retrain.training.settings import DistortionSettings, FineTuneSettings, Head
 import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -59,8 +59,19 @@ class TrainedClassifier:
     class_weights: np.ndarray | None = None
 
 
-def train_classifier(config, spec, cache, buckets, summaries_dir, checkpoint_root, backbone=None,
-                     *, progress=True, class_weights=None, after_checkpoint=()) -> TrainedClassifier:
+def train_classifier(
+    config,
+    spec,
+    cache,
+    buckets,
+    summaries_dir,
+    checkpoint_root,
+    backbone=None,
+    *,
+    progress=True,
+    class_weights=None,
+    after_checkpoint=(),
+) -> TrainedClassifier:
     """Trains the head (and fine-tunes, when asked) as `config` says.
 
     Args:
@@ -82,48 +93,70 @@ def train_classifier(config, spec, cache, buckets, summaries_dir, checkpoint_roo
     keras.utils.set_random_seed(config.seed)  # before any dataset, whose shuffles draw from it
     image_dir = Path(buckets.image_dir)
     train_entries = buckets.training.entries
-    validation = datasets.cached_sample(cache, buckets.validation.entries,
-                                        config.validation_batch_size, config.seed)
+    validation = datasets.cached_sample(
+        cache, buckets.validation.entries, config.validation_batch_size, config.seed
+    )
     distort = DistortionSettings.from_config(config).function(spec.input_size)
     fingerprint = _fingerprint(config, cache, image_dir, buckets)
     checkpoint_root = Path(checkpoint_root)
-    head_settings = HeadSettings.from_config(config, summaries_dir=str(summaries_dir),
-                                             progress=progress, class_weights=class_weights)
-    shape = {"feature_dim": spec.feature_dim, "num_classes": len(buckets.class_names),
-             "train_count": len(train_entries)}
+    head_settings = HeadSettings.from_config(
+        config, summaries_dir=str(summaries_dir), progress=progress, class_weights=class_weights
+    )
+    shape = {
+        "feature_dim": spec.feature_dim,
+        "num_classes": len(buckets.class_names),
+        "train_count": len(train_entries),
+    }
     if distort is not None and not config.fine_tune_layers:
         backbone = backbone or _load(spec, config)
-        pixels = datasets.decoded_training(image_dir, train_entries, spec.input_size,
-                                           config.train_batch_size, config.seed, distort)
-        head_result = fit_head(datasets.through_backbone(pixels, backbone), validation,
-                               head_settings, description="Training on distorted images",
-                               checkpoint=Checkpoint(checkpoint_root / "distortions", fingerprint),
-                               after_checkpoint=after_checkpoint, **shape)
-        return TrainedClassifier(head_result.head, backbone, "distortions", head_result,
-                                 class_weights=class_weights)
+        pixels = datasets.decoded_training(
+            image_dir, train_entries, spec.input_size, config.train_batch_size, config.seed, distort
+        )
+        head_result = fit_head(
+            datasets.through_backbone(pixels, backbone),
+            validation,
+            head_settings,
+            description="Training on distorted images",
+            checkpoint=Checkpoint(checkpoint_root / "distortions", fingerprint),
+            after_checkpoint=after_checkpoint,
+            **shape,
+        )
+        return TrainedClassifier(
+            head_result.head, backbone, "distortions", head_result, class_weights=class_weights
+        )
 
     training = datasets.cached_training(cache, train_entries, config.train_batch_size, config.seed)
     head_result = fit_head(training, validation, head_settings, **shape)
     if not config.fine_tune_layers:
-        return TrainedClassifier(head_result.head, backbone, "cached", head_result,
-                                 class_weights=class_weights)
+        return TrainedClassifier(
+            head_result.head, backbone, "cached", head_result, class_weights=class_weights
+        )
 
     backbone = backbone or _load(spec, config)
-    settings = FineTuneSettings.from_config(config, summaries_dir=str(summaries_dir),
-                                            progress=progress, class_weights=class_weights)
+    settings = FineTuneSettings.from_config(
+        config, summaries_dir=str(summaries_dir), progress=progress, class_weights=class_weights
+    )
     result = fine_tune.fine_tune(
-        backbone, head_result.head,
-        datasets.decoded_training(image_dir, train_entries, spec.input_size, settings.batch_size,
-                                  config.seed, distort),
-        datasets.decoded_evaluation(image_dir, buckets.validation.entries, spec.input_size,
-                                    settings.batch_size) if len(buckets.validation) else None,
-        settings, input_size=spec.input_size,
+        backbone,
+        head_result.head,
+        datasets.decoded_training(
+            image_dir, train_entries, spec.input_size, settings.batch_size, config.seed, distort
+        ),
+        datasets.decoded_evaluation(
+            image_dir, buckets.validation.entries, spec.input_size, settings.batch_size
+        )
+        if len(buckets.validation)
+        else None,
+        settings,
+        input_size=spec.input_size,
         steps_per_epoch=fine_tune.steps_per_epoch(len(train_entries), settings.batch_size),
         checkpoint=Checkpoint(checkpoint_root / "fine_tune", fingerprint),
-        after_checkpoint=after_checkpoint)
+        after_checkpoint=after_checkpoint,
+    )
     _warn_if_worse(head_result, result)
-    return TrainedClassifier(head_result.head, backbone, "fine-tuning", head_result, result,
-                             class_weights)
+    return TrainedClassifier(
+        head_result.head, backbone, "fine-tuning", head_result, result, class_weights
+    )
 
 
 def _warn_if_worse(head_result, fine_tune_result) -> None:
@@ -132,13 +165,23 @@ def _warn_if_worse(head_result, fine_tune_result) -> None:
     The tuned weights are kept (they are what was asked for), but on photos
     that ImageNet features already fit, fine-tuning can cost accuracy.
     """
-    before = next((entry["val_accuracy"] for entry in head_result.history
-                   if entry["step"] == head_result.best_step), None)
+    before = next(
+        (
+            entry["val_accuracy"]
+            for entry in head_result.history
+            if entry["step"] == head_result.best_step
+        ),
+        None,
+    )
     after = fine_tune_result.history[-1]["val_accuracy"] if fine_tune_result.history else None
     if before is not None and after is not None and after < before:
-        log.warning("Fine-tuning ended at validation accuracy %.3f, below the cached head's %.3f: "
-                    "these photos may suit the cached head better; or try a lower "
-                    "--fine_tune_learning_rate or fewer --fine_tune_layers.", after, before)
+        logger.warning(
+            "Fine-tuning ended at validation accuracy %.3f, below the cached head's %.3f: "
+            "these photos may suit the cached head better; or try a lower "
+            "--fine_tune_learning_rate or fewer --fine_tune_layers.",
+            after,
+            before,
+        )
 
 
 def _load(spec, config):
@@ -147,16 +190,27 @@ def _load(spec, config):
 
 def _fingerprint(config, cache, image_dir, buckets):
     """What a checkpoint is valid for: every setting but the output places, and the images."""
-    ignored = {"output_dir", "output_graph", "output_labels", "summaries_dir", "bottleneck_dir",
-               "print_misclassified_test_images", "image_dir", "cache_only",
-               "extraction_batch_size", "test_batch_size"}
-    settings = {key: value for key, value in dataclasses.asdict(config).items()
-                if key not in ignored}
+    ignored = {
+        "output_dir",
+        "output_graph",
+        "output_labels",
+        "summaries_dir",
+        "bottleneck_dir",
+        "print_misclassified_test_images",
+        "image_dir",
+        "cache_only",
+        "extraction_batch_size",
+        "test_batch_size",
+    }
+    settings = {
+        key: value for key, value in dataclasses.asdict(config).items() if key not in ignored
+    }
     settings["backbone_fingerprint"] = cache.identity.fingerprint
     records = []
     for bucket in ("training", "validation"):
         for entry in buckets[bucket].entries:
             status = os.stat(image_dir / entry.relative_path)
-            records.append([entry.relative_path, entry.label_index, bucket,
-                            status.st_size, status.st_mtime_ns])
+            records.append(
+                [entry.relative_path, entry.label_index, bucket, status.st_size, status.st_mtime_ns]
+            )
     return checkpoints.run_fingerprint(settings, records)

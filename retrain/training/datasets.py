@@ -25,7 +25,7 @@ from retrain.data.sampling import sample_rows
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Vectors held by the shuffle buffer of the cached path: 16,384 x 1,280
 # float32 is 84 MB, whatever the size of the cache. Blocks come in a random
@@ -38,7 +38,9 @@ SHUFFLE_BUFFER = 16384
 MOST_VALIDATION_VECTORS = 50_000
 
 
-def cached_training(cache, entries, batch_size: int, seed: int, shuffle_buffer: int = SHUFFLE_BUFFER):
+def cached_training(
+    cache, entries, batch_size: int, seed: int, shuffle_buffer: int = SHUFFLE_BUFFER
+):
     """Endless shuffled training batches of cached bottlenecks.
 
     Args:
@@ -71,12 +73,20 @@ def cached_training(cache, entries, batch_size: int, seed: int, shuffle_buffer: 
             yield vectors, labels[positions]
 
     feature_dim = cache.identity.feature_dim
-    dataset = tf.data.Dataset.from_generator(blocks, output_signature=(
-        tf.TensorSpec([None, feature_dim], tf.float32), tf.TensorSpec([None], tf.int64)))
+    dataset = tf.data.Dataset.from_generator(
+        blocks,
+        output_signature=(
+            tf.TensorSpec([None, feature_dim], tf.float32),
+            tf.TensorSpec([None], tf.int64),
+        ),
+    )
     return pixel_batches.finished(
-        dataset.repeat().unbatch()
+        dataset.repeat()
+        .unbatch()
         .shuffle(min(shuffle_buffer, len(entries)), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size).prefetch(2))
+        .batch(batch_size)
+        .prefetch(2)
+    )
 
 
 def array_training(vectors: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
@@ -84,11 +94,15 @@ def array_training(vectors: np.ndarray, labels: np.ndarray, batch_size: int, see
     return pixel_batches.finished(
         tf.data.Dataset.from_tensor_slices((vectors, labels))
         .shuffle(len(vectors), seed=seed, reshuffle_each_iteration=True)
-        .repeat().batch(batch_size).prefetch(2))
+        .repeat()
+        .batch(batch_size)
+        .prefetch(2)
+    )
 
 
-def cached_sample(cache, entries, size: int, seed: int,
-                  most: int = MOST_VALIDATION_VECTORS) -> tuple[np.ndarray, np.ndarray]:
+def cached_sample(
+    cache, entries, size: int, seed: int, most: int = MOST_VALIDATION_VECTORS
+) -> tuple[np.ndarray, np.ndarray]:
     """Bottlenecks float32 [k, d] and labels int64 [k] of a random sample of entries.
 
     `size` -1 takes them all, up to `most` (a random sample of that size
@@ -100,9 +114,13 @@ def cached_sample(cache, entries, size: int, seed: int,
     if size == -1:
         size = most
         if len(entries) > most:
-            log.warning("%d validation images: the head is scored on a fixed random %d of them "
-                        "(--validation_batch_size -1 takes at most %d; give a size to choose).",
-                        len(entries), most, most)
+            logger.warning(
+                "%d validation images: the head is scored on a fixed random %d of them "
+                "(--validation_batch_size -1 takes at most %d; give a size to choose).",
+                len(entries),
+                most,
+                most,
+            )
     if 0 < size < len(entries):
         chosen = sample_rows(len(entries), size, seed)
         entries, labels = [entries[i] for i in chosen], labels[chosen]
@@ -121,8 +139,9 @@ def decoded_training(image_dir, entries, input_size: int, batch_size: int, seed:
     """
     labels = tf.constant(images.labels_of(entries))
     paths = [image_dir / entry.relative_path for entry in entries]
-    batches = pixel_batches.image_batches(paths, input_size, batch_size, distort=distort,
-                                   shuffle_seed=seed, drop_failed=True)
+    batches = pixel_batches.image_batches(
+        paths, input_size, batch_size, distort=distort, shuffle_seed=seed, drop_failed=True
+    )
     return batches.map(lambda index, pixels, ok: (pixels, tf.gather(labels, index))).repeat()
 
 

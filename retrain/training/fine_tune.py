@@ -55,19 +55,24 @@ def unfreeze(backbone: keras.Model, layers: int) -> list[str]:
     if layers > depth or layers < -1 or layers == 0:
         raise RetrainError(
             f"--fine_tune_layers must be -1 (all) or 1 to {depth}, the depth of {backbone.name}. "
-            f"Received: fine_tune_layers={layers}")
-    chosen = set(map(id, backbone.layers if layers == -1 else backbone.layers[depth - layers:]))
+            f"Received: fine_tune_layers={layers}"
+        )
+    chosen = set(map(id, backbone.layers if layers == -1 else backbone.layers[depth - layers :]))
     backbone.trainable = True
     for layer in backbone.layers:
-        layer.trainable = (id(layer) in chosen
-                           and not isinstance(layer, keras.layers.BatchNormalization))
-    trained = [layer.name for layer in backbone.layers if layer.trainable and layer.trainable_weights]
+        layer.trainable = id(layer) in chosen and not isinstance(
+            layer, keras.layers.BatchNormalization
+        )
+    trained = [
+        layer.name for layer in backbone.layers if layer.trainable and layer.trainable_weights
+    ]
     if not trained:
-        top = [layer.name for layer in backbone.layers[depth - layers:]]
+        top = [layer.name for layer in backbone.layers[depth - layers :]]
         raise RetrainError(
             f"--fine_tune_layers {layers} unfreezes only layers of {backbone.name} with nothing to "
             f"train ({', '.join(top)}; BatchNorm layers stay frozen): choose more layers, or -1. "
-            f"Received: fine_tune_layers={layers}")
+            f"Received: fine_tune_layers={layers}"
+        )
     return trained
 
 
@@ -78,9 +83,18 @@ def freeze(backbone: keras.Model) -> None:
         layer.trainable = True
 
 
-def fine_tune(backbone: keras.Model, head: keras.Model, training, validation,
-              settings: FineTuneSettings, *, input_size: int, steps_per_epoch: int,
-              checkpoint: Checkpoint, after_checkpoint=()) -> FineTuneResult:
+def fine_tune(
+    backbone: keras.Model,
+    head: keras.Model,
+    training,
+    validation,
+    settings: FineTuneSettings,
+    *,
+    input_size: int,
+    steps_per_epoch: int,
+    checkpoint: Checkpoint,
+    after_checkpoint=(),
+) -> FineTuneResult:
     """Trains head and the top `settings.layers` of the backbone together; weights change in place.
 
     Args:
@@ -107,19 +121,37 @@ def fine_tune(backbone: keras.Model, head: keras.Model, training, validation,
     try:
         images = keras.Input((input_size, input_size, 3), name="pixels")
         model = keras.Model(images, head(backbone(images)), name="fine_tuned")
-        schedule = keras.optimizers.schedules.CosineDecay(settings.learning_rate,
-                                                          steps_per_epoch * settings.epochs)
-        model.compile(optimizer=keras.optimizers.Adam(schedule),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        loop = FitLoop(steps_per_epoch=steps_per_epoch, epochs=settings.epochs,
-                       batch_size=settings.batch_size, description="Fine-tuning",
-                       summaries_dir=settings.summaries_dir,
-                       run_names=("fine_tune_train", "fine_tune_validation"),
-                       progress=settings.progress, checkpoint=checkpoint)
-        class_weight = (None if settings.class_weights is None else
-                        class_weight_dict(settings.class_weights, head.output_shape[-1]))
-        history, resumed = fit(model, training, validation, loop, class_weight=class_weight,
-                               after_checkpoint=after_checkpoint)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            settings.learning_rate, steps_per_epoch * settings.epochs
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(schedule),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        loop = FitLoop(
+            steps_per_epoch=steps_per_epoch,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            description="Fine-tuning",
+            summaries_dir=settings.summaries_dir,
+            run_names=("fine_tune_train", "fine_tune_validation"),
+            progress=settings.progress,
+            checkpoint=checkpoint,
+        )
+        class_weight = (
+            None
+            if settings.class_weights is None
+            else class_weight_dict(settings.class_weights, head.output_shape[-1])
+        )
+        history, resumed = fit(
+            model,
+            training,
+            validation,
+            loop,
+            class_weight=class_weight,
+            after_checkpoint=after_checkpoint,
+        )
     finally:
         freeze(backbone)
     return FineTuneResult(history, resumed, trainable_layers)

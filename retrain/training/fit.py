@@ -44,8 +44,16 @@ class FitLoop:
     checkpoint: checkpoints.Checkpoint | None = None
 
 
-def fit(model: keras.Model, training, validation, loop: FitLoop, *, callbacks=(),
-        class_weight=None, after_checkpoint=()):
+def fit(
+    model: keras.Model,
+    training,
+    validation,
+    loop: FitLoop,
+    *,
+    callbacks=(),
+    class_weight=None,
+    after_checkpoint=(),
+):
     """Fits `model` as `loop` says.
 
     Args:
@@ -68,22 +76,37 @@ def fit(model: keras.Model, training, validation, loop: FitLoop, *, callbacks=()
     callbacks = list(callbacks)
     if loop.checkpoint is not None:
         folder = loop.checkpoint.folder
-        initial_epoch = checkpoints.resume_point(folder, loop.checkpoint.fingerprint, loop.epochs,
-                                                 loop.description)
+        initial_epoch = checkpoints.resume_point(
+            folder, loop.checkpoint.fingerprint, loop.epochs, loop.description
+        )
         callbacks.append(keras.callbacks.BackupAndRestore(str(folder), double_checkpoint=True))
-    log_callback = EvaluationLog(loop.steps_per_epoch, loop.epochs, loop.batch_size,
-                                 loop.summaries_dir, loop.progress, description=loop.description,
-                                 run_names=loop.run_names, initial_epoch=initial_epoch)
+    log_callback = EvaluationLog(
+        loop.steps_per_epoch,
+        loop.epochs,
+        loop.batch_size,
+        loop.summaries_dir,
+        loop.progress,
+        description=loop.description,
+        run_names=loop.run_names,
+        initial_epoch=initial_epoch,
+    )
     callbacks = [log_callback, *callbacks, *after_checkpoint]
     if isinstance(validation, tuple):
         # First, so that the log, early stopping and the LR schedule see its scores.
         callbacks.insert(0, ValidationScores(*validation))
         validation = None
     try:
-        model.fit(training, steps_per_epoch=loop.steps_per_epoch, epochs=loop.epochs,
-                  initial_epoch=initial_epoch, validation_data=validation,
-                  callbacks=callbacks, shuffle=False, verbose=0,
-                  class_weight=class_weight)
+        model.fit(
+            training,
+            steps_per_epoch=loop.steps_per_epoch,
+            epochs=loop.epochs,
+            initial_epoch=initial_epoch,
+            validation_data=validation,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=0,
+            class_weight=class_weight,
+        )
     finally:
         log_callback.close()
     return log_callback.history, initial_epoch

@@ -30,7 +30,7 @@ from retrain.training.settings import HeadSettings
 import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Measured, with the command line's defaults (learning_rate 0.003, batch 100,
 # evaluation every 10 steps, 4000 steps at most), against scikit-learn's
@@ -45,7 +45,6 @@ L2_PER_EXAMPLE = 0.5
 # it); after PATIENCE_STEPS training stops. Each is at least a few evaluations.
 PLATEAU_STEPS = 200
 PATIENCE_STEPS = 500
-
 
 
 @dataclass
@@ -73,15 +72,25 @@ def build_head(feature_dim: int, num_classes: int, l2: float = 0.0) -> keras.Mod
     return keras.Sequential(
         [
             keras.Input((feature_dim,), name="bottleneck"),
-            keras.layers.Dense(num_classes, activation="softmax",
-                               kernel_regularizer=regularizer, name="final_result"),
+            keras.layers.Dense(
+                num_classes,
+                activation="softmax",
+                kernel_regularizer=regularizer,
+                name="final_result",
+            ),
         ],
         name="head",
     )
 
 
-def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-               num_classes: int, settings: HeadSettings) -> TrainResult:
+def train_head(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    num_classes: int,
+    settings: HeadSettings,
+) -> TrainResult:
     """Trains a softmax layer on bottleneck arrays already in memory; see `fit_head`.
 
     Args:
@@ -108,13 +117,28 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
     keras.utils.set_random_seed(settings.seed)  # before the dataset, whose shuffle draws from it
     training = datasets.array_training(train_x, train_y, settings.train_batch_size, settings.seed)
     validation = _validation_sample(val_x, val_y, settings.validation_batch_size, settings.seed)
-    return fit_head(training, validation, settings, feature_dim=train_x.shape[1],
-                    num_classes=num_classes, train_count=len(train_x))
+    return fit_head(
+        training,
+        validation,
+        settings,
+        feature_dim=train_x.shape[1],
+        num_classes=num_classes,
+        train_count=len(train_x),
+    )
 
 
-def fit_head(training, validation: tuple[np.ndarray, np.ndarray], settings: HeadSettings, *,
-             feature_dim: int, num_classes: int, train_count: int, description: str = "Training",
-             checkpoint=None, after_checkpoint=()) -> TrainResult:
+def fit_head(
+    training,
+    validation: tuple[np.ndarray, np.ndarray],
+    settings: HeadSettings,
+    *,
+    feature_dim: int,
+    num_classes: int,
+    train_count: int,
+    description: str = "Training",
+    checkpoint=None,
+    after_checkpoint=(),
+) -> TrainResult:
     """Trains a softmax layer on a stream of bottlenecks, with early stopping on validation loss.
 
     Args:
@@ -145,39 +169,65 @@ def fit_head(training, validation: tuple[np.ndarray, np.ndarray], settings: Head
     head = build_head(feature_dim, num_classes, l2=L2_PER_EXAMPLE / train_count)
     # Running `interval` steps per call keeps Python out of the inner loop;
     # evaluation then dominates, and it is one pass over cached vectors.
-    head.compile(optimizer=keras.optimizers.Adam(settings.learning_rate),
-                 loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                 steps_per_execution=interval)
+    head.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=interval,
+    )
     val_x, val_y = validation
     early_stopping, callbacks = _early_stopping(len(val_x), interval, evaluations)
-    class_weight = (None if settings.class_weights is None else
-                    class_weight_dict(settings.class_weights, num_classes))
-    loop = FitLoop(steps_per_epoch=interval, epochs=evaluations,
-                   batch_size=settings.train_batch_size, description=description,
-                   summaries_dir=settings.summaries_dir, progress=settings.progress,
-                   checkpoint=checkpoint)
-    history, _ = fit(head, training, (val_x, val_y) if len(val_x) else None, loop,
-                     callbacks=callbacks, class_weight=class_weight,
-                     after_checkpoint=after_checkpoint)
+    class_weight = (
+        None
+        if settings.class_weights is None
+        else class_weight_dict(settings.class_weights, num_classes)
+    )
+    loop = FitLoop(
+        steps_per_epoch=interval,
+        epochs=evaluations,
+        batch_size=settings.train_batch_size,
+        description=description,
+        summaries_dir=settings.summaries_dir,
+        progress=settings.progress,
+        checkpoint=checkpoint,
+    )
+    history, _ = fit(
+        head,
+        training,
+        (val_x, val_y) if len(val_x) else None,
+        loop,
+        callbacks=callbacks,
+        class_weight=class_weight,
+        after_checkpoint=after_checkpoint,
+    )
     if early_stopping is None:
         return TrainResult(head, history, best_step=history[-1]["step"], stopped_early=False)
     # best_epoch counts from the first epoch, also when a checkpoint supplied some.
-    return TrainResult(head, history, best_step=(early_stopping.best_epoch + 1) * interval,
-                       stopped_early=early_stopping.stopped_epoch > 0)
+    return TrainResult(
+        head,
+        history,
+        best_step=(early_stopping.best_epoch + 1) * interval,
+        stopped_early=early_stopping.stopped_epoch > 0,
+    )
 
 
 def _early_stopping(validation_count: int, interval: int, evaluations: int):
     """(EarlyStopping or None, the callbacks list): the LR cut and early stop on validation loss."""
     if not validation_count:
-        log.warning("The validation set is empty: no early stopping, training runs all %d steps "
-                    "and keeps the last weights. Raise validation_percentage to enable it.",
-                    evaluations * interval)
+        logger.warning(
+            "The validation set is empty: no early stopping, training runs all %d steps "
+            "and keeps the last weights. Raise validation_percentage to enable it.",
+            evaluations * interval,
+        )
         return None, []
     early_stopping = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=max(5, math.ceil(PATIENCE_STEPS / interval)),
-        restore_best_weights=True)
+        monitor="val_loss",
+        patience=max(5, math.ceil(PATIENCE_STEPS / interval)),
+        restore_best_weights=True,
+    )
     plateau = keras.callbacks.ReduceLROnPlateau(
-        monitor="val_loss", factor=0.1, patience=max(2, math.ceil(PLATEAU_STEPS / interval)))
+        monitor="val_loss", factor=0.1, patience=max(2, math.ceil(PLATEAU_STEPS / interval))
+    )
     return early_stopping, [plateau, early_stopping]
 
 
@@ -190,7 +240,9 @@ def _check_arrays(name, x, y, num_classes, allow_empty):
             f"Received: {name}_x.shape={x.shape}, {name}_y.shape={y.shape}"
         )
     if not len(x) and not allow_empty:
-        raise RetrainError(f"No bottlenecks to train on: add images. Received: {name}_x.shape={x.shape}")
+        raise RetrainError(
+            f"No bottlenecks to train on: add images. Received: {name}_x.shape={x.shape}"
+        )
     if len(y) and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes):
         raise RetrainError(
             f"{name}_y must hold class indices in [0, {num_classes}). "

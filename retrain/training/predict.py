@@ -29,12 +29,17 @@ def predict(head, bottlenecks: np.ndarray, batch_size: int) -> np.ndarray:
     batch = len(bottlenecks) if batch_size == -1 else batch_size
     # predict_on_batch, not predict: predict builds a tf.data pipeline with
     # the autotuner on, whose teardown can wait seconds (see retrain.data.pixel_batches).
-    return np.concatenate([head.predict_on_batch(bottlenecks[start:start + batch])
-                           for start in range(0, len(bottlenecks), batch)])
+    return np.concatenate(
+        [
+            head.predict_on_batch(bottlenecks[start : start + batch])
+            for start in range(0, len(bottlenecks), batch)
+        ]
+    )
 
 
-def predict_cached(head, cache, entries, batch_size: int,
-                   block_rows: int = PREDICT_BLOCK_ROWS) -> np.ndarray:
+def predict_cached(
+    head, cache, entries, batch_size: int, block_rows: int = PREDICT_BLOCK_ROWS
+) -> np.ndarray:
     """`predict` on the cached bottlenecks of entries, read block by block; rows in entry order."""
     probabilities = np.zeros((len(entries), head.output_shape[-1]), np.float32)
     if entries:
@@ -43,8 +48,9 @@ def predict_cached(head, cache, entries, batch_size: int,
     return probabilities
 
 
-def predict_decoded(head, backbone, image_dir, entries, input_size: int,
-                    batch_size: int) -> np.ndarray:
+def predict_decoded(
+    head, backbone, image_dir, entries, input_size: int, batch_size: int
+) -> np.ndarray:
     """float32 [len(entries), num_classes] probabilities of the decoded images through backbone + head.
 
     Images are decoded and resized to input_size x input_size RGB, batch_size at a time.
@@ -54,13 +60,21 @@ def predict_decoded(head, backbone, image_dir, entries, input_size: int,
     model = keras.Model(images, head(backbone(images)))
     start = 0
     for pixels, _ in datasets.decoded_evaluation(Path(image_dir), entries, input_size, batch_size):
-        probabilities[start:start + len(pixels)] = model.predict_on_batch(pixels)
+        probabilities[start : start + len(pixels)] = model.predict_on_batch(pixels)
         start += len(pixels)
     return probabilities
 
 
-def split_probabilities(trained, cache, buckets, names, *, input_size: int, test_batch_size: int,
-                        extraction_batch_size: int) -> dict[str, np.ndarray]:
+def split_probabilities(
+    trained,
+    cache,
+    buckets,
+    names,
+    *,
+    input_size: int,
+    test_batch_size: int,
+    extraction_batch_size: int,
+) -> dict[str, np.ndarray]:
     """{split name: float32 [n, num_classes]} for each of `names`, as the training path needs.
 
     trained: a classifier.TrainedClassifier; buckets: a data.buckets.Buckets.
@@ -68,10 +82,20 @@ def split_probabilities(trained, cache, buckets, names, *, input_size: int, test
     batches of test_batch_size (extraction_batch_size when that is -1).
     """
     if trained.fine_tune_result is None:
-        return {name: predict_cached(trained.head, cache, buckets[name].entries, test_batch_size)
-                for name in names}
+        return {
+            name: predict_cached(trained.head, cache, buckets[name].entries, test_batch_size)
+            for name in names
+        }
     # The tuned backbone no longer matches the cached vectors: decode the images.
     batch = extraction_batch_size if test_batch_size == -1 else test_batch_size
-    return {name: predict_decoded(trained.head, trained.backbone, buckets.image_dir,
-                                  buckets[name].entries, input_size, batch)
-            for name in names}
+    return {
+        name: predict_decoded(
+            trained.head,
+            trained.backbone,
+            buckets.image_dir,
+            buckets[name].entries,
+            input_size,
+            batch,
+        )
+        for name in names
+    }

@@ -45,18 +45,31 @@ class HeadSettings:
     class_weights: np.ndarray | None = None
 
     def __post_init__(self):
-        for name in ("how_many_training_steps", "train_batch_size", "eval_step_interval",
-                     "learning_rate", "validation_batch_size", "seed"):
+        for name in (
+            "how_many_training_steps",
+            "train_batch_size",
+            "eval_step_interval",
+            "learning_rate",
+            "validation_batch_size",
+            "seed",
+        ):
             check_setting(name, getattr(self, name))
 
     @classmethod
-    def from_config(cls, config, *, summaries_dir=None, progress=True,
-                    class_weights=None) -> HeadSettings:
-        return cls(how_many_training_steps=config.how_many_training_steps,
-                   learning_rate=config.learning_rate, train_batch_size=config.train_batch_size,
-                   eval_step_interval=config.eval_step_interval, seed=config.seed,
-                   validation_batch_size=config.validation_batch_size,
-                   summaries_dir=summaries_dir, progress=progress, class_weights=class_weights)
+    def from_config(
+        cls, config, *, summaries_dir=None, progress=True, class_weights=None
+    ) -> HeadSettings:
+        return cls(
+            how_many_training_steps=config.how_many_training_steps,
+            learning_rate=config.learning_rate,
+            train_batch_size=config.train_batch_size,
+            eval_step_interval=config.eval_step_interval,
+            seed=config.seed,
+            validation_batch_size=config.validation_batch_size,
+            summaries_dir=summaries_dir,
+            progress=progress,
+            class_weights=class_weights,
+        )
 
 
 @dataclass(frozen=True)
@@ -83,12 +96,18 @@ class FineTuneSettings:
     class_weights: np.ndarray | None = None
 
     @classmethod
-    def from_config(cls, config, *, summaries_dir=None, progress=True,
-                    class_weights=None) -> FineTuneSettings:
-        return cls(layers=config.fine_tune_layers, epochs=config.fine_tune_epochs,
-                   learning_rate=config.fine_tune_learning_rate,
-                   batch_size=config.fine_tune_batch_size, summaries_dir=summaries_dir,
-                   progress=progress, class_weights=class_weights)
+    def from_config(
+        cls, config, *, summaries_dir=None, progress=True, class_weights=None
+    ) -> FineTuneSettings:
+        return cls(
+            layers=config.fine_tune_layers,
+            epochs=config.fine_tune_epochs,
+            learning_rate=config.fine_tune_learning_rate,
+            batch_size=config.fine_tune_batch_size,
+            summaries_dir=summaries_dir,
+            progress=progress,
+            class_weights=class_weights,
+        )
 
 
 @dataclass(frozen=True)
