@@ -20,7 +20,7 @@ import numpy as np
 from retrain.cache import BottleneckCache
 from retrain.data import images
 from retrain.errors import RetrainError
-from retrain.evaluation import data_checks
+from retrain.evaluation import label_issues, near_duplicates
 
 
 def tiled(vectors, labels, size, seed=0):
@@ -52,10 +52,10 @@ def main() -> int:
         x, y = tiled(vectors.astype(np.float32), labels, size)
         paths = [f"image_{i}" for i in range(size)]
         started = time.perf_counter()
-        data_checks.find_label_issues(x, y, image_list.class_names, paths)
+        label_issues.find_label_issues(x, y, image_list.class_names, paths)
         issues_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        data_checks.find_near_duplicates(x, paths, ["training"] * size)
+        near_duplicates.find_near_duplicates(x, paths, ["training"] * size)
         duplicates_seconds = time.perf_counter() - started
         print(f"{size:6d}  {issues_seconds:16.1f}  {duplicates_seconds:19.1f}", flush=True)
     return 0

@@ -123,7 +123,7 @@ def _train_and_export(
     buckets = split(config, image_list, filled.report)
 
     # Vectors are never all in memory: training and the predictions stream the
-    # cache, and the data checks read at most data_checks.CHECKED_IMAGES of them.
+    # cache, and the data checks read at most check_limits.CHECKED_IMAGES of them.
     checks = start_data_checks(config, filled.cache, buckets, folder, background)
     trained = train(config, spec, filled.cache, buckets, folder, backbone, after_checkpoint)
     probabilities = predict_splits(config, spec, trained, filled.cache, buckets)
@@ -207,7 +207,7 @@ def start_data_checks(config: Config, cache, buckets: Buckets, folder, backgroun
         return None
     # Deferred: matplotlib, Jinja2 and cleanlab, only when needed.
     from retrain import report
-    from retrain.evaluation import data_checks
+    from retrain.evaluation import check_limits
 
     try:
         entries, labels, paths, splits = (
@@ -216,7 +216,7 @@ def start_data_checks(config: Config, cache, buckets: Buckets, folder, backgroun
             buckets.paths,
             buckets.splits,
         )
-        checked = data_checks.checked_rows(len(entries), config.seed)
+        checked = check_limits.checked_rows(len(entries), config.seed)
         return background.submit(
             report.find_data_checks,
             cache.read([entries[row] for row in checked]),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retrain.errors import RetrainError
-from retrain.evaluation import data_checks
+from retrain.evaluation import check_files, check_limits, label_issues, near_duplicates
 
 
 def clustered(classes=4, per_class=40, dim=64, seed=0, spread=0.35):
@@ -33,7 +33,7 @@ def test_planted_label_errors_come_first():
     planted = [5, 47, 90, 133]
     wrong = labels.copy()
     wrong[planted] = (labels[planted] + 1) % 4
-    issues = data_checks.find_label_issues(vectors, wrong, names, paths)
+    issues = label_issues.find_label_issues(vectors, wrong, names, paths)
     assert {issue.image for issue in issues[: len(planted)]} == {paths[i] for i in planted}
     first = {issue.image: issue for issue in issues}[paths[5]]
     assert (first.given, first.suggested) == ("b", "a")
@@ -43,14 +43,14 @@ def test_planted_label_errors_come_first():
 
 def test_clean_labels_raise_few_issues():
     vectors, labels, paths = clustered()
-    assert len(data_checks.find_label_issues(vectors, labels, list("abcd"), paths)) <= 2
+    assert len(label_issues.find_label_issues(vectors, labels, list("abcd"), paths)) <= 2
 
 
 def test_a_class_with_one_image_does_not_break_the_check():
     vectors, labels, paths = clustered(classes=3, per_class=20)
     labels = labels.copy()
     labels[0] = 3  # the only image of class "d"
-    issues = data_checks.find_label_issues(vectors, labels, list("abcd"), paths)
+    issues = label_issues.find_label_issues(vectors, labels, list("abcd"), paths)
     assert all(issue.given in "abcd" and issue.suggested in "abcd" for issue in issues)
 
 
@@ -64,64 +64,64 @@ def test_planted_duplicates_are_the_closest_pairs_and_straddling_is_flagged():
     all_vectors = np.concatenate([vectors, copies])
     all_paths = paths + [f"copy_{i}.jpg" for i in range(4)]
     splits = ["training"] * len(paths) + ["testing", "training", "training", "validation"]
-    pairs = data_checks.find_near_duplicates(all_vectors, all_paths, splits, max_distance=1.0)
+    pairs = near_duplicates.find_near_duplicates(all_vectors, all_paths, splits, max_distance=1.0)
     top = {frozenset((p.image_a, p.image_b)) for p in pairs[:4]}
     assert top == {frozenset((paths[o], f"copy_{i}.jpg")) for i, o in enumerate(originals)}
     assert [p.distance for p in pairs] == sorted(p.distance for p in pairs)
     assert [p.straddles_splits for p in pairs[:4]].count(True) == 2
-    default = data_checks.find_near_duplicates(all_vectors, all_paths, splits)
+    default = near_duplicates.find_near_duplicates(all_vectors, all_paths, splits)
     assert {frozenset((p.image_a, p.image_b)) for p in default[:4]} == top
-    assert all(p.distance <= data_checks.DUPLICATE_DISTANCE for p in default)
+    assert all(p.distance <= near_duplicates.DUPLICATE_DISTANCE for p in default)
     assert len(default) < len(pairs)
 
 
 def test_near_duplicate_search_does_not_build_all_pairs(monkeypatch):
     """At most n * DUPLICATE_NEIGHBOURS candidate pairs are scored, whatever n is."""
     vectors, _, paths = clustered(classes=8, per_class=250, dim=96)
-    pairs = data_checks.find_near_duplicates(
+    pairs = near_duplicates.find_near_duplicates(
         vectors, paths, ["training"] * len(paths), max_distance=2.0
     )
-    assert len(pairs) <= len(paths) * data_checks.DUPLICATE_NEIGHBOURS
+    assert len(pairs) <= len(paths) * near_duplicates.DUPLICATE_NEIGHBOURS
     assert len(pairs) >= len(paths) // 2
 
 
 def test_csv_round_trip_and_header(tmp_path):
     issues = [
-        data_checks.LabelIssue("a/1.jpg", "a", "b", 0.01),
-        data_checks.LabelIssue("b/é,2.jpg", "b", "a", 0.2),
+        label_issues.LabelIssue("a/1.jpg", "a", "b", 0.01),
+        label_issues.LabelIssue("b/é,2.jpg", "b", "a", 0.2),
     ]
-    pairs = [data_checks.NearDuplicate("a/1.jpg", "b/2.jpg", "training", "testing", 0.003)]
-    data_checks.write_label_issues(issues, tmp_path / "issues.csv")
-    data_checks.write_near_duplicates(pairs, tmp_path / "pairs.csv")
+    pairs = [near_duplicates.NearDuplicate("a/1.jpg", "b/2.jpg", "training", "testing", 0.003)]
+    check_files.write_label_issues(issues, tmp_path / "issues.csv")
+    check_files.write_near_duplicates(pairs, tmp_path / "pairs.csv")
     assert (tmp_path / "issues.csv").read_text(encoding="utf-8").splitlines()[
         0
     ] == "image,given,suggested,score"
     assert (tmp_path / "pairs.csv").read_text().splitlines()[
         0
     ] == "image_a,image_b,split_a,split_b,distance"
-    assert data_checks.read_label_issues(tmp_path / "issues.csv") == issues
-    assert data_checks.read_near_duplicates(tmp_path / "pairs.csv") == pairs
+    assert check_files.read_label_issues(tmp_path / "issues.csv") == issues
+    assert check_files.read_near_duplicates(tmp_path / "pairs.csv") == pairs
     with pytest.raises(RetrainError, match="header must be image_a,image_b"):
-        data_checks.read_near_duplicates(tmp_path / "issues.csv")
+        check_files.read_near_duplicates(tmp_path / "issues.csv")
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
         (
-            lambda: data_checks.find_near_duplicates(
+            lambda: near_duplicates.find_near_duplicates(
                 np.zeros((3, 4)), ["a", "b"], ["training"] * 3
             ),
             "2 paths",
         ),
         (
-            lambda: data_checks.find_label_issues(
+            lambda: label_issues.find_label_issues(
                 np.zeros((3, 4)), np.array([0, 1, 2]), ["a", "b"], list("xyz")
             ),
             r"range=\[0, 2\]",
         ),
         (
-            lambda: data_checks.find_label_issues(
+            lambda: label_issues.find_label_issues(
                 np.zeros((3, 4)), np.array([0, 1]), ["a", "b"], list("xy")
             ),
             r"labels.shape=\(2,\)",
@@ -134,13 +134,13 @@ def test_bad_input_is_named(call, message):
 
 
 def test_too_few_images_give_empty_results():
-    assert data_checks.find_label_issues(np.ones((1, 4)), np.array([0]), ["a", "b"], ["x"]) == []
-    assert data_checks.find_near_duplicates(np.ones((1, 4)), ["x"], ["training"]) == []
+    assert label_issues.find_label_issues(np.ones((1, 4)), np.array([0]), ["a", "b"], ["x"]) == []
+    assert near_duplicates.find_near_duplicates(np.ones((1, 4)), ["x"], ["training"]) == []
 
 
 def test_capped_folds_partition_the_rows_and_cap_every_fit():
     labels = np.repeat(np.arange(4), [500, 300, 30, 3])
-    splits = list(data_checks._capped_folds(labels, 3, fit_rows=200, seed=0))
+    splits = list(label_issues._capped_folds(labels, 3, fit_rows=200, seed=0))
     held_out = np.sort(np.concatenate([test for _, test in splits]))
     np.testing.assert_array_equal(held_out, np.arange(len(labels)))  # each row scored once
     for train, test in splits:
@@ -154,7 +154,7 @@ def test_a_group_of_copies_is_listed_once_per_image():
     rng = np.random.default_rng(2)
     copies = vectors[7] + rng.normal(0, 0.01, (3, vectors.shape[1])).astype(np.float32)
     all_paths = paths + ["copy_a.jpg", "copy_b.jpg", "copy_c.jpg"]
-    pairs = data_checks.find_near_duplicates(
+    pairs = near_duplicates.find_near_duplicates(
         np.concatenate([vectors, copies]),
         all_paths,
         ["training"] * len(all_paths),
@@ -179,9 +179,9 @@ def test_checks_are_reused_only_for_the_same_inputs(tmp_path):
     )
     assert not fresh.reused and fresh.key
     # A previous run's files from these inputs, with a finding the checks would not make.
-    planted = [data_checks.LabelIssue("c0/000.jpg", "a", "b", 0.001)]
-    data_checks.write_label_issues(planted, previous / data_checks.LABEL_ISSUES_FILE)
-    data_checks.write_near_duplicates([], previous / data_checks.NEAR_DUPLICATES_FILE)
+    planted = [label_issues.LabelIssue("c0/000.jpg", "a", "b", 0.001)]
+    check_files.write_label_issues(planted, previous / check_files.LABEL_ISSUES_FILE)
+    check_files.write_near_duplicates([], previous / check_files.NEAR_DUPLICATES_FILE)
     (previous / report.CHECKS_FILE).write_text(json.dumps({"key": fresh.key}))
 
     again = report.find_data_checks(
@@ -214,7 +214,7 @@ def test_checks_are_reused_only_for_the_same_inputs(tmp_path):
         checks = report.find_data_checks(**arguments)
         assert not checks.reused and checks.key != fresh.key, changed
     # A damaged previous file is not an error: the checks run again.
-    (previous / data_checks.LABEL_ISSUES_FILE).write_text("not,our,header\n")
+    (previous / check_files.LABEL_ISSUES_FILE).write_text("not,our,header\n")
     damaged = report.find_data_checks(
         vectors, labels, names, paths, splits, tmp_path, previous_dir=previous
     )
@@ -224,12 +224,12 @@ def test_checks_are_reused_only_for_the_same_inputs(tmp_path):
 def test_a_large_set_is_checked_on_a_seeded_sample_and_says_so(tmp_path):
     from retrain import report
 
-    assert list(data_checks.checked_rows(5, seed=3, most=5)) == [0, 1, 2, 3, 4]
-    rows = data_checks.checked_rows(1000, seed=3, most=100)
+    assert list(check_limits.checked_rows(5, seed=3, most=5)) == [0, 1, 2, 3, 4]
+    rows = check_limits.checked_rows(1000, seed=3, most=100)
     assert len(rows) == 100 == len(set(rows.tolist())) and list(rows) == sorted(rows)
     assert 0 <= rows.min() and rows.max() < 1000
-    assert np.array_equal(rows, data_checks.checked_rows(1000, seed=3, most=100))
-    assert not np.array_equal(rows, data_checks.checked_rows(1000, seed=4, most=100))
+    assert np.array_equal(rows, check_limits.checked_rows(1000, seed=3, most=100))
+    assert not np.array_equal(rows, check_limits.checked_rows(1000, seed=4, most=100))
 
     vectors, labels, paths = clustered()
     names, splits = ["a", "b", "c", "d"], ["training"] * len(paths)
@@ -249,8 +249,8 @@ def test_pair_distances_in_chunks_equal_all_at_once():
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     pairs = np.random.default_rng(0).integers(0, len(unit), (50, 2))
     pairs[0] = [4, 4]  # a vector with itself: distance 0, not a rounding error below it
-    whole = data_checks._cosine_distances(unit, pairs, chunk=len(pairs))
-    np.testing.assert_array_equal(data_checks._cosine_distances(unit, pairs, chunk=3), whole)
+    whole = near_duplicates._cosine_distances(unit, pairs, chunk=len(pairs))
+    np.testing.assert_array_equal(near_duplicates._cosine_distances(unit, pairs, chunk=3), whole)
     expected = 1 - np.sum(unit[pairs[:, 0]] * unit[pairs[:, 1]], axis=1)
     np.testing.assert_allclose(whole, np.maximum(expected, 0), atol=1e-6)
     assert whole[0] == 0 and whole.min() >= 0

@@ -31,7 +31,7 @@ from test_figures import assert_png
 
 from retrain import cli, evaluation, report
 from retrain.errors import RetrainError
-from retrain.evaluation import data_checks, run_record
+from retrain.evaluation import check_files, label_issues, near_duplicates, run_record
 from retrain.files import text_escapes
 from retrain.report import figures, thumbnails
 
@@ -69,19 +69,21 @@ def cells(path):
 
 
 def test_check_csvs_quote_formulas_escape_paths_and_read_back(tmp_path):
-    issues = [data_checks.LabelIssue(f"{name}/{LATIN1}", name, "=1+2", 0.25) for name in FORMULAS]
-    pairs = [data_checks.NearDuplicate(f"=1+2/{LATIN1}", "-a/b.jpg", "training", "testing", 0.0)]
-    data_checks.write_label_issues(issues, tmp_path / "issues.csv")
-    data_checks.write_near_duplicates(pairs, tmp_path / "pairs.csv")
+    issues = [label_issues.LabelIssue(f"{name}/{LATIN1}", name, "=1+2", 0.25) for name in FORMULAS]
+    pairs = [
+        near_duplicates.NearDuplicate(f"=1+2/{LATIN1}", "-a/b.jpg", "training", "testing", 0.0)
+    ]
+    check_files.write_label_issues(issues, tmp_path / "issues.csv")
+    check_files.write_near_duplicates(pairs, tmp_path / "pairs.csv")
     for name in ("issues.csv", "pairs.csv"):
         assert all(
             cell[:1] not in text_escapes.FORMULA_STARTS for cell in cells(tmp_path / name) if cell
         )
         assert "caf\\xe9.jpg" in (tmp_path / name).read_text(encoding="utf-8")
-    read = data_checks.read_label_issues(tmp_path / "issues.csv")
+    read = check_files.read_label_issues(tmp_path / "issues.csv")
     assert [(i.given, i.suggested, i.score) for i in read] == [(n, "=1+2", 0.25) for n in FORMULAS]
     assert [i.image for i in read] == [text_escapes.one_line(i.image) for i in issues]
-    [pair] = data_checks.read_near_duplicates(tmp_path / "pairs.csv")
+    [pair] = check_files.read_near_duplicates(tmp_path / "pairs.csv")
     assert (pair.image_a, pair.image_b) == ("=1+2/caf\\xe9.jpg", "-a/b.jpg")
 
 
@@ -138,11 +140,11 @@ def folder(tmp_path):
     out = tmp_path / "received"
     out.mkdir()
     run_record.save(small_record(), out)
-    data_checks.write_label_issues(
-        [data_checks.LabelIssue("cat/1.jpg", "cat", "dog", 0.1)],
-        out / data_checks.LABEL_ISSUES_FILE,
+    check_files.write_label_issues(
+        [label_issues.LabelIssue("cat/1.jpg", "cat", "dog", 0.1)],
+        out / check_files.LABEL_ISSUES_FILE,
     )
-    data_checks.write_near_duplicates([], out / data_checks.NEAR_DUPLICATES_FILE)
+    check_files.write_near_duplicates([], out / check_files.NEAR_DUPLICATES_FILE)
     return out
 
 
@@ -177,7 +179,7 @@ def test_rebuild_of_a_clean_folder_works(folder):
     "name",
     [
         run_record.RECORD_FILE,
-        data_checks.LABEL_ISSUES_FILE,
+        check_files.LABEL_ISSUES_FILE,
         report.CHECKS_FILE,
         run_record.PROBABILITIES_FILE,
     ],
@@ -188,7 +190,7 @@ def test_a_fifo_left_in_the_folder_is_refused_not_read(folder, name):
     assert_one_line_refusal(rebuild(folder, timeout=60), name, "not a regular file")
 
 
-@pytest.mark.parametrize("name", [run_record.RECORD_FILE, data_checks.NEAR_DUPLICATES_FILE])
+@pytest.mark.parametrize("name", [run_record.RECORD_FILE, check_files.NEAR_DUPLICATES_FILE])
 def test_a_link_to_a_file_outside_is_refused(folder, tmp_path, name):
     outside = tmp_path / "outside.txt"
     outside.write_bytes((folder / name).read_bytes())
@@ -276,7 +278,7 @@ def test_probabilities_are_checked_before_they_are_read(folder, members, fragmen
     ],
 )
 def test_a_csv_retrain_did_not_write_is_one_line(folder, content, fragment):
-    (folder / data_checks.LABEL_ISSUES_FILE).write_bytes(content)
+    (folder / check_files.LABEL_ISSUES_FILE).write_bytes(content)
     assert_one_line_refusal(rebuild(folder), fragment)
 
 
@@ -300,7 +302,7 @@ def test_a_failing_part_is_a_warning_and_the_page_is_still_written(folder, monke
     assert outcome.checks is None and outcome.page == folder / report.REPORT_FILE
     missing = [name for name, _ in outcome.parts.missing]
     assert missing == [
-        f"data checks ({data_checks.LABEL_ISSUES_FILE}, {data_checks.NEAR_DUPLICATES_FILE})",
+        f"data checks ({check_files.LABEL_ISSUES_FILE}, {check_files.NEAR_DUPLICATES_FILE})",
         report.CONFUSION_FILE,
     ]
     assert outcome.parts.line() == (
@@ -371,7 +373,7 @@ def hostile_run(tmp_path_factory):
 def test_a_non_utf8_name_in_the_checks_does_not_cost_the_run(hostile_run):
     assert hostile_run["status"] == 0
     out = hostile_run["out"]
-    pairs = data_checks.read_near_duplicates(out / data_checks.NEAR_DUPLICATES_FILE)
+    pairs = check_files.read_near_duplicates(out / check_files.NEAR_DUPLICATES_FILE)
     escaped = f"{CLASSES[0]}/caf\\xe9.jpg"
     assert any(escaped in (pair.image_a, pair.image_b) for pair in pairs)
     record = json.loads((out / run_record.RECORD_FILE).read_text(encoding="utf-8"))
@@ -389,7 +391,7 @@ def test_formula_class_names_are_quoted_in_every_csv(hostile_run):
         written = cells(out / name)
         assert all(cell[:1] not in text_escapes.FORMULA_STARTS for cell in written if cell), name
     assert "'=1+2" in cells(out / "confusion_matrix.csv")
-    pairs = data_checks.read_near_duplicates(out / data_checks.NEAR_DUPLICATES_FILE)
+    pairs = check_files.read_near_duplicates(out / check_files.NEAR_DUPLICATES_FILE)
     assert any(pair.image_a.startswith("=1+2/") for pair in pairs)
 
 
@@ -408,7 +410,7 @@ def test_a_failing_figure_and_checks_are_warnings_and_the_model_is_kept(
         raise RuntimeError("planted failure")
 
     monkeypatch.setattr(figures, "plot_training_curves", fail)
-    monkeypatch.setattr(data_checks, "find_label_issues", fail)
+    monkeypatch.setattr(label_issues, "find_label_issues", fail)
     out = hostile_run["base"] / "failing"
     assert cli.main([*hostile_run["argv"], "--output_dir", str(out)]) == 0
     assert (out / "model.keras").is_file() and (out / "labels.txt").is_file()

@@ -2,7 +2,10 @@
 
     metrics       accuracy, per-class scores, confusion matrix, misclassified images
     run_record    what a run saves for its report (run_record.json, probabilities.npz)
-    data_checks   suspicious labels and near-duplicates from the bottleneck vectors
+    label_issues     suspicious labels: cross-validated on the bottleneck vectors (cleanlab)
+    near_duplicates  near-duplicate image pairs: neighbour search on the bottleneck vectors
+    check_limits     what bounds the checks' cost: images checked, threads, PCA sample
+    check_files      the checks' CSVs (label_issues.csv, near_duplicates.csv): write, read back
 
 The names below are the package's public API (from `metrics`).
 """

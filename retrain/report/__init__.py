@@ -8,10 +8,10 @@ near_duplicates.csv, thumbnails/), without the cache, the model or TensorFlow;
 `--screenshot FILE.png` also renders the page with headless Chromium.
 
 During a run, `checks.find_data_checks` runs the data checks on the bottleneck
-vectors (retrain.evaluation.data_checks) and renders thumbnails of what they found
-while the head trains; at the end, `run_report.write_run_report` writes their CSVs and a
-small JPEG thumbnail of every image the page shows into
-OUTPUT_DIR/thumbnails/, then calls `page.build`.
+vectors (retrain.evaluation.label_issues and .near_duplicates) and renders
+thumbnails of what they found while the head trains; at the end,
+`run_report.write_run_report` writes their CSVs and a small JPEG thumbnail of
+every image the page shows into OUTPUT_DIR/thumbnails/, then calls `page.build`.
 The page is one HTML file with inline CSS and no scripts; it refers only to
 files beside it, so it opens from disk in any browser, with no network.
 

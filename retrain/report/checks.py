@@ -1,9 +1,9 @@
 """The data checks' findings for a run's report: computed, reused or read back.
 
 `find_data_checks` runs the data checks on the bottleneck vectors
-(retrain.evaluation.data_checks) and renders thumbnails of what they found; a
-rerun with the same inputs (`data_checks_key`, kept in CHECKS_FILE) reuses the
-previous run's findings instead. `read_checks` reads them back from an output
+(retrain.evaluation.label_issues and .near_duplicates) and renders thumbnails
+of what they found; a rerun with the same inputs (`data_checks_key`, kept in
+CHECKS_FILE) reuses the previous run's findings instead. `read_checks` reads them back from an output
 folder for the page; only regular files of bounded size are read
 (retrain.files.received_files).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from retrain.errors import RetrainError
-from retrain.evaluation import data_checks
+from retrain.evaluation import check_files, label_issues, near_duplicates
 from retrain.files import digests, received_files
 from retrain.files.text_escapes import one_line
 from retrain.report.thumbnails import MAX_THUMBNAIL_BYTES, render_thumbnails, thumbnail_path
@@ -50,7 +50,7 @@ class DataChecks:
     key: `data_checks_key` of the inputs; reused: True when the findings were
     read from the previous run's output folder instead of computed.
     checked, total: images the checks looked at, of the run's images
-    (fewer when a large set was sampled, `data_checks.checked_rows`).
+    (fewer when a large set was sampled, `check_limits.checked_rows`).
     """
 
     issues: list
@@ -95,7 +95,7 @@ def data_checks_key(
             "class_names": list(class_names),
             "seed": seed,
             "total_images": len(labels) if total_images is None else int(total_images),
-            "max_distance": data_checks.DUPLICATE_DISTANCE,
+            "max_distance": near_duplicates.DUPLICATE_DISTANCE,
             "vectors": digests.array_digest(np.asarray(bottlenecks, dtype=np.float32)),
             "images": [
                 [image, int(label), split] for image, label, split in zip(images, labels, splits)
@@ -128,7 +128,7 @@ def find_data_checks(
     rerun that only changes training settings does not redo the checks
     (minutes for 50,000 images).
     total_images: the run's images when these n are a sample of them
-    (`data_checks.checked_rows`); None when they are all.
+    (`check_limits.checked_rows`); None when they are all.
     """
     total = len(labels) if total_images is None else int(total_images)
     key = data_checks_key(bottlenecks, labels, class_names, images, splits, seed, total)
@@ -136,8 +136,8 @@ def find_data_checks(
     if previous is not None:
         issues, duplicates = previous
     else:
-        issues = data_checks.find_label_issues(bottlenecks, labels, class_names, images, seed=seed)
-        duplicates = data_checks.find_near_duplicates(bottlenecks, images, splits)
+        issues = label_issues.find_label_issues(bottlenecks, labels, class_names, images, seed=seed)
+        duplicates = near_duplicates.find_near_duplicates(bottlenecks, images, splits)
     shown = shown_check_images(issues, duplicates)
     thumbnails = {}
     if previous is not None:
@@ -178,8 +178,8 @@ def _previous_checks(previous_dir, key):
         if json.loads(received_files.read_text(folder / CHECKS_FILE)).get("key") != key:
             return None
         return (
-            data_checks.read_label_issues(folder / data_checks.LABEL_ISSUES_FILE),
-            data_checks.read_near_duplicates(folder / data_checks.NEAR_DUPLICATES_FILE),
+            check_files.read_label_issues(folder / check_files.LABEL_ISSUES_FILE),
+            check_files.read_near_duplicates(folder / check_files.NEAR_DUPLICATES_FILE),
         )
     except FileNotFoundError:
         return None  # no previous run with data checks: nothing failed
@@ -203,8 +203,8 @@ def checks_summary(checks: DataChecks) -> str:
     )
     return (
         f"Data checks: {len(checks.issues)} suspicious labels in "
-        f"{data_checks.LABEL_ISSUES_FILE}, {len(checks.duplicates)} near-duplicate pairs in "
-        f"{data_checks.NEAR_DUPLICATES_FILE} ({straddling} across splits){checks.sampled}."
+        f"{check_files.LABEL_ISSUES_FILE}, {len(checks.duplicates)} near-duplicate pairs in "
+        f"{check_files.NEAR_DUPLICATES_FILE} ({straddling} across splits){checks.sampled}."
         f"{reused}"
     )
 
@@ -216,11 +216,11 @@ def read_checks(out: Path):
       RetrainError naming a file that is there but is no regular file, too
       large or not a CSV retrain wrote.
     """
-    issues_path = out / data_checks.LABEL_ISSUES_FILE
-    duplicates_path = out / data_checks.NEAR_DUPLICATES_FILE
-    issues = data_checks.read_label_issues(issues_path) if os.path.lexists(issues_path) else None
+    issues_path = out / check_files.LABEL_ISSUES_FILE
+    duplicates_path = out / check_files.NEAR_DUPLICATES_FILE
+    issues = check_files.read_label_issues(issues_path) if os.path.lexists(issues_path) else None
     duplicates = (
-        data_checks.read_near_duplicates(duplicates_path)
+        check_files.read_near_duplicates(duplicates_path)
         if os.path.lexists(duplicates_path)
         else None
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.evaluation import data_checks, run_record
+from retrain.evaluation import check_files, run_record
 from retrain.evaluation.metrics import Evaluation, Mistake, evaluate, misclassified
 from retrain.files import atomic_write, received_files
 from retrain.files.text_escapes import utf8
@@ -178,8 +178,8 @@ def _render_page(record, evaluations, issues, duplicates, **values) -> str:
         shown_duplicates=SHOWN_DUPLICATES,
         straddling=sum(pair.straddles_splits for pair in duplicates or []),
         files={
-            "issues": data_checks.LABEL_ISSUES_FILE,
-            "duplicates": data_checks.NEAR_DUPLICATES_FILE,
+            "issues": check_files.LABEL_ISSUES_FILE,
+            "duplicates": check_files.NEAR_DUPLICATES_FILE,
         },
         **values,
     )

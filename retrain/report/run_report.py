@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from retrain.evaluation import data_checks, run_record
+from retrain.evaluation import check_files, run_record
 from retrain.files import atomic_write
 from retrain.report.checks import CHECKS_FILE, DataChecks, shown_check_images
 from retrain.report.page import REPORT_FILE, SHOWN_MISCLASSIFIED, build, misclassified_tests
@@ -38,7 +38,7 @@ def write_run_report(record: run_record.RunRecord, checks, output_dir) -> Report
     parts = ReportParts()
     found = None
     with parts.part(
-        f"data checks ({data_checks.LABEL_ISSUES_FILE}, {data_checks.NEAR_DUPLICATES_FILE})"
+        f"data checks ({check_files.LABEL_ISSUES_FILE}, {check_files.NEAR_DUPLICATES_FILE})"
     ):
         found = checks() if callable(checks) else checks
     if found is not None:
@@ -60,11 +60,11 @@ def write_run_report(record: run_record.RunRecord, checks, output_dir) -> Report
 def _write_checks(checks: DataChecks, out: Path, parts: ReportParts) -> None:
     """The checks' two CSVs, then data_checks.json (only beside both: a later run reuses them)."""
     written = 0
-    with parts.part(data_checks.LABEL_ISSUES_FILE):
-        data_checks.write_label_issues(checks.issues, out / data_checks.LABEL_ISSUES_FILE)
+    with parts.part(check_files.LABEL_ISSUES_FILE):
+        check_files.write_label_issues(checks.issues, out / check_files.LABEL_ISSUES_FILE)
         written += 1
-    with parts.part(data_checks.NEAR_DUPLICATES_FILE):
-        data_checks.write_near_duplicates(checks.duplicates, out / data_checks.NEAR_DUPLICATES_FILE)
+    with parts.part(check_files.NEAR_DUPLICATES_FILE):
+        check_files.write_near_duplicates(checks.duplicates, out / check_files.NEAR_DUPLICATES_FILE)
         written += 1
     if written == 2:
         with parts.part(CHECKS_FILE):
