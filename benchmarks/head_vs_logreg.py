@@ -39,10 +39,10 @@ import_tensorflow()  # before anything else imports it, so stderr keeps only our
 
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from retrain import backbones, run  # noqa: E402
+from retrain import backbones  # noqa: E402
 from retrain.cache import BottleneckCache  # noqa: E402
 from retrain.config import Config  # noqa: E402
-from retrain.data import images
+from retrain.data import class_checks, images
 from retrain.errors import RetrainError  # noqa: E402
 from retrain.training.head import train_head
 from retrain.training.settings import HeadSettings
@@ -80,7 +80,7 @@ def cached_vectors(image_dir, cache, config):
     )
     failed = {path for path, _ in report.failed}
     usable = [entry for entry in image_list.entries if entry.relative_path not in failed]
-    run.check_classes(dataclasses.replace(image_list, entries=usable))
+    class_checks.check_classes(dataclasses.replace(image_list, entries=usable))
     x, y = cache.read(usable), images.labels_of(usable)
     buckets = np.array([entry.split_bucket for entry in usable])
     missing = [name for name in images.BUCKETS if not np.any(buckets == name)]

@@ -22,8 +22,9 @@ from retrain.cache import BottleneckCache, CacheReport
 from retrain.config import Config, save_yaml
 from retrain.data import images
 from retrain.data.buckets import Buckets
-from retrain.errors import RetrainError
+from retrain.data.class_checks import check_classes, check_training_classes
 from retrain.files import output_folder
+from retrain.training.backbone import plain_backbone, tunable_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,9 @@ def _train_and_export(
 ) -> RunResult:
     save_yaml(config, folder.staging / "settings.yaml")
     # Built before any long work, so a bad --fine_tune_layers fails fast.
-    backbone = tunable_backbone(config, spec) if config.fine_tune_layers else None
+    backbone = None
+    if config.fine_tune_layers:
+        backbone = tunable_backbone(spec, config.backbone_weights, config.fine_tune_layers)
     filled = fill_cache(config, spec, image_list)
     result = RunResult(image_list, filled.report)
     console.write_skipped(filled.skipped, folder.staging / "skipped_images.txt")
@@ -119,7 +122,7 @@ def _train_and_export(
     if backbone is None and not config.distorted():
         # Built beside everything from here on: a warm rerun otherwise waited
         # for it after training.
-        export_backbone = background.submit(_plain_backbone, config, spec)
+        export_backbone = background.submit(plain_backbone, spec, config.backbone_weights)
     buckets = split(config, image_list, filled.report)
 
     # Vectors are never all in memory: training and the predictions stream the
@@ -142,7 +145,7 @@ def _train_and_export(
             backbone = (
                 export_backbone.result()
                 if export_backbone is not None
-                else _plain_backbone(config, spec)
+                else plain_backbone(spec, config.backbone_weights)
             )
         classifier = save_model(
             config, spec, trained.head, backbone, image_list.class_names, folder
@@ -338,20 +341,6 @@ def save_model(config: Config, spec, head, backbone, class_names, folder):
     return classifier
 
 
-def tunable_backbone(config: Config, spec):
-    """The backbone fine-tuning trains: loaded, and --fine_tune_layers checked against it."""
-    from retrain.training import fine_tune  # deferred: it imports TensorFlow
-
-    backbone = _plain_backbone(config, spec)
-    fine_tune.unfreeze(backbone, config.fine_tune_layers)
-    fine_tune.freeze(backbone)
-    return backbone
-
-
-def _plain_backbone(config: Config, spec):
-    return backbones.load(spec.name, include_top=False, weights_file=config.backbone_weights)
-
-
 def run_cache_only(config: Config, spec, image_list) -> RunResult:
     """--cache_only: build or update the cache; output_dir is neither created nor touched.
 
@@ -371,37 +360,3 @@ def run_shard(config: Config, spec, image_list) -> RunResult:
     )
     print(console.shard_summary(report, config.num_shards, config.shard_index))
     return RunResult(image_list, report)
-
-
-def check_classes(image_list: images.ImageList) -> None:
-    """At least two classes with names a labels file can hold, each with a usable image."""
-    names = image_list.class_names
-    from retrain import export  # deferred: it imports TensorFlow
-
-    export.check_class_names(names)
-    if len(names) < 2:
-        raise RetrainError(
-            f"Need at least two classes (sub-folders with images) in {image_list.image_dir}; "
-            f"found {len(names)}: {names}. Add one sub-folder of images per class."
-        )
-    counts = {name: 0 for name in names}
-    for entry in image_list.entries:
-        counts[entry.label] += 1
-    empty = [name for name, count in counts.items() if count == 0]
-    if empty:
-        raise RetrainError(
-            f"Class folders with no usable images in {image_list.image_dir}: {empty}. "
-            "Add images (JPEG, PNG, BMP, GIF, WebP) or remove the folders."
-        )
-
-
-def check_training_classes(class_names, training_entries, config: Config) -> None:
-    """Every class needs a training image after the split and after failed decodes."""
-    present = {entry.label for entry in training_entries}
-    missing = [name for name in class_names if name not in present]
-    if missing:
-        raise RetrainError(
-            f"Classes with no training image after the split: {missing}. Add images to them "
-            "or lower --testing_percentage / --validation_percentage "
-            f"(now {config.testing_percentage} / {config.validation_percentage})."
-        )

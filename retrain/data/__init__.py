@@ -1,1 +1,2 @@
-"""Data: discovery and the hash split, decoding, the one tf.data builder, distortions, row sampling."""
+"""Data: discovery and the hash split, class checks, decoding, the one tf.data builder,
+distortions, row sampling."""

@@ -8,6 +8,7 @@ class_weights  balanced weights and Keras's {class: weight}
 checkpoints    Checkpoint, run_fingerprint, resume_point
 datasets       cached and decoded (distorted) training data as tf.data pipelines
 fine_tune      unfreeze / freeze and fine_tune -> FineTuneResult
+backbone       the backbone without its top: plain (frozen) or tunable (layers checked)
 classifier     the three training paths -> TrainedClassifier
 predict        class probabilities for every split and path
 """

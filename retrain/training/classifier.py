@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain import backbones
 from retrain.quiet_tensorflow import import_tensorflow
 from retrain.training import checkpoints, datasets, fine_tune
+from retrain.training.backbone import plain_backbone
 from retrain.training.checkpoints import Checkpoint
 from retrain.training.head import TrainResult, fit_head
 from retrain.training.settings import DistortionSettings, FineTuneSettings, HeadSettings
@@ -108,7 +108,7 @@ def train_classifier(
         "train_count": len(train_entries),
     }
     if distort is not None and not config.fine_tune_layers:
-        backbone = backbone or _load(spec, config)
+        backbone = backbone or plain_backbone(spec, config.backbone_weights)
         pixels = datasets.decoded_training(
             image_dir, train_entries, spec.input_size, config.train_batch_size, config.seed, distort
         )
@@ -132,7 +132,7 @@ def train_classifier(
             head_result.head, backbone, "cached", head_result, class_weights=class_weights
         )
 
-    backbone = backbone or _load(spec, config)
+    backbone = backbone or plain_backbone(spec, config.backbone_weights)
     settings = FineTuneSettings.from_config(
         config, summaries_dir=str(summaries_dir), progress=progress, class_weights=class_weights
     )
@@ -182,10 +182,6 @@ def _warn_if_worse(head_result, fine_tune_result) -> None:
             after,
             before,
         )
-
-
-def _load(spec, config):
-    return backbones.load(spec.name, include_top=False, weights_file=config.backbone_weights)
 
 
 def _fingerprint(config, cache, image_dir, buckets):
