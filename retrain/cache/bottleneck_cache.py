@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from retrain import backbones
-from retrain.cache import lock, merge, shards, store, view
+from retrain.cache import lock, merge, reading, shards, store, view
 from retrain.cache import plan as plan_lib
 from retrain.cache.identity import CacheIdentity
 from retrain.cache.journal import Journal, batch_records, journal_touched
@@ -28,10 +28,10 @@ class CacheReport:
     cached vector was kept (for a shard: in the cache or in finished shard
     files); ``failed``: (relative path, reason) of images that could not be
     read or decoded, with no vector; ``path``: the cache file; ``merged``:
-    shard files merged into it; ``shard_files``: files a shard run wrote. ``engine``: the engine that made the
-    vectors; ``extract_seconds``: wall time of extraction once the engine is
-    built (decoding, forward passes, journal writes), 0.0 when nothing was
-    extracted.
+    shard files merged into it; ``shard_files``: files a shard run wrote;
+    ``engine``: the engine that made the vectors; ``extract_seconds``: wall
+    time of extraction once the engine is built (decoding, forward passes,
+    journal writes), 0.0 when nothing was extracted.
     """
 
     extracted: int
@@ -380,40 +380,8 @@ class BottleneckCache:
         return view.blocks(self._open_for_reading(entries), entries, block_rows, order_seed)
 
     def _open_for_reading(self, entries):
-        """The cache (view.CacheView: the main file and any records whose merge
-        was deferred) with every entry in it; else RetrainError."""
         self._check_local()
-        try:
-            cache = view.open_view(self.folder, self.path, self.identity, self._main_for_reading)
-            if cache is not None and cache.pending:
-                cache.load_pending()  # now, while the files are certainly there
-        except OSError as error:
-            raise lock.cache_error("read", self.path, error) from None
-        if cache is None:
-            raise RetrainError(
-                f"There is no bottleneck cache {self.path} yet; run "
-                "BottleneckCache.update (or retrain --cache_only) first."
-            )
-        missing = [e.relative_path for e in entries if e.key not in cache.rows]
-        if missing:
-            cache.close()
-            raise RetrainError(
-                f"{len(missing)} of {len(entries)} images are not in the bottleneck "
-                f"cache {self.path}, e.g. {missing[0]}; run BottleneckCache.update "
-                "on their ImageList first and leave out CacheReport.failed."
-            )
-        return cache
-
-    def _main_for_reading(self):
-        if not self.path.exists():
-            return None
-        try:
-            return store.CacheFile(self.path, self.identity)
-        except store.UnreadableCache as error:
-            raise RetrainError(
-                f"The bottleneck cache {self.path} cannot be read ({error}); "
-                "run BottleneckCache.update (or retrain --cache_only) to build it."
-            ) from None
+        return reading.open_for_reading(self.folder, self.path, self.identity, entries)
 
 
 class _EngineChanged(Exception):
