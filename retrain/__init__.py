@@ -5,3 +5,6 @@ A frozen ImageNet backbone turns every image into a bottleneck vector once
 """
 
 __version__ = "0.1.0"
+
+# retrain's notes (INFO) reach stderr wherever it runs: see retrain.messages.
+from retrain import messages  # noqa: E402, F401

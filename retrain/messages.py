@@ -1,14 +1,17 @@
 """How retrain speaks to the user: every line on stderr goes through `logging`.
 
-Each command's entry point calls ``setup(prog)`` once. Then the records of
-the ``retrain`` loggers print on stderr, one line each:
+Records of the ``retrain`` loggers print on stderr, one line each:
 
     ERROR    "<prog>: error: <message>"   bad input; exit status 2 follows
     WARNING  "WARNING: <message>"         a file skipped, a report part missing...
     INFO     "<message>"                  a note ("3 images skipped; listed in ...")
 
-Other libraries' warnings print the same way (unless the host, e.g. a notebook,
-already prints them); their INFO records stay hidden.
+Notes (INFO) always print, from the command line or a notebook alike. Each
+command's entry point calls ``setup(prog)`` once, which prints the warnings
+and errors of retrain and the warnings of other libraries, unless the host
+(a notebook or test runner that configured ``logging``) already handles
+them; its error lines still print. Without ``setup`` and without any logging
+configuration, retrain's warnings print too.
 Results (accuracy, saved paths, labels) go to stdout with ``print``.
 """
 
@@ -24,7 +27,7 @@ ROOT = "retrain"
 class _OneLine(logging.Formatter):
     """The one-line format of each level (see the module docstring)."""
 
-    def __init__(self, prog: str):
+    def __init__(self, prog: str = ""):
         super().__init__()
         self.prog = prog
 
@@ -37,24 +40,39 @@ class _OneLine(logging.Formatter):
         return message
 
 
-class _Stderr(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is when a record comes (a notebook or a test may
-    have replaced it since ``setup``)."""
-
-    def __init__(self):
-        super().__init__(sys.stderr)
+class _Stderr(logging.Handler):
+    """Writes each record as one line to whatever ``sys.stderr`` is when it comes (a
+    notebook or a test may have replaced it since the handler was made)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stderr)
-        super().emit(record)
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging's own convention for a failing handler
+            self.handleError(record)
 
 
 def _ours(record: logging.LogRecord) -> bool:
     return record.name == ROOT or record.name.startswith(ROOT + ".")
 
 
+def _note_or_unhandled(record: logging.LogRecord) -> bool:
+    """Notes always; warnings and errors only when nothing else would show them."""
+    return record.levelno < logging.WARNING or not logging.getLogger().handlers
+
+
+def _install_notes() -> None:
+    logger = logging.getLogger(ROOT)
+    if not any(isinstance(handler, _Stderr) for handler in logger.handlers):
+        notes = _Stderr()
+        notes.setFormatter(_OneLine())
+        notes.addFilter(_note_or_unhandled)
+        logger.addHandler(notes)
+    logger.setLevel(logging.INFO)
+
+
 def setup(prog: str) -> None:
-    """Prints log records on stderr in the one-line format, ERROR lines prefixed by ``prog``.
+    """Prints warnings and errors on stderr, error lines prefixed by ``prog``.
 
     Safe to call again (another command in the same process): the handler is
     replaced, never added twice.
@@ -62,12 +80,15 @@ def setup(prog: str) -> None:
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _Stderr)]:
         root.removeHandler(handler)
+    hosted = bool(root.handlers)
     handler = _Stderr()
     handler.setFormatter(_OneLine(prog))
-    if root.handlers:
-        # The host (a notebook, pytest) prints other libraries' records its own way.
-        handler.addFilter(_ours)
+    if hosted:
+        # The host shows warnings its own way; the command's error lines are ours to print.
+        handler.addFilter(lambda record: record.levelno >= logging.ERROR and _ours(record))
+    else:
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING)
     root.addHandler(handler)
-    if root.level == logging.NOTSET or root.level > logging.WARNING:
-        root.setLevel(logging.WARNING)
-    logging.getLogger(ROOT).setLevel(logging.INFO)
+
+
+_install_notes()
