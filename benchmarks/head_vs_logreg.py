@@ -45,7 +45,7 @@ from retrain.config import Config  # noqa: E402
 from retrain.data import class_checks, images
 from retrain.errors import RetrainError  # noqa: E402
 from retrain.training.head import train_head
-from retrain.training.settings import HeadSettings
+from retrain.training.settings import HeadSettings, RunOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from make_digits import write_digits  # noqa: E402
@@ -104,7 +104,7 @@ def score_split(x, y, buckets, num_classes, config):
         val_x,
         val_y,
         num_classes,
-        HeadSettings.from_config(config, progress=False),
+        HeadSettings.from_config(config, RunOptions(progress=False)),
     )
     seconds = time.perf_counter() - start
     # A direct call, not predict(): predict traces a new tf.function for every

@@ -242,6 +242,7 @@ def train(config: Config, spec, cache, buckets: Buckets, folder, backbone, after
     """The training path the settings ask for; a training.classifier.TrainedClassifier."""
     # Deferred: these import TensorFlow.
     from retrain.training import class_weights, classifier
+    from retrain.training.settings import RunOptions
 
     weights = None
     if config.class_weights == "balanced":
@@ -252,17 +253,11 @@ def train(config: Config, spec, cache, buckets: Buckets, folder, backbone, after
     # which a killed run's successor removes.
     checkpoint_root = folder.final.parent / f".{folder.final.name}.checkpoint"
     summaries_dir = folder.place_folder(config.resolved_outputs()["summaries_dir"])
-    return classifier.train_classifier(
-        config,
-        spec,
-        cache,
-        buckets,
-        summaries_dir,
-        checkpoint_root,
-        backbone,
-        class_weights=weights,
-        after_checkpoint=after_checkpoint,
+    options = RunOptions(summaries_dir=str(summaries_dir), class_weights=weights)
+    training_run = classifier.TrainingRun(
+        options, checkpoint_root, backbone, tuple(after_checkpoint)
     )
+    return classifier.train_classifier(config, spec, cache, buckets, training_run)
 
 
 def predict_splits(config: Config, spec, trained, cache, buckets: Buckets) -> dict:

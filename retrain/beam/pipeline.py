@@ -2,8 +2,8 @@
 
 ``run(config, pipeline_args)`` lists the images, leaves out those the cache
 or its finished shard files already hold (``BottleneckCache.plan``), and
-extracts the rest in a DoFn that builds the backbone once per worker
-(``setup``), on batches formed by ``BatchElements``. Each batch becomes one
+extracts the rest, as one ``ShardExtraction`` says, in a DoFn that builds the
+backbone once per worker (``setup``), on batches formed by ``BatchElements``. Each batch becomes one
 shard file beside the cache (``BottleneckCache.extract_to_shard``, the code
 the single-process path runs); the next ``python -m retrain`` run merges them.
 """
@@ -29,6 +29,27 @@ NAMESPACE = "retrain"
 CREATE_LIMIT = 20_000
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardExtraction:
+    """What every worker needs to extract images into shard files.
+
+    image_dir: the folder the entries are relative to (str or Path).
+    bottleneck_dir: the cache folder (str or Path, or a tf.io.gfile URL); shards go there.
+    architecture, weights_file, dtype: as for BottleneckCache.
+    batch_size: int, images per backbone call.
+    engine: "keras" or "litert", resolved and checked (``BottleneckCache.build_engine``
+      on the launching machine), so every worker makes the same vectors.
+    """
+
+    image_dir: str
+    bottleneck_dir: str
+    architecture: str
+    weights_file: str | None = None
+    dtype: str = "float16"
+    batch_size: int = 32
+    engine: str = "keras"
+
+
 class ExtractToShard(beam.DoFn):
     """A batch of ImageEntry -> one shard file (its path is the output).
 
@@ -36,20 +57,18 @@ class ExtractToShard(beam.DoFn):
     ``retrain/extracted`` and ``retrain/failed`` count images.
     """
 
-    def __init__(
-        self,
-        image_dir,
-        bottleneck_dir,
-        architecture,
-        weights_file=None,
-        dtype="float16",
-        batch_size=32,
-        engine="keras",
-    ):
-        self._image_dir = str(image_dir)
-        self._cache_arguments = (str(bottleneck_dir), architecture, weights_file, dtype)
-        self._engine_choice = engines.EngineChoice(engine, architecture, weights_file)
-        self._batch_size = batch_size
+    def __init__(self, extraction: ShardExtraction):
+        self._image_dir = str(extraction.image_dir)
+        self._cache_arguments = (
+            str(extraction.bottleneck_dir),
+            extraction.architecture,
+            extraction.weights_file,
+            extraction.dtype,
+        )
+        self._engine_choice = engines.EngineChoice(
+            extraction.engine, extraction.architecture, extraction.weights_file
+        )
+        self._batch_size = extraction.batch_size
         self._extracted = Metrics.counter(NAMESPACE, "extracted")
         self._failed = Metrics.counter(NAMESPACE, "failed")
         self._cache = self._engine = None
@@ -74,33 +93,19 @@ class ExtractToShard(beam.DoFn):
         yield from writer.files
 
 
-def build_pipeline(
-    pipeline,
-    image_dir,
-    entries,
-    bottleneck_dir,
-    architecture,
-    weights_file=None,
-    dtype="float16",
-    batch_size=32,
-    engine="keras",
-):
+def build_pipeline(pipeline, entries, extraction: ShardExtraction):
     """Adds the extraction to ``pipeline``; returns the PCollection of shard file paths.
 
     Args:
       pipeline: a beam.Pipeline.
-      image_dir: the folder ``entries`` are relative to.
       entries: list of images.ImageEntry to extract (``BottleneckCache.plan().todo``),
         or the path of a listing of them written by ``write_listing``.
-      bottleneck_dir: the cache folder (a path or a tf.io.gfile URL); shards go there.
-      architecture, weights_file, dtype: as for BottleneckCache.
-      engine: "keras" or "litert", resolved and checked (``BottleneckCache.build_engine``
-        on the launching machine), so every worker makes the same vectors.
-      batch_size: int, images per backbone call. BatchElements forms batches
-        of the multiple of ``batch_size`` nearest below MAX_BATCH (at least
-        one batch), one shard file each.
+      extraction: the ShardExtraction. BatchElements forms batches of the
+        multiple of its ``batch_size`` nearest below MAX_BATCH (at least one
+        batch), one shard file each.
     """
     # Whole backbone batches: only a bundle's last batch is padded.
+    batch_size = extraction.batch_size
     shard_rows = batch_size * max(1, MAX_BATCH // batch_size)
     if isinstance(entries, str):
         found = (
@@ -113,12 +118,7 @@ def build_pipeline(
     return (
         found
         | "Batch" >> beam.BatchElements(min_batch_size=shard_rows, max_batch_size=shard_rows)
-        | "Extract"
-        >> beam.ParDo(
-            ExtractToShard(
-                image_dir, bottleneck_dir, architecture, weights_file, dtype, batch_size, engine
-            )
-        )
+        | "Extract" >> beam.ParDo(ExtractToShard(extraction))
     )
 
 
@@ -172,10 +172,8 @@ def run(config, pipeline_args, image_list=None):
     pipeline = beam.Pipeline(options=PipelineOptions(pipeline_args))
     listing = write_listing(plan.todo, cache.folder) if len(plan.todo) > CREATE_LIMIT else None
     try:
-        build_pipeline(
-            pipeline,
+        extraction = ShardExtraction(
             image_list.image_dir,
-            listing or plan.todo,
             cache.folder,
             config.architecture,
             config.backbone_weights,
@@ -183,6 +181,7 @@ def run(config, pipeline_args, image_list=None):
             config.extraction_batch_size,
             cache.engine_name,
         )
+        build_pipeline(pipeline, listing or plan.todo, extraction)
         result = pipeline.run()
         result.wait_until_finish()
     finally:

@@ -30,7 +30,12 @@ from retrain.training import checkpoints, datasets, fine_tune
 from retrain.training.backbone import plain_backbone
 from retrain.training.checkpoints import Checkpoint
 from retrain.training.head import TrainResult, fit_head
-from retrain.training.settings import DistortionSettings, FineTuneSettings, HeadSettings
+from retrain.training.settings import (
+    DistortionSettings,
+    FineTuneSettings,
+    HeadSettings,
+    RunOptions,
+)
 
 import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
@@ -59,19 +64,46 @@ class TrainedClassifier:
     class_weights: np.ndarray | None = None
 
 
-def train_classifier(
-    config,
-    spec,
-    cache,
-    buckets,
-    summaries_dir,
-    checkpoint_root,
-    backbone=None,
-    *,
-    progress=True,
-    class_weights=None,
-    after_checkpoint=(),
-) -> TrainedClassifier:
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+    """What one run adds to its Config: where it writes, what it already holds.
+
+    options: the RunOptions of the head's training and of fine-tuning
+      (TensorBoard folder, progress bars, class weights).
+    checkpoint_root: Path, folder for the checkpoints of the distortion and
+      fine-tuning paths (sub-folders distortions/ and fine_tune/); it must
+      outlive a killed run.
+    backbone: an already loaded backbone (fine-tuning loads it early), or None.
+    after_checkpoint: Keras callbacks run after each checkpoint of the
+      checkpointed fits (see `fit.fit`).
+    """
+
+    options: RunOptions
+    checkpoint_root: Path
+    backbone: keras.Model | None = None
+    after_checkpoint: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeadFit:
+    """What the head's fit shares across the three paths, built once per run.
+
+    validation: the cached validation sample (`datasets.cached_sample`).
+    settings: the HeadSettings.
+    shape: {"feature_dim", "num_classes", "train_count"}: ints fit_head takes.
+    distort: the distortion function of the images (uint8 -> float32
+      [size, size, 3]), or None when none is asked for.
+    fingerprint: what the checkpoints are valid for (`_fingerprint`).
+    """
+
+    validation: object
+    settings: HeadSettings
+    shape: dict
+    distort: object
+    fingerprint: str
+
+
+def train_classifier(config, spec, cache, buckets, run: TrainingRun) -> TrainedClassifier:
     """Trains the head (and fine-tunes, when asked) as `config` says.
 
     Args:
@@ -79,68 +111,85 @@ def train_classifier(
       spec: the BackboneSpec.
       cache: the BottleneckCache holding every usable entry.
       buckets: the usable images by split (`retrain.data.buckets.Buckets`).
-      summaries_dir: TensorBoard folder.
-      checkpoint_root: folder for the checkpoints of the distortion and
-        fine-tuning paths (sub-folders distortions/ and fine_tune/); it must
-        outlive a killed run.
-      backbone: an already loaded backbone (fine-tuning loads it early), or None.
-      progress: progress bars on stderr.
-      class_weights: float [num_classes] loss weights of the head's training
-        and of fine-tuning (`class_weights.balanced_class_weights`), or None.
-      after_checkpoint: Keras callbacks run after each checkpoint of the
-        checkpointed fits (see `fit.fit`).
+      run: the TrainingRun (options, checkpoint folder, loaded backbone, callbacks).
     """
     keras.utils.set_random_seed(config.seed)  # before any dataset, whose shuffles draw from it
-    image_dir = Path(buckets.image_dir)
-    train_entries = buckets.training.entries
-    validation = datasets.cached_sample(
-        cache, buckets.validation.entries, config.validation_batch_size, config.seed
+    # Built field by field in this order, as the datasets draw from the seed in turn.
+    head_fit = _HeadFit(
+        validation=datasets.cached_sample(
+            cache, buckets.validation.entries, config.validation_batch_size, config.seed
+        ),
+        distort=DistortionSettings.from_config(config).function(spec.input_size),
+        fingerprint=_fingerprint(config, cache, Path(buckets.image_dir), buckets),
+        settings=HeadSettings.from_config(config, run.options),
+        shape={
+            "feature_dim": spec.feature_dim,
+            "num_classes": len(buckets.class_names),
+            "train_count": len(buckets.training.entries),
+        },
     )
-    distort = DistortionSettings.from_config(config).function(spec.input_size)
-    fingerprint = _fingerprint(config, cache, image_dir, buckets)
-    checkpoint_root = Path(checkpoint_root)
-    head_settings = HeadSettings.from_config(
-        config, summaries_dir=str(summaries_dir), progress=progress, class_weights=class_weights
-    )
-    shape = {
-        "feature_dim": spec.feature_dim,
-        "num_classes": len(buckets.class_names),
-        "train_count": len(train_entries),
-    }
-    if distort is not None and not config.fine_tune_layers:
-        backbone = backbone or plain_backbone(spec, config.backbone_weights)
-        pixels = datasets.decoded_training(
-            image_dir, train_entries, spec.input_size, config.train_batch_size, config.seed, distort
-        )
-        head_result = fit_head(
-            datasets.through_backbone(pixels, backbone),
-            validation,
-            head_settings,
-            description="Training on distorted images",
-            checkpoint=Checkpoint(checkpoint_root / "distortions", fingerprint),
-            after_checkpoint=after_checkpoint,
-            **shape,
-        )
-        return TrainedClassifier(
-            head_result.head, backbone, "distortions", head_result, class_weights=class_weights
-        )
+    if head_fit.distort is not None and not config.fine_tune_layers:
+        return _train_on_distortions(config, spec, buckets, run, head_fit)
 
-    training = datasets.cached_training(cache, train_entries, config.train_batch_size, config.seed)
-    head_result = fit_head(training, validation, head_settings, **shape)
+    training = datasets.cached_training(
+        cache, buckets.training.entries, config.train_batch_size, config.seed
+    )
+    head_result = fit_head(training, head_fit.validation, head_fit.settings, **head_fit.shape)
     if not config.fine_tune_layers:
         return TrainedClassifier(
-            head_result.head, backbone, "cached", head_result, class_weights=class_weights
+            head_result.head,
+            run.backbone,
+            "cached",
+            head_result,
+            class_weights=run.options.class_weights,
         )
+    return _fine_tune(config, spec, buckets, run, head_fit, head_result)
 
-    backbone = backbone or plain_backbone(spec, config.backbone_weights)
-    settings = FineTuneSettings.from_config(
-        config, summaries_dir=str(summaries_dir), progress=progress, class_weights=class_weights
+
+def _train_on_distortions(config, spec, buckets, run, head_fit: _HeadFit) -> TrainedClassifier:
+    """The distortions path: the head fit on distorted images through the frozen backbone."""
+    backbone = run.backbone or plain_backbone(spec, config.backbone_weights)
+    pixels = datasets.decoded_training(
+        Path(buckets.image_dir),
+        buckets.training.entries,
+        spec.input_size,
+        config.train_batch_size,
+        config.seed,
+        head_fit.distort,
     )
+    head_result = fit_head(
+        datasets.through_backbone(pixels, backbone),
+        head_fit.validation,
+        head_fit.settings,
+        description="Training on distorted images",
+        checkpoint=Checkpoint(Path(run.checkpoint_root) / "distortions", head_fit.fingerprint),
+        after_checkpoint=run.after_checkpoint,
+        **head_fit.shape,
+    )
+    return TrainedClassifier(
+        head_result.head,
+        backbone,
+        "distortions",
+        head_result,
+        class_weights=run.options.class_weights,
+    )
+
+
+def _fine_tune(config, spec, buckets, run, head_fit: _HeadFit, head_result) -> TrainedClassifier:
+    """The fine-tuning path's second part: head + backbone on decoded images, after the cached head."""
+    backbone = run.backbone or plain_backbone(spec, config.backbone_weights)
+    settings = FineTuneSettings.from_config(config, run.options)
+    image_dir, train_entries = Path(buckets.image_dir), buckets.training.entries
     result = fine_tune.fine_tune(
         backbone,
         head_result.head,
         datasets.decoded_training(
-            image_dir, train_entries, spec.input_size, settings.batch_size, config.seed, distort
+            image_dir,
+            train_entries,
+            spec.input_size,
+            settings.batch_size,
+            config.seed,
+            head_fit.distort,
         ),
         datasets.decoded_evaluation(
             image_dir, buckets.validation.entries, spec.input_size, settings.batch_size
@@ -150,12 +199,12 @@ def train_classifier(
         settings,
         input_size=spec.input_size,
         steps_per_epoch=fine_tune.steps_per_epoch(len(train_entries), settings.batch_size),
-        checkpoint=Checkpoint(checkpoint_root / "fine_tune", fingerprint),
-        after_checkpoint=after_checkpoint,
+        checkpoint=Checkpoint(Path(run.checkpoint_root) / "fine_tune", head_fit.fingerprint),
+        after_checkpoint=run.after_checkpoint,
     )
     _warn_if_worse(head_result, result)
     return TrainedClassifier(
-        head_result.head, backbone, "fine-tuning", head_result, result, class_weights
+        head_result.head, backbone, "fine-tuning", head_result, result, run.options.class_weights
     )
 
 

@@ -2,8 +2,9 @@
 
 `HeadSettings` drive the new softmax layer's fit, `FineTuneSettings` the
 fine-tuning of head + backbone, `DistortionSettings` the random distortions of
-the training images. Each is checked once, where it is built; the functions
-that take them never re-check.
+the training images; `RunOptions` carries what a run adds to the first two
+(TensorBoard folder, progress bars, class weights). Each is checked once,
+where it is built; the functions that take them never re-check.
 """
 
 from __future__ import annotations
@@ -15,6 +16,30 @@ import numpy as np
 
 from retrain.config import DISTORTION_FIELDS, check_setting
 from retrain.data import distortions
+
+# The Config fields HeadSettings copies under the same names, in the order they are checked.
+_HEAD_FLAGS = (
+    "how_many_training_steps",
+    "train_batch_size",
+    "eval_step_interval",
+    "learning_rate",
+    "validation_batch_size",
+    "seed",
+)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a run adds to its Config's training flags, shared by the head and fine-tuning.
+
+    summaries_dir: TensorBoard folder, or None.
+    progress: progress bars on stderr.
+    class_weights: float [num_classes] training-loss weight of each class, or None.
+    """
+
+    summaries_dir: str | None = None
+    progress: bool = True
+    class_weights: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -45,31 +70,13 @@ class HeadSettings:
     class_weights: np.ndarray | None = None
 
     def __post_init__(self):
-        for name in (
-            "how_many_training_steps",
-            "train_batch_size",
-            "eval_step_interval",
-            "learning_rate",
-            "validation_batch_size",
-            "seed",
-        ):
+        for name in _HEAD_FLAGS:
             check_setting(name, getattr(self, name))
 
     @classmethod
-    def from_config(
-        cls, config, *, summaries_dir=None, progress=True, class_weights=None
-    ) -> HeadSettings:
-        return cls(
-            how_many_training_steps=config.how_many_training_steps,
-            learning_rate=config.learning_rate,
-            train_batch_size=config.train_batch_size,
-            eval_step_interval=config.eval_step_interval,
-            seed=config.seed,
-            validation_batch_size=config.validation_batch_size,
-            summaries_dir=summaries_dir,
-            progress=progress,
-            class_weights=class_weights,
-        )
+    def from_config(cls, config, options: RunOptions = RunOptions()) -> HeadSettings:
+        """The head's flags of `config` (the fields' own names), with the run's `options`."""
+        return _from_config(cls, config, {name: name for name in _HEAD_FLAGS}, options)
 
 
 @dataclass(frozen=True)
@@ -96,18 +103,13 @@ class FineTuneSettings:
     class_weights: np.ndarray | None = None
 
     @classmethod
-    def from_config(
-        cls, config, *, summaries_dir=None, progress=True, class_weights=None
-    ) -> FineTuneSettings:
-        return cls(
-            layers=config.fine_tune_layers,
-            epochs=config.fine_tune_epochs,
-            learning_rate=config.fine_tune_learning_rate,
-            batch_size=config.fine_tune_batch_size,
-            summaries_dir=summaries_dir,
-            progress=progress,
-            class_weights=class_weights,
-        )
+    def from_config(cls, config, options: RunOptions = RunOptions()) -> FineTuneSettings:
+        """The --fine_tune_* flags of `config` (`layers` is fine_tune_layers ...), with `options`."""
+        flags = {
+            name: f"fine_tune_{name}"
+            for name in ("layers", "epochs", "learning_rate", "batch_size")
+        }
+        return _from_config(cls, config, flags, options)
 
 
 @dataclass(frozen=True)
@@ -126,3 +128,15 @@ class DistortionSettings:
     def function(self, input_size: int):
         """`distortions.distortion_function` of these settings: None when none is asked for."""
         return distortions.distortion_function(input_size, **dataclasses.asdict(self))
+
+
+def _from_config(cls, config, flags: dict[str, str], options: RunOptions):
+    """`cls` with each field of `flags` (field -> Config field) read from `config`, plus `options`.
+
+    The options' fields are read one by one, not with dataclasses.asdict,
+    which would copy the class weights.
+    """
+    values = {field: getattr(config, name) for field, name in flags.items()}
+    for field in dataclasses.fields(options):
+        values[field.name] = getattr(options, field.name)
+    return cls(**values)
