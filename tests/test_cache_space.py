@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import fill
 from test_cache import photos, write
+from test_faults import FAST
 
 from retrain import cli
 from retrain.cache import BottleneckCache, journal, merge, store
@@ -138,20 +139,6 @@ def test_a_first_run_whose_merge_cannot_fit_reads_the_journal_alone(
     assert not cache.path.exists()
     assert any("merge deferred" in r.getMessage() for r in caplog.records)
     assert np.array_equal(cache.read(found.entries), reference.read(found.entries))
-
-
-FAST = [
-    "--how_many_training_steps",
-    "20",
-    "--eval_step_interval",
-    "10",
-    "--extraction_batch_size",
-    "4",
-    "--testing_percentage",
-    "0",
-    "--validation_percentage",
-    "0",
-]
 
 
 def test_a_run_on_a_full_cache_disk_trains_and_the_next_run_merges(
