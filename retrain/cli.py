@@ -61,10 +61,19 @@ HELP = {
     "random_crop": "percentage of margin to randomly crop training images from (distortion path)",
     "random_scale": "percentage by which to randomly enlarge training images (distortion path)",
     "random_brightness": "percentage by which to randomly brighten or darken training images (distortion path)",
+    "random_resized_crop": "train on random crops keeping at least this percentage of the image "
+    "area, any aspect from 3:4 to 4:3, resized back (distortion path; 0 = off)",
     "fine_tune_layers": "after the head, also train the top N backbone layers; -1 = all, 0 = off",
     "fine_tune_epochs": "passes over the training images when fine-tuning",
-    "fine_tune_learning_rate": "Adam learning rate of fine-tuning (head and unfrozen layers)",
+    "fine_tune_learning_rate": "peak AdamW learning rate of fine-tuning, of the head and the top "
+    "block (lower blocks: see --fine_tune_layer_decay)",
     "fine_tune_batch_size": "images per fine-tuning step",
+    "fine_tune_warmup_epochs": "epochs over which the fine-tuning rate rises linearly from 0 before "
+    "its cosine decay",
+    "fine_tune_layer_decay": "factor by which the fine-tuning rate shrinks per backbone block "
+    "toward the input (1 = one rate for all)",
+    "fine_tune_weight_decay": "AdamW decoupled weight decay of fine-tuning (0 = none)",
+    "fine_tune_label_smoothing": "label smoothing of the fine-tuning loss (0 = none)",
 }
 
 

@@ -67,6 +67,7 @@ class Config:
     random_crop: float = 0.0
     random_scale: float = 0.0
     random_brightness: float = 0.0
+    random_resized_crop: float = 0.0
     fine_tune_layers: int = 0
     # Fine-tuning defaults, measured on low-resolution photos (README,
     # "Distortions and fine-tuning"): a rate 10x below the head's, decaying
@@ -75,6 +76,14 @@ class Config:
     fine_tune_epochs: int = 3
     fine_tune_learning_rate: float = 3e-4
     fine_tune_batch_size: int = 32
+    # The fine-tuning recipe (docs/training-paths.md, "The best preset"): a
+    # linear warm-up over the first steps, rates that shrink by
+    # fine_tune_layer_decay per block toward the input, AdamW's decoupled
+    # weight decay and label smoothing.
+    fine_tune_warmup_epochs: float = 0.3
+    fine_tune_layer_decay: float = 0.7
+    fine_tune_weight_decay: float = 0.02
+    fine_tune_label_smoothing: float = 0.1
 
     def distortions(self) -> dict[str, Any]:
         """The distortion settings as keyword arguments of `distortions.distortion_function`."""
@@ -102,7 +111,13 @@ class Config:
 # the same in total (weights n / (k * n_class), as scikit-learn's "balanced").
 CLASS_WEIGHTS = ("none", "balanced")
 FIELD_NAMES = tuple(f.name for f in fields(Config))
-DISTORTION_FIELDS = ("flip_left_right", "random_crop", "random_scale", "random_brightness")
+DISTORTION_FIELDS = (
+    "flip_left_right",
+    "random_crop",
+    "random_scale",
+    "random_brightness",
+    "random_resized_crop",
+)
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -222,6 +237,12 @@ _RULES = {
     },
     # Brightness is multiplied by a factor in [1 - P/100, 1 + P/100].
     "random_brightness": (lambda v: _real(v) and 0 <= v <= 100, "a percentage from 0 to 100"),
+    # The smallest share of the image's area a random crop keeps, in percent.
+    "random_resized_crop": (lambda v: _real(v) and 0 <= v <= 100, "a percentage from 0 to 100"),
+    "fine_tune_warmup_epochs": (lambda v: _real(v) and 0 <= v < math.inf, "0 or more epochs"),
+    "fine_tune_layer_decay": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "fine_tune_weight_decay": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "fine_tune_label_smoothing": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
     "fine_tune_layers": (
         lambda v: _count(v) and v >= -1,
         "0 (off), -1 (the whole backbone) or a number of layers",

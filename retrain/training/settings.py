@@ -120,6 +120,7 @@ class DistortionSettings:
     random_crop: float = 0
     random_scale: float = 0
     random_brightness: float = 0
+    random_resized_crop: float = 0
 
     @classmethod
     def from_config(cls, config) -> DistortionSettings:
