@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 HELP = {
     "image_dir": "folder with one sub-folder of images per class",
+    "preset": "fast: the head on cached vectors, in seconds; best: fine-tune the whole "
+    "backbone with the recipe of docs/training-paths.md (flags and the YAML file override it)",
     "bottleneck_dir": "folder of the HDF5 bottleneck caches, one file per backbone",
     "architecture": f"frozen ImageNet backbone, one of: {', '.join(backbones.names())}",
     "backbone_weights": "local weights file for a Keras-application backbone (offline use)",
@@ -74,6 +76,7 @@ HELP = {
     "toward the input (1 = one rate for all)",
     "fine_tune_weight_decay": "AdamW decoupled weight decay of fine-tuning (0 = none)",
     "fine_tune_label_smoothing": "label smoothing of the fine-tuning loss (0 = none)",
+    "test_time_flip": "the exported model averages each picture's probabilities with its mirror's",
 }
 
 

@@ -29,6 +29,8 @@ TFLITE_KINDS = ("float32", "float16", "int8")
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # --engine: "auto" lets retrain.engines.resolve pick keras or litert.
 ENGINE_NAMES = ("auto", "keras", "litert")
+# --preset: the groups of defaults retrain.presets defines.
+PRESET_NAMES = ("fast", "best")
 
 
 @dataclass
@@ -36,6 +38,9 @@ class Config:
     """Every setting of a run, with retrain.py's names where they apply."""
 
     image_dir: Optional[str] = None
+    # fast (the cached head) or best (the fine-tuning recipe): defaults for a
+    # group of the settings below, which the YAML file and flags override.
+    preset: str = "fast"
     bottleneck_dir: str = "cache"
     architecture: str = DEFAULT_BACKBONE
     backbone_weights: Optional[str] = None
@@ -84,6 +89,8 @@ class Config:
     fine_tune_layer_decay: float = 0.7
     fine_tune_weight_decay: float = 0.02
     fine_tune_label_smoothing: float = 0.1
+    # The exported model averages the probabilities of each picture and its mirror.
+    test_time_flip: bool = False
 
     def distortions(self) -> dict[str, Any]:
         """The distortion settings as keyword arguments of `distortions.distortion_function`."""
@@ -222,6 +229,7 @@ _RULES = {
     "num_shards": (lambda v: _count(v) and v >= 1, "an integer of at least 1"),
     "bottleneck_dtype": (lambda v: v in BOTTLENECK_DTYPES, " or ".join(BOTTLENECK_DTYPES)),
     "engine": (lambda v: v in ENGINE_NAMES, " or ".join(ENGINE_NAMES)),
+    "preset": (lambda v: v in PRESET_NAMES, " or ".join(PRESET_NAMES)),
     "output_graph": (
         lambda v: v is None or isinstance(v, str) and v.endswith(".keras"),
         "a file name ending in .keras",
