@@ -6,9 +6,12 @@ frozen: a frozen Keras BatchNormalization runs in inference mode, so its
 moving mean and variance never change (a small batch of new images would
 otherwise overwrite the ImageNet statistics the weights depend on; Keras
 issues #9214 and #9965). `fine_tune` then trains head and unfrozen layers
-together on decoded images with Adam at a low learning rate that decays along
-a cosine to zero, and checkpoints after every epoch: rerun with the same
-settings and images, a killed run resumes from its last checkpoint.
+together on decoded images: AdamW with decoupled weight decay, a rate that
+warms up linearly then decays along a cosine to zero and shrinks per block
+toward the input (`retrain.training.learning_rates`), label smoothing
+(`retrain.training.losses`); it keeps the weights of the epoch with the
+lowest validation loss, and checkpoints after every epoch: rerun with the
+same settings and images, a killed run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from dataclasses import dataclass, field
 
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
+from retrain.training import learning_rates
 from retrain.training.checkpoints import Checkpoint
 from retrain.training.class_weights import class_weight_dict
 from retrain.training.fit import FitLoop, fit
+from retrain.training.losses import fine_tune_loss
 from retrain.training.settings import FineTuneSettings
 
 import_tensorflow()
@@ -34,11 +39,14 @@ class FineTuneResult:
     history: one dict per epoch run in this process (see head.TrainResult).
     resumed_epoch: the epochs a checkpoint supplied (0 for a fresh start).
     trainable_layers: names of the backbone layers whose weights were trained.
+    best_epoch: the epoch (from 1) whose weights the model holds: the lowest
+      validation loss of the epochs run in this process, else the last.
     """
 
     history: list[dict] = field(default_factory=list)
     resumed_epoch: int = 0
     trainable_layers: list[str] = field(default_factory=list)
+    best_epoch: int = 0
 
 
 def unfreeze(backbone: keras.Model, layers: int) -> list[str]:
@@ -104,9 +112,11 @@ def fine_tune(
       head: the trained head, float32 [b, feature_dim] -> [b, num_classes].
       training: endless tf.data.Dataset of (float32 [b, input_size,
         input_size, 3] RGB in [0, 255], int64 [b] labels).
-      validation: finite dataset of the same, or None.
-      settings: FineTuneSettings (layers, epochs, learning rate, batch size,
-        TensorBoard folder, progress bar, class weights).
+      validation: finite dataset of the same, or None. With it, the weights
+        of the epoch with the lowest validation loss are the ones kept.
+      settings: FineTuneSettings (layers, epochs, the rate and its schedule,
+        weight decay, label smoothing, batch size, TensorBoard folder,
+        progress bar, class weights).
       steps_per_epoch: steps per pass over the training images.
       checkpoint: where the checkpoint goes (created; removed after success)
         and the `checkpoints.run_fingerprint` of this run's settings and
@@ -121,12 +131,9 @@ def fine_tune(
     try:
         images = keras.Input((input_size, input_size, 3), name="pixels")
         model = keras.Model(images, head(backbone(images)), name="fine_tuned")
-        schedule = keras.optimizers.schedules.CosineDecay(
-            settings.learning_rate, steps_per_epoch * settings.epochs
-        )
         model.compile(
-            optimizer=keras.optimizers.Adam(schedule),
-            loss="sparse_categorical_crossentropy",
+            optimizer=_optimizer(backbone, settings, steps_per_epoch),
+            loss=fine_tune_loss(settings.label_smoothing),
             metrics=["accuracy"],
         )
         loop = FitLoop(
@@ -139,22 +146,46 @@ def fine_tune(
             progress=settings.progress,
             checkpoint=checkpoint,
         )
-        class_weight = (
-            None
-            if settings.class_weights is None
-            else class_weight_dict(settings.class_weights, head.output_shape[-1])
-        )
+        keep_best = _keep_best(validation, settings.epochs)
         history, resumed = fit(
             model,
             training,
             validation,
             loop,
-            class_weight=class_weight,
+            callbacks=keep_best,
+            class_weight=None
+            if settings.class_weights is None
+            else class_weight_dict(settings.class_weights, head.output_shape[-1]),
             after_checkpoint=after_checkpoint,
         )
     finally:
         freeze(backbone)
-    return FineTuneResult(history, resumed, trainable_layers)
+    best = keep_best[0].best_epoch + 1 if keep_best and history else settings.epochs
+    return FineTuneResult(history, resumed, trainable_layers, best_epoch=best)
+
+
+def _optimizer(backbone, settings: FineTuneSettings, steps_per_epoch: int):
+    """AdamW with layer-wise rates on a warm-up + cosine schedule (`learning_rates`)."""
+    total = steps_per_epoch * settings.epochs
+    schedule = learning_rates.warmup_cosine(
+        settings.learning_rate, total, round(settings.warmup_epochs * steps_per_epoch)
+    )
+    return learning_rates.LayerwiseAdamW(
+        schedule,
+        learning_rates.rate_scales(backbone, settings.layer_decay),
+        weight_decay=settings.weight_decay,
+    )
+
+
+def _keep_best(validation, epochs: int) -> list:
+    """[EarlyStopping that never stops but restores the lowest-val_loss epoch], or [] without validation."""
+    if validation is None:
+        return []
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", mode="min", patience=epochs + 1, restore_best_weights=True
+        )
+    ]
 
 
 def steps_per_epoch(images: int, batch_size: int) -> int:

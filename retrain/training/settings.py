@@ -26,6 +26,17 @@ _HEAD_FLAGS = (
     "validation_batch_size",
     "seed",
 )
+# The FineTuneSettings fields that are Config's fine_tune_<name>, checked in this order.
+_FINE_TUNE_FLAGS = (
+    "layers",
+    "epochs",
+    "learning_rate",
+    "batch_size",
+    "warmup_epochs",
+    "layer_decay",
+    "weight_decay",
+    "label_smoothing",
+)
 
 
 @dataclass(frozen=True)
@@ -85,8 +96,15 @@ class FineTuneSettings:
 
     layers: top layers of `backbone.layers` to train; -1 = all.
     epochs: passes over the training images.
-    learning_rate: Adam's initial rate; it decays along a cosine to 0.
+    learning_rate: the peak rate of the head and the top block
+      (`retrain.training.learning_rates`): it rises linearly from 0 over
+      warmup_epochs, then decays along a cosine to 0.
     batch_size: decoded images per step.
+    warmup_epochs: epochs of the linear warm-up (fractions allowed).
+    layer_decay: each block toward the input trains at this factor of the
+      rate of the block above it (1 = one rate for all).
+    weight_decay: AdamW's decoupled weight decay of the kernels.
+    label_smoothing: share of the target spread over all classes.
     summaries_dir: TensorBoard folder (scalars in fine_tune_train and
       fine_tune_validation), or None.
     progress: a progress bar on stderr.
@@ -98,17 +116,22 @@ class FineTuneSettings:
     epochs: int
     learning_rate: float
     batch_size: int
+    warmup_epochs: float = 0.0
+    layer_decay: float = 1.0
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
     summaries_dir: str | None = None
     progress: bool = True
     class_weights: np.ndarray | None = None
 
+    def __post_init__(self):
+        for name in _FINE_TUNE_FLAGS:
+            check_setting(f"fine_tune_{name}", getattr(self, name), name)
+
     @classmethod
     def from_config(cls, config, options: RunOptions = RunOptions()) -> FineTuneSettings:
         """The --fine_tune_* flags of `config` (`layers` is fine_tune_layers ...), with `options`."""
-        flags = {
-            name: f"fine_tune_{name}"
-            for name in ("layers", "epochs", "learning_rate", "batch_size")
-        }
+        flags = {name: f"fine_tune_{name}" for name in _FINE_TUNE_FLAGS}
         return _from_config(cls, config, flags, options)
 
 
