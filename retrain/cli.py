@@ -2,7 +2,8 @@
 
     python -m retrain --image_dir flower_photos [--config run.yaml] [flags]
 
-Precedence: Config defaults < the YAML file < flags given on the command line.
+Precedence: Config defaults < the preset's values (`--preset` or YAML `preset:`,
+see retrain.presets) < the YAML file < flags given on the command line.
 Usage errors and bad input print one line on stderr and exit with status 2.
 """
 
@@ -16,7 +17,7 @@ import sys
 import threading
 from dataclasses import fields
 
-from retrain import backbones, messages
+from retrain import backbones, messages, presets
 from retrain import config as config_lib
 from retrain.arguments import OneLineErrorParser
 from retrain.errors import RetrainError
@@ -128,7 +129,7 @@ def add_config_flags(parser, names=None):
 
 
 def resolve_config(argv: list[str] | None = None) -> config_lib.Config:
-    """Parse argv and merge defaults < YAML < flags into a validated Config."""
+    """Parse argv and merge defaults < preset < YAML < flags into a validated Config."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     settings: dict = {}
@@ -136,7 +137,7 @@ def resolve_config(argv: list[str] | None = None) -> config_lib.Config:
     if config_path:
         settings.update(config_lib.load_yaml(config_path))
     settings.update({key: value for key, value in args.items() if value is not None})
-    config = config_lib.Config(**settings)
+    config = presets.make_config(**settings)
     config_lib.validate(config)
     return config
 

@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrain import backbones, console, engines
+from retrain import backbones, console, engines, presets
 from retrain.cache import BottleneckCache, CacheReport
 from retrain.config import Config, save_yaml
 from retrain.data import images
@@ -164,6 +164,7 @@ def _train_and_export(
         result.deployment_paths = deployment.export_for_deployment(
             classifier, image_list, buckets.training.entries, config, folder
         )
+    presets.log_best_cost(config, buckets, filled.report.images_per_second)
     return result
 
 

@@ -31,7 +31,9 @@ class CacheReport:
     shard files merged into it; ``shard_files``: files a shard run wrote;
     ``engine``: the engine that made the vectors; ``extract_seconds``: wall
     time of extraction once the engine is built (decoding, forward passes,
-    journal writes), 0.0 when nothing was extracted.
+    journal writes), 0.0 when nothing was extracted; ``images_per_second``:
+    the extraction speed recorded with the cache (``store.RATE``: this run's
+    when it measured one), None when none is.
     """
 
     extracted: int
@@ -42,6 +44,7 @@ class CacheReport:
     shard_files: list = dataclasses.field(default_factory=list)
     engine: str = "keras"
     extract_seconds: float = 0.0
+    images_per_second: float | None = None
 
 
 class BottleneckCache:
@@ -142,8 +145,10 @@ class BottleneckCache:
                 plan, extracted, failed = self._fill(
                     image_list, image_list.entries, cache, journal, batch_size, progress
                 )
-                merged += self.merge()
-        return self._report(plan, extracted, failed, merged=merged)
+                rate = store.rate_to_record(self.path, extracted, self.extract_seconds)
+                merged += self.merge(rate)
+                rate = rate or store.recorded_rate(self.path)
+        return self._report(plan, extracted, failed, merged=merged, images_per_second=rate)
 
     def _again_if_engine_changed(self, work, *args):
         """Runs ``work``, and once more if building the engine moved the cache
@@ -267,7 +272,7 @@ class BottleneckCache:
         """A new shards.ShardWriter for this cache (``label``: letters and digits)."""
         return shards.ShardWriter(self.folder, self.path.name, self.identity, label, chunk_rows)
 
-    def merge(self):
+    def merge(self, images_per_second=None):
         """Merges finished shard files (and a killed run's journal) into the cache.
 
         The caller holds the cache lock (``update`` does). Returns the number
@@ -275,8 +280,10 @@ class BottleneckCache:
         When the merged file would not fit on the disk, the merge is deferred
         with a warning (the journal and shard files are read beside the main
         file until a later merge has the space) and 0 is returned.
+        ``images_per_second``: the extraction speed the merged file records
+        (``store.RATE``; default: the one it held).
         """
-        folded = merge.fold(self.path, self.identity)
+        folded = merge.fold(self.path, self.identity, images_per_second)
         if folded.deferred:
             logger.warning("%s", folded.deferred)
         return folded.merged

@@ -33,7 +33,7 @@ class Folded(typing.NamedTuple):
     deferred: typing.Optional[str]
 
 
-def fold(path, identity):
+def fold(path, identity, images_per_second=None):
     """Merges the journal and every finished shard file into the main file.
 
     Also removes what killed runs left behind (temporary files, stale shard
@@ -42,7 +42,9 @@ def fold(path, identity):
     cannot be used is renamed aside with a warning, never merged. When the
     new main file would not fit on the disk, nothing is written: the journal
     and shard files stay, are read beside the main file (``view.CacheView``)
-    and are merged by a later fold with space.
+    and are merged by a later fold with space. ``images_per_second``: the
+    extraction speed to record in the new file (``store.RATE``; default:
+    the old file's).
 
     Returns:
       Folded.
@@ -70,7 +72,9 @@ def fold(path, identity):
             )
         with atomic_write.atomic_path(path) as temporary:
             try:
-                store.write_main(temporary, identity, main, winners, journal_keys)
+                store.write_main(
+                    temporary, identity, main, winners, journal_keys, images_per_second
+                )
             except RuntimeError as error:
                 raise _as_os_error(error, temporary) from None
     finally:

@@ -25,11 +25,13 @@ folder the row was extracted from; absent in files written before it
 existed, read as b"" = unknown), ``images/bottleneck`` [rows, feature_dim]
 in the cache dtype; ``failed/*`` the same for images that could not be
 decoded, with ``reason`` instead of digest and bottleneck. File attributes hold the backbone name,
-fingerprint, feature_dim, dtype and format version, checked on every open.
+fingerprint, feature_dim, dtype and format version, checked on every open;
+outside the identity, ``RATE`` records the measured extraction speed.
 """
 
 import datetime
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -62,6 +64,14 @@ _FIELD_TYPES = {
     "folder": ("S16", 1),
 }
 _OPTIONAL_FIELDS = ("folder",)
+# File attribute: images/s (float) of the last extraction into the file that
+# measured one, kept by every merge; what `--preset best`'s cost estimate
+# scales (retrain.presets). Not part of the identity: a file without it, or
+# with a value that is not a positive number, is used as ever.
+RATE = "extraction_images_per_second"
+# A run extracting fewer images measured mostly the engine's first calls: it
+# records its speed only in a file that holds none.
+RATED_IMAGES = 64
 
 
 class CacheFile:
@@ -92,6 +102,7 @@ class CacheFile:
             raise UnreadableCache(f"not a readable HDF5 file ({error})") from None
         try:
             self._check(identity)
+            self.images_per_second = _recorded_rate(self._file)
             images = self._file["images"]
             self.keys = images["key"][()]
             self.size = images["size"][()]
@@ -196,6 +207,39 @@ def _folder_field(group, count):
     return group[FOLDER][()]
 
 
+def _recorded_rate(file):
+    """The file's RATE attribute: a positive finite float, else None."""
+    try:
+        hdf5_checks.check_attributes(file, (RATE,))
+        value = float(file.attrs.get(RATE, 0.0))
+    except Exception:  # noqa: BLE001 - an odd value is no speed, never a reason to set the file aside
+        return None
+    return value if 0 < value < math.inf else None
+
+
+def recorded_rate(path):
+    """The extraction images/s recorded in the main file ``path``; None when absent or unreadable."""
+    try:
+        hdf5_checks.check_regular_file(path)
+        with h5py.File(path, "r") as file:
+            return _recorded_rate(file)
+    except Exception:  # noqa: BLE001 - h5py raises anything on damaged files; update sets them aside
+        return None
+
+
+def rate_to_record(path, extracted, seconds):
+    """images/s of ``extracted`` images in ``seconds`` to record in the main file ``path``.
+
+    None (keep what the file holds) when nothing was extracted, or fewer
+    than RATED_IMAGES into a file that already records a speed.
+    """
+    if not extracted or seconds <= 0:
+        return None
+    if extracted < RATED_IMAGES and recorded_rate(path) is not None:
+        return None
+    return extracted / seconds
+
+
 def open_or_set_aside(path, identity):
     """The main cache file, or None when absent or set aside as unreadable.
 
@@ -220,8 +264,11 @@ def open_or_set_aside(path, identity):
         return None
 
 
-def write_main(temporary, identity, main, winners, journal_keys):
-    """Writes main rows not in the journal or shards, then their winners."""
+def write_main(temporary, identity, main, winners, journal_keys, images_per_second=None):
+    """Writes main rows not in the journal or shards, then their winners.
+
+    RATE is ``images_per_second`` when given, else the main file's.
+    """
     if main is None:
         main_keep, failures = np.zeros(0, bool), {}
     else:
@@ -230,6 +277,9 @@ def write_main(temporary, identity, main, winners, journal_keys):
     total = int(main_keep.sum()) + sum(len(winner.rows) for winner in winners)
     with h5py.File(temporary, "w") as out:
         out.attrs.update(identity.attributes())
+        rate = images_per_second or (main.images_per_second if main is not None else None)
+        if rate:
+            out.attrs[RATE] = float(rate)
         images = out.create_group("images")
         datasets = {
             name: images.create_dataset(name, (total,), dtype)
