@@ -321,6 +321,7 @@ def save_record(
         class_weights=None if trained.class_weights is None else trained.class_weights.tolist(),
         probabilities=probabilities,
         skipped=[(str(path), str(reason)) for path, reason in skipped],
+        distinct_validation=None if trained.distinct is None else trained.distinct.record(),
     )
     run_record.save(record, out_dir)
     return record

@@ -3,8 +3,10 @@
 A run saves, beside its model:
 
 * `run_record.json`: the image folder, class names, settings, training history,
-  the kept step, class weights, and every image the run used (relative path,
-  class index, split bucket) plus the images it skipped;
+  the kept step, class weights, every image the run used (relative path,
+  class index, split bucket) plus the images it skipped, and which validation
+  images have no near-copy in training (`distinct_validation`; absent in
+  records from before it);
 * `probabilities.npz`: the trained head's class probabilities for the
   validation and test images (`validation`, `testing`: float32 [n, k], rows in
   the order those images appear in the record).
@@ -49,7 +51,9 @@ class RunRecord:
     images, splits: n relative paths (to image_dir) and split buckets;
     labels: int64 [n] class indices; probabilities: split -> float32 [m, k]
     for the images of that split, in record order; class_weights: k floats
-    or None (unweighted loss); history: retrain.training.head.TrainResult.history.
+    or None (unweighted loss); history: retrain.training.head.TrainResult.history;
+    distinct_validation: None, or `DistinctValidation.record()` of the
+    validation images (its "distances" in record order of that split).
     """
 
     image_dir: str
@@ -64,6 +68,7 @@ class RunRecord:
     class_weights: list[float] | None = None
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    distinct_validation: dict | None = None
 
     def rows(self, split: str) -> np.ndarray:
         """Record rows (int64 indices) of the images in `split`, in record order."""
@@ -72,6 +77,13 @@ class RunRecord:
     def entries(self, split: str) -> list[RecordedImage]:
         """The images of `split`, in record order (the rows of `probabilities[split]`)."""
         return [RecordedImage(self.images[row], int(self.labels[row])) for row in self.rows(split)]
+
+    def distinct_mask(self) -> np.ndarray | None:
+        """bool [validation images]: no near-copy in training, in record order; None if unknown."""
+        if self.distinct_validation is None:
+            return None
+        distances = np.asarray(self.distinct_validation["distances"], dtype=np.float32)
+        return distances > float(self.distinct_validation["threshold"])
 
     def counts(self) -> np.ndarray:
         """Images per class and split, int64 [k, 3] with columns training, validation, testing."""
@@ -118,6 +130,7 @@ def save(record: RunRecord, output_dir) -> tuple[Path, Path]:
         "skipped": [
             {"path": one_line(path), "reason": utf8(str(reason))} for path, reason in record.skipped
         ],
+        "distinct_validation": record.distinct_validation,
     }
     record_path, probabilities_path = out / RECORD_FILE, out / PROBABILITIES_FILE
     # ensure_ascii (the default): settings keep any undecodable path exactly, as \udcNN.
@@ -188,6 +201,8 @@ def _from_document(document) -> RunRecord:
         stopped_early=bool(document["stopped_early"]),
         class_weights=document["class_weights"],
         skipped=[(str(entry["path"]), str(entry["reason"])) for entry in document["skipped"]],
+        # Records from before issue 23 have none.
+        distinct_validation=_distinct_validation(document.get("distinct_validation")),
     )
     if len(record.labels) and (record.labels.min() < 0 or record.labels.max() >= len(class_names)):
         raise ValueError(f"image labels must be in [0, {len(class_names)})")
@@ -198,7 +213,20 @@ def _from_document(document) -> RunRecord:
     weights = record.class_weights
     if weights is not None and (not isinstance(weights, list) or len(weights) != len(class_names)):
         raise ValueError("class_weights must be null or one number per class")
+    mask = record.distinct_mask()
+    if mask is not None and len(mask) != len(record.rows("validation")):
+        raise ValueError("distinct_validation must hold one distance per validation image")
     return record
+
+
+def _distinct_validation(value) -> dict | None:
+    """The record's distinct_validation: None, or a dict with numeric distances and threshold."""
+    if value is None:
+        return None
+    distances = np.asarray(value["distances"], dtype=np.float64)  # ValueError if not numbers
+    if distances.ndim != 1 or not np.isfinite(float(value["threshold"])):
+        raise ValueError("distinct_validation must hold a list of distances and a threshold")
+    return dict(value)
 
 
 def _npy_header(archive: zipfile.ZipFile, member: str):

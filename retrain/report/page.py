@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from retrain.evaluation import check_files, run_record
+from retrain.evaluation.distinct_validation import optimism
 from retrain.evaluation.metrics import Evaluation, Mistake, evaluate, misclassified
 from retrain.files import atomic_write, received_files
 from retrain.files.text_escapes import utf8
@@ -52,6 +53,32 @@ def _evaluations(record) -> dict[str, Evaluation]:
                 record.probabilities[split], record.labels[rows], record.class_names
             )
     return result
+
+
+def distinct_accuracy(record: run_record.RunRecord) -> dict | None:
+    """Validation accuracy on all images and on those with no near-copy in training.
+
+    None when the record has no distinct-validation data (a run from before
+    it), no validation probabilities or no distinct image. Otherwise a dict:
+    accuracy, count (distinct images), total, plain (accuracy on all),
+    threshold, used (whether model selection used them), note (the
+    `distinct_validation.optimism` sentence, or "").
+    """
+    mask = record.distinct_mask()
+    probabilities = record.probabilities.get("validation")
+    if mask is None or probabilities is None or not mask.any():
+        return None
+    hits = probabilities.argmax(axis=1) == record.labels[record.rows("validation")]
+    accuracy, plain = float(hits[mask].mean()), float(hits.mean())
+    return {
+        "accuracy": accuracy,
+        "count": int(mask.sum()),
+        "total": len(mask),
+        "plain": plain,
+        "threshold": float(record.distinct_validation["threshold"]),
+        "used": bool(record.distinct_validation.get("used")),
+        "note": optimism(plain, accuracy),
+    }
 
 
 def class_table(record, evaluations) -> list[dict]:
@@ -171,6 +198,7 @@ def _render_page(record, evaluations, issues, duplicates, **values) -> str:
         else 1.0,
         classes=class_table(record, evaluations),
         mistakes=misclassified_tests(record),
+        distinct=distinct_accuracy(record),
         shown_mistakes=SHOWN_MISCLASSIFIED,
         issues=issues,
         shown_issues=SHOWN_LABEL_ISSUES,

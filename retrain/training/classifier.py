@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrain.evaluation import distinct_validation
+from retrain.evaluation.distinct_validation import DistinctValidation
 from retrain.quiet_tensorflow import import_tensorflow
 from retrain.training import checkpoints, datasets, fine_tune
 from retrain.training.backbone import plain_backbone
@@ -54,6 +56,8 @@ class TrainedClassifier:
     path: "cached", "distortions" or "fine-tuning".
     head_result: the head's TrainResult; fine_tune_result: FineTuneResult or None.
     class_weights: float64 [num_classes] loss weights training used, or None.
+    distinct: DistinctValidation of every validation image (bucket order), or
+        None without validation images: for the run record and the page.
     """
 
     head: keras.Model
@@ -62,6 +66,7 @@ class TrainedClassifier:
     head_result: TrainResult
     fine_tune_result: fine_tune.FineTuneResult | None = None
     class_weights: np.ndarray | None = None
+    distinct: DistinctValidation | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +93,11 @@ class TrainingRun:
 class _HeadFit:
     """What the head's fit shares across the three paths, built once per run.
 
-    validation: the cached validation sample (`datasets.cached_sample`).
+    validation: the cached validation sample (`datasets.cached_sample`),
+      with its DistinctValidation as a third item when it is not empty
+      (`head.fit_head`).
+    distinct: DistinctValidation of every validation entry, in bucket order
+      (the pixel validation of fine-tuning scores them all), or None.
     settings: the HeadSettings.
     shape: {"feature_dim", "num_classes", "train_count"}: ints fit_head takes.
     distort: the distortion function of the images (uint8 -> float32
@@ -96,11 +105,12 @@ class _HeadFit:
     fingerprint: what the checkpoints are valid for (`_fingerprint`).
     """
 
-    validation: object
+    validation: tuple
     settings: HeadSettings
     shape: dict
     distort: object
     fingerprint: str
+    distinct: DistinctValidation | None = None
 
 
 def train_classifier(config, spec, cache, buckets, run: TrainingRun) -> TrainedClassifier:
@@ -114,11 +124,14 @@ def train_classifier(config, spec, cache, buckets, run: TrainingRun) -> TrainedC
       run: the TrainingRun (options, checkpoint folder, loaded backbone, callbacks).
     """
     keras.utils.set_random_seed(config.seed)  # before any dataset, whose shuffles draw from it
+    validation = datasets.cached_sample(
+        cache, buckets.validation.entries, config.validation_batch_size, config.seed
+    )
+    sample_distinct, distinct = _distinct(cache, buckets, validation[0])
     # Built field by field in this order, as the datasets draw from the seed in turn.
     head_fit = _HeadFit(
-        validation=datasets.cached_sample(
-            cache, buckets.validation.entries, config.validation_batch_size, config.seed
-        ),
+        validation=validation if sample_distinct is None else (*validation, sample_distinct),
+        distinct=distinct,
         distort=DistortionSettings.from_config(config).function(spec.input_size),
         fingerprint=_fingerprint(config, cache, Path(buckets.image_dir), buckets),
         settings=HeadSettings.from_config(config, run.options),
@@ -129,21 +142,45 @@ def train_classifier(config, spec, cache, buckets, run: TrainingRun) -> TrainedC
         },
     )
     if head_fit.distort is not None and not config.fine_tune_layers:
-        return _train_on_distortions(config, spec, buckets, run, head_fit)
-
-    training = datasets.cached_training(
-        cache, buckets.training.entries, config.train_batch_size, config.seed
-    )
-    head_result = fit_head(training, head_fit.validation, head_fit.settings, **head_fit.shape)
-    if not config.fine_tune_layers:
-        return TrainedClassifier(
-            head_result.head,
-            run.backbone,
-            "cached",
-            head_result,
-            class_weights=run.options.class_weights,
+        trained = _train_on_distortions(config, spec, buckets, run, head_fit)
+    else:
+        training = datasets.cached_training(
+            cache, buckets.training.entries, config.train_batch_size, config.seed
         )
-    return _fine_tune(config, spec, buckets, run, head_fit, head_result)
+        head_result = fit_head(training, head_fit.validation, head_fit.settings, **head_fit.shape)
+        trained = (
+            _fine_tune(config, spec, buckets, run, head_fit, head_result)
+            if config.fine_tune_layers
+            else TrainedClassifier(
+                head_result.head,
+                run.backbone,
+                "cached",
+                head_result,
+                class_weights=run.options.class_weights,
+            )
+        )
+    _log_kept(trained)
+    return dataclasses.replace(trained, distinct=distinct)
+
+
+def _distinct(cache, buckets, validation_vectors):
+    """(DistinctValidation of the head's validation sample, of every validation entry).
+
+    The two are one object when the sample is the whole bucket (the default);
+    (None, None) without validation images. Logs the summary line.
+    """
+    if not len(validation_vectors):
+        return None, None
+    training, entries = buckets.training.entries, buckets.validation.entries
+    sample = distinct_validation.from_cache(cache, training, validation_vectors)
+    # cached_sample keeps the entries' order when it takes them all.
+    every = (
+        sample
+        if len(validation_vectors) == len(entries)
+        else distinct_validation.for_entries(cache, training, entries)
+    )
+    logger.info("%s", every.summary())
+    return sample, every
 
 
 def _train_on_distortions(config, spec, buckets, run, head_fit: _HeadFit) -> TrainedClassifier:
@@ -211,26 +248,59 @@ def _fine_tune(config, spec, buckets, run, head_fit: _HeadFit, head_result) -> T
 def _warn_if_worse(head_result, fine_tune_result) -> None:
     """Warns when fine-tuning ended below the cached head on the validation images.
 
-    The tuned weights are kept (they are what was asked for), but on photos
-    that ImageNet features already fit, fine-tuning can cost accuracy.
+    Compares the head at its kept step with fine-tuning at its kept epoch, on
+    the distinct validation images (no near-copy in training) when both chose
+    their weights on them, else on all validation images; the warning names
+    which. The tuned weights are kept (they are what was asked for), but on
+    photos that ImageNet features already fit, fine-tuning can cost accuracy.
     """
-    before = next(
-        (
-            entry["val_accuracy"]
-            for entry in head_result.history
-            if entry["step"] == head_result.best_step
-        ),
-        None,
+    before, after = _kept_entry(head_result), _kept_entry(fine_tune_result)
+    if before is None or after is None:
+        return
+    distinct = before.get("selection") == after.get("selection") == "distinct"
+    key, images = (
+        ("distinct_val_accuracy", "validation images with no near-copy in training")
+        if distinct
+        else ("val_accuracy", "validation images")
     )
-    after = fine_tune_result.history[-1]["val_accuracy"] if fine_tune_result.history else None
-    if before is not None and after is not None and after < before:
+    if before.get(key) is not None and after.get(key) is not None and after[key] < before[key]:
         logger.warning(
-            "Fine-tuning ended at validation accuracy %.3f, below the cached head's %.3f: "
+            "Fine-tuning ended at accuracy %.3f on the %s, below the cached head's %.3f: "
             "these photos may suit the cached head better; or try a lower "
             "--fine_tune_learning_rate or fewer --fine_tune_layers.",
-            after,
-            before,
+            after[key],
+            images,
+            before[key],
         )
+
+
+def _kept_entry(result) -> dict | None:
+    """The history entry of the weights a TrainResult or FineTuneResult holds, or None.
+
+    A TrainResult holds its best_step; a FineTuneResult its best_epoch
+    (counted from 1 over all epochs, resumed ones included; 0 or absent: the last).
+    """
+    history = result.history
+    if not history:
+        return None
+    if hasattr(result, "best_step"):
+        return next((entry for entry in history if entry["step"] == result.best_step), None)
+    index = getattr(result, "best_epoch", 0) - 1 - result.resumed_epoch
+    return history[index] if 0 <= index < len(history) else history[-1]
+
+
+def _log_kept(trained: TrainedClassifier) -> None:
+    """The end-of-training line: validation accuracy of the kept weights, all and distinct."""
+    entry = _kept_entry(trained.fine_tune_result or trained.head_result)
+    if entry is None or entry.get("val_accuracy") is None:
+        return
+    line = f"Validation accuracy of the kept weights: {entry['val_accuracy']:.3f} on all images"
+    distinct = entry.get("distinct_val_accuracy")
+    if distinct is not None:
+        line += f", {distinct:.3f} on those with no near-copy in training."
+        note = distinct_validation.optimism(entry["val_accuracy"], distinct)
+        line += f" {note}" if note else ""
+    logger.info("%s", line)
 
 
 def _fingerprint(config, cache, image_dir, buckets):

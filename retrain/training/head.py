@@ -23,6 +23,7 @@ from retrain.data.sampling import sample_rows
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 from retrain.training import datasets
+from retrain.training.callbacks import SELECTION_LOSS
 from retrain.training.class_weights import class_weight_dict
 from retrain.training.fit import FitLoop, fit
 from retrain.training.settings import HeadSettings
@@ -55,7 +56,9 @@ class TrainResult:
         float32 [batch, num_classes] class probabilities (rows sum to 1).
     history: one dict per evaluation: step, learning_rate, loss, accuracy
         (training, averaged over the steps since the previous evaluation),
-        val_loss, val_accuracy (None without a validation set).
+        val_loss, val_accuracy (None without a validation set), and the
+        distinct and selection figures of `callbacks.HISTORY_KEYS` with
+        "selection" ("distinct", "all" or None: what model selection compared).
     best_step: the step whose weights the head holds.
     stopped_early: True if early stopping ended training before the step budget.
     """
@@ -129,7 +132,7 @@ def train_head(
 
 def fit_head(
     training,
-    validation: tuple[np.ndarray, np.ndarray],
+    validation: tuple,
     settings: HeadSettings,
     *,
     feature_dim: int,
@@ -145,8 +148,11 @@ def fit_head(
       training: endless tf.data.Dataset of (float32 [train_batch_size,
         feature_dim] bottlenecks, int64 [train_batch_size] labels): cached
         vectors or vectors of distorted images (`retrain.training.datasets`).
-      validation: (float32 [k, feature_dim], int64 [k]); k = 0 turns early
-        stopping off (a warning says so).
+      validation: (float32 [k, feature_dim], int64 [k]), optionally with a
+        third item, the DistinctValidation of those k rows
+        (`retrain.evaluation.distinct_validation`), whose distinct images then
+        decide early stopping and the LR cut when there are enough of them;
+        k = 0 turns early stopping off (a warning says so).
       settings: HeadSettings (validation_batch_size is not used here: the
         validation arrays are already the sample). Training runs in whole
         intervals of eval_step_interval steps, so the step budget is rounded
@@ -175,7 +181,7 @@ def fit_head(
         metrics=["accuracy"],
         steps_per_execution=interval,
     )
-    val_x, val_y = validation
+    val_x = validation[0]
     early_stopping, callbacks = _early_stopping(len(val_x), interval, evaluations)
     class_weight = (
         None
@@ -194,7 +200,7 @@ def fit_head(
     history, _ = fit(
         head,
         training,
-        (val_x, val_y) if len(val_x) else None,
+        tuple(validation) if len(val_x) else None,
         loop,
         callbacks=callbacks,
         class_weight=class_weight,
@@ -221,12 +227,16 @@ def _early_stopping(validation_count: int, interval: int, evaluations: int):
         )
         return None, []
     early_stopping = keras.callbacks.EarlyStopping(
-        monitor="val_loss",
+        monitor=SELECTION_LOSS,
+        mode="min",
         patience=max(5, math.ceil(PATIENCE_STEPS / interval)),
         restore_best_weights=True,
     )
     plateau = keras.callbacks.ReduceLROnPlateau(
-        monitor="val_loss", factor=0.1, patience=max(2, math.ceil(PLATEAU_STEPS / interval))
+        monitor=SELECTION_LOSS,
+        mode="min",
+        factor=0.1,
+        patience=max(2, math.ceil(PLATEAU_STEPS / interval)),
     )
     return early_stopping, [plateau, early_stopping]
 
