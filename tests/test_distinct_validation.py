@@ -27,6 +27,7 @@ from retrain.report import page
 from retrain.training import classifier, datasets
 from retrain.training.callbacks import PixelValidationScores, ValidationScores
 from retrain.training.fine_tune import FineTuneResult
+from retrain.training.fit import FitLoop, fit
 from retrain.training.head import TrainResult, build_head, fit_head
 from retrain.training.settings import HeadSettings
 
@@ -356,3 +357,25 @@ def test_a_record_with_the_wrong_number_of_distances_is_refused(tmp_path):
 def test_the_optimism_sentence_needs_a_gap_of_more_than_three_points():
     assert distinct_validation.optimism(0.95, 0.93) == ""
     assert "5.0 points above" in distinct_validation.optimism(0.95, 0.90)
+
+
+def test_the_fit_loop_runs_a_validation_callback_first_and_records_its_keys(tmp_path):
+    """fit.fit takes PixelValidationScores as `validation`: the history then holds the
+    plain, distinct and selection figures of every epoch."""
+    size = 16
+    entries = write_images(tmp_path, 12)
+    labels = np.array([entry.label_index for entry in entries])
+    mask = np.arange(12) < 6
+    distinct = DistinctValidation(np.where(mask, 0.5, 0.01).astype(np.float32), mask)
+    dataset = datasets.decoded_evaluation(tmp_path, entries, size, batch_size=5)
+    pixels = np.concatenate([batch for batch, _ in dataset])
+    model = pixel_model(size)
+    training = tf.data.Dataset.from_tensor_slices((pixels, labels)).repeat().batch(4)
+    loop = FitLoop(steps_per_epoch=3, epochs=2, batch_size=4, progress=False)
+    history, _ = fit(model, training, PixelValidationScores(dataset, distinct), loop)
+    assert [entry["step"] for entry in history] == [3, 6]
+    for entry in history:
+        assert entry["distinct_val_loss"] is not None and entry["val_loss"] is not None
+        assert entry["selection"] == "all" and entry["selection_loss"] == entry["val_loss"]
+    far = model.evaluate(pixels[mask], labels[mask], verbose=0, return_dict=True)
+    assert history[-1]["distinct_val_accuracy"] == pytest.approx(far["accuracy"], abs=1e-6)

@@ -59,9 +59,11 @@ def fit(
     Args:
       model: compiled keras.Model with an "accuracy" metric.
       training: endless tf.data.Dataset of (inputs, int64 labels) batches.
-      validation: finite tf.data.Dataset of the same; or (inputs, labels)
-        arrays, scored by `ValidationScores` (far cheaper for short epochs);
-        or None.
+      validation: finite tf.data.Dataset of the same; or (inputs, labels[,
+        DistinctValidation]) arrays, scored by `ValidationScores` (far
+        cheaper for short epochs); or a validation callback such as
+        `PixelValidationScores` (run first, so its keys reach every other
+        callback); or None.
       loop: the FitLoop.
       callbacks: further Keras callbacks (early stopping, ...).
       class_weight: Keras's {class index: loss weight}, or None.
@@ -92,8 +94,10 @@ def fit(
     )
     callbacks = [log_callback, *callbacks, *after_checkpoint]
     if isinstance(validation, tuple):
+        validation = ValidationScores(*validation)
+    if isinstance(validation, keras.callbacks.Callback):
         # First, so that the log, early stopping and the LR schedule see its scores.
-        callbacks.insert(0, ValidationScores(*validation))
+        callbacks.insert(0, validation)
         validation = None
     try:
         model.fit(
