@@ -266,6 +266,10 @@ def predict_splits(config: Config, spec, trained, cache, buckets: Buckets) -> di
     from retrain.evaluation import run_record
     from retrain.training import predict
 
+    backbone = None
+    if config.test_time_flip and trained.backbone is None:
+        # The mirrored pictures have no cached vectors: they go through the backbone.
+        backbone = plain_backbone(spec, config.backbone_weights)
     return predict.split_probabilities(
         trained,
         cache,
@@ -274,6 +278,8 @@ def predict_splits(config: Config, spec, trained, cache, buckets: Buckets) -> di
         input_size=spec.input_size,
         test_batch_size=config.test_batch_size,
         extraction_batch_size=config.extraction_batch_size,
+        test_time_flip=config.test_time_flip,
+        backbone=backbone,
     )
 
 
@@ -332,7 +338,7 @@ def save_model(config: Config, spec, head, backbone, class_names, folder):
     from retrain import export
 
     outputs = config.resolved_outputs()
-    classifier = export.build_classifier(backbone, head, spec.input_size)
+    classifier = export.build_classifier(backbone, head, spec.input_size, config.test_time_flip)
     export.save_classifier(classifier, folder.place(outputs["output_graph"]))
     export.write_labels(class_names, folder.place(outputs["output_labels"]))
     return classifier

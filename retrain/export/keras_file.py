@@ -79,12 +79,14 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # Every (module, class_name) a retrain export holds, with every backbone of
 # `retrain.backbones` and the trained head's compile config (which Keras
 # deserializes even with compile=False); None: the tensors of the graph.
+# Permute and Average: the test-time flip (`retrain.export.classifier.mirror`).
 ALLOWED_CLASSES = {
     "keras": {"DTypePolicy", "Sequential"},
     "keras.src.models.functional": {"Functional"},
     "keras.layers": {
         "Activation",
         "Add",
+        "Average",
         "AveragePooling2D",
         "BatchNormalization",
         "Concatenate",
@@ -94,6 +96,7 @@ ALLOWED_CLASSES = {
         "GlobalAveragePooling2D",
         "InputLayer",
         "MaxPooling2D",
+        "Permute",
         "ReLU",
         "Rescaling",
         "Resizing",

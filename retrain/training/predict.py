@@ -2,7 +2,10 @@
 
 Class probabilities of a trained classifier: from cached bottlenecks for the
 cached and distortion paths, from decoded images through the tuned backbone
-after fine-tuning (whose backbone no longer matches the cached vectors).
+after fine-tuning (whose backbone no longer matches the cached vectors). With
+the test-time flip (`--test_time_flip`) they are the exported model's: the
+mean of each picture's probabilities and its mirror's, the mirror always
+decoded (the cache holds no mirrored vectors).
 """
 
 from __future__ import annotations
@@ -48,21 +51,33 @@ def predict_cached(
     return probabilities
 
 
-def predict_decoded(
-    head, backbone, image_dir, entries, input_size: int, batch_size: int
-) -> np.ndarray:
-    """float32 [len(entries), num_classes] probabilities of the decoded images through backbone + head.
+def predict_decoded(model, image_dir, entries, input_size: int, batch_size: int) -> np.ndarray:
+    """float32 [len(entries), num_classes] probabilities of `model` on the decoded images.
 
-    Images are decoded and resized to input_size x input_size RGB, batch_size at a time.
+    model: float32 [b, input_size, input_size, 3] RGB in [0, 255] -> float32
+    [b, num_classes] (see `pixel_classifier`). Images are decoded and resized
+    as extraction does, batch_size at a time.
     """
-    probabilities = np.empty((len(entries), head.output_shape[-1]), np.float32)
-    images = keras.Input((input_size, input_size, 3))
-    model = keras.Model(images, head(backbone(images)))
+    probabilities = np.empty((len(entries), model.output_shape[-1]), np.float32)
     start = 0
     for pixels, _ in datasets.decoded_evaluation(Path(image_dir), entries, input_size, batch_size):
         probabilities[start : start + len(pixels)] = model.predict_on_batch(pixels)
         start += len(pixels)
     return probabilities
+
+
+def pixel_classifier(head, backbone, input_size: int, view: str) -> keras.Model:
+    """float32 [b, input_size, input_size, 3] -> float32 [b, num_classes]: backbone + head on
+    the pixels ("plain"), on their mirror ("mirrored") or the mean of both ("flip_average",
+    the exported model's `retrain.export.classifier.classify`)."""
+    from retrain.export import classifier  # deferred: only the decoded paths need it
+
+    pixels = keras.Input((input_size, input_size, 3))
+    if view == "mirrored":
+        outputs = head(backbone(classifier.mirror(pixels)))
+    else:
+        outputs = classifier.classify(backbone, head, pixels, view == "flip_average")
+    return keras.Model(pixels, outputs)
 
 
 def split_probabilities(
@@ -74,28 +89,35 @@ def split_probabilities(
     input_size: int,
     test_batch_size: int,
     extraction_batch_size: int,
+    test_time_flip: bool = False,
+    backbone=None,
 ) -> dict[str, np.ndarray]:
     """{split name: float32 [n, num_classes]} for each of `names`, as the training path needs.
 
     trained: a classifier.TrainedClassifier; buckets: a data.buckets.Buckets.
     Cached vectors unless the backbone was fine-tuned; then decoded images in
     batches of test_batch_size (extraction_batch_size when that is -1).
+    test_time_flip: average with the mirrored pictures' probabilities, as
+    the exported model does; their vectors come from trained.backbone, or
+    from `backbone` (the plain one the export uses) when that is None.
     """
-    if trained.fine_tune_result is None:
-        return {
-            name: predict_cached(trained.head, cache, buckets[name].entries, test_batch_size)
-            for name in names
-        }
-    # The tuned backbone no longer matches the cached vectors: decode the images.
     batch = extraction_batch_size if test_batch_size == -1 else test_batch_size
-    return {
-        name: predict_decoded(
-            trained.head,
-            trained.backbone,
-            buckets.image_dir,
-            buckets[name].entries,
-            input_size,
-            batch,
-        )
+
+    def decoded(model, name):
+        return predict_decoded(model, buckets.image_dir, buckets[name].entries, input_size, batch)
+
+    if trained.fine_tune_result is not None:
+        # The tuned backbone no longer matches the cached vectors: decode the images.
+        view = "flip_average" if test_time_flip else "plain"
+        model = pixel_classifier(trained.head, trained.backbone, input_size, view)
+        return {name: decoded(model, name) for name in names}
+    probabilities = {
+        name: predict_cached(trained.head, cache, buckets[name].entries, test_batch_size)
         for name in names
     }
+    if test_time_flip:
+        flip_backbone = trained.backbone if trained.backbone is not None else backbone
+        model = pixel_classifier(trained.head, flip_backbone, input_size, "mirrored")
+        for name in names:
+            probabilities[name] = (probabilities[name] + decoded(model, name)) / 2
+    return probabilities
