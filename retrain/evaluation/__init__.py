@@ -4,6 +4,7 @@
     run_record    what a run saves for its report (run_record.json, probabilities.npz)
     label_issues     suspicious labels: cross-validated on the bottleneck vectors (cleanlab)
     near_duplicates  near-duplicate image pairs: neighbour search on the bottleneck vectors
+    distinct_validation  validation images with no near-copy in training (model selection)
     check_limits     what bounds the checks' cost: images checked, threads, PCA sample
     check_files      the checks' CSVs (label_issues.csv, near_duplicates.csv): write, read back
 
