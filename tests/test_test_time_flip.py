@@ -144,3 +144,18 @@ def test_a_run_scores_its_tests_with_the_flip(photo_model, tmp_path, capsys):
     scored = np.log(record.probabilities["testing"])
     np.testing.assert_allclose(scored, np.log(exported), atol=0.02)
     assert np.abs(scored - np.log(unflipped)).max() > 0.1
+
+
+def test_the_runs_pixel_classifier_is_the_export(flipped, photo_model, pictures):
+    from retrain.training import predict
+
+    backbone, head = backbone_and_head(export.load_classifier(photo_model["graph"]))
+    fixed = export.fixed_size_classifier(export.load_classifier(flipped["keras"]))
+
+    def run(view):
+        return predict.pixel_classifier(head, backbone, SIZE, view).predict_on_batch(pictures)
+
+    np.testing.assert_allclose(run("flip_average"), fixed.predict_on_batch(pictures), atol=1e-5)
+    plain, mirrored = run("plain"), run("mirrored")
+    np.testing.assert_allclose(mirrored[:2], plain[2:], atol=1e-5)
+    assert np.abs(mirrored - plain).max() > 0.01
