@@ -132,6 +132,7 @@ class WeightsAtEachEpoch(keras.callbacks.Callback):
 
 
 def test_the_weights_kept_are_those_of_the_epoch_with_the_lowest_validation_loss(tmp_path):
+    from retrain.training.callbacks import PixelValidationScores
     from retrain.training.checkpoints import Checkpoint
     from retrain.training.fine_tune import fine_tune
     from retrain.training.settings import FineTuneSettings
@@ -143,7 +144,9 @@ def test_the_weights_kept_are_those_of_the_epoch_with_the_lowest_validation_loss
     # worse validation gets, so the best epoch is the first, not the last.
     zeros = np.zeros(len(pixels), np.int64)
     training = tf.data.Dataset.from_tensor_slices((pixels, zeros)).repeat().batch(16)
-    validation = tf.data.Dataset.from_tensor_slices((pixels, zeros + 1)).batch(16)
+    validation = PixelValidationScores(
+        tf.data.Dataset.from_tensor_slices((pixels, zeros + 1)).batch(16)
+    )
     backbone = blocky_backbone()
     head = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2, activation="softmax")])
     recorder = WeightsAtEachEpoch()
@@ -164,6 +167,7 @@ def test_the_weights_kept_are_those_of_the_epoch_with_the_lowest_validation_loss
     best = int(np.argmin(recorder.losses))
     assert best < len(recorder.losses) - 1, recorder.losses  # the case that can tell
     assert result.best_epoch == best + 1
+    assert result.images_per_second > 0 and result.forward_images_per_second > 0
     kept = backbone.get_weights() + head.get_weights()
     expected = recorder.weights[best]
     assert len(kept) == len(expected)

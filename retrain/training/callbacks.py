@@ -89,6 +89,10 @@ class PixelValidationScores(keras.callbacks.Callback):
         self.dataset = dataset
         self.distinct = distinct
         self._predict = None
+        # Wall time and images of the prediction passes (decoding included):
+        # the forward-only rate fine-tuning's step rate is compared with.
+        self.seconds = 0.0
+        self.images = 0
 
     def on_train_begin(self, logs=None):
         model = self.model
@@ -100,11 +104,14 @@ class PixelValidationScores(keras.callbacks.Callback):
         if logs is None:
             return
         predictions, labels = [], []
+        started = time.perf_counter()
         for pixels, batch_labels in self.dataset:
             predictions.append(self._predict(pixels))
             labels.append(batch_labels)
         if not predictions:
             return
+        self.seconds += time.perf_counter() - started
+        self.images += sum(len(batch) for batch in labels)
         scores = _scores(
             self.model,
             tf.concat(labels, axis=0),

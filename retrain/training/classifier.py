@@ -30,6 +30,7 @@ from retrain.evaluation.distinct_validation import DistinctValidation
 from retrain.quiet_tensorflow import import_tensorflow
 from retrain.training import checkpoints, datasets, fine_tune
 from retrain.training.backbone import plain_backbone
+from retrain.training.callbacks import PixelValidationScores
 from retrain.training.checkpoints import Checkpoint
 from retrain.training.head import TrainResult, fit_head
 from retrain.training.settings import (
@@ -228,8 +229,11 @@ def _fine_tune(config, spec, buckets, run, head_fit: _HeadFit, head_result) -> T
             config.seed,
             head_fit.distort,
         ),
-        datasets.decoded_evaluation(
-            image_dir, buckets.validation.entries, spec.input_size, settings.batch_size
+        PixelValidationScores(
+            datasets.decoded_evaluation(
+                image_dir, buckets.validation.entries, spec.input_size, settings.batch_size
+            ),
+            head_fit.distinct,
         )
         if len(buckets.validation)
         else None,

@@ -16,12 +16,13 @@ same settings and images, a killed run resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
-from retrain.training import learning_rates
+from retrain.training import learning_rates, throughput
 from retrain.training.checkpoints import Checkpoint
 from retrain.training.class_weights import class_weight_dict
 from retrain.training.fit import FitLoop, fit
@@ -30,6 +31,8 @@ from retrain.training.settings import FineTuneSettings
 
 import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, whose start-up noise is dropped above)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,12 +44,17 @@ class FineTuneResult:
     trainable_layers: names of the backbone layers whose weights were trained.
     best_epoch: the epoch (from 1) whose weights the model holds: the lowest
       validation loss of the epochs run in this process, else the last.
+    images_per_second: training images per second of the steps (decoding
+      overlapped), or None; forward_images_per_second: the validation
+      pass's images per second (forward only), or None.
     """
 
     history: list[dict] = field(default_factory=list)
     resumed_epoch: int = 0
     trainable_layers: list[str] = field(default_factory=list)
     best_epoch: int = 0
+    images_per_second: float | None = None
+    forward_images_per_second: float | None = None
 
 
 def unfreeze(backbone: keras.Model, layers: int) -> list[str]:
@@ -112,8 +120,10 @@ def fine_tune(
       head: the trained head, float32 [b, feature_dim] -> [b, num_classes].
       training: endless tf.data.Dataset of (float32 [b, input_size,
         input_size, 3] RGB in [0, 255], int64 [b] labels).
-      validation: finite dataset of the same, or None. With it, the weights
-        of the epoch with the lowest validation loss are the ones kept.
+      validation: a `callbacks.PixelValidationScores` of the validation
+        images, or None. With it, the weights of the epoch with the lowest
+        `selection_loss` (validation loss on the images with no near-copy in
+        training, when there are enough of them) are the ones kept.
       settings: FineTuneSettings (layers, epochs, the rate and its schedule,
         weight decay, label smoothing, batch size, TensorBoard folder,
         progress bar, class weights).
@@ -147,12 +157,13 @@ def fine_tune(
             checkpoint=checkpoint,
         )
         keep_best = _keep_best(validation, settings.epochs)
+        step_rate = throughput.StepRate(settings.batch_size)
         history, resumed = fit(
             model,
             training,
             validation,
             loop,
-            callbacks=keep_best,
+            callbacks=[step_rate, *keep_best],
             class_weight=None
             if settings.class_weights is None
             else class_weight_dict(settings.class_weights, head.output_shape[-1]),
@@ -161,7 +172,14 @@ def fine_tune(
     finally:
         freeze(backbone)
     best = keep_best[0].best_epoch + 1 if keep_best and history else settings.epochs
-    return FineTuneResult(history, resumed, trainable_layers, best_epoch=best)
+    rates = (
+        step_rate.images_per_second(),
+        validation.images / validation.seconds if validation and validation.seconds else None,
+    )
+    line = throughput.rate_line(*rates)
+    if line:
+        logger.info("%s", line)
+    return FineTuneResult(history, resumed, trainable_layers, best, *rates)
 
 
 def _optimizer(backbone, settings: FineTuneSettings, steps_per_epoch: int):
@@ -178,12 +196,12 @@ def _optimizer(backbone, settings: FineTuneSettings, steps_per_epoch: int):
 
 
 def _keep_best(validation, epochs: int) -> list:
-    """[EarlyStopping that never stops but restores the lowest-val_loss epoch], or [] without validation."""
+    """[EarlyStopping that never stops but restores the lowest-selection_loss epoch], or []."""
     if validation is None:
         return []
     return [
         keras.callbacks.EarlyStopping(
-            monitor="val_loss", mode="min", patience=epochs + 1, restore_best_weights=True
+            monitor="selection_loss", mode="min", patience=epochs + 1, restore_best_weights=True
         )
     ]
 
