@@ -103,3 +103,17 @@ def test_folds_partition_the_rows_and_keep_each_group_whole():
         inside = set(groups[held].tolist())
         outside = set(np.delete(groups, held).tolist())
         assert not inside & outside
+
+
+def test_the_keras_head_holds_the_chosen_fit():
+    from retrain.training.head import head_of_weights
+
+    train_x, train_y, test_x, _ = _digits()
+    paths = [f"{label}/{i}.png" for i, label in enumerate(train_y)]
+    weights, choice = regularisation.fit_by_cross_validation(train_x, train_y, 10, paths)
+    assert choice.c in regularisation.C_GRID
+    head = head_of_weights(weights)
+    logits = weights.logits(test_x)
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(head(test_x)), expected, atol=1e-5)
