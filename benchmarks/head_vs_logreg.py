@@ -11,7 +11,7 @@ and the same hash split (10% test, 10% validation):
 
 * the head: ``retrain.training.head.train_head`` with the settings of ``Config()``;
 * the exact penalised fit with C chosen by grouped cross-validation on the
-  training vectors (``retrain.training.regularisation.fit_by_cross_validation``);
+  training vectors (``logreg_cv.fit_by_cross_validation``);
 * scikit-learn's ``LogisticRegression(C=1)`` fit on the training bucket;
 * ``LogisticRegression`` with C chosen on the validation bucket from C_GRID;
 
@@ -51,11 +51,11 @@ from retrain.cache import BottleneckCache  # noqa: E402
 from retrain.config import Config  # noqa: E402
 from retrain.data import class_checks, images
 from retrain.errors import RetrainError  # noqa: E402
-from retrain.training import regularisation
 from retrain.training.head import train_head
 from retrain.training.settings import HeadSettings, RunOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import logreg_cv  # noqa: E402  (beside this script)
 from make_digits import write_digits  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers128"
@@ -142,7 +142,7 @@ def score_split(vectors, buckets, num_classes, config, test=None):
     head = float(np.mean(predicted == test_y))
     start = time.perf_counter()
     train_paths = [path for path, bucket in zip(vectors.paths, buckets) if bucket == "training"]
-    weights, choice = regularisation.fit_by_cross_validation(
+    weights, choice = logreg_cv.fit_by_cross_validation(
         train_x, train_y, num_classes, train_paths, seed=config.seed
     )
     cv_seconds = time.perf_counter() - start

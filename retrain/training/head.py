@@ -86,13 +86,6 @@ def build_head(feature_dim: int, num_classes: int, l2: float = 0.0) -> keras.Mod
     )
 
 
-def head_of_weights(weights) -> keras.Model:
-    """The head (see `build_head`) holding `regularisation.SoftmaxWeights` (kernel [d, k], bias [k])."""
-    head = build_head(*weights.kernel.shape)
-    head.layers[-1].set_weights([weights.kernel, weights.bias])
-    return head
-
-
 def train_head(
     train_x: np.ndarray,
     train_y: np.ndarray,
