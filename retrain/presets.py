@@ -50,10 +50,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Seconds of one fine-tuning image (decode, augment, forward and backward
 # through the whole backbone, AdamW update) per second of one image extracted
-# into the cache (decode and forward). Provisional: to be replaced by the
-# ratio benchmarks/paths.py measures; the extraction engine (LiteRT or Keras)
-# is part of what it compares.
-FINE_TUNE_STEP_COST = 3.0
+# into the cache (decode and LiteRT forward). Measured on 2 cores (Intel Xeon,
+# Sapphire Rapids): fine-tuning Lite0 at batch 32 trains 35 images/s where
+# the LiteRT cache fill runs at 130-160 (docs/training-paths.md, "The best
+# preset"); the Keras forward pass of the validation runs at about 100.
+FINE_TUNE_STEP_COST = 4.0
 
 
 def resolve(settings: dict[str, Any]) -> dict[str, Any]:
