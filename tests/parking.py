@@ -16,9 +16,14 @@ Points (the marker each leaves):
   name, not yet renamed (``<shard file>.paused``).
 """
 
+# Python leaves SIGINT ignored in a process started with it ignored (a
+# background job of a non-interactive shell: `cmd &`), so Ctrl-C tests would
+# hang there; the driver restores Python's own handler, as a terminal gives it.
 _PARK = """
-import os, time
+import os, signal, time
 from pathlib import Path
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def _park(marker):
     Path(marker).touch()
