@@ -119,15 +119,15 @@ def regression_accuracy(out: Path, image_dir: Path, work: Path, photos) -> float
     """LogisticRegression(C=1) on the run's training vectors, scored on the photos' vectors."""
     from sklearn.linear_model import LogisticRegression
 
-    from retrain import backbones
+    from retrain import backbones, engines
     from retrain.cache import BottleneckCache
+    from retrain.config import Config
     from retrain.data import images
-    from retrain.engines import EngineChoice
 
     record = json.loads((out / "run_record.json").read_text())
     name = backbones.DEFAULT_BACKBONE
-    # The run's engine ("auto") picks LiteRT on a CPU: its cache file is the one filled.
-    cache = BottleneckCache(work / "cache", name, engine=EngineChoice("litert", name, None))
+    # The command line's engine (auto), which names the cache file the runs filled.
+    cache = BottleneckCache(work / "cache", name, engine=engines.choose(Config().engine, name))
 
     def vectors(pairs):
         entries = [

@@ -94,6 +94,10 @@ class PixelValidationScores(keras.callbacks.Callback):
         self.seconds = 0.0
         self.images = 0
 
+    def images_per_second(self) -> float | None:
+        """Images a second of the prediction passes so far, or None before any."""
+        return self.images / self.seconds if self.seconds > 0 and self.images else None
+
     def on_train_begin(self, logs=None):
         model = self.model
         self._predict = tf.function(

@@ -174,7 +174,7 @@ def fine_tune(
     best = keep_best[0].best_epoch + 1 if keep_best and history else settings.epochs
     rates = (
         step_rate.images_per_second(),
-        validation.images / validation.seconds if validation and validation.seconds else None,
+        validation.images_per_second() if validation is not None else None,
     )
     line = throughput.rate_line(*rates)
     if line:
