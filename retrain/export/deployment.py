@@ -6,9 +6,9 @@ The int8 TFLite export calibrates on a fixed sample of training images,
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
+from retrain.data import sampling
 from retrain.files import output_folder
 
 
@@ -50,11 +50,5 @@ def export_for_deployment(
 
 
 def calibration_entries(training_entries, count: int) -> list:
-    """Up to `count` training images, the classes taking turns in label order, each class's
-    images in cache-key (hash) order: a fixed sample, spread over the classes."""
-    by_class: dict = {}
-    for entry in sorted(training_entries, key=lambda entry: entry.key):
-        by_class.setdefault(entry.label_index, []).append(entry)
-    turns = itertools.zip_longest(*(by_class[label] for label in sorted(by_class)))
-    chosen = [entry for turn in turns for entry in turn if entry is not None]
-    return chosen[:count]
+    """Up to `count` training images spread over the classes: sampling.spread_over_classes."""
+    return sampling.spread_over_classes(training_entries, count)
