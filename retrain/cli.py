@@ -78,6 +78,8 @@ HELP = {
     "fine_tune_weight_decay": "AdamW decoupled weight decay of fine-tuning (0 = none)",
     "fine_tune_label_smoothing": "label smoothing of the fine-tuning loss (0 = none)",
     "test_time_flip": "the exported model averages each picture's probabilities with its mirror's",
+    "unknown_acceptance": "share of in-class validation images the unknown detector accepts; "
+    "pictures past its threshold are labelled unknown",
 }
 
 

@@ -91,6 +91,9 @@ class Config:
     fine_tune_label_smoothing: float = 0.1
     # The exported model averages the probabilities of each picture and its mirror.
     test_time_flip: bool = False
+    # Share of in-distribution validation images the unknown detector accepts;
+    # pictures scoring past that threshold are labelled "unknown".
+    unknown_acceptance: float = 0.95
 
     def distortions(self) -> dict[str, Any]:
         """The distortion settings as keyword arguments of `distortions.distortion_function`."""
@@ -251,6 +254,7 @@ _RULES = {
     "fine_tune_layer_decay": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
     "fine_tune_weight_decay": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
     "fine_tune_label_smoothing": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "unknown_acceptance": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
     "fine_tune_layers": (
         lambda v: _count(v) and v >= -1,
         "0 (off), -1 (the whole backbone) or a number of layers",

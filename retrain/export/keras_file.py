@@ -79,7 +79,8 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # Every (module, class_name) a retrain export holds, with every backbone of
 # `retrain.backbones` and the trained head's compile config (which Keras
 # deserializes even with compile=False); None: the tensors of the graph.
-# Permute and Average: the test-time flip (`retrain.export.classifier.mirror`).
+# Permute and Average: the test-time flip (`retrain.export.classifier.mirror`);
+# Identity: the bottleneck vector the unknown score reads.
 ALLOWED_CLASSES = {
     "keras": {"DTypePolicy", "Sequential"},
     "keras.src.models.functional": {"Functional"},
@@ -94,6 +95,7 @@ ALLOWED_CLASSES = {
         "Dense",
         "DepthwiseConv2D",
         "GlobalAveragePooling2D",
+        "Identity",
         "InputLayer",
         "MaxPooling2D",
         "Permute",

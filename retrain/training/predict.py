@@ -3,9 +3,10 @@
 Class probabilities of a trained classifier: from cached bottlenecks for the
 cached and distortion paths, from decoded images through the tuned backbone
 after fine-tuning (whose backbone no longer matches the cached vectors). With
-the test-time flip (`--test_time_flip`) they are the exported model's: the
-mean of each picture's probabilities and its mirror's, the mirror always
-decoded (the cache holds no mirrored vectors).
+the test-time flip (`--test_time_flip`) each picture's mirror is a second
+view, always decoded (the cache holds no mirrored vectors); the run combines
+the views and calibrates them as the exported model does
+(`retrain.evaluation.calibration`).
 """
 
 from __future__ import annotations
@@ -52,31 +53,33 @@ def predict_cached(
 
 
 def predict_decoded(model, image_dir, entries, input_size: int, batch_size: int) -> np.ndarray:
-    """float32 [len(entries), num_classes] probabilities of `model` on the decoded images.
+    """float32 [views, len(entries), num_classes] probabilities of `model` on the decoded images.
 
-    model: float32 [b, input_size, input_size, 3] RGB in [0, 255] -> float32
-    [b, num_classes] (see `pixel_classifier`). Images are decoded and resized
-    as extraction does, batch_size at a time.
+    model: float32 [b, input_size, input_size, 3] RGB in [0, 255] -> one
+    float32 [b, num_classes] output per view (see `pixel_classifier`). Images
+    are decoded and resized as extraction does, batch_size at a time.
     """
-    probabilities = np.empty((len(entries), model.output_shape[-1]), np.float32)
+    outputs = model.outputs if isinstance(model.outputs, list) else [model.outputs]
+    probabilities = np.empty((len(outputs), len(entries), outputs[0].shape[-1]), np.float32)
     start = 0
     for pixels, _ in datasets.decoded_evaluation(Path(image_dir), entries, input_size, batch_size):
-        probabilities[start : start + len(pixels)] = model.predict_on_batch(pixels)
+        predicted = model.predict_on_batch(pixels)
+        views = predicted if isinstance(predicted, list) else [predicted]
+        probabilities[:, start : start + len(pixels)] = np.stack(views)
         start += len(pixels)
     return probabilities
 
 
-def pixel_classifier(head, backbone, input_size: int, view: str) -> keras.Model:
-    """float32 [b, input_size, input_size, 3] -> float32 [b, num_classes]: backbone + head on
-    the pixels ("plain"), on their mirror ("mirrored") or the mean of both ("flip_average",
-    the exported model's `retrain.export.classifier.classify`)."""
+def pixel_classifier(head, backbone, input_size: int, views=("plain",)) -> keras.Model:
+    """float32 [b, input_size, input_size, 3] -> one float32 [b, num_classes] output per view:
+    backbone + head on the pixels ("plain") or on their mirror ("mirrored")."""
     from retrain.export import classifier  # deferred: only the decoded paths need it
 
     pixels = keras.Input((input_size, input_size, 3))
-    if view == "mirrored":
-        outputs = head(backbone(classifier.mirror(pixels)))
-    else:
-        outputs = classifier.classify(backbone, head, pixels, view == "flip_average")
+    outputs = [
+        head(backbone(classifier.mirror(pixels) if view == "mirrored" else pixels))
+        for view in views
+    ]
     return keras.Model(pixels, outputs)
 
 
@@ -92,32 +95,33 @@ def split_probabilities(
     test_time_flip: bool = False,
     backbone=None,
 ) -> dict[str, np.ndarray]:
-    """{split name: float32 [n, num_classes]} for each of `names`, as the training path needs.
+    """{split name: float32 [views, n, num_classes]} for each of `names`, as the path needs.
 
     trained: a classifier.TrainedClassifier; buckets: a data.buckets.Buckets.
-    Cached vectors unless the backbone was fine-tuned; then decoded images in
-    batches of test_batch_size (extraction_batch_size when that is -1).
-    test_time_flip: average with the mirrored pictures' probabilities, as
-    the exported model does; their vectors come from trained.backbone, or
-    from `backbone` (the plain one the export uses) when that is None.
+    One view, the pictures; with test_time_flip a second, their mirrors
+    (`retrain.evaluation.calibration.calibrate` combines them as the exported
+    model does). Cached vectors unless the backbone was fine-tuned; then
+    decoded images in batches of test_batch_size (extraction_batch_size when
+    that is -1). The mirrors' vectors come from trained.backbone, or from
+    `backbone` (the plain one the export uses) when that is None.
     """
     batch = extraction_batch_size if test_batch_size == -1 else test_batch_size
+    flip = ("mirrored",) if test_time_flip else ()
 
     def decoded(model, name):
         return predict_decoded(model, buckets.image_dir, buckets[name].entries, input_size, batch)
 
     if trained.fine_tune_result is not None:
         # The tuned backbone no longer matches the cached vectors: decode the images.
-        view = "flip_average" if test_time_flip else "plain"
-        model = pixel_classifier(trained.head, trained.backbone, input_size, view)
+        model = pixel_classifier(trained.head, trained.backbone, input_size, ("plain", *flip))
         return {name: decoded(model, name) for name in names}
     probabilities = {
-        name: predict_cached(trained.head, cache, buckets[name].entries, test_batch_size)
+        name: predict_cached(trained.head, cache, buckets[name].entries, test_batch_size)[None]
         for name in names
     }
     if test_time_flip:
         flip_backbone = trained.backbone if trained.backbone is not None else backbone
-        model = pixel_classifier(trained.head, flip_backbone, input_size, "mirrored")
+        model = pixel_classifier(trained.head, flip_backbone, input_size, flip)
         for name in names:
-            probabilities[name] = (probabilities[name] + decoded(model, name)) / 2
+            probabilities[name] = np.concatenate([probabilities[name], decoded(model, name)])
     return probabilities
