@@ -23,6 +23,7 @@ from retrain.config import Config, save_yaml
 from retrain.data import images
 from retrain.data.buckets import Buckets
 from retrain.data.class_checks import check_classes, check_training_classes
+from retrain.evaluation import assessment
 from retrain.files import output_folder
 from retrain.training.backbone import plain_backbone, tunable_backbone
 
@@ -129,9 +130,14 @@ def _train_and_export(
     # cache, and the data checks read at most check_limits.CHECKED_IMAGES of them.
     checks = start_data_checks(config, filled.cache, buckets, folder, background)
     trained = train(config, spec, filled.cache, buckets, folder, backbone, after_checkpoint)
-    probabilities = predict_splits(config, spec, trained, filled.cache, buckets)
-    result.evaluation = evaluate(config, probabilities, buckets, folder.staging)
-    record = save_record(config, buckets, trained, probabilities, filled.skipped, folder.staging)
+    assessed = assessment.assess(
+        config, spec, trained, filled.cache, buckets, filled.skipped, folder.staging
+    )
+    result.evaluation, confidence, record = (
+        assessed.evaluation,
+        assessed.confidence,
+        assessed.record,
+    )
     page = None
     if checks is not None:
         # The figures and the page are drawn while the model is exported.
@@ -147,9 +153,7 @@ def _train_and_export(
                 if export_backbone is not None
                 else plain_backbone(spec, config.backbone_weights)
             )
-        classifier = save_model(
-            config, spec, trained.head, backbone, image_list.class_names, folder
-        )
+        classifier = save_model(config, spec, trained, backbone, confidence, buckets, folder)
     finally:
         if page is not None:  # it writes into the staging folder: done before that goes
             concurrent.futures.wait([page])
@@ -162,7 +166,7 @@ def _train_and_export(
         from retrain.export import deployment
 
         result.deployment_paths = deployment.export_for_deployment(
-            classifier, image_list, buckets.training.entries, config, folder
+            classifier, image_list, buckets.training.entries, config, folder, confidence.detector
         )
     presets.log_best_cost(config, buckets, filled.report.images_per_second)
     return result
@@ -261,86 +265,23 @@ def train(config: Config, spec, cache, buckets: Buckets, folder, backbone, after
     return classifier.train_classifier(config, spec, cache, buckets, training_run)
 
 
-def predict_splits(config: Config, spec, trained, cache, buckets: Buckets) -> dict:
-    """{"validation" | "testing": float32 [n, num_classes] probabilities}."""
-    from retrain.evaluation import run_record
-    from retrain.training import predict
+def save_model(config: Config, spec, trained, backbone, confidence, buckets, folder):
+    """The classifier (backbone + calibrated head), its unknown detector and its labels file.
 
-    backbone = None
-    if config.test_time_flip and trained.backbone is None:
-        # The mirrored pictures have no cached vectors: they go through the backbone.
-        backbone = plain_backbone(spec, config.backbone_weights)
-    return predict.split_probabilities(
-        trained,
-        cache,
-        buckets,
-        run_record.EVALUATED_SPLITS,
-        input_size=spec.input_size,
-        test_batch_size=config.test_batch_size,
-        extraction_batch_size=config.extraction_batch_size,
-        test_time_flip=config.test_time_flip,
-        backbone=backbone,
-    )
-
-
-def evaluate(config: Config, probabilities: dict, buckets: Buckets, out_dir: Path):
-    """The test bucket's metrics, written to out_dir and summed up on stdout; None without tests."""
-    from retrain import evaluation
-
-    testing = buckets.testing
-    if not len(testing):
-        logger.warning(
-            "The test bucket is empty (testing_percentage=%s): no test accuracy.",
-            config.testing_percentage,
-        )
-        return None
-    test_evaluation = evaluation.evaluate(
-        probabilities["testing"], testing.labels, buckets.class_names
-    )
-    misclassified = evaluation.misclassified(
-        probabilities["testing"], testing.entries, buckets.class_names
-    )
-    evaluation.write_metrics(test_evaluation, out_dir, misclassified)
-    print(evaluation.summary(test_evaluation))
-    if config.print_misclassified_test_images:
-        evaluation.print_misclassified(misclassified)
-    return test_evaluation
-
-
-def save_record(
-    config: Config, buckets: Buckets, trained, probabilities: dict, skipped: list, out_dir: Path
-):
-    """The run record (what the report page and a rebuilt report read), saved in out_dir."""
-    from retrain.evaluation import run_record
-
-    head_result = trained.head_result
-    record = run_record.RunRecord(
-        image_dir=str(buckets.image_dir),
-        class_names=buckets.class_names,
-        settings=dataclasses.asdict(config),
-        images=buckets.paths,
-        labels=buckets.labels,
-        splits=buckets.splits,
-        history=head_result.history,
-        best_step=head_result.best_step,
-        stopped_early=head_result.stopped_early,
-        class_weights=None if trained.class_weights is None else trained.class_weights.tolist(),
-        probabilities=probabilities,
-        skipped=[(str(path), str(reason)) for path, reason in skipped],
-        distinct_validation=None if trained.distinct is None else trained.distinct.record(),
-    )
-    run_record.save(record, out_dir)
-    return record
-
-
-def save_model(config: Config, spec, head, backbone, class_names, folder):
-    """The classifier (backbone + head) and its labels file; returns the Keras classifier."""
+    Returns the Keras classifier.
+    """
     from retrain import export
+    from retrain.export import unknown_file
 
     outputs = config.resolved_outputs()
-    classifier = export.build_classifier(backbone, head, spec.input_size, config.test_time_flip)
-    export.save_classifier(classifier, folder.place(outputs["output_graph"]))
-    export.write_labels(class_names, folder.place(outputs["output_labels"]))
+    classifier = export.build_classifier(
+        backbone, trained.head, spec.input_size, config.test_time_flip, confidence.temperature
+    )
+    model_path = export.save_classifier(classifier, folder.place(outputs["output_graph"]))
+    if confidence.detector is not None:
+        sidecar = unknown_file.unknown_path(outputs["output_graph"])
+        unknown_file.save(confidence.detector, folder.place(sidecar), model_path)
+    export.write_labels(buckets.class_names, folder.place(outputs["output_labels"]))
     return classifier
 
 
