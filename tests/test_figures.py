@@ -75,3 +75,17 @@ def test_confusion_matrix_png_labels_do_not_overlap(tmp_path, k):
 def test_confusion_matrix_shape_is_checked(tmp_path):
     with pytest.raises(RetrainError, match=r"shape=\(2, 2\)"):
         figures.plot_confusion_matrix(np.eye(2), ["a", "b", "c"], tmp_path / "c.png")
+
+
+def test_reliability_diagram_png(tmp_path):
+    # An overconfident model: 0.95 sure and right 70% of the time; calibrated, 0.7 sure.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 400)
+    predicted = np.where(rng.random(400) < 0.7, labels, (labels + 1) % 3)
+    sure = np.full((400, 3), 0.025)
+    sure[np.arange(400), predicted] = 0.95
+    calibrated = np.full((400, 3), 0.15)
+    calibrated[np.arange(400), predicted] = 0.7
+    path = figures.plot_reliability(sure, calibrated, labels, tmp_path / "reliability.png")
+    height, width = assert_png(path)
+    assert width > height

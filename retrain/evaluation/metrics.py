@@ -162,12 +162,18 @@ def print_misclassified(wrong: list[Mistake]) -> None:
 
 
 def write_metrics(
-    evaluation: Evaluation, output_dir, misclassified: list[Mistake] = ()
+    evaluation: Evaluation,
+    output_dir,
+    misclassified: list[Mistake] = (),
+    confidence: dict | None = None,
 ) -> dict[str, Path]:
     """Writes metrics.json and confusion_matrix.csv into output_dir; returns their paths.
 
     misclassified: `Mistake`s (or equal tuples), listed in
     metrics.json under "misclassified" (paths as `text_escapes.one_line`).
+    confidence: None, or a dict with "calibration" and/or "unknown"
+    (retrain.evaluation.confidence_metrics' calibration_summary and
+    unknown_summary), written as top-level keys of metrics.json.
     Both files replace any file or link at their names (atomic_write).
     """
     out = Path(output_dir)
@@ -178,6 +184,9 @@ def write_metrics(
         {"path": one_line(path), "true": true, "predicted": predicted, "score": score}
         for path, true, predicted, score in misclassified
     ]
+    for key in ("calibration", "unknown"):
+        if confidence and confidence.get(key) is not None:
+            document[key] = confidence[key]
     atomic_write.write_text(paths["metrics"], json.dumps(document, indent=2) + "\n")
     # Class names may start like a formula (a class "=1+2"): csv_rows quotes them.
     rows = (

@@ -7,9 +7,12 @@ A run saves, beside its model:
   class index, split bucket) plus the images it skipped, and which validation
   images have no near-copy in training (`distinct_validation`; absent in
   records from before it);
-* `probabilities.npz`: the trained head's class probabilities for the
-  validation and test images (`validation`, `testing`: float32 [n, k], rows in
-  the order those images appear in the record).
+* `probabilities.npz`: the exported model's (calibrated) class probabilities
+  for the validation and test images (`validation`, `testing`: float32
+  [n, k], rows in the order those images appear in the record) and their
+  unknown scores (`validation_unknown_score`, `testing_unknown_score`:
+  float32 [n]; absent in records from before issue 24, like the record's
+  `calibration` and `unknown`).
 
 `save` writes both and `load` reads them back into a `RunRecord`, so
 `python -m retrain.report OUTPUT_DIR` can rebuild the page without the cache,
@@ -34,6 +37,8 @@ RECORD_FILE = "run_record.json"
 PROBABILITIES_FILE = "probabilities.npz"
 FORMAT_VERSION = 1
 EVALUATED_SPLITS = ("validation", "testing")
+# probabilities.npz holds a split's unknown scores as "<split>_unknown_score".
+SCORE_SUFFIX = "_unknown_score"
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,11 @@ class RunRecord:
     or None (unweighted loss); history: retrain.training.head.TrainResult.history;
     distinct_validation: None, or `DistinctValidation.record()` of the
     validation images (its "distances" in record order of that split).
+    probabilities are the calibrated ones; calibration: None or
+    `confidence_metrics.calibration_summary`'s dict (its "temperature"
+    recovers the uncalibrated probabilities); unknown: None or the detector
+    dict (`confidence_metrics.detector_summary`); unknown_scores: split ->
+    float32 [m] unknown scores of that split's images, in record order.
     """
 
     image_dir: str
@@ -69,6 +79,9 @@ class RunRecord:
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     distinct_validation: dict | None = None
+    calibration: dict | None = None
+    unknown: dict | None = None
+    unknown_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
     def rows(self, split: str) -> np.ndarray:
         """Record rows (int64 indices) of the images in `split`, in record order."""
@@ -112,6 +125,12 @@ def save(record: RunRecord, output_dir) -> tuple[Path, Path]:
                 f"probabilities[{split!r}] must be [images in {split}, classes]. "
                 f"Received: shape={np.shape(array)}"
             )
+    for split, array in record.unknown_scores.items():
+        if split not in EVALUATED_SPLITS or np.shape(array) != (len(record.rows(split)),):
+            raise RetrainError(
+                f"unknown_scores[{split!r}] must be [images in {split}]. "
+                f"Received: shape={np.shape(array)}"
+            )
     document = {
         "format_version": FORMAT_VERSION,
         "image_dir": one_line(record.image_dir),
@@ -131,6 +150,8 @@ def save(record: RunRecord, output_dir) -> tuple[Path, Path]:
             {"path": one_line(path), "reason": utf8(str(reason))} for path, reason in record.skipped
         ],
         "distinct_validation": record.distinct_validation,
+        "calibration": record.calibration,
+        "unknown": record.unknown,
     }
     record_path, probabilities_path = out / RECORD_FILE, out / PROBABILITIES_FILE
     # ensure_ascii (the default): settings keep any undecodable path exactly, as \udcNN.
@@ -141,6 +162,10 @@ def save(record: RunRecord, output_dir) -> tuple[Path, Path]:
             **{
                 split: np.asarray(array, np.float32)
                 for split, array in record.probabilities.items()
+            },
+            **{
+                split + SCORE_SUFFIX: np.asarray(array, np.float32)
+                for split, array in record.unknown_scores.items()
             },
         )
     return record_path, probabilities_path
@@ -179,7 +204,11 @@ def load(output_dir) -> RunRecord:
             f"Cannot read {record_path}: {type(error).__name__}: {error}. "
             "Rerun retrain to write it again."
         ) from None
-    record.probabilities = _load_probabilities(out, record)
+    arrays = _load_probabilities(out, record)
+    record.probabilities = {name: array for name, array in arrays.items() if array.ndim == 2}
+    record.unknown_scores = {
+        name.removesuffix(SCORE_SUFFIX): array for name, array in arrays.items() if array.ndim == 1
+    }
     return record
 
 
@@ -203,6 +232,13 @@ def _from_document(document) -> RunRecord:
         skipped=[(str(entry["path"]), str(entry["reason"])) for entry in document["skipped"]],
         # Records from before issue 23 have none.
         distinct_validation=_distinct_validation(document.get("distinct_validation")),
+        # Records from before issue 24 have neither.
+        calibration=_numbers(
+            document.get("calibration"), "calibration", ("temperature", "ece_before", "ece_after")
+        ),
+        unknown=_numbers(
+            document.get("unknown"), "unknown", ("threshold", "acceptance", "k", "reference_images")
+        ),
     )
     if len(record.labels) and (record.labels.min() < 0 or record.labels.max() >= len(class_names)):
         raise ValueError(f"image labels must be in [0, {len(class_names)})")
@@ -229,6 +265,17 @@ def _distinct_validation(value) -> dict | None:
     return dict(value)
 
 
+def _numbers(value, name: str, keys: tuple[str, ...]) -> dict | None:
+    """None, or the dict `value` whose `keys` hold finite numbers; ValueError otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(value.get(key), (int, float)) and np.isfinite(value[key]) for key in keys
+    ):
+        raise ValueError(f"{name} must be null or a dict with numbers {', '.join(keys)}")
+    return dict(value)
+
+
 def _npy_header(archive: zipfile.ZipFile, member: str):
     """(shape, dtype) from the .npy header of a zip member; its data is not read."""
     readers = {
@@ -246,17 +293,20 @@ def _npy_header(archive: zipfile.ZipFile, member: str):
 
 
 def _load_probabilities(out: Path, record: RunRecord) -> dict[str, np.ndarray]:
-    """probabilities.npz of `out`, each array float32 [images of the split, classes].
+    """probabilities.npz of `out`: per split float32 [images of the split, classes]
+    and, in records from issue 24 on, "<split>_unknown_score" float32 [images of the split].
 
     The file is read whole (bounded by the shapes the record implies) and each
     member's .npy header is checked before its data is: a small compressed
     file that claims a huge array is refused, never expanded.
     """
     path = out / PROBABILITIES_FILE
-    expected = {
-        split: (len(record.rows(split)), len(record.class_names)) for split in EVALUATED_SPLITS
-    }
-    largest = sum(rows * k * 4 for rows, k in expected.values())
+    expected = {}
+    for split in EVALUATED_SPLITS:
+        rows = len(record.rows(split))
+        expected[split] = (rows, len(record.class_names))
+        expected[split + SCORE_SUFFIX] = (rows,)
+    largest = sum(4 * int(np.prod(shape)) for shape in expected.values())
     try:
         # Compression can only shrink float32 rows much; 2x + 1 MB allows for any overhead.
         data = received_files.read_bytes(path, limit=2 * largest + (1 << 20))

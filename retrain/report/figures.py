@@ -8,6 +8,9 @@
   The figure grows with the number of classes so that every tick label keeps
   its own line: readable with hundreds of classes. Class names are drawn as
   written (never parsed as mathtext or TeX).
+* `plot_reliability`: the reliability diagram of probabilities before and
+  after temperature scaling: per confidence bin, the share correct against
+  the mean confidence, with each set's expected calibration error.
 
 Files are written with retrain.files.atomic_write: a symbolic link left at a
 figure's name in a received output folder is replaced, never written through.
@@ -160,3 +163,59 @@ def draw_confusion_matrix(
                     )
     figure.colorbar(image, ax=axis, shrink=min(1.0, 6 / size), label="share of the true class")
     return figure
+
+
+def plot_reliability(
+    before: np.ndarray, after: np.ndarray, labels: np.ndarray, path, bins: int = 15
+) -> Path:
+    """Writes the reliability diagram of two sets of probabilities of the same images (PNG).
+
+    before, after: float [n, k] probabilities (uncalibrated, calibrated);
+    labels: int [n]. One panel each: a bar per filled confidence bin (`bins`
+    equal-width bins of the top probability) at the share correct, a red
+    mark at the bin's mean confidence (the gap is its miscalibration), the
+    diagonal of perfect calibration, and the expected calibration error in
+    the title; a bar's shade grows with the images in its bin.
+    """
+    from retrain.evaluation import calibration
+
+    figure = Figure(figsize=(10, 4.4), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2, sharey=True)
+    for axis, probabilities, title in (
+        (axes[0], before, "Before calibration"),
+        (axes[1], after, "After calibration"),
+    ):
+        table = calibration.reliability_bins(probabilities, labels, bins)
+        ece = calibration.expected_calibration_error(probabilities, labels, bins)
+        filled = table["count"] > 0
+        centres = (table["edges"][:-1] + table["edges"][1:]) / 2
+        shade = 0.25 + 0.75 * table["count"] / max(int(table["count"].max()), 1)
+        axis.bar(
+            centres[filled],
+            table["accuracy"][filled],
+            width=1 / bins,
+            color=[(0.36, 0.55, 0.94, alpha) for alpha in shade[filled]],
+            edgecolor="0.3",
+            linewidth=0.5,
+            label="share correct",
+        )
+        # The gap between a bar's top and its marker is the bin's miscalibration.
+        axis.plot(
+            centres[filled],
+            table["confidence"][filled],
+            "_",
+            color="#b4401b",
+            markersize=270 / bins,
+            markeredgewidth=2.5,
+            label="mean confidence",
+        )
+        axis.plot([0, 1], [0, 1], "--", color="0.4", linewidth=1, label="perfect calibration")
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1)
+        axis.set_title(f"{title}: ECE {ece:.3f} ({int(table['count'].sum())} images)")
+        axis.set_xlabel("confidence (top probability)")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("share correct")
+    axes[0].legend(loc="upper left", fontsize=9)
+    return save_png(figure, path)

@@ -1,6 +1,7 @@
 """report.html and its figures, built from the run's record in an output folder.
 
-`build` draws training_curves.png and confusion_matrix.png and renders
+`build` draws training_curves.png, confusion_matrix.png and (from records
+of issue 24 on) reliability.png and renders
 report.html.j2 from what a run saved (retrain.evaluation.run_record, the
 data checks' CSVs, thumbnails/), without the cache, the model or TensorFlow.
 The page is one HTML file with inline CSS and no scripts; it refers only to
@@ -20,7 +21,7 @@ from retrain.evaluation.distinct_validation import optimism
 from retrain.evaluation.metrics import Evaluation, Mistake, evaluate, misclassified
 from retrain.files import atomic_write, received_files
 from retrain.files.text_escapes import utf8
-from retrain.report import figures
+from retrain.report import confidence, figures
 from retrain.report.checks import SHOWN_DUPLICATES, SHOWN_LABEL_ISSUES, read_checks
 from retrain.report.report_parts import ReportParts
 from retrain.report.thumbnails import THUMBNAIL_DIR, thumbnail_path
@@ -151,6 +152,8 @@ def build(output_dir, parts: ReportParts | None = None) -> Path:
                 title=f"Confusion matrix ({'test' if confusion_split == 'testing' else 'validation'})",
             )
             confusion = CONFUSION_FILE
+    calibrated = confidence.calibration_view(record, out, parts)
+    unknown = confidence.unknown_view(record, parts)
     thumbnails_linked = os.path.islink(out / THUMBNAIL_DIR)
 
     def thumbnail(image):
@@ -168,6 +171,8 @@ def build(output_dir, parts: ReportParts | None = None) -> Path:
         duplicates=duplicates,
         checks_sample=checks_sample,
         thumbnail=thumbnail,
+        calibrated=calibrated,
+        unknown=unknown,
     )
     return atomic_write.write_text(out / REPORT_FILE, page)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from retrain.evaluation import check_files, run_record
 from retrain.files import atomic_write
 from retrain.report.checks import CHECKS_FILE, DataChecks, shown_check_images
+from retrain.report.confidence import most_unknown
 from retrain.report.page import REPORT_FILE, SHOWN_MISCLASSIFIED, build, misclassified_tests
 from retrain.report.report_parts import ReportOutcome, ReportParts
 from retrain.report.thumbnails import THUMBNAIL_DIR, write_thumbnails
@@ -22,6 +23,7 @@ from retrain.report.thumbnails import THUMBNAIL_DIR, write_thumbnails
 def shown_images(record, issues, duplicates) -> list[str]:
     """The relative paths of every image the page shows a thumbnail of (no repeats)."""
     paths = [m.image for m in misclassified_tests(record)[:SHOWN_MISCLASSIFIED]]
+    paths += [shown["image"] for shown in most_unknown(record)]
     return list(dict.fromkeys(paths + shown_check_images(issues, duplicates)))
 
 
