@@ -77,7 +77,7 @@ HELP = {
     "toward the input (1 = one rate for all)",
     "fine_tune_weight_decay": "AdamW decoupled weight decay of fine-tuning (0 = none)",
     "fine_tune_label_smoothing": "label smoothing of the fine-tuning loss (0 = none)",
-    "test_time_flip": "the exported model averages each picture's probabilities with its mirror's",
+    "test_time_flip": "the exported model averages each picture's logits with its mirror's",
     "unknown_acceptance": "share of in-class validation images the unknown detector accepts; "
     "pictures past its threshold are labelled unknown",
 }

@@ -89,7 +89,7 @@ class Config:
     fine_tune_layer_decay: float = 0.7
     fine_tune_weight_decay: float = 0.02
     fine_tune_label_smoothing: float = 0.1
-    # The exported model averages the probabilities of each picture and its mirror.
+    # The exported model averages the logits of each picture and its mirror.
     test_time_flip: bool = False
     # Share of in-distribution validation images the unknown detector accepts;
     # pictures scoring past that threshold are labelled "unknown".

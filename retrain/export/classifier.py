@@ -3,10 +3,14 @@
 `build_classifier` chains a Resizing layer (the op extraction used, see
 `retrain.data.resizing.resize_to_input`), the backbone (which normalises pixels
 inside itself) and the head, so the saved model takes plain RGB images of any
-size and no caller can preprocess them wrongly. With the test-time flip
-(`--test_time_flip`) the model returns the mean of the probabilities of the
-picture and of its left-right mirror (`classify`, `mirror`), from built-in
-layers only, so the file still loads in safe mode. `fixed_size_classifier` is
+size and no caller can preprocess them wrongly. The head's logits are divided
+by the run's calibration temperature, folded into a copy of its Dense layer
+(`calibrated_logits`: no new op in any format). With the test-time flip
+(`--test_time_flip`) the model averages the logits of the picture and of its
+left-right mirror (`classify`, `mirror`), from built-in layers only, so the
+file still loads in safe mode. The Identity layer "bottleneck" holds the
+picture's bottleneck vector, which the unknown score reads
+(`fixed_size_classifier(..., with_vectors=True)`). `fixed_size_classifier` is
 the same network without the resizing, at the backbone's input size: the one
 model the SavedModel (`retrain.export.saved_model`) and TFLite
 (`retrain.export.tflite`) exports share. Loading a saved file back is
