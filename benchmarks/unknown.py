@@ -1,0 +1,329 @@
+"""Unknown detection and calibration on real photos (`make bench-unknown`, issue 24).
+
+Default: trains with the command line's defaults (`python -m retrain
+--image_dir DIR`) on one photo folder (../shared/data/flowers128), then runs
+`python -m retrain.label_image --json` on (a) the run's held-out test photos
+(from its run record), (b) scikit-image's sample photos and (c)
+../shared/data/caltech101/test photos of classes that are not flowers, and
+prints the share of each called unknown, with the expected calibration error
+before and after calibration from the run's metrics.json. `--caltech_classes
+10` adds a second set: 10 Caltech-101 classes trained, the test photos of
+the other 91 as the unknowns.
+
+`--compare` instead measures the choices behind retrain.evaluation.unknown on
+cached vectors (no training): the K-th nearest neighbour's cosine distance
+for K in 1, 5, 10, 20 and reference caps of 1024, 2048, 4096 and all
+training vectors, beside the Mahalanobis distance to the class means with a
+shared, shrunk covariance, and the float16 reference of the sidecar file
+against float32. The figures are in docs/unknown.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from retrain.evaluation import unknown  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+# Caltech-101 classes that are flowers or plants: not "other things" for a
+# flower classifier.
+FLOWER_LIKE = {"sunflower", "lotus", "water_lilly", "bonsai", "joshua_tree"}
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "motorcycle_left",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+    "cat",
+)
+KS = (1, 5, 10, 20)
+CAPS = (1024, 2048, 4096, None)
+
+
+# --- the comparison on cached vectors -------------------------------------------------------
+
+
+def cached(cache_dir: Path, image_dir: Path):
+    """(ImageList, float32 [n, 1280] vectors of its entries) from a filled cache."""
+    from retrain import backbones, engines
+    from retrain.cache import BottleneckCache
+    from retrain.config import Config
+    from retrain.data import images
+
+    image_list = images.discover(image_dir)
+    name = backbones.DEFAULT_BACKBONE
+    cache = BottleneckCache(cache_dir, name, engine=engines.choose(Config().engine, name))
+    return image_list, np.asarray(cache.read(image_list.entries), np.float32)
+
+
+def fill(cache_dir: Path, image_dir: Path) -> None:
+    """`retrain --cache_only` on image_dir (nothing to do when the cache holds it)."""
+    command = [sys.executable, "-m", "retrain", "--image_dir", str(image_dir)]
+    command += ["--cache_only", "--bottleneck_dir", str(cache_dir)]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+
+
+def mahalanobis_scores(reference, labels, queries) -> np.ndarray:
+    """float [m]: distance to the nearest class mean under the shared Ledoit-Wolf covariance."""
+    from sklearn.covariance import LedoitWolf
+
+    classes = np.unique(labels)
+    means = np.stack([reference[labels == c].mean(axis=0) for c in classes])
+    centred = reference - means[np.searchsorted(classes, labels)]
+    precision = LedoitWolf().fit(centred).precision_
+    best = np.full(len(queries), np.inf)
+    for mean in means:
+        offset = queries - mean
+        best = np.minimum(best, np.einsum("ij,jk,ik->i", offset, precision, offset))
+    return np.sqrt(best)
+
+
+def capped(entries, vectors, cap):
+    """The reference rows the run would keep: retrain.evaluation.unknown.reference_entries."""
+    if cap is None:
+        return vectors
+    row = {entry.key: i for i, entry in enumerate(entries)}
+    return vectors[[row[e.key] for e in unknown.reference_entries(entries, cap)]]
+
+
+def compare_set(title, train, validation, inside, outside) -> None:
+    """Prints in-class and other-things shares flagged at 95% acceptance for each method.
+
+    train, validation: (entries, float32 vectors); inside, outside: float32 vectors."""
+    print(
+        f"{title}: {len(train[1])} training, {len(validation[1])} validation vectors; "
+        f"{len(inside)} held-out in-class, {len(outside)} other photos",
+        flush=True,
+    )
+    print(f"  {'method':<34} {'in-class flagged':>17} {'others flagged':>15} {'s/1000':>7}")
+    for cap in CAPS:
+        reference = capped(train[0], train[1], cap)
+        for k in KS:
+            detector = unknown.fit(reference, validation[1], 0.95, k)
+            start = time.perf_counter()
+            flags_in = detector.is_unknown(detector.scores(inside))
+            seconds = (time.perf_counter() - start) / len(inside) * 1000
+            flags_out = detector.is_unknown(detector.scores(outside))
+            name = f"k={k}, reference {cap or 'all'} ({len(reference)})"
+            print(
+                f"  {name:<34} {flags_in.mean():>17.3f} {flags_out.mean():>15.3f} {seconds:>7.3f}"
+            )
+    labels = np.array([e.label_index for e in train[0]])
+    threshold = np.quantile(mahalanobis_scores(train[1], labels, validation[1]), 0.95)
+    flags_in = mahalanobis_scores(train[1], labels, inside) > threshold
+    flags_out = mahalanobis_scores(train[1], labels, outside) > threshold
+    name = "Mahalanobis, shared shrunk cov."
+    print(f"  {name:<34} {flags_in.mean():>17.3f} {flags_out.mean():>15.3f}", flush=True)
+    half_precision(capped(train[0], train[1], unknown.MAX_REFERENCE), validation[1], outside)
+
+
+def half_precision(reference, validation, queries) -> None:
+    """Prints how far scores against a float16 reference (the sidecar) are from float32."""
+    full = unknown.fit(reference, validation, 0.95)
+    half = unknown.UnknownDetector(
+        unknown.unit_rows(full.reference.astype(np.float16)), full.k, full.threshold, 0.95
+    )
+    both = np.concatenate([validation, queries])
+    a, b = full.scores(both), half.scores(both)
+    same = np.mean(full.is_unknown(a) == half.is_unknown(b))
+    print(
+        f"  float16 reference: largest score difference {np.abs(a - b).max():.2e}, "
+        f"same unknown decision on {same:.4f} of {len(both)} vectors"
+    )
+
+
+def split(image_list, vectors, bucket):
+    chosen = [i for i, e in enumerate(image_list.entries) if e.split_bucket == bucket]
+    return [image_list.entries[i] for i in chosen], vectors[chosen]
+
+
+def compare(cache_dir: Path, flowers: Path, caltech: Path, classes: int, seeds: int) -> None:
+    """The flowers set (others: Caltech-101 test photos of other things) and `seeds` draws
+    of `classes` Caltech-101 classes (others: the test photos of the remaining classes)."""
+    for folder in (flowers, caltech / "train", caltech / "test"):
+        fill(cache_dir, folder)
+    flower_list, flower_vectors = cached(cache_dir, flowers)
+    train_list, train_vectors = cached(cache_dir, caltech / "train")
+    test_list, test_vectors = cached(cache_dir, caltech / "test")
+    test_names = np.array([e.label for e in test_list.entries])
+    others = ~np.isin(test_names, sorted(FLOWER_LIKE))
+    compare_set(
+        f"{flowers.name} (5 classes) against Caltech-101 test photos of other things",
+        split(flower_list, flower_vectors, "training"),
+        split(flower_list, flower_vectors, "validation"),
+        split(flower_list, flower_vectors, "testing")[1],
+        test_vectors[others],
+    )
+    train_names = np.array([e.label for e in train_list.entries])
+    for seed in range(seeds):
+        chosen = np.random.default_rng(seed).choice(train_list.class_names, classes, replace=False)
+        rows = np.flatnonzero(np.isin(train_names, chosen))
+        entries = [train_list.entries[i] for i in rows]
+        # The run's own split of the caltech train folder: 10% validation, the rest
+        # (testing bucket included) fits the reference; caltech101/test is held out.
+        is_validation = np.array([e.split_bucket == "validation" for e in entries])
+        inside = np.isin(test_names, chosen)
+        compare_set(
+            f"Caltech-101, {classes} classes (seed {seed}) against the other classes' test photos",
+            (
+                [e for e, v in zip(entries, is_validation) if not v],
+                train_vectors[rows][~is_validation],
+            ),
+            ([e for e, v in zip(entries, is_validation) if v], train_vectors[rows][is_validation]),
+            test_vectors[inside],
+            test_vectors[~inside],
+        )
+
+
+# --- trained with the command line's defaults, labelled by label_image ---------------------
+
+
+def train(image_dir: Path, work: Path, cache_dir: Path) -> Path:
+    """`python -m retrain --image_dir image_dir` with its defaults; returns the output folder."""
+    out = work / "runs" / image_dir.name
+    command = [sys.executable, "-m", "retrain", "--image_dir", str(image_dir)]
+    command += ["--bottleneck_dir", str(cache_dir), "--output_dir", str(out)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-2000:]}")
+    print(f"trained on {image_dir} in {time.perf_counter() - start:.0f} s", flush=True)
+    return out
+
+
+def unknown_share(out: Path, photos: list[Path]) -> tuple[float | None, int]:
+    """(share of photos label_image --json calls unknown or None without the field, count)."""
+    command = [sys.executable, "-m", "retrain.label_image", "--graph", str(out / "model.keras")]
+    command += ["--labels", str(out / "labels.txt"), "--json", "--image", *map(str, photos)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if not done.stdout.strip():
+        raise RuntimeError(f"label_image failed: {done.stderr.strip()[-2000:]}")
+    results = json.loads(done.stdout)["results"]
+    flags = [result.get("unknown") for result in results]
+    if not results or any(flag is None for flag in flags):
+        return None, len(results)
+    return float(np.mean(flags)), len(results)
+
+
+def skimage_photos(folder: Path) -> list[Path]:
+    """scikit-image's sample photos written as PNG files (colour ones as they are)."""
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in SKIMAGE_PHOTOS:
+        pixels = getattr(data, name)()
+        if pixels.ndim == 3 and pixels.shape[2] == 4:
+            pixels = pixels[..., :3]
+        path = folder / f"{name}.png"
+        Image.fromarray(np.asarray(pixels, np.uint8)).save(path)
+        written.append(path)
+    return written
+
+
+def report(out: Path, sets: dict[str, list[Path]]) -> None:
+    """Prints each set's unknown share and the run's ECE before and after calibration."""
+    from retrain.evaluation import run_record
+
+    record = run_record.load(out)
+    held_out = [
+        Path(record.image_dir) / image
+        for image, bucket in zip(record.images, record.splits)
+        if bucket == "testing"
+    ]
+    for name, photos in {"held-out photos of its classes": held_out, **sets}.items():
+        share, count = unknown_share(out, photos)
+        shown = "no 'unknown' field in label_image --json" if share is None else f"{share:.3f}"
+        print(f"  called unknown: {name:<44} {shown} of {count}", flush=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    calibration = metrics.get("calibration")
+    if calibration is None:
+        print("  metrics.json has no 'calibration' key yet")
+    else:
+        print(
+            f"  test ECE (15 bins): {calibration['ece_before']:.4f} before calibration, "
+            f"{calibration['ece_after']:.4f} after"
+        )
+
+
+def end_to_end(image_dir: Path, caltech: Path, work: Path, classes: int) -> None:
+    cache_dir = work / "cache"
+    others = [
+        photo
+        for photo in sorted((caltech / "test").glob("*/*"))
+        if photo.parent.name not in FLOWER_LIKE
+    ]
+    out = train(image_dir, work, cache_dir)
+    report(
+        out,
+        {
+            "scikit-image sample photos": skimage_photos(work / "skimage"),
+            "Caltech-101 test photos, not flowers": others,
+        },
+    )
+    if classes:
+        names = sorted(p.name for p in (caltech / "train").iterdir() if p.is_dir())
+        chosen = set(np.random.default_rng(0).choice(names, classes, replace=False))
+        subset = work / f"caltech{classes}"
+        for name in chosen:
+            (subset / name).mkdir(parents=True, exist_ok=True)
+            for photo in (caltech / "train" / name).iterdir():
+                target = subset / name / photo.name
+                if not target.exists():
+                    target.symlink_to(photo.resolve())
+        out = train(subset, work, cache_dir)
+        left_out = [
+            p for p in sorted((caltech / "test").glob("*/*")) if p.parent.name not in chosen
+        ]
+        report(out, {f"Caltech-101 test photos of the other {len(names) - classes}": left_out})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image_dir", type=Path, default=DATA / "flowers128")
+    parser.add_argument("--caltech", type=Path, default=DATA / "caltech101")
+    parser.add_argument("--work_dir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--caltech_classes", type=int, default=0, help="also train on N classes")
+    parser.add_argument("--compare", action="store_true", help="compare methods on cached vectors")
+    parser.add_argument("--bottleneck_dir", type=Path, default=None)
+    parser.add_argument("--seeds", type=int, default=3, help="--compare: draws of 10 classes")
+    args = parser.parse_args()
+    for folder in (args.image_dir, args.caltech):
+        if not folder.is_dir():
+            sys.exit(f"{folder} is missing: this benchmark needs ../shared/data (see its README).")
+    with tempfile.TemporaryDirectory(prefix="bench-unknown-") as temporary:
+        work = args.work_dir or Path(temporary)
+        if args.compare:
+            compare(
+                args.bottleneck_dir or work / "cache", args.image_dir, args.caltech, 10, args.seeds
+            )
+        else:
+            end_to_end(args.image_dir, args.caltech, work, args.caltech_classes)
+    print(f"CPU: {cpu_model()}")
+
+
+def cpu_model() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
