@@ -35,8 +35,9 @@ def assess(config: Config, spec, trained, cache, buckets: Buckets, skipped, out_
     """Predicts, calibrates, fits the unknown detector, evaluates and saves the record in out_dir."""
     views = predict_splits(config, spec, trained, cache, buckets)
     confidence = fit_confidence(config, spec, trained, cache, buckets, views)
-    test_evaluation = evaluate(config, confidence, buckets, out_dir)
-    record = save_record(config, buckets, trained, confidence, skipped, out_dir)
+    summaries = confidence_summaries(confidence, buckets)
+    test_evaluation = evaluate(config, confidence, summaries, buckets, out_dir)
+    record = save_record(config, buckets, trained, confidence, summaries, skipped, out_dir)
     return Assessment(test_evaluation, confidence, record)
 
 
@@ -86,11 +87,11 @@ def fit_confidence(config: Config, spec, trained, cache, buckets: Buckets, views
         return calibrated
 
 
-def evaluate(config: Config, confidence, buckets: Buckets, out_dir: Path):
+def evaluate(config: Config, confidence, summaries: dict, buckets: Buckets, out_dir: Path):
     """The test bucket's metrics, written to out_dir and summed up on stdout; None without tests.
 
-    confidence: the evaluation.confidence.Confidence of the run (calibrated
-    probabilities; calibration and unknown figures for metrics.json).
+    confidence: the evaluation.confidence.Confidence of the run (its calibrated
+    probabilities); summaries: `confidence_summaries`, for metrics.json.
     """
     from retrain import evaluation
     from retrain.evaluation import confidence_metrics
@@ -105,7 +106,6 @@ def evaluate(config: Config, confidence, buckets: Buckets, out_dir: Path):
     probabilities = confidence.probabilities["testing"]
     test_evaluation = evaluation.evaluate(probabilities, testing.labels, buckets.class_names)
     misclassified = evaluation.misclassified(probabilities, testing.entries, buckets.class_names)
-    summaries = confidence_summaries(confidence, buckets)
     evaluation.write_metrics(test_evaluation, out_dir, misclassified, summaries)
     print(evaluation.summary(test_evaluation))
     for line in confidence_metrics.summary_lines(
@@ -142,10 +142,10 @@ def confidence_summaries(confidence, buckets: Buckets) -> dict:
 
 
 def save_record(
-    config: Config, buckets: Buckets, trained, confidence, skipped: list, out_dir: Path
+    config: Config, buckets: Buckets, trained, confidence, summaries, skipped, out_dir: Path
 ):
     """The run record (what the report page and a rebuilt report read), saved in out_dir."""
-    from retrain.evaluation import calibration, run_record
+    from retrain.evaluation import run_record
 
     head_result = trained.head_result
     record = run_record.RunRecord(
@@ -162,10 +162,7 @@ def save_record(
         probabilities=confidence.probabilities,
         skipped=[(str(path), str(reason)) for path, reason in skipped],
         distinct_validation=None if trained.distinct is None else trained.distinct.record(),
-        calibration={
-            "temperature": confidence.temperature,
-            "bins": calibration.BINS,
-        },
+        calibration=summaries["calibration"],
         unknown=confidence.detector_record(),
         unknown_scores=confidence.unknown_scores,
     )
