@@ -329,6 +329,8 @@ def test_an_old_record_still_renders(run, tmp_path):
 
 def test_a_failing_figure_is_a_warning_naming_it(run, tmp_path, monkeypatch, caplog):
     record = make_record(run, tmp_path / "images")
+    # The temperature alone is enough: the page computes the errors from the probabilities.
+    record.calibration = {"temperature": run["temperature"]}
     out = tmp_path / "out"
     run_record.save(record, out)
 
@@ -342,3 +344,6 @@ def test_a_failing_figure_is_a_warning_naming_it(run, tmp_path, monkeypatch, cap
     parsed, text = read_page(out)
     assert {"calibration", "unknown-per-class"} <= parsed.ids
     assert "could not be drawn" in text
+    test_labels = run["labels"][run["rows"]["testing"]]
+    ece_before = calibration.expected_calibration_error(run["raw"]["testing"], test_labels)
+    assert f"<b>{ece_before:.3f}</b> before" in text

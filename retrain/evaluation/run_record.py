@@ -59,9 +59,9 @@ class RunRecord:
     or None (unweighted loss); history: retrain.training.head.TrainResult.history;
     distinct_validation: None, or `DistinctValidation.record()` of the
     validation images (its "distances" in record order of that split).
-    probabilities are the calibrated ones; calibration: None or
-    `confidence_metrics.calibration_summary`'s dict (its "temperature"
-    recovers the uncalibrated probabilities); unknown: None or the detector
+    probabilities are the calibrated ones; calibration: None or a dict with
+    at least "temperature" (> 0; it recovers the uncalibrated probabilities),
+    such as `confidence_metrics.calibration_summary`'s; unknown: None or the detector
     dict (`confidence_metrics.detector_summary`); unknown_scores: split ->
     float32 [m] unknown scores of that split's images, in record order.
     """
@@ -233,9 +233,7 @@ def _from_document(document) -> RunRecord:
         # Records from before issue 23 have none.
         distinct_validation=_distinct_validation(document.get("distinct_validation")),
         # Records from before issue 24 have neither.
-        calibration=_numbers(
-            document.get("calibration"), "calibration", ("temperature", "ece_before", "ece_after")
-        ),
+        calibration=_numbers(document.get("calibration"), "calibration", ("temperature",)),
         unknown=_numbers(
             document.get("unknown"), "unknown", ("threshold", "acceptance", "k", "reference_images")
         ),
@@ -252,6 +250,8 @@ def _from_document(document) -> RunRecord:
     mask = record.distinct_mask()
     if mask is not None and len(mask) != len(record.rows("validation")):
         raise ValueError("distinct_validation must hold one distance per validation image")
+    if record.calibration is not None and not record.calibration["temperature"] > 0:
+        raise ValueError("calibration's temperature must be positive")
     return record
 
 

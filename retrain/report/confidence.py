@@ -37,32 +37,29 @@ def calibration_view(record, out, parts: ReportParts) -> dict | None:
     """The calibration section's values, with RELIABILITY_FILE drawn into `out`.
 
     None when the record has no calibration or no test images. The dict:
-    temperature, ece_before, ece_after, bins, images (test images) and
-    figure (the file name, or None when it could not be drawn: a warning in
-    `parts`).
+    `confidence_metrics.calibration_summary` of the record's test images
+    (temperature, bins, images, ece_before, ece_after) and figure (the file
+    name, or None when it could not be drawn); None too when the figures
+    could not be computed. Either failure is a warning in `parts`.
     """
     if record.calibration is None or not len(record.rows("testing")):
         return None
     if "testing" not in record.probabilities:
         return None
-    bins = int(record.calibration.get("bins", calibration.BINS))
-    view = {
-        "temperature": float(record.calibration["temperature"]),
-        "ece_before": float(record.calibration["ece_before"]),
-        "ece_after": float(record.calibration["ece_after"]),
-        "bins": bins,
-        "images": len(record.rows("testing")),
-        "figure": None,
-    }
+    view = None
     with parts.part(RELIABILITY_FILE):
+        bins = int(record.calibration.get("bins", calibration.BINS))
         labels = record.labels[record.rows("testing")]
-        figures.plot_reliability(
-            uncalibrated(record),
-            record.probabilities["testing"],
-            labels,
-            out / RELIABILITY_FILE,
-            bins=bins,
-        )
+        before, after = uncalibrated(record), record.probabilities["testing"]
+        # From the record's probabilities (not figures written beside them): the
+        # text and the diagram's titles always agree.
+        view = {
+            **confidence_metrics.calibration_summary(
+                before, after, labels, float(record.calibration["temperature"]), bins
+            ),
+            "figure": None,
+        }
+        figures.plot_reliability(before, after, labels, out / RELIABILITY_FILE, bins=bins)
         view["figure"] = RELIABILITY_FILE
     return view
 
