@@ -122,9 +122,9 @@ def fit(reference, validation, acceptance: float, k: int = K) -> UnknownDetector
         logger.warning(
             "No validation images for the unknown threshold: it is set on the training "
             "vectors' distances to each other, which are smaller than a new picture's, so "
-            "more in-class pictures than %.0f%% may be called unknown; add validation images "
-            "(--validation_percentage) for a reliable threshold.",
-            100 * acceptance,
+            "more than %.0f%% of the pictures of the classes may be called unknown; add "
+            "validation images (--validation_percentage) for a reliable threshold.",
+            100 * (1 - acceptance),
         )
         # Counting itself (similarity 1), the vector's k-th neighbour among
         # the others is its (k+1)-th overall.
