@@ -2,9 +2,10 @@
 
     python -m retrain.report OUTPUT_DIR     (or the `retrain-report` command)
 
-rebuilds OUTPUT_DIR/report.html, training_curves.png and confusion_matrix.png
-from what a run saved there (retrain.evaluation.run_record, label_issues.csv,
-near_duplicates.csv, thumbnails/), without the cache, the model or TensorFlow;
+rebuilds OUTPUT_DIR/report.html, training_curves.png, confusion_matrix.png and
+reliability.png (calibration, retrain.report.confidence) from what a run saved
+there (retrain.evaluation.run_record, label_issues.csv, near_duplicates.csv,
+thumbnails/), without the cache, the model or TensorFlow;
 `--screenshot FILE.png` also renders the page with headless Chromium.
 
 During a run, `checks.find_data_checks` runs the data checks on the bottleneck

@@ -1,8 +1,8 @@
 """`python -m retrain.report OUTPUT_DIR` (and `retrain-report`): rebuild a run's page.
 
-Rebuilds OUTPUT_DIR/report.html, training_curves.png and confusion_matrix.png
-from what a run saved there (retrain.report.page.build); `--screenshot
-FILE.png` also renders the page with headless Chromium.
+Rebuilds OUTPUT_DIR/report.html, training_curves.png, confusion_matrix.png and
+reliability.png from what a run saved there (retrain.report.page.build);
+`--screenshot FILE.png` also renders the page with headless Chromium.
 """
 
 from __future__ import annotations
