@@ -125,6 +125,15 @@ def test_metrics_match_scikit_learn_on_the_saved_probabilities(planted_run):
     f1 = metrics.f1_score(labels, predicted, average=None, labels=range(6), zero_division=0)
     assert [saved["per_class"][name]["f1"] for name in record["class_names"]] == pytest.approx(f1)
     assert saved["accuracy"] > 0.85
+    # Calibration and the unknown detector: the figures of the run, per class.
+    assert 0 <= saved["calibration"]["ece_after"] <= saved["calibration"]["ece_before"] + 0.02
+    assert saved["calibration"]["images"] == len(labels)
+    assert [row["class"] for row in saved["unknown"]["per_class"]] == record["class_names"]
+    assert saved["unknown"]["validation_unknown_share"] <= 1 - saved["unknown"]["acceptance"] + 1e-9
+    with np.load(out / "probabilities.npz") as archive:
+        assert archive["testing_unknown_score"].shape == labels.shape
+    assert "Calibration: temperature" in planted_run["stdout"]
+    assert "Unknown: threshold" in planted_run["stdout"]
 
 
 class PageLinks(HTMLParser):
@@ -163,8 +172,13 @@ def test_every_image_of_the_page_resolves(planted_run):
             image.verify()
     assert_png(out / "training_curves.png")
     assert_png(out / "confusion_matrix.png")
+    assert_png(out / "reliability.png")
+    assert "reliability.png" in links.images
     page = (out / "report.html").read_text(encoding="utf-8")
     for heading in (
+        "Calibration",
+        "Unknown pictures",
+        "Most unknown-looking test images",
         "Classes and splits",
         "Settings",
         "Confusion matrix",
