@@ -179,6 +179,7 @@ def make_record(run, image_dir, with_confidence=True) -> run_record.RunRecord:
         )
         record.unknown = confidence_metrics.detector_summary(run["detector"])
         record.unknown_scores = dict(run["scores"])
+        record.uncalibrated = {"testing": run["raw"]["testing"].astype(np.float32)}
     return record
 
 
@@ -190,7 +191,10 @@ def test_record_round_trip_with_and_without_confidence(run, tmp_path):
     for split in ("validation", "testing"):
         np.testing.assert_array_equal(loaded.unknown_scores[split], run["scores"][split])
         np.testing.assert_array_equal(loaded.probabilities[split], run["calibrated"][split])
-    # "before" is recovered from the calibrated probabilities and the temperature.
+    np.testing.assert_array_equal(loaded.uncalibrated["testing"], record.uncalibrated["testing"])
+    assert "validation" not in loaded.uncalibrated
+    # Without them, "before" is recovered from the calibrated probabilities and the temperature.
+    loaded.uncalibrated = {}
     np.testing.assert_allclose(confidence.uncalibrated(loaded), run["raw"]["testing"], atol=2e-5)
 
     old = make_record(run, tmp_path / "images", with_confidence=False)
@@ -347,3 +351,24 @@ def test_a_failing_figure_is_a_warning_naming_it(run, tmp_path, monkeypatch, cap
     test_labels = run["labels"][run["rows"]["testing"]]
     ece_before = calibration.expected_calibration_error(run["raw"]["testing"], test_labels)
     assert f"<b>{ece_before:.3f}</b> before" in text
+
+
+def test_a_small_temperature_shows_the_stored_uncalibrated_probabilities(run, tmp_path):
+    """At T = 0.05 (the search's bound, where a validation set with no mistake sends it) the
+    calibrated float32 probabilities saturate: the temperature cannot undo that, so the page
+    uses the record's uncalibrated probabilities."""
+    record = make_record(run, tmp_path / "images")
+    record.probabilities = {
+        split: calibration.calibrate(run["raw"][split], 0.05) for split in run["raw"]
+    }
+    record.calibration = {"temperature": 0.05}
+    out = tmp_path / "out"
+    run_record.save(record, out)
+    test_labels = run["labels"][run["rows"]["testing"]]
+    ece_before = calibration.expected_calibration_error(run["raw"]["testing"], test_labels)
+    recovered = run_record.load(out)
+    recovered.uncalibrated = {}
+    wrong = calibration.expected_calibration_error(confidence.uncalibrated(recovered), test_labels)
+    assert abs(wrong - ece_before) > 0.005, "recovering from saturated probabilities is lossy"
+    page.build(out)
+    assert f"<b>{ece_before:.3f}</b> before" in (out / page.REPORT_FILE).read_text(encoding="utf-8")

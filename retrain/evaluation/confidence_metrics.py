@@ -17,7 +17,9 @@ import numpy as np
 
 from retrain.evaluation import calibration
 
-METHOD = "cosine distance to the k-th nearest training vector"
+# The detector's method as metrics.json and the record name it: the same word
+# as the sidecar file's (retrain.export.unknown_file.METHOD, which imports TensorFlow).
+METHOD = "cosine_kth_nearest"
 
 
 def calibration_summary(

@@ -11,8 +11,9 @@ A run saves, beside its model:
   for the validation and test images (`validation`, `testing`: float32
   [n, k], rows in the order those images appear in the record) and their
   unknown scores (`validation_unknown_score`, `testing_unknown_score`:
-  float32 [n]; absent in records from before issue 24, like the record's
-  `calibration` and `unknown`).
+  float32 [n]) and probabilities before calibration (`testing_uncalibrated`,
+  float32 [n, k]); these are absent in records from before issue 24, like
+  the record's `calibration` and `unknown`.
 
 `save` writes both and `load` reads them back into a `RunRecord`, so
 `python -m retrain.report OUTPUT_DIR` can rebuild the page without the cache,
@@ -37,8 +38,13 @@ RECORD_FILE = "run_record.json"
 PROBABILITIES_FILE = "probabilities.npz"
 FORMAT_VERSION = 1
 EVALUATED_SPLITS = ("validation", "testing")
-# probabilities.npz holds a split's unknown scores as "<split>_unknown_score".
-SCORE_SUFFIX = "_unknown_score"
+# The arrays of probabilities.npz: RunRecord field -> (suffix of the split's
+# name in the file, whether each image has one value per class or one value).
+ARRAYS = {
+    "probabilities": ("", True),
+    "uncalibrated": ("_uncalibrated", True),
+    "unknown_scores": ("_unknown_score", False),
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,10 @@ class RunRecord:
     at least "temperature" (> 0; it recovers the uncalibrated probabilities),
     such as `confidence_metrics.calibration_summary`'s; unknown: None or the detector
     dict (`confidence_metrics.detector_summary`); unknown_scores: split ->
-    float32 [m] unknown scores of that split's images, in record order.
+    float32 [m] unknown scores of that split's images, in record order;
+    uncalibrated: split -> float32 [m, k] probabilities before calibration
+    (exact, where recovering them with the temperature is not: a temperature
+    far below 1 saturates float32 probabilities at 0 and 1).
     """
 
     image_dir: str
@@ -82,6 +91,12 @@ class RunRecord:
     calibration: dict | None = None
     unknown: dict | None = None
     unknown_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    uncalibrated: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def array_shape(self, split: str, per_class: bool) -> tuple[int, ...]:
+        """The shape of a split's array in probabilities.npz: [images, classes] or [images]."""
+        rows = len(self.rows(split))
+        return (rows, len(self.class_names)) if per_class else (rows,)
 
     def rows(self, split: str) -> np.ndarray:
         """Record rows (int64 indices) of the images in `split`, in record order."""
@@ -116,21 +131,17 @@ def save(record: RunRecord, output_dir) -> tuple[Path, Path]:
     not followed).
     """
     out = Path(output_dir)
-    for split, array in record.probabilities.items():
-        if split not in EVALUATED_SPLITS or array.shape != (
-            len(record.rows(split)),
-            len(record.class_names),
-        ):
-            raise RetrainError(
-                f"probabilities[{split!r}] must be [images in {split}, classes]. "
-                f"Received: shape={np.shape(array)}"
-            )
-    for split, array in record.unknown_scores.items():
-        if split not in EVALUATED_SPLITS or np.shape(array) != (len(record.rows(split)),):
-            raise RetrainError(
-                f"unknown_scores[{split!r}] must be [images in {split}]. "
-                f"Received: shape={np.shape(array)}"
-            )
+    arrays = {}
+    for name, (suffix, per_class) in ARRAYS.items():
+        for split, array in getattr(record, name).items():
+            if split not in EVALUATED_SPLITS or np.shape(array) != record.array_shape(
+                split, per_class
+            ):
+                shape = f"[images in {split}, classes]" if per_class else f"[images in {split}]"
+                raise RetrainError(
+                    f"{name}[{split!r}] must be {shape}. Received: shape={np.shape(array)}"
+                )
+            arrays[split + suffix] = np.asarray(array, np.float32)
     document = {
         "format_version": FORMAT_VERSION,
         "image_dir": one_line(record.image_dir),
@@ -157,17 +168,7 @@ def save(record: RunRecord, output_dir) -> tuple[Path, Path]:
     # ensure_ascii (the default): settings keep any undecodable path exactly, as \udcNN.
     atomic_write.write_text(record_path, json.dumps(document, indent=1) + "\n")
     with atomic_write.atomic_path(probabilities_path) as temporary:
-        np.savez_compressed(
-            temporary,
-            **{
-                split: np.asarray(array, np.float32)
-                for split, array in record.probabilities.items()
-            },
-            **{
-                split + SCORE_SUFFIX: np.asarray(array, np.float32)
-                for split, array in record.unknown_scores.items()
-            },
-        )
+        np.savez_compressed(temporary, **arrays)
     return record_path, probabilities_path
 
 
@@ -205,10 +206,16 @@ def load(output_dir) -> RunRecord:
             "Rerun retrain to write it again."
         ) from None
     arrays = _load_probabilities(out, record)
-    record.probabilities = {name: array for name, array in arrays.items() if array.ndim == 2}
-    record.unknown_scores = {
-        name.removesuffix(SCORE_SUFFIX): array for name, array in arrays.items() if array.ndim == 1
-    }
+    for name, (suffix, _) in ARRAYS.items():
+        setattr(
+            record,
+            name,
+            {
+                split: arrays[split + suffix]
+                for split in EVALUATED_SPLITS
+                if split + suffix in arrays
+            },
+        )
     return record
 
 
@@ -293,19 +300,20 @@ def _npy_header(archive: zipfile.ZipFile, member: str):
 
 
 def _load_probabilities(out: Path, record: RunRecord) -> dict[str, np.ndarray]:
-    """probabilities.npz of `out`: per split float32 [images of the split, classes]
-    and, in records from issue 24 on, "<split>_unknown_score" float32 [images of the split].
+    """probabilities.npz of `out`: {name in the file: array} (see ARRAYS), e.g.
+    "testing" float32 [test images, classes], "testing_unknown_score" float32
+    [test images]; the arrays of issue 24 are absent in records from before it.
 
     The file is read whole (bounded by the shapes the record implies) and each
     member's .npy header is checked before its data is: a small compressed
     file that claims a huge array is refused, never expanded.
     """
     path = out / PROBABILITIES_FILE
-    expected = {}
-    for split in EVALUATED_SPLITS:
-        rows = len(record.rows(split))
-        expected[split] = (rows, len(record.class_names))
-        expected[split + SCORE_SUFFIX] = (rows,)
+    expected = {
+        split + suffix: record.array_shape(split, per_class)
+        for suffix, per_class in ARRAYS.values()
+        for split in EVALUATED_SPLITS
+    }
     largest = sum(4 * int(np.prod(shape)) for shape in expected.values())
     try:
         # Compression can only shrink float32 rows much; 2x + 1 MB allows for any overhead.

@@ -26,9 +26,14 @@ UNKNOWN_TABLE = "unknown pictures (table and most unknown-looking test images)"
 def uncalibrated(record) -> np.ndarray:
     """float32 [n, k]: the test images' probabilities before temperature scaling.
 
-    The record keeps the calibrated softmax(z / T); calibrating them again
-    with temperature 1 / T gives softmax(z) back (up to float32 rounding).
+    The record's `uncalibrated` ones when it has them. Otherwise recovered:
+    the record keeps the calibrated softmax(z / T), and calibrating them
+    again with temperature 1 / T gives softmax(z) back, up to float32
+    rounding while T is near 1 (a small T saturates them at 0 and 1, which
+    no temperature undoes).
     """
+    if "testing" in record.uncalibrated:
+        return record.uncalibrated["testing"]
     temperature = float(record.calibration["temperature"])
     return calibration.calibrate(record.probabilities["testing"], 1.0 / temperature)
 
