@@ -165,6 +165,8 @@ def save_record(
         calibration=summaries["calibration"],
         unknown=confidence.detector_record(),
         unknown_scores=confidence.unknown_scores,
+        # Exact "before" for the page's reliability diagram (a small T saturates the calibrated).
+        uncalibrated={"testing": confidence.uncalibrated["testing"]},
     )
     run_record.save(record, out_dir)
     return record
