@@ -29,7 +29,7 @@ def test_temperature_is_the_grid_minimum_of_the_nll(views):
     found = calibration.fit_temperature(probabilities, labels)
     logits = calibration.mean_logits(probabilities)
     grid = np.exp(np.linspace(np.log(0.05), np.log(20), 20001))
-    losses = [calibration.negative_log_likelihood(logits, labels, t) for t in grid]
+    losses = [calibration.objective(logits, labels, t) for t in grid]
     best = grid[int(np.argmin(losses))]
     # The grid's step is 0.03% of T: the two agree to a few steps.
     assert found == pytest.approx(best, rel=2e-3)
@@ -79,6 +79,17 @@ def test_expected_calibration_error_by_hand():
     assert table["count"].sum() == 4 and len(table["edges"]) == 16
     # A confidence of exactly 1.0 falls in the last bin, not past it.
     assert calibration.reliability_bins(np.array([[1.0, 0.0]]), np.array([0]))["count"][-1] == 1
+
+
+def test_an_all_correct_validation_set_does_not_drive_the_temperature_to_its_bound():
+    probabilities, _ = overconfident_views(np.random.default_rng(5), n=35)
+    right = probabilities[0].argmax(1)
+    # Without the prior the NLL of an all-correct set falls all the way to the bound.
+    logits = calibration.mean_logits(probabilities)
+    assert calibration.negative_log_likelihood(
+        logits, right, calibration.MIN_TEMPERATURE
+    ) < calibration.negative_log_likelihood(logits, right, 0.3)
+    assert 0.3 < calibration.fit_temperature(probabilities, right) < 1.0
 
 
 def test_nothing_to_fit_keeps_the_probabilities():

@@ -3,7 +3,8 @@
 A trained classifier's probabilities are whatever its softmax learned: label
 smoothing makes them too timid, a long fit too sure. Temperature scaling
 (Guo et al., 2017) divides the logits by one number T, chosen to minimise the
-negative log-likelihood of the validation labels; the argmax, and so the
+negative log-likelihood of the validation labels (with a weak prior toward
+T = 1 for validation sets too easy to pin T down); the argmax, and so the
 accuracy, never changes.
 
 The run's probabilities come as views: float32 [v, n, k] softmax outputs of
@@ -26,6 +27,8 @@ _TINY = 1e-30
 # Temperatures searched (log scale): far beyond any trained head's need.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 BINS = 15
+# The prior's spread of log T (see `objective`).
+PRIOR_SIGMA = 0.5
 
 
 def mean_logits(views: np.ndarray) -> np.ndarray:
@@ -58,19 +61,32 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature:
     return float(np.mean(log_normaliser - scaled[np.arange(len(labels)), labels]))
 
 
+def objective(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """What `fit_temperature` minimises: the mean NLL plus a weak prior toward T = 1.
+
+    The prior, (log T)^2 / (2 PRIOR_SIGMA^2) per validation set (divided by
+    its n rows), is a log-normal belief that T is within a factor 1.65 of 1. It
+    matters only when the images leave T undetermined: a validation set the
+    model gets all right has an NLL that keeps falling as T -> 0 (measured:
+    a 6-class digits run, 35 of 35 right, went to the 0.05 bound and said
+    1.0 for every picture); with a few hundred images it moves T by under 1%.
+    """
+    prior = np.log(temperature) ** 2 / (2 * PRIOR_SIGMA**2 * len(labels))
+    return negative_log_likelihood(logits, labels, temperature) + float(prior)
+
+
 def fit_temperature(views: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the validation NLL of `calibrate(views, T)`; 1.0 without rows.
+    """The temperature minimising `objective` on the validation rows; 1.0 without rows.
 
     views: [v, n, k] (or [n, k]) probabilities; labels: int [n]. A bounded
-    scalar search over log T in [log MIN_TEMPERATURE, log MAX_TEMPERATURE];
-    the NLL is convex in 1/T, so the minimum found is the minimum.
+    scalar search over log T in [log MIN_TEMPERATURE, log MAX_TEMPERATURE].
     """
     labels = np.asarray(labels, np.int64)
     if not len(labels):
         return 1.0
     logits = mean_logits(views)
     found = optimize.minimize_scalar(
-        lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
+        lambda log_t: objective(logits, labels, float(np.exp(log_t))),
         bounds=(np.log(MIN_TEMPERATURE), np.log(MAX_TEMPERATURE)),
         method="bounded",
         options={"xatol": 1e-6},
