@@ -15,9 +15,17 @@ nothing in it runs. A SavedModel folder or a .tflite file is a program by its
 format's rules (graph ops that read and write files, custom ops): pass one
 only from a source you trust.
 
-For each image it prints the path, then the top-k classes as `label (score)`
-lines, best first; `--json` prints one JSON document instead. A folder stands
-for the images inside it (recursively; files that are not images are ignored).
+For each image it prints the path, then, when the picture looks like none of
+the classes (its unknown score past the model's threshold), a line
+`  unknown (score S, threshold T)`, then the top-k classes as `label (score)`
+lines, best first; `--json` prints one JSON document instead (each result
+with `unknown` and `unknown_score`, and `unknown_threshold` at the top).
+`--no-unknown` leaves the unknown line and fields out. A model without an
+unknown detector (exported before it, or its .keras sidecar missing) labels
+as before, with one warning. A folder stands for the images inside it
+(recursively; files that are not images are ignored). With a folder or more
+than one image a last line counts them: `N images: L labelled, U unknown,
+F unreadable` (a `summary` object in --json).
 
 Exit status: 0 when every image was labelled; 1 when some could not be
 (each is reported on stderr and the others are still labelled); 2 for usage
@@ -31,6 +39,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 from retrain import messages
 from retrain.arguments import OneLineErrorParser
@@ -39,6 +48,7 @@ from retrain.errors import RetrainError
 logger = logging.getLogger("retrain.label_image")
 
 BATCH_SIZE = 32
+EMPTY_FOLDER = "folder holds no supported images"
 
 
 def parse_args(argv):
@@ -61,6 +71,13 @@ def parse_args(argv):
     )
     parser.add_argument("--top_k", type=_positive_int, default=5, help="classes to print per image")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--unknown",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="say which pictures look like none of the classes (the model's unknown "
+        "score past its threshold); --no-unknown only lists the top labels",
+    )
     return parser.parse_args(argv)
 
 
@@ -83,44 +100,93 @@ def main(argv=None) -> int:
     import_tensorflow()
     try:
         paths, failures = image_paths(args.image)
-        labeller = Labeller(args.graph, args.labels)
+        labeller = Labeller(args.graph, args.labels, unknown=args.unknown)
     except RetrainError as error:
         logger.error("%s", error)
         return 2
     for path, reason in failures:
         logger.error("%s: %s", path, reason)
-
-    results = []
+    report = Report(args.json, labeller.model.unknown_threshold)
     for path, outcome in labeller.label(paths, args.top_k):
         if isinstance(outcome, RetrainError):
             failures.append((path, str(outcome)))
             logger.error("%s", outcome)
-        elif args.json:
-            results.append(
-                {
-                    "image": path,
-                    "predictions": [{"label": label, "score": score} for label, score in outcome],
-                }
-            )
         else:
-            print(path)
-            print(
-                "".join(f"  {label} ({score:.5f})\n" for label, score in outcome),
-                end="",
-                flush=True,
-            )
-    if args.json:
-        json.dump(
-            {
-                "graph": args.graph,
-                "results": results,
-                "errors": [{"image": path, "error": reason} for path, reason in failures],
-            },
-            sys.stdout,
-            indent=2,
-        )
-        print()
+            report.add(path, outcome)
+    # Unreadable: missing files and images that failed to decode, not empty folders.
+    unreadable = sum(reason != EMPTY_FOLDER for _, reason in failures)
+    summary = None
+    if len(paths) + unreadable > 1 or any(os.path.isdir(argument) for argument in args.image):
+        summary = report.summary(unreadable)
+    report.finish(args.graph, failures, summary)
     return 1 if failures else 0
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """One picture's result: its top labels, best first, and its unknown score.
+
+    unknown_score and unknown are None when the model cannot say unknown
+    (or --no-unknown)."""
+
+    predictions: list
+    unknown_score: float | None = None
+    unknown: bool | None = None
+
+
+class Report:
+    """Prints each result (text now, or one JSON document at the end) and counts them."""
+
+    def __init__(self, as_json: bool, threshold: float | None):
+        self.as_json, self.threshold = as_json, threshold
+        self.results, self.labelled, self.unknown = [], 0, 0
+
+    def add(self, path, result: Labelled):
+        self.unknown += bool(result.unknown)
+        self.labelled += not result.unknown
+        if self.as_json:
+            entry = {
+                "image": path,
+                "predictions": [{"label": label, "score": s} for label, s in result.predictions],
+            }
+            if result.unknown is not None:
+                entry.update(unknown=result.unknown, unknown_score=result.unknown_score)
+            self.results.append(entry)
+            return
+        lines = [path]
+        if result.unknown:
+            lines.append(
+                f"  unknown (score {result.unknown_score:.4f}, threshold {self.threshold:.4f})"
+            )
+        lines.extend(f"  {label} ({score:.5f})" for label, score in result.predictions)
+        print("\n".join(lines), flush=True)
+
+    def summary(self, unreadable: int) -> dict:
+        return {
+            "images": self.labelled + self.unknown + unreadable,
+            "labelled": self.labelled,
+            "unknown": self.unknown,
+            "unreadable": unreadable,
+        }
+
+    def finish(self, graph, failures, summary: dict | None):
+        """The JSON document (--json) or the text summary line."""
+        if not self.as_json:
+            if summary is not None:
+                print(
+                    f"{summary['images']} images: {summary['labelled']} labelled, "
+                    f"{summary['unknown']} unknown, {summary['unreadable']} unreadable"
+                )
+            return
+        document = {"graph": graph}
+        if self.threshold is not None:
+            document["unknown_threshold"] = self.threshold
+        document["results"] = self.results
+        document["errors"] = [{"image": path, "error": reason} for path, reason in failures]
+        if summary is not None:
+            document["summary"] = summary
+        json.dump(document, sys.stdout, indent=2)
+        print()
 
 
 def image_paths(arguments):
@@ -136,7 +202,7 @@ def image_paths(arguments):
         if os.path.isdir(argument):
             found = [path for path in sorted(_files_below(argument)) if _sniff(path)]
             if not found:
-                failures.append((argument, "folder holds no supported images"))
+                failures.append((argument, EMPTY_FOLDER))
             paths.extend(found)
         elif os.path.exists(argument):
             paths.append(argument)
@@ -166,12 +232,12 @@ def _sniff(path):
 class Labeller:
     """An exported model (any format) and its labels, applied to image files in batches."""
 
-    def __init__(self, graph, labels):
+    def __init__(self, graph, labels, unknown=True):
         from retrain import export
         from retrain.export import loaders
 
         self.class_names = export.read_labels(labels)
-        self.model = loaders.load_pixel_classifier(graph)
+        self.model = loaders.load_pixel_classifier(graph, unknown)
         self.input_size = self.model.input_size
         outputs = self.model.num_classes
         if outputs != len(self.class_names):
@@ -182,14 +248,13 @@ class Labeller:
             )
 
     def label(self, paths, top_k):
-        """Yields (path, [(label, score), ...] best first) or (path, RetrainError), in order.
+        """Yields (path, Labelled) or (path, RetrainError), in order.
 
         Pixels come from the same dataset builder as extraction, resized up
         front as extraction resizes them (``resizing.resize_to_input``, the
         .keras model's own resizing within float rounding), so images of any
         size share a batch and every export format sees the same pixels.
         """
-        import numpy as np
 
         from retrain.data import decode, pixel_batches
 
@@ -197,17 +262,31 @@ class Labeller:
         batches = pixel_batches.image_batches(paths, self.input_size, BATCH_SIZE, outcomes=outcomes)
         for indices, pixels, ok in batches:
             indices, ok = indices.numpy(), ok.numpy()
-            probabilities = self.model.predict(pixels.numpy()[ok]) if ok.any() else []
-            rows = iter(probabilities)
+            results = iter(self._results(pixels.numpy()[ok], top_k) if ok.any() else [])
             for index, decoded in zip(indices, ok):
                 outcome = outcomes.pop(int(index))
                 path = paths[index]
                 if not decoded:
                     yield path, decode.ImageDecodeError(path, outcome.reason)
                     continue
-                row = next(rows)
-                best = np.argsort(-row, kind="stable")[:top_k]
-                yield path, [(self.class_names[i], float(row[i])) for i in best]
+                yield path, next(results)
+
+    def _results(self, pixels, top_k) -> list[Labelled]:
+        """A Labelled per picture of float32 [n, size, size, 3] pixels."""
+        import numpy as np
+
+        probabilities, scores = self.model.predict_scored(pixels)
+        threshold = self.model.unknown_threshold
+        results = []
+        for number, row in enumerate(probabilities):
+            best = np.argsort(-row, kind="stable")[:top_k]
+            predictions = [(self.class_names[i], float(row[i])) for i in best]
+            if scores is None:
+                results.append(Labelled(predictions))
+            else:
+                score = float(scores[number])
+                results.append(Labelled(predictions, score, score > threshold))
+        return results
 
 
 if __name__ == "__main__":

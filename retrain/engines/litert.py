@@ -53,7 +53,7 @@ def open_interpreter(path, num_threads=None):
     return interpreter
 
 
-def convert(fixed, kind="float32", calibration=None) -> bytes:
+def convert(fixed, kind="float32", calibration=None, float_ops=()) -> bytes:
     """The TFLite flatbuffer (bytes) of a fixed-shape Keras model for one kind.
 
     ``from_keras_model`` freezes the weights into constants (about 13 MB for
@@ -67,6 +67,10 @@ def convert(fixed, kind="float32", calibration=None) -> bytes:
         int8; input and output stay float32).
       calibration: for int8, float32 [n, size, size, 3] RGB in [0, 255]
         (resized training images; a few hundred are plenty).
+      float_ops: for int8, TFLite builtin op names (e.g. "TOPK_V2") left in
+        float32 (selective quantization, TensorFlow's QuantizationDebugger):
+        for ops whose values on new pictures fall outside the calibration
+        images' ranges (the unknown score, see retrain.export.unknown_graph).
 
     Raises RetrainError naming the converter's last error line.
     """
@@ -91,11 +95,25 @@ def convert(fixed, kind="float32", calibration=None) -> bytes:
         # "Statistics for quantized inputs were expected": our inputs stay float32 by design.
         warnings.simplefilter("ignore", UserWarning)
         try:
+            if kind == "int8" and float_ops:
+                return _selectively_quantized(tf, converter, float_ops)
             return converter.convert()
         except Exception as error:  # noqa: BLE001  (the converter raises many types)
             lines = [line for line in captured().splitlines() if "rror" in line]
             detail = lines[-1] if lines else str(error).splitlines()[0]
             raise RetrainError(f"TFLite {kind} conversion failed: {detail}") from None
+
+
+def _selectively_quantized(tf, converter, float_ops) -> bytes:
+    """The int8 model of `converter` (set up for int8) with the ops `float_ops` kept float32."""
+    # Float fallback allowed: the denylisted ops have no int8 kernels to call.
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter,
+        debug_dataset=converter.representative_dataset,
+        debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops)),
+    )
+    return bytes(debugger.get_nondebug_quantized_model())
 
 
 def convert_backbone(model, input_size, batch_size):

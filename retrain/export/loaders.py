@@ -1,13 +1,21 @@
 """Any exported classifier behind one interface: resized pixels in, probabilities out.
 
-`load_pixel_classifier(graph)` opens a `.keras` file, a SavedModel folder or a
-`.tflite` file and returns an object with
+`load_pixel_classifier(graph, unknown=True)` opens a `.keras` file, a SavedModel
+folder or a `.tflite` file and returns an object with
 
     input_size    int, the square side the pixels must have
     num_classes   int
+    unknown_threshold  float, or None when the model cannot say unknown (or
+                     `unknown` is False): scores above it are unknown
     predict(pixels)  float32 [n, input_size, input_size, 3] RGB in [0, 255]
                      (`retrain.data.resizing.resize_to_input`) -> np.ndarray float32
                      [n, num_classes] probabilities
+    predict_scored(pixels)  -> (the probabilities, np.ndarray float32 [n] unknown
+                     scores, or None when unknown_threshold is None)
+
+A model that cannot say unknown (exported before unknown detection, its
+`.keras` sidecar missing or of another model file) still labels; one
+warning names it.
 
 so `label_image` and the benchmarks decode and resize every format the same way.
 
@@ -20,23 +28,61 @@ custom ops): load them only from a trusted source.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from retrain.errors import RetrainError
 
+logger = logging.getLogger(__name__)
+
 
 class KerasPixelClassifier:
-    """A .keras file from `classifier.save_classifier`, checked and loaded running no code from it."""
+    """A .keras file from `classifier.save_classifier`, checked and loaded running no code from it.
 
-    def __init__(self, path):
+    With `unknown`, its detector is the sidecar `unknown_file.unknown_path(path)`
+    (data, checked, bound to this model file) and the scores come from the
+    vectors of the model's BOTTLENECK layer.
+    """
+
+    def __init__(self, path, unknown=True):
         from retrain.export import classifier, keras_file
 
         self._model = keras_file.load_classifier(path)
         self.input_size = classifier.input_size(self._model)
         self.num_classes = int(self._model.output_shape[-1])
+        self._detector = _sidecar_detector(self._model, path) if unknown else None
+        self.unknown_threshold = None if self._detector is None else self._detector.threshold
+        if self._detector is not None:
+            import keras
+
+            # The same layers, two outputs: probabilities and bottleneck vectors.
+            self._scored = keras.Model(
+                self._model.inputs,
+                [self._model.output, self._model.get_layer(classifier.BOTTLENECK).output],
+            )
 
     def predict(self, pixels):
         return self._model.predict_on_batch(pixels)
+
+    def predict_scored(self, pixels):
+        if self._detector is None:
+            return self.predict(pixels), None
+        probabilities, vectors = self._scored.predict_on_batch(pixels)
+        return probabilities, self._detector.scores(vectors)
+
+
+def _sidecar_detector(model, path):
+    """The UnknownDetector of the .keras file `path` (its sidecar), or None with one warning."""
+    from retrain.export import classifier, unknown_file
+
+    if not classifier.has_vectors(model):
+        logger.warning(
+            "%s was exported before unknown detection (it has no bottleneck layer): "
+            "labelling without calling pictures unknown.",
+            path,
+        )
+        return None
+    return unknown_file.load(unknown_file.unknown_path(path), path)
 
 
 def model_format(graph) -> str:
@@ -50,8 +96,11 @@ def model_format(graph) -> str:
     return "tflite" if os.path.isfile(graph) and tflite.is_tflite(graph) else "keras"
 
 
-def load_pixel_classifier(graph):
-    """The classifier in `graph` (see the module docstring); RetrainError naming it if unusable."""
+def load_pixel_classifier(graph, unknown=True):
+    """The classifier in `graph` (see the module docstring); RetrainError naming it if unusable.
+
+    unknown: whether it scores pictures for unknown (False: no detector is
+    read, unknown_threshold is None and no warning is given)."""
     if not os.path.exists(graph):
         raise RetrainError(
             f"Model not found: {graph}. Pass the model.keras, model_<kind>.tflite or "
@@ -64,4 +113,4 @@ def load_pixel_classifier(graph):
         from retrain.export.tflite import PixelClassifier
     else:
         PixelClassifier = KerasPixelClassifier
-    return PixelClassifier(graph)
+    return PixelClassifier(graph, unknown)

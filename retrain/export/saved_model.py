@@ -12,6 +12,13 @@
   already resized -> `probabilities`. `label_image` uses it, after decoding
   with Pillow as training did.
 
+With an unknown detector (`save_saved_model(..., threshold=...)` on a model
+from `retrain.export.unknown_graph.scored_classifier`) both signatures also
+return `unknown_score` float32 [batch] (the cosine distance to the k-th
+nearest training vector, computed in the graph) and `unknown` bool [batch]
+(score > the threshold, a constant in the graph). Without one, the outputs
+are only those above.
+
 Decoding and resizing inside the graph are `retrain.export.decode_graph`'s, which
 reproduce label_image's Pillow decoding. The labels are in the graph and in
 the folder as `assets/labels.txt`.
@@ -24,6 +31,7 @@ others; see `retrain.export.keras_file.load_classifier`).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 
@@ -35,6 +43,7 @@ from retrain.files import atomic_write, run_marker
 from retrain.quiet_tensorflow import import_tensorflow
 
 tf = import_tensorflow()
+logger = logging.getLogger(__name__)
 
 TOP_K = 5
 
@@ -42,13 +51,30 @@ TOP_K = 5
 class _Exported(tf.Module):
     """What the SavedModel holds: the fixed-size classifier, the labels, the signatures."""
 
-    def __init__(self, fixed, class_names, labels_file):
+    def __init__(self, fixed, class_names, labels_file, threshold=None):
         super().__init__(name="retrained_classifier")
         self.classifier = fixed
-        self.size = int(fixed.input_shape[1])
+        self.size = int(fixed.inputs[0].shape[1])
         self.labels_asset = tf.saved_model.Asset(str(labels_file))
         self.class_names = list(class_names)
         self.top_k = min(TOP_K, len(class_names))
+        # A variable, so the loaded SavedModel exposes it (`PixelClassifier` reads it).
+        self.unknown_threshold = (
+            None
+            if threshold is None
+            else tf.Variable(threshold, dtype=tf.float32, trainable=False, name="unknown_threshold")
+        )
+
+    def _classify(self, pixels):
+        """{"probabilities"} and, with a detector, {"unknown_score", "unknown"} of the pixels."""
+        if self.unknown_threshold is None:
+            return {"probabilities": self.classifier(pixels, training=False)}
+        probabilities, scores = self.classifier(pixels, training=False)
+        return {
+            "probabilities": probabilities,
+            "unknown_score": scores,
+            "unknown": scores > self.unknown_threshold,
+        }
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def __call__(self, images):
@@ -58,27 +84,30 @@ class _Exported(tf.Module):
             images,
             fn_output_signature=tf.TensorSpec([self.size, self.size, 3], tf.float32),
         )
-        probabilities = self.classifier(pixels, training=False)
-        scores, indices = tf.math.top_k(probabilities, k=self.top_k)
+        outputs = self._classify(pixels)
+        scores, indices = tf.math.top_k(outputs["probabilities"], k=self.top_k)
         top_labels = tf.gather(tf.constant(self.class_names), indices)
         return {
-            "probabilities": probabilities,
+            **outputs,
             "label": top_labels[:, 0],
             "top_labels": top_labels,
             "top_scores": scores,
         }
 
     def classify_pixels(self, pixels):
-        return {"probabilities": self.classifier(pixels, training=False)}
+        return self._classify(pixels)
 
 
-def save_saved_model(fixed, class_names: list[str], path) -> Path:
+def save_saved_model(fixed, class_names: list[str], path, threshold=None) -> Path:
     """Writes the SavedModel folder `path` atomically (a temporary folder, then renames).
 
     Args:
-      fixed: `classifier.fixed_size_classifier(...)`, float32 [batch, size, size, 3]
-        -> float32 [batch, len(class_names)].
+      fixed: `unknown_graph.deployable(...)`: float32 [batch, size, size, 3]
+        -> float32 [batch, len(class_names)], or with a detector
+        [probabilities, float32 [batch] unknown scores].
       class_names: the labels in output order.
+      threshold: the detector's threshold (scores above it are unknown);
+        given exactly when `fixed` has the score output.
       path: the folder; a folder an earlier run wrote there (it holds
         retrain's marker, ``run_marker.MARKER``) is replaced, files in it that
         the run did not write are carried into the new one; any other
@@ -86,7 +115,9 @@ def save_saved_model(fixed, class_names: list[str], path) -> Path:
     """
     path = Path(path)
     check_saved_model_dir(path)
-    size = int(fixed.input_shape[1])
+    if (threshold is not None) != (len(fixed.outputs) == 2):
+        raise ValueError("threshold must be given exactly for a model with the score output")
+    size = int(fixed.inputs[0].shape[1])
     run_id = uuid.uuid4().hex
     try:
         with atomic_write.atomic_folder(
@@ -97,7 +128,9 @@ def save_saved_model(fixed, class_names: list[str], path) -> Path:
             clear_old=lambda old: run_marker.clear_previous(old, path, run_id),
         ) as temporary:
             labels_file = write_labels(class_names, temporary / "labels.txt")
-            module = _Exported(fixed, class_names, labels_file)
+            module = _Exported(
+                fixed, class_names, labels_file, None if threshold is None else float(threshold)
+            )
             signatures = {
                 "serving_default": module.__call__,
                 "classify_pixels": tf.function(
@@ -115,9 +148,13 @@ def save_saved_model(fixed, class_names: list[str], path) -> Path:
 
 
 class PixelClassifier:
-    """A SavedModel written by `save_saved_model`, called on pixels (for label_image)."""
+    """A SavedModel written by `save_saved_model`, called on pixels (for label_image).
 
-    def __init__(self, path):
+    unknown: whether to return its unknown scores (when it has them); one
+    warning names a SavedModel without them.
+    """
+
+    def __init__(self, path, unknown=True):
         path = Path(path)
         if not (path / "saved_model.pb").is_file():
             raise RetrainError(
@@ -125,7 +162,8 @@ class PixelClassifier:
                 f"--saved_model_dir folder of a retrain run. Received: graph={path}"
             )
         try:
-            self._signature = tf.saved_model.load(str(path)).signatures["classify_pixels"]
+            loaded = tf.saved_model.load(str(path))
+            self._signature = loaded.signatures["classify_pixels"]
         except (KeyError, OSError, ValueError, tf.errors.OpError) as error:
             raise RetrainError(
                 f"Cannot load SavedModel {path}: {type(error).__name__}: "
@@ -134,8 +172,25 @@ class PixelClassifier:
             ) from None
         spec = self._signature.structured_input_signature[1]["pixels"]
         self.input_size = int(spec.shape[1])
-        self.num_classes = int(self._signature.structured_outputs["probabilities"].shape[-1])
+        outputs = self._signature.structured_outputs
+        self.num_classes = int(outputs["probabilities"].shape[-1])
+        self.unknown_threshold = None
+        if unknown and "unknown_score" in outputs:
+            self.unknown_threshold = float(loaded.unknown_threshold.numpy())
+        elif unknown:
+            logger.warning(
+                "%s has no unknown score (exported before unknown detection, or without a "
+                "detector): its pictures are labelled, none can be called unknown.",
+                path,
+            )
 
     def predict(self, pixels):
         """float32 [n, size, size, 3] -> np.ndarray float32 [n, num_classes]."""
-        return self._signature(pixels=tf.constant(pixels, tf.float32))["probabilities"].numpy()
+        return self.predict_scored(pixels)[0]
+
+    def predict_scored(self, pixels):
+        """float32 [n, size, size, 3] -> (float32 [n, num_classes], float32 [n] unknown scores
+        or None without a detector)."""
+        outputs = self._signature(pixels=tf.constant(pixels, tf.float32))
+        scores = outputs.get("unknown_score") if self.unknown_threshold is not None else None
+        return outputs["probabilities"].numpy(), None if scores is None else scores.numpy()

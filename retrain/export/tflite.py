@@ -8,10 +8,16 @@ the interpreter), and returns float32 [1, classes] probabilities.
 - float16: weights stored as float16, computed in float32 (half the size).
 - int8: weights and activations int8, calibrated on a sample of training
   images; only the input and output stay float32 (a quantize op at each end).
+  With the unknown score, the score's ops and the head stay float32
+  (`unknown_graph.FLOAT_OPS`): the backbone is int8.
 
 The class names are embedded as a model metadata entry named
 `retrain_labels` (UTF-8, one per line; `embedded_labels` reads them back)
-and `labels.txt` is written beside the model as well. The entry is plain
+and `labels.txt` is written beside the model as well. With an unknown
+detector (a model from `retrain.export.unknown_graph.scored_classifier`) the
+file has a second output, `unknown_score` float32 [1], and a metadata entry
+`retrain_unknown`: JSON {"threshold", "k", "acceptance", "method"}; a score
+above the threshold means unknown (`unknown_threshold` reads it back). The entry is plain
 TFLite `Model.metadata`, not the TFLite Support `ModelMetadata` schema, whose
 writer package does not install on current Python versions.
 
@@ -22,6 +28,8 @@ from a trusted source (`.keras` is the format to take from others).
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +37,18 @@ import numpy as np
 from retrain.data import pixel_batches
 from retrain.engines import litert
 from retrain.errors import RetrainError
+from retrain.export import unknown_file, unknown_graph
 from retrain.files import atomic_write
 from retrain.quiet_tensorflow import import_tensorflow
 
 # Imported here, quietly, before the TFLite schema imports below can import it noisily.
 import_tensorflow()
+logger = logging.getLogger(__name__)
 
 LABELS_METADATA = "retrain_labels"
+UNKNOWN_METADATA = "retrain_unknown"
+# The retrain_unknown entry is a few numbers; a larger one is not ours.
+_UNKNOWN_ENTRY_LIMIT = 4096
 # Training images the int8 ranges are calibrated on; TensorFlow's guide suggests
 # a few hundred, and more only slows the conversion.
 CALIBRATION_IMAGES = 200
@@ -51,39 +64,97 @@ def is_tflite(path) -> bool:
         return False
 
 
-def with_labels(model: bytes, class_names: list[str]) -> bytes:
-    """`model` with the class names added as the `retrain_labels` metadata entry."""
+def with_metadata(model: bytes, entries: dict[str, bytes]) -> bytes:
+    """`model` with each (name, content) of `entries` added as a metadata entry."""
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
     content = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(
-        "".join(f"{name}\n" for name in class_names).encode("utf-8"), np.uint8
-    )
-    content.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = LABELS_METADATA
-    entry.buffer = len(content.buffers) - 1
-    content.metadata = [*(content.metadata or []), entry]
+    for name, data in entries.items():
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(data, np.uint8)
+        content.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name = name
+        entry.buffer = len(content.buffers) - 1
+        content.metadata = [*(content.metadata or []), entry]
     return flatbuffer_utils.convert_object_to_bytearray(content)
 
 
-def embedded_labels(model: bytes) -> list[str] | None:
-    """The class names in the `retrain_labels` metadata entry, or None without one."""
+def with_labels(model: bytes, class_names: list[str]) -> bytes:
+    """`model` with the class names added as the `retrain_labels` metadata entry."""
+    return with_metadata(
+        model, {LABELS_METADATA: "".join(f"{name}\n" for name in class_names).encode("utf-8")}
+    )
+
+
+def metadata_entry(model: bytes, name: str) -> bytes | None:
+    """The content of the metadata entry `name`, or None without one."""
     from tensorflow.lite.python import schema_py_generated as schema
 
     root = schema.Model.GetRootAs(model, 0)
     for index in range(root.MetadataLength()):
         entry = root.Metadata(index)
-        if entry.Name() == LABELS_METADATA.encode():
-            return bytes(root.Buffers(entry.Buffer()).DataAsNumpy()).decode("utf-8").splitlines()
+        if entry.Name() == name.encode():
+            return bytes(root.Buffers(entry.Buffer()).DataAsNumpy())
     return None
 
 
-def save_tflite(fixed, kind: str, class_names: list[str], path, calibration=None) -> Path:
-    """Converts, embeds the labels and writes `path` atomically; returns the path."""
-    model = with_labels(litert.convert(fixed, kind, calibration), class_names)
+def embedded_labels(model: bytes) -> list[str] | None:
+    """The class names in the `retrain_labels` metadata entry, or None without one."""
+    content = metadata_entry(model, LABELS_METADATA)
+    return None if content is None else content.decode("utf-8").splitlines()
+
+
+def unknown_entry(detector) -> bytes:
+    """The `retrain_unknown` metadata entry of an UnknownDetector: UTF-8 JSON."""
+    return json.dumps(
+        {
+            "threshold": float(detector.threshold),
+            "k": int(detector.k),
+            "acceptance": float(detector.acceptance),
+            "method": unknown_file.METHOD,
+        }
+    ).encode("utf-8")
+
+
+def unknown_threshold(model: bytes, path) -> float | None:
+    """The threshold in the `retrain_unknown` entry, None without one; RetrainError naming
+    `path` when the entry is not the JSON `unknown_entry` writes."""
+    content = metadata_entry(model, UNKNOWN_METADATA)
+    if content is None:
+        return None
+    try:
+        threshold = (
+            json.loads(content.decode("utf-8"))["threshold"]
+            if (len(content) <= _UNKNOWN_ENTRY_LIMIT)
+            else None
+        )
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError):
+        threshold = None
+    if not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+        raise RetrainError(
+            f"The {UNKNOWN_METADATA} metadata entry of {path} is not a JSON object with a "
+            f"finite threshold. Re-export the model with a retrain run. Received: graph={path}"
+        )
+    return float(threshold)
+
+
+def save_tflite(
+    fixed, kind: str, class_names: list[str], path, calibration=None, detector=None
+) -> Path:
+    """Converts, embeds the labels (and the detector's threshold) and writes `path`
+    atomically; returns the path.
+
+    fixed: `unknown_graph.deployable(...)`; detector: the UnknownDetector whose
+    score it computes, given exactly when it has the score output.
+    """
+    if (detector is not None) != (len(fixed.outputs) == 2):
+        raise ValueError("detector must be given exactly for a model with the score output")
+    float_ops = unknown_graph.FLOAT_OPS if detector is not None else ()
+    model = with_labels(litert.convert(fixed, kind, calibration, float_ops), class_names)
+    if detector is not None:
+        model = with_metadata(model, {UNKNOWN_METADATA: unknown_entry(detector)})
     try:
         return atomic_write.write_bytes(path, model)
     except OSError as error:
@@ -102,9 +173,13 @@ def calibration_pixels(paths, size: int) -> np.ndarray:
 
 
 class PixelClassifier:
-    """A .tflite file from `save_tflite`, run by LiteRT (ai-edge-litert) or TensorFlow's interpreter."""
+    """A .tflite file from `save_tflite`, run by LiteRT (ai-edge-litert) or TensorFlow's interpreter.
 
-    def __init__(self, path):
+    unknown: whether to return its unknown scores (when it has them); one
+    warning names a file without them.
+    """
+
+    def __init__(self, path, unknown=True):
         try:
             self._interpreter = litert.open_interpreter(path)
         except (ValueError, RuntimeError) as error:
@@ -113,16 +188,40 @@ class PixelClassifier:
                 f"Re-export it with a retrain run. Received: graph={path}"
             ) from None
         self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
+        outputs = self._interpreter.get_output_details()
+        # The probabilities are [batch, classes]; the unknown score, when there is one, [batch].
+        self._output = next(o for o in outputs if len(o["shape"]) == 2)
+        scores = [o for o in outputs if len(o["shape"]) == 1]
         self.input_size = int(self._input["shape"][1])
         self.num_classes = int(self._output["shape"][-1])
+        self.unknown_threshold = None
+        if unknown:
+            with open(path, "rb") as handle:
+                threshold = unknown_threshold(handle.read(), path)
+            if threshold is None or not scores:
+                logger.warning(
+                    "%s has no unknown score (exported before unknown detection, or without a "
+                    "detector): its pictures are labelled, none can be called unknown.",
+                    path,
+                )
+            else:
+                self.unknown_threshold = threshold
+        self._score = scores[0] if self.unknown_threshold is not None else None
 
     def predict(self, pixels):
         """float32 [n, size, size, 3] -> np.ndarray float32 [n, num_classes]."""
+        return self.predict_scored(pixels)[0]
+
+    def predict_scored(self, pixels):
+        """float32 [n, size, size, 3] -> (float32 [n, num_classes], float32 [n] unknown scores
+        or None without a detector)."""
         pixels = np.asarray(pixels, np.float32)
         if self._interpreter.get_input_details()[0]["shape"][0] != len(pixels):
             self._interpreter.resize_tensor_input(self._input["index"], pixels.shape)
             self._interpreter.allocate_tensors()
         self._interpreter.set_tensor(self._input["index"], pixels)
         self._interpreter.invoke()
-        return self._interpreter.get_tensor(self._output["index"]).copy()
+        probabilities = self._interpreter.get_tensor(self._output["index"]).copy()
+        if self._score is None:
+            return probabilities, None
+        return probabilities, self._interpreter.get_tensor(self._score["index"]).copy()
