@@ -101,6 +101,21 @@ def capped(entries, vectors, cap):
     return vectors[[row[e.key] for e in unknown.reference_entries(entries, cap)]]
 
 
+def print_row(name, threshold, scores_in, scores_out, milliseconds=None) -> None:
+    """One method's row: shares flagged past `threshold`, AUROC (threshold-free), ms a photo."""
+    from sklearn.metrics import roc_auc_score
+
+    auroc = roc_auc_score(
+        np.r_[np.zeros(len(scores_in)), np.ones(len(scores_out))], np.r_[scores_in, scores_out]
+    )
+    speed = "" if milliseconds is None else f"{milliseconds:>9.3f}"
+    print(
+        f"  {name:<34} {np.mean(scores_in > threshold):>16.3f} "
+        f"{np.mean(scores_out > threshold):>14.3f} {auroc:>6.4f} {speed}",
+        flush=True,
+    )
+
+
 def compare_set(title, train, validation, inside, outside) -> None:
     """Prints in-class and other-things shares flagged at 95% acceptance for each method.
 
@@ -110,25 +125,31 @@ def compare_set(title, train, validation, inside, outside) -> None:
         f"{len(inside)} held-out in-class, {len(outside)} other photos",
         flush=True,
     )
-    print(f"  {'method':<34} {'in-class flagged':>17} {'others flagged':>15} {'s/1000':>7}")
+    print(f"  {'method':<34} {'in-class flagged':>16} {'others flagged':>14} {'AUROC':>6} ms/photo")
     for cap in CAPS:
         reference = capped(train[0], train[1], cap)
         for k in KS:
             detector = unknown.fit(reference, validation[1], 0.95, k)
             start = time.perf_counter()
-            flags_in = detector.is_unknown(detector.scores(inside))
-            seconds = (time.perf_counter() - start) / len(inside) * 1000
-            flags_out = detector.is_unknown(detector.scores(outside))
+            scores_in = detector.scores(inside)
+            milliseconds = (time.perf_counter() - start) / len(inside) * 1000
             name = f"k={k}, reference {cap or 'all'} ({len(reference)})"
-            print(
-                f"  {name:<34} {flags_in.mean():>17.3f} {flags_out.mean():>15.3f} {seconds:>7.3f}"
-            )
+            print_row(name, detector.threshold, scores_in, detector.scores(outside), milliseconds)
+    detector = unknown.fit(capped(train[0], train[1], unknown.MAX_REFERENCE), None, 0.95)
+    print_row(
+        f"k={unknown.K}, leave-one-out threshold",
+        detector.threshold,
+        detector.scores(inside),
+        detector.scores(outside),
+    )
     labels = np.array([e.label_index for e in train[0]])
     threshold = np.quantile(mahalanobis_scores(train[1], labels, validation[1]), 0.95)
-    flags_in = mahalanobis_scores(train[1], labels, inside) > threshold
-    flags_out = mahalanobis_scores(train[1], labels, outside) > threshold
-    name = "Mahalanobis, shared shrunk cov."
-    print(f"  {name:<34} {flags_in.mean():>17.3f} {flags_out.mean():>15.3f}", flush=True)
+    print_row(
+        "Mahalanobis, shared shrunk cov.",
+        threshold,
+        mahalanobis_scores(train[1], labels, inside),
+        mahalanobis_scores(train[1], labels, outside),
+    )
     half_precision(capped(train[0], train[1], unknown.MAX_REFERENCE), validation[1], outside)
 
 
@@ -147,30 +168,61 @@ def half_precision(reference, validation, queries) -> None:
     )
 
 
+def shrunk_like_flowers128(photos: list[Path], folder: Path) -> Path:
+    """The photos centre-cropped, resized to 128x128 and saved as JPEG quality 40 (class
+    folders kept): other things at flowers128's size and blur, so that resolution alone
+    does not tell them apart."""
+    from PIL import Image
+
+    for photo in photos:
+        # A name of its own: the cache keys vectors by relative path (docs/cache.md).
+        target = folder / photo.parent.name / f"{photo.stem}_128px.jpg"
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(photo) as image:
+            image = image.convert("RGB")
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side)).resize((128, 128))
+            image.save(target, quality=40)
+    return folder
+
+
 def split(image_list, vectors, bucket):
     chosen = [i for i, e in enumerate(image_list.entries) if e.split_bucket == bucket]
     return [image_list.entries[i] for i in chosen], vectors[chosen]
 
 
-def compare(cache_dir: Path, flowers: Path, caltech: Path, classes: int, seeds: int) -> None:
-    """The flowers set (others: Caltech-101 test photos of other things) and `seeds` draws
-    of `classes` Caltech-101 classes (others: the test photos of the remaining classes)."""
-    for folder in (flowers, caltech / "train", caltech / "test"):
+def compare(cache_dir: Path, flowers: Path, caltech: Path, seeds: int) -> None:
+    """The flowers set (others: Caltech-101 test photos of other things, as they are and
+    shrunk to 128 px) and Caltech-101 draws of 10 classes (`seeds` of them) and of 50
+    classes (others: the test photos of the remaining classes)."""
+    others = [p for p in sorted((caltech / "test").glob("*/*")) if p.parent.name not in FLOWER_LIKE]
+    small = shrunk_like_flowers128(others, cache_dir.parent / "caltech101_test_128")
+    for folder in (flowers, caltech / "train", caltech / "test", small):
         fill(cache_dir, folder)
     flower_list, flower_vectors = cached(cache_dir, flowers)
     train_list, train_vectors = cached(cache_dir, caltech / "train")
     test_list, test_vectors = cached(cache_dir, caltech / "test")
     test_names = np.array([e.label for e in test_list.entries])
-    others = ~np.isin(test_names, sorted(FLOWER_LIKE))
+    not_flowers = ~np.isin(test_names, sorted(FLOWER_LIKE))
     compare_set(
         f"{flowers.name} (5 classes) against Caltech-101 test photos of other things",
         split(flower_list, flower_vectors, "training"),
         split(flower_list, flower_vectors, "validation"),
         split(flower_list, flower_vectors, "testing")[1],
-        test_vectors[others],
+        test_vectors[not_flowers],
+    )
+    compare_set(
+        f"{flowers.name} (5 classes) against the same photos shrunk to 128x128 JPEG",
+        split(flower_list, flower_vectors, "training"),
+        split(flower_list, flower_vectors, "validation"),
+        split(flower_list, flower_vectors, "testing")[1],
+        cached(cache_dir, small)[1],
     )
     train_names = np.array([e.label for e in train_list.entries])
-    for seed in range(seeds):
+    for seed, classes in [(seed, 10) for seed in range(seeds)] + [(0, 50)]:
         chosen = np.random.default_rng(seed).choice(train_list.class_names, classes, replace=False)
         rows = np.flatnonzero(np.isin(train_names, chosen))
         entries = [train_list.entries[i] for i in rows]
@@ -310,9 +362,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-unknown-") as temporary:
         work = args.work_dir or Path(temporary)
         if args.compare:
-            compare(
-                args.bottleneck_dir or work / "cache", args.image_dir, args.caltech, 10, args.seeds
-            )
+            compare(args.bottleneck_dir or work / "cache", args.image_dir, args.caltech, args.seeds)
         else:
             end_to_end(args.image_dir, args.caltech, work, args.caltech_classes)
     print(f"CPU: {cpu_model()}")

@@ -24,7 +24,7 @@ from retrain.data import sampling
 logger = logging.getLogger(__name__)
 
 # Neighbours counted: the K-th nearest reference vector decides the score.
-K = 10
+K = 5
 # At most this many training vectors are kept as the reference (spread over
 # the classes): scoring costs one [m, n] matrix product, the sidecar file
 # keeps n rows of float16.
