@@ -271,27 +271,23 @@ def test_a_run_writes_the_exports_it_is_asked_for(photo_model, tmp_path, capsys)
     assert "Saved TFLite float16 model" in printed.out
     assert sorted(p.name for p in out.iterdir() if "model" in p.name) == [
         "model.keras",
+        "model.unknown.h5",
         "model_float16.tflite",
         "saved_model",
     ]
     assert (out / "saved_model" / "assets" / "labels.txt").read_text() == "cat\ncoffee\nrocket\n"
-    image = str(photo_model["photos"] / "coffee" / "0.png")
-    tops = []
+    # The run's detector went into every export: they agree on unknown for the same pictures.
+    images = [str(photo_model["photos"] / "coffee" / "0.png"), str(photo_model["photos"])]
+    images.append(__file__.replace(".py", "_missing.jpg"))
+    documents = {}
     for graph in ("model.keras", "model_float16.tflite", "saved_model"):
-        assert (
-            label_image.main(
-                [
-                    "--graph",
-                    str(out / graph),
-                    "--labels",
-                    str(out / "labels.txt"),
-                    "--image",
-                    image,
-                    "--top_k",
-                    "1",
-                ]
-            )
-            == 0
-        )
-        tops.append(capsys.readouterr().out.splitlines()[1].split()[0])
-    assert tops == ["coffee"] * 3
+        arguments = ["--graph", str(out / graph), "--labels", str(out / "labels.txt"), "--json"]
+        assert label_image.main([*arguments, "--image", *images]) == 1  # the missing file
+        documents[graph] = json.loads(capsys.readouterr().out)
+    for graph, document in documents.items():
+        assert document["results"][0]["predictions"][0]["label"] == "coffee", graph
+        assert "unknown_threshold" in document, graph
+        verdicts = [result["unknown"] for result in document["results"]]
+        assert verdicts == [r["unknown"] for r in documents["model.keras"]["results"]], graph
+        assert document["summary"]["images"] == 2 + len(list(photo_model["photos"].glob("*/*.png")))
+        assert document["summary"]["unreadable"] == 1

@@ -22,9 +22,11 @@ def run(model, *arguments, capsys):
 
 
 def parse_text(out):
-    """{path: [(label, score), ...]} from the text output."""
+    """{path: [(label, score), ...]} from the text output (unknown and summary lines left out)."""
     result, current = {}, None
     for line in out.splitlines():
+        if line.startswith("  unknown (") or " images: " in line:
+            continue
         if line.startswith("  "):
             label, score = line.split()
             result[current].append((label, float(score.strip("()"))))
@@ -41,6 +43,7 @@ def test_a_training_image_gets_its_class_first(model, capsys):
     assert (status, err) == (0, "")
     result = parse_text(out)
     assert list(result) == chosen
+    assert out.splitlines()[-1] == "3 images: 3 labelled, 0 unknown, 0 unreadable"
     for name, path in zip(names, chosen):
         predictions = result[path]
         assert predictions[0][0] == name, predictions
@@ -60,6 +63,11 @@ def test_json_output_and_top_k(model, capsys):
     assert [p["label"] for p in result["predictions"]][0] == "coffee"
     assert len(result["predictions"]) == 2
     assert result["predictions"][0]["score"] >= result["predictions"][1]["score"]
+    # One image, no detector beside the model: no summary, no unknown fields.
+    assert set(document) == {"graph", "results", "errors"} and set(result) == {
+        "image",
+        "predictions",
+    }
 
 
 def test_a_folder_is_searched_for_images(model, capsys):
@@ -82,6 +90,7 @@ def test_a_corrupt_image_is_reported_and_the_others_labelled(model, capsys):
     status, out, err = run(model, "--image", good[0], str(broken), good[1], capsys=capsys)
     assert status == 1
     assert list(parse_text(out)) == good
+    assert out.splitlines()[-1] == "3 images: 2 labelled, 0 unknown, 1 unreadable"
     assert len(err.splitlines()) == 1 and str(broken) in err and "Traceback" not in err
     status, out, err = run(model, "--image", str(broken), "--json", capsys=capsys)
     assert status == 1
@@ -151,6 +160,9 @@ def test_command_line_prints_only_results(model):
         timeout=120,
         cwd=os.path.dirname(os.path.dirname(__file__)),
     )
-    assert (result.returncode, result.stderr) == (0, "")
+    # The model has no unknown detector beside it: labelled, with one warning naming it.
+    assert result.returncode == 0
+    assert result.stderr.startswith("WARNING: ") and len(result.stderr.splitlines()) == 1
+    assert model["graph"] in result.stderr and "Traceback" not in result.stderr
     assert result.stdout.splitlines()[0] == path
     assert result.stdout.splitlines()[1].split()[0] == "rocket"

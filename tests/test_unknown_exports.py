@@ -8,6 +8,7 @@ say the same; a model exported before unknown detection still labels.
 """
 
 import json
+import os
 import shutil
 
 import keras
@@ -124,6 +125,9 @@ def test_formats_give_the_same_scores(scored, pictures):
     for name in ("saved_model", "float32"):
         np.testing.assert_allclose(scores[name], scores["keras"], atol=1e-5, err_msg=name)
     assert np.abs(scores["int8"] - scores["keras"]).max() < 0.1
+    # The int8 file keeps its backbone int8 (only the score and the head are float32).
+    sizes = {kind: os.path.getsize(scored["graphs"][kind]) for kind in ("float32", "int8")}
+    assert sizes["int8"] <= 0.35 * sizes["float32"], sizes
 
 
 def test_text_output_unknown_line_and_summary(scored, photo_model, pictures, tmp_path, capsys):
