@@ -132,7 +132,11 @@ def unknown_threshold(model: bytes, path) -> float | None:
         )
     except (UnicodeDecodeError, ValueError, TypeError, KeyError):
         threshold = None
-    if not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not (np.isfinite(threshold))
+    ):
         raise RetrainError(
             f"The {UNKNOWN_METADATA} metadata entry of {path} is not a JSON object with a "
             f"finite threshold. Re-export the model with a retrain run. Received: graph={path}"
