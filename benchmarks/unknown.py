@@ -39,17 +39,28 @@ DATA = ROOT.parent / "shared" / "data"
 # Caltech-101 classes that are flowers or plants: not "other things" for a
 # flower classifier.
 FLOWER_LIKE = {"sunflower", "lotus", "water_lilly", "bonsai", "joshua_tree"}
+# scikit-image's bundled sample pictures (no download): photos, micrographs,
+# textures, a scanned page; grey ones are written as RGB.
 SKIMAGE_PHOTOS = (
     "astronaut",
     "chelsea",
     "coffee",
     "rocket",
-    "motorcycle_left",
+    "stereo_motorcycle",
     "hubble_deep_field",
     "immunohistochemistry",
     "retina",
     "colorwheel",
-    "cat",
+    "logo",
+    "camera",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "brick",
+    "grass",
+    "gravel",
+    "clock",
 )
 KS = (1, 5, 10, 20)
 CAPS = (1024, 2048, 4096, None)
@@ -89,7 +100,7 @@ def mahalanobis_scores(reference, labels, queries) -> np.ndarray:
     best = np.full(len(queries), np.inf)
     for mean in means:
         offset = queries - mean
-        best = np.minimum(best, np.einsum("ij,jk,ik->i", offset, precision, offset))
+        best = np.minimum(best, ((offset @ precision) * offset).sum(axis=1))
     return np.sqrt(best)
 
 
@@ -281,8 +292,8 @@ def skimage_photos(folder: Path) -> list[Path]:
     written = []
     for name in SKIMAGE_PHOTOS:
         pixels = getattr(data, name)()
-        if pixels.ndim == 3 and pixels.shape[2] == 4:
-            pixels = pixels[..., :3]
+        pixels = pixels[0] if isinstance(pixels, tuple) else pixels  # stereo: the left view
+        pixels = np.stack([pixels] * 3, axis=-1) if pixels.ndim == 2 else pixels[..., :3]
         path = folder / f"{name}.png"
         Image.fromarray(np.asarray(pixels, np.uint8)).save(path)
         written.append(path)
