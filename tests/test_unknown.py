@@ -34,7 +34,8 @@ def unit_circle(angles_degrees):
     return np.stack([np.cos(radians), np.sin(radians)], axis=1).astype(np.float32)
 
 
-@pytest.mark.parametrize("acceptance, accepted", [(0.95, 19), (0.5, 10), (0.51, 11), (1.0, 20)])
+# The conformal rank ceil(acceptance * 21) of 20 scores: 20 (19.95), 11 (10.5), 11, 21 -> 20.
+@pytest.mark.parametrize("acceptance, accepted", [(0.95, 20), (0.5, 11), (0.51, 11), (1.0, 20)])
 def test_threshold_accepts_exactly_the_requested_share(acceptance, accepted):
     # One reference vector at 0 degrees, k=1: a vector at angle a scores 1 - cos(a).
     validation = unit_circle(np.arange(1, 21) * 4.0)
@@ -44,6 +45,17 @@ def test_threshold_accepts_exactly_the_requested_share(acceptance, accepted):
     assert detector.k == 1
     assert int((~detector.is_unknown(scores)).sum()) == accepted
     assert detector.threshold == pytest.approx(float(np.sort(scores)[accepted - 1]))
+
+
+@pytest.mark.parametrize("validation_size", [20, 60, 300])
+def test_the_threshold_accepts_at_least_the_share_asked_of_new_pictures(validation_size):
+    # Exchangeable scores: validation and a new picture drawn alike. Over 20,000
+    # draws the share of new pictures accepted is at least 95% at every size
+    # (the plain empirical quantile gives 90.5% at 20 validation images).
+    rng = np.random.default_rng(validation_size)
+    draws = rng.gamma(2.0, size=(20000, validation_size + 1))
+    accepted = [draw[-1] <= unknown.acceptance_threshold(draw[:-1], 0.95) for draw in draws]
+    assert np.mean(accepted) >= 0.95 - 0.004  # 3 standard errors
 
 
 def test_scores_in_blocks_are_identical_and_match_a_full_sort(digits):
@@ -66,7 +78,7 @@ def test_without_validation_the_threshold_comes_from_leave_one_out(digits, caplo
     assert "No validation images" in caplog.text
     # Each vector's 5th neighbour among the others: the 6th counting itself.
     leave_one_out = brute_force_scores(reference, reference, 6)
-    assert detector.threshold == pytest.approx(np.sort(leave_one_out)[int(np.ceil(0.9 * 300)) - 1])
+    assert detector.threshold == pytest.approx(np.sort(leave_one_out)[int(np.ceil(0.9 * 301)) - 1])
     assert unknown.fit(reference, np.empty((0, 64)), 0.9, k=5).threshold == detector.threshold
 
 

@@ -4,9 +4,10 @@ The score of a vector is its cosine distance to the K-th nearest vector of a
 reference sample of training vectors (1 - the K-th largest cosine
 similarity), in the exported model's own bottleneck space. A picture of none
 of the classes lies far from all of them; a picture of a trained class has
-at least K close training pictures. The threshold is the `acceptance`
-quantile of the validation images' scores: that share of in-distribution
-pictures scores at or below it; a score above it means "unknown".
+at least K close training pictures. The threshold is the split-conformal
+`acceptance` quantile of the validation images' scores: at least that share
+of new in-distribution pictures score at or below it; a score above it
+means "unknown".
 docs/unknown.md gives the measurements behind K, the reference cap and the
 choice of this score over the Mahalanobis distance to the class means.
 No TensorFlow.
@@ -91,12 +92,20 @@ class UnknownDetector:
 
 
 def acceptance_threshold(scores, acceptance: float) -> float:
-    """The smallest score s such that at least `acceptance` of `scores` (float [m], m >= 1)
-    are <= s; acceptance 1.0 gives the maximum."""
+    """The split-conformal threshold: the ceil(acceptance * (m + 1))-th smallest of `scores`.
+
+    scores: float [m], m >= 1, of in-distribution pictures the detector did
+    not see (the validation images). For a new picture exchangeable with
+    them, P(its score <= threshold) >= acceptance, whatever m: the plain
+    empirical quantile (the ceil(acceptance * m)-th) falls short on small
+    validation sets (measured on 20 Caltech-101 draws with 11-95 validation
+    images: 6.0% of held-out in-class photos called unknown on average, over
+    8% in 7 draws; this rank: 3.7%, over 8% in 2). When the rank passes m
+    (fewer than acceptance / (1 - acceptance) scores) it is the maximum.
+    """
     ordered = np.sort(np.asarray(scores, dtype=np.float64))
-    # Rank r (1-based) has r / m of the scores at or below it; the smallest r
-    # with r >= acceptance * m (a small tolerance: 0.95 * 20 is 19.000000000000004).
-    rank = int(np.ceil(acceptance * len(ordered) - 1e-9))
+    # A small tolerance: 0.95 * 20 is 19.000000000000004.
+    rank = int(np.ceil(acceptance * (len(ordered) + 1) - 1e-9))
     return float(ordered[min(max(rank, 1), len(ordered)) - 1])
 
 
