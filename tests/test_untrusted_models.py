@@ -246,12 +246,14 @@ HOSTILE_CONFIGS = {
         ),
         "Lambda layer",
     ),
-    "the optimizer of the head's compile config": (
-        edit_first(
-            "Sequential",
-            lambda head: head["compile_config"].update(
-                optimizer={"module": "builtins", "class_name": "exec", "config": {}}
-            ),
+    # Exports before issue 24 held the trained head, a compiled Sequential; Keras
+    # deserializes a compile config even with compile=False.
+    "the optimizer of a compile config": (
+        lambda config: config.update(
+            compile_config={
+                "optimizer": {"module": "builtins", "class_name": "exec", "config": {}},
+                "loss": None,
+            }
         ),
         "names builtins.exec",
     ),
