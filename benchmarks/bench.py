@@ -7,12 +7,15 @@ On one folder of labelled photos (../shared/data/caltech101/train by default,
 folder so every method sees the same files and the same hash split), one run
 measures:
 
-1. forward-only images/s of each engine (Keras graph, LiteRT) on pre-decoded,
-   pre-resized tensors: the limit of a cache fill;
-2. our cold run (``python -m retrain`` with an empty bottleneck cache; the
-   LiteRT conversion already done, as after any first run on a machine):
-   extraction images/s once the engine is built, its ratio to the best of (1),
-   and the whole run end to end (wall, test accuracy);
+1. forward-only images/s of each engine of ``--engines`` (Keras graph, LiteRT
+   float, LiteRT int8) on pre-decoded, pre-resized tensors: the limit of a
+   cache fill; building them here does each LiteRT conversion before any
+   timing, as after any first run on a machine;
+2. our cold run (``python -m retrain`` with an empty bottleneck cache, the
+   ``--engine`` engine): extraction images/s once the engine is built, its
+   share of the same engine's forward-only rate and of LiteRT float's, and
+   the whole run end to end (wall, test accuracy); then a cold fill with each
+   other LiteRT engine of (1), interleaved with it, reported the same way;
 3. retrain.py's method: decode one image, one forward call per image;
 4. the Keras transfer-learning recipe: ``image_dataset_from_directory`` +
    the same frozen backbone + a Dense head, ``model.fit`` for ``--epochs``
@@ -26,6 +29,7 @@ The machine may be shared: compare ratios, not absolute speeds, across runs.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -48,6 +52,9 @@ SHARED_DATA = next(
 )
 DEFAULT_DATA = SHARED_DATA / "caltech101" / "train"
 _FORWARD_IMAGES = 64
+# The forward-only engines, the float LiteRT one (the yardstick of every fill) second.
+ENGINES = ("keras", "litert", "litert-int8")
+FLOAT_LITERT = "litert"
 
 
 def peak_mib():
@@ -68,7 +75,11 @@ def median_rate(function, count, repeats):
 
 
 def part_forward(args):
-    """Forward-only images/s of each engine on pre-decoded tensors."""
+    """Forward-only images/s of each engine of ``args.engines`` on pre-decoded tensors.
+
+    A LiteRT engine that cannot be built here (no runtime, or its conversion
+    fails its check) is left out, with the reason under "skipped".
+    """
     import numpy as np
 
     from retrain import backbones, engines
@@ -84,16 +95,23 @@ def part_forward(args):
         ]
     )
     model = backbones.load(spec.name)
-    candidates = {"keras": engines.KerasEngine(model, spec.input_size)}
-    if engines.runtime_available():
-        candidates["litert"] = engines.build("litert", spec.name, model=model)
-    result = {}
+    candidates, skipped = {}, {}
+    for name in args.engines.split(","):
+        if name != "keras" and not engines.runtime_available():
+            skipped[name] = "the ai-edge-litert runtime is not installed"
+            continue
+        try:
+            candidates[name] = engines.build(name, spec.name, model=model)
+        except Exception as error:  # noqa: BLE001 - any failure to build: say which, go on
+            skipped[name] = f"{type(error).__name__}: {error}"
+    result = {"engines": {}, "skipped": skipped}
     for name, engine in candidates.items():
-        batch = 32 if name == "keras" else engines.LITERT_BATCH
+        batch = getattr(engine, "batch_size", None) if name != "keras" else 32
+        batch = batch or engines.LITERT_BATCH
         chunks = [pixels[i : i + batch] for i in range(0, len(pixels), batch)]
         engine(chunks[0])
         rate = median_rate(lambda: [engine(chunk) for chunk in chunks], len(pixels), args.repeats)
-        result[name] = {"images_per_s": rate, "batch": batch}
+        result["engines"][name] = {"images_per_s": rate, "batch": batch}
     result["peak_mib"] = peak_mib()
     return result
 
@@ -314,7 +332,14 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--retrain_py_images", type=int, default=200)
     parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--engine", default="auto")
+    parser.add_argument(
+        "--engine", default="auto", help="the engine of our end-to-end runs (retrain's --engine)"
+    )
+    parser.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help="engines timed forward only, comma-separated; the LiteRT ones also fill a cold cache",
+    )
     parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -348,87 +373,123 @@ def main(argv=None):
 
 def bench(args, work):
     count, classes = link_sample(args.data, args.images, work / "photos")
-    photos = work / "photos"
+    folder = work / "photos" / "all"
     common = {"backbone": args.backbone, "repeats": args.repeats}
     print(
         f"bench: {count} photos, {classes} classes from {args.data}; {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at the start",
         file=sys.stderr,
     )
-
-    forward, _ = run_part("forward", folder=photos / "all", **common)
-    best_name = max(
-        (k for k in forward if k != "peak_mib"), key=lambda k: forward[k]["images_per_s"]
+    forward, _ = run_part("forward", folder=folder, engines=args.engines, **common)
+    for name, why in forward["skipped"].items():
+        print(f"bench: no forward-only figure for the {name} engine: {why}", file=sys.stderr)
+    runs = our_runs(args, work, folder, forward, common)
+    retrain_py, _ = run_part(
+        "retrain_py", folder=folder, retrain_py_images=args.retrain_py_images, **common
     )
-    best = forward[best_name]["images_per_s"]
+    recipe, recipe_seconds = run_part(
+        "keras_recipe", folder=work / "photos", epochs=args.epochs, **common
+    )
+    print(
+        f"{count} photos, {classes} classes ({args.data}); {os.cpu_count()} CPUs; medians "
+        f"of {args.repeats} (forward, our runs, retrain.py's method); the recipe ran once"
+    )
+    rows = [("method", "images/s", "wall s", "vs", "test acc", "peak RSS MiB")]
+    rows += extraction_rows(forward, runs)
+    rows += end_to_end_rows(args, runs, retrain_py, (recipe, recipe_seconds))
+    print_table(rows)
+    print_warm_phases(runs.warms)
+    return 0
 
-    colds, warms = [], []
+
+@dataclasses.dataclass(frozen=True)
+class OurRuns:
+    """Our runs of every repeat: ``colds`` {engine: [(part result, wall s)]}, in
+    the order run; ``main`` the engine ``--engine`` resolved to (its cold runs
+    are the end-to-end ones); ``warms`` the warm reruns on its caches."""
+
+    colds: dict
+    main: str
+    warms: list
+
+
+def our_runs(args, work, folder, forward, common):
+    """Per repeat: a cold and a warm run with ``--engine``, then a cold fill with
+    each other LiteRT engine that ``forward`` could build (interleaved, so a
+    slow minute of a shared machine touches every engine alike)."""
+    colds, warms, main = {}, [], None
+    fill_engines = [name for name in forward["engines"] if name != "keras"]
     for repeat in range(args.repeats):
         cache, output = work / f"cache{repeat}", work / f"out{repeat}"
-        colds.append(
-            run_part(
-                "ours",
-                folder=photos / "all",
-                cache=cache,
-                output=output,
-                engine=args.engine,
-                **common,
-            )
-        )
-        warms.append(
-            run_part(
-                "ours",
-                folder=photos / "all",
-                cache=cache,
-                output=output,
-                engine=args.engine,
-                **common,
-            )
-        )
-    retrain_py, _ = run_part(
-        "retrain_py", folder=photos / "all", retrain_py_images=args.retrain_py_images, **common
-    )
-    recipe, recipe_seconds = run_part("keras_recipe", folder=photos, epochs=args.epochs, **common)
+        options = dict(folder=folder, cache=cache, output=output, engine=args.engine, **common)
+        cold = run_part("ours", **options)
+        main = cold[0]["engine"]
+        colds.setdefault(main, []).append(cold)
+        warms.append(run_part("ours", **options))
+        for name in fill_engines:
+            if name != main:
+                options.update(engine=name, cache=work / f"cache{repeat}-{name}")
+                options.update(output=work / f"out{repeat}-{name}")
+                colds.setdefault(name, []).append(run_part("ours", **options))
+    return OurRuns(colds, main, warms)
 
-    cold_rate = statistics.median(c["extracted"] / c["extract_seconds"] for c, _ in colds)
+
+def fill_rate(colds):
+    """Median extraction images/s of cold runs [(part result, wall s)]."""
+    return statistics.median(c["extracted"] / c["extract_seconds"] for c, _ in colds)
+
+
+def extraction_rows(forward, runs):
+    """Forward-only rows, then each engine's cold fill with its share of the
+    same engine's forward-only rate and of LiteRT float's."""
+    rates = {name: figure["images_per_s"] for name, figure in forward["engines"].items()}
+    rows = []
+    for name, figure in forward["engines"].items():
+        rows.append(
+            (
+                f"forward only, {name} engine (batch {figure['batch']})",
+                f"{figure['images_per_s']:.1f}",
+                "",
+                "",
+                "",
+                f"{forward['peak_mib']:.0f}",
+            )
+        )
+    for name, colds in runs.colds.items():
+        rate = fill_rate(colds)
+        shares = [f"{rate / rates[name]:.2f} x {name} forward"] if name in rates else []
+        if name != FLOAT_LITERT and FLOAT_LITERT in rates:
+            shares.append(f"{rate / rates[FLOAT_LITERT]:.2f} x {FLOAT_LITERT} forward")
+        rows.append(
+            (
+                f"our cold extraction ({name}, start-up excluded)",
+                f"{rate:.1f}",
+                "",
+                ", ".join(shares),
+                f"{statistics.median(c['accuracy'] for c, _ in colds):.3f}",
+                f"{max(c['peak_mib'] for c, _ in colds):.0f}",
+            )
+        )
+    return rows
+
+
+def end_to_end_rows(args, runs, retrain_py, recipe_run):
+    """retrain.py's method, the Keras recipe, and our cold and warm runs end to end."""
+    recipe, recipe_seconds = recipe_run
+    colds = runs.colds[runs.main]
+    cold_rate = fill_rate(colds)
     cold_wall = statistics.median(s for _, s in colds)
-    warm_wall = statistics.median(s for _, s in warms)
-    cold, warm = colds[0][0], warms[0][0]
-
-    rows = [("method", "images/s", "wall s", "vs", "test acc", "peak RSS MiB")]
-    for name in ("keras", "litert"):
-        if name in forward:
-            rows.append(
-                (
-                    f"forward only, {name} engine (batch {forward[name]['batch']})",
-                    f"{forward[name]['images_per_s']:.1f}",
-                    "",
-                    "",
-                    "",
-                    f"{forward['peak_mib']:.0f}",
-                )
-            )
-    rows.append(
-        (
-            f"our cold extraction ({cold['engine']}, start-up excluded)",
-            f"{cold_rate:.1f}",
-            "",
-            f"{cold_rate / best:.2f} x best forward",
-            "",
-            f"{cold['peak_mib']:.0f}",
-        )
-    )
-    rows.append(
+    warm_wall = statistics.median(s for _, s in runs.warms)
+    cold, warm = colds[0][0], runs.warms[0][0]
+    return [
         (
             "retrain.py's method (one image per forward call)",
             f"{retrain_py['images_per_s']:.1f}",
             "",
-            f"ours {cold_rate / retrain_py['images_per_s']:.1f} x this",
+            f"ours ({runs.main}) {cold_rate / retrain_py['images_per_s']:.1f} x this",
             "",
             f"{retrain_py['peak_mib']:.0f}",
-        )
-    )
-    rows.append(
+        ),
         (
             f"Keras recipe, {args.epochs} epochs, end to end",
             "",
@@ -436,19 +497,15 @@ def bench(args, work):
             "1",
             f"{recipe['accuracy']:.3f}",
             f"{recipe['peak_mib']:.0f}",
-        )
-    )
-    rows.append(
+        ),
         (
-            "our cold run, end to end",
+            f"our cold run ({runs.main}), end to end",
             "",
             f"{cold_wall:.1f}",
             f"{recipe_seconds / cold_wall:.1f} x faster",
             f"{cold['accuracy']:.3f}",
             f"{cold['peak_mib']:.0f}",
-        )
-    )
-    rows.append(
+        ),
         (
             "our warm rerun, end to end",
             "",
@@ -456,13 +513,14 @@ def bench(args, work):
             f"{recipe_seconds / warm_wall:.1f} x faster",
             f"{warm['accuracy']:.3f}",
             f"{warm['peak_mib']:.0f}",
-        )
-    )
-    print(
-        f"{count} photos, {classes} classes ({args.data}); {os.cpu_count()} CPUs; medians "
-        f"of {args.repeats} (forward, our runs, retrain.py's method); the recipe ran once"
-    )
-    print_table(rows)
+        ),
+    ]
+
+
+def print_warm_phases(warms):
+    """Where the warm reruns' seconds go (medians), main thread and background threads."""
+    warm_wall = statistics.median(s for _, s in warms)
+    warm = warms[0][0]
     phases = {k: statistics.median(w["phases"][k] for w, _ in warms) for k in warm["phases"]}
     phases["interpreter start, exit (wall - in process)"] = warm_wall - phases["total in process"]
     print(f"\nwhere the warm rerun's {warm_wall:.1f} s go (medians; main thread):")
@@ -472,7 +530,6 @@ def bench(args, work):
     }
     print("\nbeside it, in the run's background threads (overlapping the phases above):")
     print_table([("work", "s")] + [(k, f"{v:.2f}") for k, v in beside.items()])
-    return 0
 
 
 def print_table(rows):
