@@ -13,7 +13,7 @@ ARCHITECTURE ?= efficientnet_lite0
 IMAGE ?= examples/digits/3/digit_0003.png
 DEMO_OUTPUT := output/digits
 
-.PHONY: venv demo test cache train label report-screenshot bench-exports bench bench-paths bench-unknown bench-memory hostile-check clean
+.PHONY: venv demo test cache train label report-screenshot bench-exports bench bench-int8 bench-paths bench-unknown bench-memory hostile-check clean
 
 venv: $(VENV)/.installed
 
@@ -64,6 +64,9 @@ bench: venv
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 bench-paths: venv
 	$(PYTHON) benchmarks/paths.py
+# The cached head on int8 vectors against float vectors, every set in ../shared/data (INT8_ARGS=...).
+bench-int8: venv
+	$(PYTHON) benchmarks/int8_accuracy.py $(INT8_ARGS)
 # Share called unknown of held-out, scikit-image and Caltech-101 photos; ECE before/after
 # (docs/unknown.md; UNKNOWN_ARGS="--compare" compares the methods on cached vectors).
 bench-unknown: venv
