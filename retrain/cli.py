@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import sys
 import threading
 from dataclasses import fields
 
 from retrain import backbones, messages, presets
 from retrain import config as config_lib
-from retrain.arguments import OneLineErrorParser
+from retrain.arguments import OneLineErrorParser, exit_without_teardown
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -35,7 +33,8 @@ HELP = {
     "bottleneck_dtype": "storage type of cached vectors: float16 or float32",
     "extraction_batch_size": "images per forward pass when filling the cache",
     "engine": "inference engine for extraction: auto (LiteRT on CPU, Keras on a GPU), "
-    "keras or litert",
+    "keras, litert or litert-int8 (the backbone quantized to int8: faster, vectors "
+    "slightly off; falls back to litert)",
     "cache_only": "build or update the bottleneck cache, then stop",
     "num_shards": "with --cache_only: split extraction into this many parts, one process each",
     "shard_index": "with --num_shards: the part this process extracts, 0 to NUM_SHARDS-1",
@@ -169,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         config = resolve_config(argv)
-        import_tensorflow()
+        # Keras's scikit-learn, pandas and matplotlib hooks cost ~2 s: see quiet_tensorflow.
+        import_tensorflow(keras_extras=False)
         from retrain import run  # deferred: importing TensorFlow takes seconds
 
         run.run(config)
@@ -197,25 +197,6 @@ def main(argv: list[str] | None = None) -> int:
 def entry_point() -> None:
     """`python -m retrain` and the `retrain` command: main(), then a fast exit."""
     exit_without_teardown(main())
-
-
-def exit_without_teardown(status: int) -> None:
-    """Ends the process with `status` once stdio, logging and atexit handlers are done.
-
-    Python's own teardown of TensorFlow's and Keras's modules adds 5-10 s to
-    every run on a 2-core machine (measured: 4.9 s, against 0.3 s without
-    it), a tenth of a warm rerun. Every file the run writes is closed and
-    fsynced before main() returns, and the atexit handlers (TensorFlow's,
-    logging's) still run here; only module teardown and garbage collection
-    are skipped. Not for library use: it ends the process.
-    """
-    import atexit
-
-    logging.shutdown()
-    atexit._run_exitfuncs()  # the handlers os._exit would skip
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import sys
 from dataclasses import dataclass
 
 from retrain import messages
-from retrain.arguments import OneLineErrorParser
+from retrain.arguments import OneLineErrorParser, exit_without_teardown
 from retrain.errors import RetrainError
 
 logger = logging.getLogger("retrain.label_image")
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     messages.setup("label_image")
     from retrain.quiet_tensorflow import import_tensorflow
 
-    import_tensorflow()
+    # Keras's scikit-learn, pandas and matplotlib hooks cost ~2 s: see quiet_tensorflow.
+    import_tensorflow(keras_extras=False)
     try:
         paths, failures = image_paths(args.image)
         labeller = Labeller(args.graph, args.labels, unknown=args.unknown)
@@ -289,5 +290,10 @@ class Labeller:
         return results
 
 
+def entry_point() -> None:
+    """`python -m retrain.label_image` and `retrain-label-image`: main(), then a fast exit."""
+    exit_without_teardown(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

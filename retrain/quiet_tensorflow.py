@@ -9,6 +9,15 @@ file descriptor 2 is captured during the import and the first device query,
 and every captured line that is not known start-up noise is written back.
 `captured_output` is that capture, for other chatty calls (the TFLite
 converter and interpreter).
+
+Importing TensorFlow imports Keras, and Keras 3.15 imports scikit-learn
+(keras.wrappers), pandas (its array slicing) and matplotlib.pyplot
+(keras.visualization) whenever they are installed: about 2 s of a 4-5 s
+import on a 2-core machine (docs/benchmarks.md, "Start-up"). retrain never
+uses those Keras integrations, so its commands import TensorFlow with
+``keras_extras=False``: Keras sees the three as not installed, as it would
+in a leaner environment, and retrain imports them itself when a stage uses
+them (the metrics, the report).
 """
 
 from __future__ import annotations
@@ -29,14 +38,25 @@ STARTUP_NOISE = (
 )
 
 
-def import_tensorflow():
-    """Import and return the tensorflow module, dropping only its start-up noise."""
+# Libraries Keras imports at start-up only for integrations retrain does not use.
+KERAS_EXTRAS = ("sklearn", "pandas", "matplotlib")
+
+
+def import_tensorflow(keras_extras: bool = True):
+    """Import and return the tensorflow module, dropping only its start-up noise.
+
+    keras_extras=False: Keras is imported as if scikit-learn, pandas and
+    matplotlib were not installed (its scikit-learn wrappers, DataFrame input
+    and plotting helpers then say so if called), unless one of them is
+    already imported. For commands, which own their process; a library
+    caller keeps the default. The libraries stay importable afterwards.
+    """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     text = ""
     try:
-        with captured_output(2) as captured:
+        with captured_output(2) as captured, _hidden(() if keras_extras else KERAS_EXTRAS):
             try:
                 import tensorflow as tf
 
@@ -52,6 +72,21 @@ def import_tensorflow():
             )
         )
     return tf
+
+
+@contextlib.contextmanager
+def _hidden(names):
+    """Within the block, `import <name>` of a module in `names` not yet imported raises
+    ImportError (a None entry in sys.modules); afterwards it imports as usual."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 
 @contextlib.contextmanager

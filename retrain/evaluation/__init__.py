@@ -8,18 +8,12 @@
     check_limits     what bounds the checks' cost: images checked, threads, PCA sample
     check_files      the checks' CSVs (label_issues.csv, near_duplicates.csv): write, read back
 
-The names below are the package's public API (from `metrics`).
+The names below are the package's public API (from `metrics`). They load on
+first use: `metrics` imports scikit-learn (about 1 s), which a --cache_only
+run never needs.
 """
 
-from retrain.evaluation.metrics import (
-    Evaluation,
-    Mistake,
-    evaluate,
-    misclassified,
-    print_misclassified,
-    summary,
-    write_metrics,
-)
+import importlib
 
 __all__ = [
     "Evaluation",
@@ -30,3 +24,10 @@ __all__ = [
     "summary",
     "write_metrics",
 ]
+
+
+def __getattr__(name):
+    """`evaluation.evaluate` and the other public names: imports `metrics` when first asked."""
+    if name in __all__:
+        return getattr(importlib.import_module(f"{__name__}.metrics"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
