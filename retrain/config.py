@@ -28,7 +28,7 @@ TFLITE_KINDS = ("float32", "float16", "int8")
 # The backbone of a run that names none (a key of retrain.backbones.BACKBONES).
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # --engine: "auto" lets retrain.engines.resolve pick keras or litert.
-ENGINE_NAMES = ("auto", "keras", "litert")
+ENGINE_NAMES = ("auto", "keras", "litert", "litert-int8")
 # --preset: the groups of defaults retrain.presets defines.
 PRESET_NAMES = ("fast", "best")
 

@@ -13,7 +13,7 @@ from retrain.cache.identity import CacheIdentity
 from retrain.cache.journal import Journal, batch_records, journal_touched
 from retrain.config import check_setting, check_shard
 from retrain.data import decode
-from retrain.engines import EngineChoice, build_or_fall_back, extraction
+from retrain.engines import EngineChoice, build_or_fall_back, extraction, identity_name
 from retrain.errors import RetrainError
 from retrain.files import paths
 
@@ -102,7 +102,7 @@ class BottleneckCache:
             self._fingerprint,
             self._spec.feature_dim,
             self._dtype,
-            engine_name,
+            identity_name(engine_name),
             decode.pixel_settings_id(),
         )
         self.path = self._folder / self.identity.file_name()

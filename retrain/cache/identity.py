@@ -12,7 +12,8 @@ class CacheIdentity:
 
     Everything that changes the vectors is here: the backbone and its
     fingerprint, the inference ``engine`` ("keras" or "litert": their vectors
-    differ in the last float32 bits) and ``pixels``, the decoding and resizing
+    differ in the last float32 bits; "litert-int8c<N>", the int8 engine with
+    calibration set version N, differs more) and ``pixels``, the decoding and resizing
     settings (``decode.PIXEL_SETTINGS_ID``); ``dtype`` is the storage type.
     ``file_name`` puts all of them in the name, so a change opens another
     file and never mixes vectors.

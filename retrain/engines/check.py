@@ -1,11 +1,12 @@
-"""A backbone's LiteRT conversion, made once, checked against Keras, and remembered.
+"""A backbone's LiteRT conversions (float32, int8), made once, checked against Keras, remembered.
 
 The converted file is kept under ``$RETRAIN_HOME/backbones`` beside the
 converted weights, named after the backbone fingerprint, the batch size and
 the TensorFlow version that converted it, with a JSON record of its sha256 and
 of the check it passed: at conversion, its vectors are compared with the
 Keras forward pass on real photos (scikit-image's, else the caller's first
-batch) and the file is kept only if every vector is within ``TOLERANCE``. A
+batch) and the file is kept only if every vector is within ``TOLERANCE``
+(the int8 conversion: cosine similarities, `retrain.engines.int8.check`). A
 failed check is recorded too, so ``engines.resolve`` goes straight to Keras
 on later runs.
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 from retrain import backbones
 from retrain.backbones import conversion_cache
-from retrain.engines import litert
+from retrain.engines import int8, litert
 from retrain.engines.keras_engine import KerasEngine
 from retrain.errors import RetrainError
 from retrain.files import atomic_write
@@ -45,62 +46,78 @@ class EngineCheckFailed(RetrainError):
     """The LiteRT conversion does not reproduce the Keras vectors."""
 
 
-def converted_engine(spec, weights_file=None, model=None, check_paths=()):
-    """The LiteRT engine of backbone ``spec``, converted and checked when not kept yet.
+def converted_engine(spec, weights_file=None, model=None, check_paths=(), name="litert"):
+    """The LiteRT engine ``name`` ("litert" or "litert-int8") of backbone ``spec``, converted
+    and checked when not kept yet.
 
     ``model``: the Keras backbone if the caller has it (built here only to
     convert). ``check_paths``: image files to check a new conversion on.
     Raises EngineCheckFailed (after recording it) when a new conversion fails
     or does not reproduce the Keras vectors.
     """
-    path = litert_path(spec.name, weights_file)
+    path = litert_path(spec.name, weights_file, name)
     record = read_record(path)
     if record and record.get("passed") and _file_sha256(path) == record.get("sha256"):
-        return litert.LiteRTEngine(path)
+        return _engine(path, name)
     if record and record.get("passed"):
         logger.warning("converting %s again: %s does not match its record", spec.name, path)
     if model is None:
         model = backbones.load(spec.name, include_top=False, weights_file=weights_file)
     logger.warning(
-        "converting %s to LiteRT once (about half a minute); it is kept in %s",
+        "converting %s to %s once (%s); it is kept in %s",
         spec.name,
+        "int8 LiteRT" if name == int8.ENGINE else "LiteRT",
+        "about a minute" if name == int8.ENGINE else "about half a minute",
         path.parent,
     )
-    engine, record = _convert_and_check(model, spec.input_size, path, check_paths)
+    engine, record = _convert_and_check(model, spec.input_size, path, check_paths, name)
     _write_record(path, record)
     if not record["passed"]:
         raise EngineCheckFailed(
-            f"The LiteRT conversion of {spec.name} does not reproduce the Keras "
-            f"vectors: {record['reason']}. Received: engine=litert"
+            f"The {name} conversion of {spec.name} does not reproduce the Keras "
+            f"vectors: {record['reason']}. Received: engine={name}"
         )
     return engine
 
 
-def _convert_and_check(model, input_size, path, check_paths):
+def _engine(path, name):
+    return litert.LiteRTEngine(path, name=name)
+
+
+def _convert_and_check(model, input_size, path, check_paths, name="litert"):
     """Writes the conversion to ``path`` and compares it with Keras: (engine, record).
 
     A file that fails is deleted; the record says why.
     """
-    engine = None
+    engine, measured = None, {}
     try:
-        atomic_write.write_bytes(path, litert.convert_backbone(model, input_size, LITERT_BATCH))
-        engine = litert.LiteRTEngine(path)
+        if name == int8.ENGINE:
+            converted = int8.convert(model, input_size, LITERT_BATCH)
+        else:
+            converted = litert.convert_backbone(model, input_size, LITERT_BATCH)
+        atomic_write.write_bytes(path, converted)
+        engine = _engine(path, name)
         pixels = check_pixels(input_size, check_paths)
-        deviation = compare(KerasEngine(model, input_size), engine, pixels)
+        keras_engine = KerasEngine(model, input_size)
+        if name == int8.ENGINE:
+            measured, reason = int8.check(keras_engine(pixels), engine(pixels))
+        else:
+            measured, reason = _float_check(compare(keras_engine, engine, pixels), len(pixels))
     except Exception as error:  # noqa: BLE001 - the converter raises many types
-        deviation, reason = None, f"conversion failed ({type(error).__name__}: {error})"
-    else:
-        reason = f"max relative deviation {deviation:.2e} > {TOLERANCE:.0e} on {len(pixels)} photos"
-    record = {
-        "sha256": _file_sha256(path),
-        "max_relative_deviation": deviation,
-        "tolerance": TOLERANCE,
-        "passed": deviation is not None and deviation <= TOLERANCE,
-    }
+        reason = f"conversion failed ({type(error).__name__}: {error})"
+    record = {"sha256": _file_sha256(path), **measured, "passed": reason is None}
     if not record["passed"]:
         record["reason"] = reason
         path.unlink(missing_ok=True)
     return engine, record
+
+
+def _float_check(deviation, photos):
+    """({"max_relative_deviation", "tolerance"}, None or why the float conversion failed)."""
+    measured = {"max_relative_deviation": deviation, "tolerance": TOLERANCE}
+    if deviation <= TOLERANCE:
+        return measured, None
+    return measured, f"max relative deviation {deviation:.2e} > {TOLERANCE:.0e} on {photos} photos"
 
 
 def _write_record(path, record):
@@ -146,14 +163,16 @@ def check_pixels(input_size, paths=()):
     return np.stack([resizing.resize_to_input(image, input_size) for image in images])
 
 
-def litert_path(backbone_name, weights_file=None):
-    """Where the conversion of this backbone (and weights) is kept: a Path."""
+def litert_path(backbone_name, weights_file=None, name="litert"):
+    """Where the conversion ``name`` ("litert" or "litert-int8") of this backbone (and
+    weights) is kept: a Path. The int8 file's name carries the calibration version."""
     tf = import_tensorflow()  # for its version: the converter is TensorFlow's
     fingerprint = backbones.fingerprint(backbone_name, weights_file)
+    kind = f"-int8c{int8.CALIBRATION_VERSION}" if name == int8.ENGINE else ""
     return (
         conversion_cache.retrain_home()
         / "backbones"
-        / f"{backbone_name}-{fingerprint[:16]}-b{LITERT_BATCH}-tf{tf.__version__}"
+        / f"{backbone_name}-{fingerprint[:16]}-b{LITERT_BATCH}-tf{tf.__version__}{kind}"
         f"-v{_FORMAT_VERSION}.tflite"
     )
 

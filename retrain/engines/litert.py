@@ -88,7 +88,13 @@ def convert(fixed, kind="float32", calibration=None, float_ops=()) -> bytes:
     if kind == "int8":
         if calibration is None or len(calibration) == 0:
             raise RetrainError("int8 conversion needs calibration images. Received: none")
-        converter.representative_dataset = lambda: ([pixels[None]] for pixels in calibration)
+        # One image per sample, or the model's fixed batch of them (a backbone
+        # converted at a fixed batch, see retrain.engines.int8).
+        step = fixed.inputs[0].shape[0] or 1
+        converter.representative_dataset = lambda: (
+            [calibration[start : start + step]]
+            for start in range(0, len(calibration) - step + 1, step)
+        )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     # The converter prints Keras's export log and MLIR's quantizer lines on fds 1 and 2.
     with captured_output(1, 2) as captured, warnings.catch_warnings():
@@ -138,7 +144,8 @@ class LiteRTEngine:
 
     name = "litert"
 
-    def __init__(self, path, num_threads=None):
+    def __init__(self, path, num_threads=None, name="litert"):
+        self.name = name  # "litert-int8" for a full-integer file (retrain.engines.int8)
         self.path = path
         self._interpreter = open_interpreter(path, num_threads)
         source = self._interpreter.get_input_details()[0]
