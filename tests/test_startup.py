@@ -106,3 +106,21 @@ def test_the_default_tensorflow_import_keeps_keras_as_installed():
     status, out, messages, _ = run_python("-c", code)
     assert status == 0, messages
     assert out.split() == ["True", "True"]
+
+
+def test_label_image_loads_the_model_without_the_report_libraries(photo_model):
+    """The command on one picture: labelled, and none of scikit-learn, pandas,
+    matplotlib, cleanlab, Jinja2 imported (Keras's hooks for them included)."""
+    picture = str(photo_model["photos"] / "rocket" / "4.png")
+    argv = ["--graph", photo_model["graph"], "--labels", photo_model["labels"], "--image", picture]
+    code = (
+        "import sys\n"
+        "from retrain import label_image\n"
+        f"status = label_image.main({argv!r})\n"
+        f"print(status, sorted(set(sys.modules) & set({HEAVY!r})))\n"
+    )
+    status, out, messages, _ = run_python("-c", code)
+    assert status == 0, messages
+    lines = out.splitlines()
+    assert lines[0] == picture and lines[1].split()[0] == "rocket"
+    assert lines[-1] == "0 ['keras', 'tensorflow']"
