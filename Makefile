@@ -13,7 +13,7 @@ ARCHITECTURE ?= efficientnet_lite0
 IMAGE ?= examples/digits/3/digit_0003.png
 DEMO_OUTPUT := output/digits
 
-.PHONY: venv demo test cache train label report-screenshot bench-exports bench bench-int8 bench-paths bench-unknown bench-memory hostile-check clean
+.PHONY: venv demo test cache train label report-screenshot bench-exports bench bench-int8 bench-paths bench-unknown bench-memory bench-startup hostile-check clean
 
 venv: $(VENV)/.installed
 
@@ -74,6 +74,10 @@ bench-unknown: venv
 
 bench-memory: venv
 	$(PYTHON) benchmarks/cache_memory.py --rows 2000000
+# Start-up: --help, a usage error, import retrain.run, label_image on one picture, warm reruns
+# (medians of 5; docs/benchmarks.md, "Start-up"; STARTUP_ARGS="--source OLD_TREE ." compares).
+bench-startup: venv
+	$(PYTHON) benchmarks/startup.py $(STARTUP_ARGS)
 # Every hostile-input case of issue 21 through the real commands (~10 min; tmpfs cases need root).
 hostile-check: venv
 	$(PYTHON) benchmarks/hostile_check.py $(HOSTILE_ARGS)
