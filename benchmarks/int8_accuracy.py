@@ -28,6 +28,7 @@ what is missing (delete --work to measure from scratch).
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -102,7 +103,10 @@ def run_engine(image_dir: Path, work: Path, name: str, engine: str) -> EngineRun
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"int8_accuracy: {' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    files = sorted(cache.glob(f"*-{engine}-*.h5"))
+    # The engine part of the file name: the engine, perhaps with its calibration
+    # version (litert-int8c1); "litert" must not match a litert-int8 file.
+    own = re.compile(rf"-{re.escape(engine)}(c\d+)?-")
+    files = sorted(path for path in cache.glob("*.h5") if own.search(path.name))
     if len(files) != 1:
         sys.exit(
             f"int8_accuracy: the {engine} run on {name} left no cache file of its own in "
