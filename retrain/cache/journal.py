@@ -8,6 +8,7 @@ Extraction appends each batch of records to ``<cache>.h5.journal/`` as one
 import dataclasses
 import json
 import math
+import typing
 import zipfile
 from pathlib import Path
 
@@ -25,6 +26,12 @@ TOUCHED_BATCH = 1024
 # fields for failures). Files written before "folder" existed lack it:
 # ``folders`` reads it as unknown.
 ROW_NAMES = ("key", "relative_path", "size", "mtime_ns", "sha256", "folder", "bottleneck")
+
+
+# Everything but the vectors: what deciding which records win needs.
+INDEX_NAMES = tuple(n for n in ROW_NAMES if n != "bottleneck") + tuple(
+    f"failed_{n}" for n in ("key", "relative_path", "size", "mtime_ns", "reason", "folder")
+)
 
 
 class UnreadableCache(Exception):
@@ -146,10 +153,11 @@ class Journal:
             np.savez(temporary, **arrays)
         self._next_number += 1
 
-    def load(self, path):
-        """The arrays of one journal file; UnreadableCache if damaged or foreign."""
+    def load(self, path, names=None):
+        """The arrays of one journal file (``names``: as for ``load_arrays``);
+        UnreadableCache if damaged or foreign."""
         with open(path, "rb") as file:
-            return load_arrays(file, self.identity)
+            return load_arrays(file, self.identity, names)
 
     def clear(self):
         for path in self.folder.glob("*"):
@@ -194,8 +202,8 @@ def folders(arrays, prefix=""):
 def load_arrays(file, identity, names=None):
     """The arrays of a journal or shard file (an open binary file).
 
-    ``names``: the arrays to read (all when None); the identity is always
-    checked. Every member's ``.npy`` header and declared size are checked
+    ``names``: the arrays to read (all when None; a name the file lacks is
+    left out, as when None); the identity is always checked. Every member's ``.npy`` header and declared size are checked
     (``_checked_members``) before any array is read, so a small file cannot
     expand into gigabytes and no member is unpickled. Raises UnreadableCache
     when the file is damaged, oversized or was written for another cache
@@ -207,15 +215,14 @@ def load_arrays(file, identity, names=None):
             members = _checked_members(archive, identity)
 
             def read(name):
-                with archive.open(members[name]) as stream:
-                    return np.lib.format.read_array(stream, allow_pickle=False)
+                return _read_member(archive, members[name])
 
             if int(read("format_version")) != FORMAT_VERSION:
                 raise UnreadableCache("written for another cache format")
             found = json.loads(read("identity").item().decode())
             if found != json.loads(json.dumps(identity.attributes())):
                 raise UnreadableCache(f"built for {found}, expected {identity.attributes()}")
-            return {name: read(name) for name in (names or members)}
+            return {name: read(name) for name in (names or members) if name in members}
     except UnreadableCache:
         raise
     except OSError as error:
@@ -261,8 +268,18 @@ def _member_layout(identity):
     }
 
 
+class _Member(typing.NamedTuple):
+    """One checked ``.npy`` member: its ZipInfo, and the header already parsed."""
+
+    info: zipfile.ZipInfo
+    shape: tuple
+    fortran_order: bool
+    dtype: np.dtype
+    header_bytes: int
+
+
 def _checked_members(archive, identity):
-    """{array name: ZipInfo} of an npz archive whose every member checks out.
+    """{array name: _Member} of an npz archive whose every member checks out.
 
     From the zip directory and each member's ``.npy`` header only: at most
     MAX_FILE_BYTES declared in all; each member exactly its header plus
@@ -282,7 +299,8 @@ def _checked_members(archive, identity):
     layout, counts, members = _member_layout(identity), {}, {}
     for info in infos:
         name = info.filename.removesuffix(".npy")
-        shape, dtype = _member_header(archive, info)
+        member = _member_header(archive, info)
+        shape, dtype = member.shape, member.dtype
         want_dtype, want_shape = layout.get(name, (None, None))
         if want_dtype is not None and (
             dtype.kind != "S" if want_dtype == "S" else dtype != want_dtype
@@ -300,17 +318,17 @@ def _checked_members(archive, identity):
                     )
         if shape == () and dtype.itemsize > _MAX_SCALAR_BYTES:
             raise UnreadableCache(f"{info.filename} holds {dtype.itemsize} bytes")
-        members[name] = info
+        members[name] = member
     return members
 
 
 def _member_header(archive, info):
-    """(shape, dtype) of one ``.npy`` member, read from its header alone."""
+    """The _Member of one ``.npy`` member, read from its header alone."""
     with archive.open(info) as stream:
         reader = _NPY_READERS.get(np.lib.format.read_magic(stream))
         if reader is None:
             raise UnreadableCache(f"{info.filename} is not a .npy array of a known version")
-        shape, _, dtype = reader(stream)
+        shape, fortran_order, dtype = reader(stream)
         header_bytes = stream.tell()
     if dtype.hasobject:
         raise UnreadableCache(f"{info.filename} holds Python objects")
@@ -318,7 +336,19 @@ def _member_header(archive, info):
         raise UnreadableCache(
             f"{info.filename} declares {info.file_size} bytes, its header {shape} x {dtype}"
         )
-    return shape, dtype
+    return _Member(info, shape, fortran_order, dtype, header_bytes)
+
+
+def _read_member(archive, member):
+    """The array of a checked member, its header not parsed again (a fold
+    reads every journal file: numpy's header parsing was a third of it)."""
+    shape = member.shape[::-1] if member.fortran_order else member.shape
+    array = np.empty(shape, member.dtype)
+    with archive.open(member.info) as stream:
+        stream.read(member.header_bytes)
+        if stream.readinto(array.reshape(-1).view(np.uint8)) != array.nbytes:
+            raise UnreadableCache(f"{member.info.filename} is shorter than its header says")
+    return array.T if member.fortran_order else array
 
 
 def _bytes(texts):

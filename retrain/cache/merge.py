@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from retrain.cache import shards, store
-from retrain.cache.journal import Failure, Journal, UnreadableCache, folders
+from retrain.cache.journal import INDEX_NAMES, Failure, Journal, UnreadableCache, folders
 from retrain.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def pending_sources(folder, path, identity):
 
 
 def _shard_loader(identity):
-    return lambda file: shards.load(file, identity)
+    return lambda file, names=None: shards.load(file, identity, names)
 
 
 class Winner(typing.NamedTuple):
@@ -196,7 +196,8 @@ def newest_records(sources, set_aside=True):
     seen, winners = set(), []
     for source in reversed(sources):
         try:
-            arrays = source.load(source.file)
+            # The vectors are read when they are written (store.write_main).
+            arrays = source.load(source.file, INDEX_NAMES)
         except FileNotFoundError:
             continue
         except UnreadableCache as error:

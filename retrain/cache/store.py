@@ -303,13 +303,34 @@ def write_main(temporary, identity, main, winners, journal_keys, images_per_seco
         written = 0
         for block in blocks:
             written = _write_block(datasets, written, block)
-        for winner in winners:
-            arrays = winner.source.load(winner.source.file)
-            block = {name: arrays[name][winner.rows] for name in _ROW_FIELDS}
-            block[FOLDER] = winner.index[FOLDER]
+        for block in _winner_blocks(winners):
             written = _write_block(datasets, written, block)
+        for winner in winners:
             failures.update(winner.failures)
         _write_failures(out.create_group("failed"), failures)
+
+
+def _winner_blocks(winners):
+    """The winners' rows (``_ROW_FIELDS`` and FOLDER arrays), read file by file
+    and handed on in blocks of at least CHUNK_ROWS rows: a journal file holds
+    one extraction batch, and an h5py write per field and batch cost more
+    than the data."""
+    parts, rows = [], 0
+    for winner in winners:
+        arrays = winner.source.load(winner.source.file, _ROW_FIELDS)
+        part = {name: arrays[name][winner.rows] for name in _ROW_FIELDS}
+        part[FOLDER] = winner.index[FOLDER]
+        parts.append(part)
+        rows += len(winner.rows)
+        if rows >= CHUNK_ROWS:
+            yield _joined(parts)
+            parts, rows = [], 0
+    if parts:
+        yield _joined(parts)
+
+
+def _joined(parts):
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def _write_block(datasets, start, block):
