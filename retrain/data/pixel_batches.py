@@ -115,11 +115,11 @@ def numpy_batches(paths, input_size, batch_size, outcomes, hash_files=True, work
     (``decode.load``, ``resize_to_input``: the same pixels as
     ``image_batches``) by one of ``workers`` threads (default: one per core);
     Pillow, hashlib and the resize release the GIL, so they run beside the
-    engine. Measured with ``benchmarks/profile_extraction.py``: tf.data's
-    ``numpy_function`` hop, its batching and the tensor-to-numpy copies cost
-    about 0.7 ms of CPU per 500x375 photo on top of the 3 ms of decoding and
-    resizing, CPU the forward pass then lacks. At most ``_BATCHES_AHEAD`` + 1
-    batches of images are in flight, whatever the number of images.
+    engine. No tf.data: no ``numpy_function`` hop per image (0.25 ms on one
+    thread, ``benchmarks/profile_extraction.py``), no tensor copies, and no
+    TensorFlow needed to fill a cache with the LiteRT engine. At most
+    ``_BATCHES_AHEAD`` + 1 batches of images are in flight, whatever the
+    number of images.
 
     Args:
       paths: sequence of image file paths (str or Path).
