@@ -206,17 +206,6 @@ def split(config: Config, image_list: images.ImageList, report: CacheReport) -> 
     return buckets
 
 
-def _find_data_checks(*args, **kwargs):
-    """report.find_data_checks, imported in the background thread that runs it.
-
-    The report's libraries (cleanlab, scikit-learn, matplotlib, Jinja2) take
-    seconds to import: training starts meanwhile instead of waiting for them.
-    """
-    from retrain import report
-
-    return report.find_data_checks(*args, **kwargs)
-
-
 def start_data_checks(config: Config, cache, buckets: Buckets, folder, background):
     """With --report, the data checks started beside training: a Future of their findings, else None.
 
@@ -224,6 +213,8 @@ def start_data_checks(config: Config, cache, buckets: Buckets, folder, backgroun
     """
     if not config.report:
         return None
+    # Deferred: matplotlib, Jinja2 and cleanlab, only when needed.
+    from retrain import report
     from retrain.evaluation import check_limits
 
     try:
@@ -235,7 +226,7 @@ def start_data_checks(config: Config, cache, buckets: Buckets, folder, backgroun
         )
         checked = check_limits.checked_rows(len(entries), config.seed)
         return background.submit(
-            _find_data_checks,
+            report.find_data_checks,
             cache.read([entries[row] for row in checked]),
             labels[checked],
             buckets.class_names,
