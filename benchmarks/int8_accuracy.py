@@ -60,6 +60,21 @@ class EngineRun:
 
 
 @dataclasses.dataclass(frozen=True)
+class Changes:
+    """Test images whose predicted class differs between two runs: ``fixed`` (wrong in
+    the reference run, right in the compared one), ``broken`` (the other way), ``other``
+    (wrong in both)."""
+
+    fixed: int
+    broken: int
+    other: int
+
+    @property
+    def total(self) -> int:
+        return self.fixed + self.broken + self.other
+
+
+@dataclasses.dataclass(frozen=True)
 class Comparison:
     """One set's row: the reference run, the compared run and their vectors' cosines."""
 
@@ -67,7 +82,7 @@ class Comparison:
     images: int
     reference: EngineRun
     compared: EngineRun
-    predictions_changed: int
+    changes: Changes
     cosine_median: float
     cosine_min: float
 
@@ -150,15 +165,24 @@ def cosines(reference: Path, compared: Path) -> np.ndarray:
         file_b.close()
 
 
-def changed_predictions(reference: EngineRun, compared: EngineRun) -> int:
-    """Test images whose predicted class differs between the two runs' probabilities.npz."""
-    tables = []
+def changed_predictions(reference: EngineRun, compared: EngineRun) -> Changes:
+    """The test predictions that differ, from each run's probabilities.npz (rows in the
+    order of the test images of run_record.json, whose labels the reference run gives)."""
+    record = json.loads((reference.output_dir / "run_record.json").read_text())
+    labels = np.array([i["label"] for i in record["images"] if i["split"] == "testing"])
+    predicted = []
     for run in (reference, compared):
         with np.load(run.output_dir / "probabilities.npz", allow_pickle=False) as arrays:
-            tables.append(arrays["testing"].argmax(axis=1))
-    if tables[0].shape != tables[1].shape:
+            predicted.append(arrays["testing"].argmax(axis=1))
+    if not predicted[0].shape == predicted[1].shape == labels.shape:
         sys.exit("int8_accuracy: the two runs tested different images; cannot compare")
-    return int((tables[0] != tables[1]).sum())
+    changed = predicted[0] != predicted[1]
+    right = [p == labels for p in predicted]
+    return Changes(
+        int((changed & ~right[0] & right[1]).sum()),
+        int((changed & right[0] & ~right[1]).sum()),
+        int((changed & ~right[0] & ~right[1]).sum()),
+    )
 
 
 def compare(name: str, image_dir: Path, work: Path, engines) -> Comparison:
@@ -188,7 +212,7 @@ def table(rows: list[Comparison], engines) -> list[tuple[str, ...]]:
         f"{first} acc",
         f"{second} acc",
         "difference (points)",
-        "test predictions changed",
+        "test predictions changed (fixed / broken / other)",
         "cosine median",
         "cosine min",
     )
@@ -200,7 +224,8 @@ def table(rows: list[Comparison], engines) -> list[tuple[str, ...]]:
             f"{row.reference.accuracy:.4f}",
             f"{row.compared.accuracy:.4f}",
             f"{row.points:+.2f}",
-            f"{row.predictions_changed}",
+            f"{row.changes.total} ({row.changes.fixed} / {row.changes.broken} / "
+            f"{row.changes.other})",
             f"{row.cosine_median:.4f}",
             f"{row.cosine_min:.4f}",
         )
