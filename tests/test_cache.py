@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
+from sklearn.datasets import load_digits
 
 from retrain import backbones
-from retrain.cache import BottleneckCache, journal
+from retrain.cache import BottleneckCache, journal, merge
+from retrain.cache.identity import CacheIdentity
 from retrain.data import decode, images, resizing
 from retrain.errors import RetrainError
 
@@ -324,3 +326,33 @@ def test_progress_bar_shows_rate_on_stderr(tmp_path, image_dir, backbone_builds,
     captured = capsys.readouterr()
     assert "bottlenecks" in captured.err and "img/s" in captured.err
     assert captured.out == ""
+
+
+def test_a_fold_of_many_journal_files_keeps_the_newest_record_of_each_key(tmp_path):
+    """Winners read file by file and written in blocks: every key once, its newest vector."""
+    digits = load_digits().data.astype(np.float32)  # [1797, 64], values 0..16
+    identity = CacheIdentity("efficientnet_lite0", "0" * 64, 64, "float16", "litert", "test")
+    path = tmp_path / "cache.h5"
+    pending = journal.Journal(path, identity)
+    newest, row = {}, 0
+    for number in range(45):  # 45 files of 7 rows: blocks cross CHUNK_ROWS (256)
+        records = journal.Records()
+        for i in range(7):
+            # Every third row of a later file rewrites a key of the file before.
+            key = f"{(number * 7 + i - 7 * (i % 3 == 0 and number > 0)):064x}"
+            state = decode.FileState(size=row, mtime_ns=row, sha256=f"{row:064x}")
+            records.add_row(key, f"class/é{row}.jpg", state, digits[row], "f" * 16)
+            newest[key] = (row, f"class/é{row}.jpg")
+            row += 1
+        pending.append(records)
+    assert merge.fold(path, identity).deferred is None
+    assert not pending.folder.exists()
+    with h5py.File(path, "r") as file:
+        keys = [k.decode() for k in file["images/key"][()]]
+        vectors = file["images/bottleneck"][()]
+        sizes = file["images/size"][()]
+        names = [n.decode() if isinstance(n, bytes) else n for n in file["images/relative_path"]]
+    assert sorted(keys) == sorted(newest)
+    for key, vector, size, name in zip(keys, vectors, sizes, names):
+        assert (size, name) == newest[key]
+        np.testing.assert_array_equal(vector, digits[size].astype(np.float16))
