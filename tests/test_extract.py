@@ -1,14 +1,12 @@
 """The extraction pipeline's engine thread (retrain/engines/extraction.py)."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
 
-from retrain.data import pixel_batches
 from retrain.engines import extraction
 
 
@@ -67,38 +65,6 @@ def test_stopping_early_stops_the_engine_thread(photo_paths):
     batches = extraction.bottleneck_batches(photo_paths, counting, 64, batch_size=2)
     next(batches)
     batches.close()
-    assert not engine_threads() and not decode_threads()
+    assert not engine_threads()
     # At most the queued batches and the one in the engine ran ahead.
     assert len(calls) <= 2 + extraction._QUEUED
-
-
-def decode_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("retrain-decode")]
-
-
-def test_numpy_batches_give_the_pixels_of_the_tf_data_pipeline(photo_paths):
-    """The extraction feed (no tf.data) and image_batches make the same pixels and outcomes."""
-    ours, theirs = {}, {}
-    fed = list(pixel_batches.numpy_batches(photo_paths, 64, 4, ours, hash_files=True))
-    reference = list(
-        pixel_batches.image_batches(photo_paths, 64, 4, outcomes=theirs, hash_files=True)
-    )
-    assert len(fed) == len(reference) == 4
-    for (index, pixels, ok), (want_index, want_pixels, want_ok) in zip(fed, reference):
-        assert index.dtype == np.int64 and pixels.dtype == np.float32
-        np.testing.assert_array_equal(index, want_index.numpy())
-        np.testing.assert_array_equal(ok, want_ok.numpy())
-        np.testing.assert_array_equal(pixels, want_pixels.numpy())
-    assert ours == theirs
-    assert ours[5].reason and len(ours[5].state.sha256) == 64  # broken.jpg, read whole
-
-
-def test_numpy_batches_read_a_bounded_way_ahead_and_stop_when_closed(photo_paths):
-    many = photo_paths * 10  # 130 images
-    outcomes = {}
-    batches = pixel_batches.numpy_batches(many, 64, 4, outcomes, workers=2)
-    next(batches)
-    time.sleep(1.0)  # time enough for a pool without a bound to read far ahead
-    assert len(outcomes) <= (pixel_batches._BATCHES_AHEAD + 1) * 4
-    batches.close()
-    assert not decode_threads()

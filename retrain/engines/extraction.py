@@ -7,9 +7,8 @@ writer), shows progress and warns about each image it skips.
 
 Three stages run at once, with a bounded number of batches between them:
 
-* ``pixel_batches.numpy_batches`` reads, hashes, decodes and resizes on a
-  thread pool (Pillow, hashlib and the resize release the GIL), numpy
-  throughout: no tf.data ``numpy_function`` hop or tensor copies;
+* ``pixel_batches.image_batches`` reads, hashes, decodes and resizes on tf.data's
+  thread pool (C++ threads; Pillow, hashlib and the resize release the GIL);
 * one engine thread takes each batch and runs the engine (``retrain.engines``;
   its forward pass releases the GIL too) and does only per-batch work;
 * the caller's thread receives ExtractedBatch objects and writes them (the
@@ -17,7 +16,7 @@ Three stages run at once, with a bounded number of batches between them:
 
 So the forward pass, the slowest stage, never waits on a file write or on
 per-image Python bookkeeping. In flight at most: ``_QUEUED`` finished batches,
-the batch in the engine and ``numpy_batches``' own read-ahead, whatever the
+the batch in the engine and ``image_batches``' own prefetch, whatever the
 number of images. A file that cannot be read or decoded becomes a failure
 with a reason; it never stops the other images.
 """
@@ -78,7 +77,9 @@ def bottleneck_batches(paths, engine, input_size, batch_size=32):
     Closing the generator early stops the engine thread after its batch.
     """
     outcomes = {}
-    batches = pixel_batches.numpy_batches(paths, input_size, batch_size, outcomes)
+    dataset = pixel_batches.image_batches(
+        paths, input_size, batch_size, outcomes=outcomes, hash_files=True
+    )
     finished = queue.Queue(maxsize=_QUEUED)
     stop = threading.Event()
 
@@ -94,14 +95,13 @@ def bottleneck_batches(paths, engine, input_size, batch_size=32):
 
     def run_engine():
         try:
-            for indices, pixels, decoded in batches:
-                if not hand_over(_forward(engine, indices, pixels, decoded, outcomes)):
+            for indices, pixels, decoded in dataset:
+                batch = _forward(engine, indices.numpy(), pixels, decoded.numpy(), outcomes)
+                if not hand_over(batch):
                     return
         except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
             hand_over(error)
             return
-        finally:
-            batches.close()
         hand_over(None)
 
     thread = threading.Thread(target=run_engine, name="retrain-engine", daemon=True)
@@ -121,7 +121,7 @@ def _forward(engine, indices, pixels, decoded, outcomes):
     if decoded.all():
         vectors = np.asarray(engine(pixels), dtype=np.float32)
     elif decoded.any():
-        vectors = np.asarray(engine(pixels[decoded]), dtype=np.float32)
+        vectors = np.asarray(engine(pixels.numpy()[decoded]), dtype=np.float32)
     else:
         vectors = np.zeros((0, 0), np.float32)
     results = [outcomes.pop(int(i)) for i in indices]
