@@ -10,7 +10,8 @@ measures:
 1. forward-only images/s of each engine of ``--engines`` (Keras graph, LiteRT
    float, LiteRT int8) on pre-decoded, pre-resized tensors: the limit of a
    cache fill; building them here does each LiteRT conversion before any
-   timing, as after any first run on a machine;
+   timing, as after any first run on a machine; measured again before each
+   repeat of (2), so its medians interleave with the fills';
 2. our cold run (``python -m retrain`` with an empty bottleneck cache, the
    ``--engine`` engine): extraction images/s once the engine is built, its
    share of the same engine's forward-only rate and of LiteRT float's, and
@@ -380,10 +381,12 @@ def bench(args, work):
         f"load average {os.getloadavg()[0]:.1f} at the start",
         file=sys.stderr,
     )
+    # The first forward part also does the machine's one-time conversions.
     forward, _ = run_part("forward", folder=folder, engines=args.engines, **common)
     for name, why in forward["skipped"].items():
         print(f"bench: no forward-only figure for the {name} engine: {why}", file=sys.stderr)
     runs = our_runs(args, work, folder, forward, common)
+    forward = median_forward([forward, *runs.forwards])
     retrain_py, _ = run_part(
         "retrain_py", folder=folder, retrain_py_images=args.retrain_py_images, **common
     )
@@ -406,20 +409,24 @@ def bench(args, work):
 class OurRuns:
     """Our runs of every repeat: ``colds`` {engine: [(part result, wall s)]}, in
     the order run; ``main`` the engine ``--engine`` resolved to (its cold runs
-    are the end-to-end ones); ``warms`` the warm reruns on its caches."""
+    are the end-to-end ones); ``warms`` the warm reruns on its caches; ``forwards``
+    the forward parts run between repeats."""
 
     colds: dict
     main: str
     warms: list
+    forwards: list
 
 
 def our_runs(args, work, folder, forward, common):
     """Per repeat: a cold and a warm run with ``--engine``, then a cold fill with
     each other LiteRT engine that ``forward`` could build (interleaved, so a
     slow minute of a shared machine touches every engine alike)."""
-    colds, warms, main = {}, [], None
+    colds, warms, forwards, main = {}, [], [], None
     fill_engines = [name for name in forward["engines"] if name != "keras"]
     for repeat in range(args.repeats):
+        if repeat:  # forward only again, between the fills, for interleaved medians
+            forwards.append(run_part("forward", folder=folder, engines=args.engines, **common)[0])
         cache, output = work / f"cache{repeat}", work / f"out{repeat}"
         options = dict(folder=folder, cache=cache, output=output, engine=args.engine, **common)
         cold = run_part("ours", **options)
@@ -431,7 +438,16 @@ def our_runs(args, work, folder, forward, common):
                 options.update(engine=name, cache=work / f"cache{repeat}-{name}")
                 options.update(output=work / f"out{repeat}-{name}")
                 colds.setdefault(name, []).append(run_part("ours", **options))
-    return OurRuns(colds, main, warms)
+    return OurRuns(colds, main, warms, forwards)
+
+
+def median_forward(parts):
+    """One forward part's result from several: each engine's median images/s, the largest peak."""
+    merged = dict(parts[0], engines={}, peak_mib=max(part["peak_mib"] for part in parts))
+    for name, figure in parts[0]["engines"].items():
+        rates = [part["engines"][name]["images_per_s"] for part in parts if name in part["engines"]]
+        merged["engines"][name] = dict(figure, images_per_s=statistics.median(rates))
+    return merged
 
 
 def fill_rate(colds):
