@@ -16,6 +16,7 @@ pipeline's time per image.
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import os
 import statistics
@@ -29,8 +30,9 @@ import numpy as np
 from retrain import backbones, engines
 from retrain.cache import journal as journal_lib
 from retrain.cache import merge
+from retrain.cache.bottleneck_cache import BottleneckCache
 from retrain.cache.identity import CacheIdentity
-from retrain.data import decode, images, resizing
+from retrain.data import decode, images, pixel_batches, resizing
 from retrain.engines import extraction
 from retrain.engines import litert as litert_lib
 from retrain.quiet_tensorflow import import_tensorflow
@@ -55,11 +57,60 @@ def per_image_ms(function, count, repeats=3):
     return 1000 * statistics.median(times) / count
 
 
+def cpu_and_wall_ms(function, count, repeats=3):
+    """Medians over ``repeats`` of (process CPU ms, wall ms) per image of ``function()``."""
+    cpu, wall = [], []
+    for _ in range(repeats):
+        started, clock = time.process_time(), time.perf_counter()
+        function()
+        cpu.append(time.process_time() - started)
+        wall.append(time.perf_counter() - clock)
+    return 1000 * statistics.median(cpu) / count, 1000 * statistics.median(wall) / count
+
+
+def feed_rows(paths, size):
+    """The pixel feed alone (``pixel_batches.image_batches`` as extraction runs
+    it: read, hash, decode, resize on every core), no engine; CPU and wall ms
+    per image, to set beside the one-thread stages above."""
+
+    def feed():
+        for _ in pixel_batches.image_batches(paths, size, 32, outcomes={}, hash_files=True):
+            pass
+
+    feed()  # builds tf.data's machinery once
+    cpu, wall = cpu_and_wall_ms(feed, len(paths))
+    return [
+        ("feed: tf.data image_batches, all cores, CPU time", cpu),
+        ("feed: tf.data image_batches, all cores, wall time", wall),
+    ]
+
+
+def fill_ms(args, engine_name):
+    """Wall ms per image of a cold ``BottleneckCache.update`` of ``--images``
+    photos: extraction, journal and fold (the engine's flatbuffer is
+    converted already, so building it is loading it)."""
+    found = images.discover(args.data)
+    step = max(1, len(found.entries) // args.images)
+    subset = dataclasses.replace(found, entries=found.entries[::step][: args.images])
+    with tempfile.TemporaryDirectory() as folder:
+        choice = engines.EngineChoice(engine_name, args.backbone)
+        cache = BottleneckCache(folder, args.backbone, engine=choice)
+        started = time.perf_counter()
+        report = cache.update(subset, progress=False)
+        return 1000 * (time.perf_counter() - started) / max(1, report.extracted)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--backbone", default=backbones.DEFAULT_BACKBONE)
+    parser.add_argument(
+        "--litert_batches",
+        type=lambda text: [int(b) for b in text.split(",")],
+        default=[1, 4, 8, 16, 32],
+        help="LiteRT batch sizes to convert and time, e.g. 4 (each takes a conversion)",
+    )
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"No photos: {args.data} is not a folder. Pass --data FOLDER.", file=sys.stderr)
@@ -125,13 +176,14 @@ def main(argv=None):
         lambda i: tf.numpy_function(lambda j: small, [i], tf.uint8)
     )
     rows.append(("tf.numpy_function hop, 1 thread", per_image_ms(lambda: list(hop), count)))
+    rows += feed_rows(paths, size)
     with tempfile.TemporaryDirectory() as folder:
         identity = CacheIdentity(
             spec.name, "0" * 64, spec.feature_dim, "float16", "litert", "profile"
         )
         path = Path(folder) / "profile.h5"
 
-        def journal_and_fold():
+        def journal_writes():
             journal = journal_lib.Journal(path, identity)
             for start in range(0, count, 32):
                 records = journal_lib.Records()
@@ -143,12 +195,17 @@ def main(argv=None):
                     records.sha256.append("0" * 64)
                     records.bottleneck.append(np.ones(spec.feature_dim, np.float32))
                 journal.append(records)
+
+        def fold():
             merge.fold(path, identity)
             path.unlink()
 
-        rows.append(
-            ("journal writes (batches of 32) + fold", per_image_ms(journal_and_fold, count))
-        )
+        writes, folds = [], []
+        for _ in range(3):
+            writes.append(per_image_ms(journal_writes, count, 1))
+            folds.append(per_image_ms(fold, count, 1))
+        rows.append(("journal writes (batches of 32)", statistics.median(writes)))
+        rows.append(("fold of that journal into the main file", statistics.median(folds)))
 
     pixels = np.stack([resizing.resize_to_input(a, size) for a in decoded[:64]])
     model = backbones.load(spec.name, include_top=False)
@@ -163,7 +220,7 @@ def main(argv=None):
         with contextlib.suppress(engines.EngineCheckFailed):
             litert = engines.build("litert", spec.name, model=model)
     if litert is not None:
-        for batch in (1, 4, 8, 16, 32):
+        for batch in args.litert_batches:
             data = litert_lib.convert_backbone(model, size, batch)
             with tempfile.NamedTemporaryFile(suffix=".tflite") as file:
                 file.write(data)
@@ -183,11 +240,19 @@ def main(argv=None):
                 pass
 
         rows.append((f"whole pipeline ({name}), batch 32", per_image_ms(pipeline, count, 1)))
+    if litert is not None:
+        rows.append(
+            ("cold fill (BottleneckCache.update, litert), batch 32", fill_ms(args, litert.name))
+        )
+    shares = ""
+    if ("litert", getattr(litert, "batch_size", None)) in forward:
+        forward_ms = forward[("litert", litert.batch_size)]
+        shares = f"; the cold fill at {forward_ms / rows[-1][1]:.2f} of forward-only litert"
 
     width = max(len(name) for name, _ in rows)
     for name, ms in rows:
         print(f"{name:<{width}}  {ms:7.2f} ms  ({1000 / ms:6.0f} images/s)")
-    print(f"decoded sides: median {int(np.median(sides))} px (largest side, after draft)")
+    print(f"decoded sides: median {int(np.median(sides))} px (largest side, after draft){shares}")
     return 0
 
 
