@@ -12,7 +12,7 @@ converter and interpreter).
 
 Importing TensorFlow imports Keras, and Keras 3.15 imports scikit-learn
 (keras.wrappers), pandas (its array slicing) and matplotlib.pyplot
-(keras.visualization) whenever they are installed: about 2 s of a 4-5 s
+(keras.visualization) whenever they are installed: 1.5-2.5 s of a 3.5-7 s
 import on a 2-core machine (docs/benchmarks.md, "Start-up"). retrain never
 uses those Keras integrations, so its commands import TensorFlow with
 ``keras_extras=False``: Keras sees the three as not installed, as it would
