@@ -49,12 +49,16 @@ COLOUR_PHOTOS = (
     "stereo_motorcycle",
 )
 GREY_PHOTOS = ("camera", "coins", "grass", "gravel", "brick", "moon", "clock")
-# What a conversion must show on the check photos (`check`): the median cosine
-# similarity of its vectors to Keras's, and the smallest. Measured with this
-# calibration set (Lite0): Caltech-101 photos median 0.991, smallest 0.968
-# (77 photos); flowers128's 128-px photos median 0.972, smallest 0.870 (84).
-MIN_MEDIAN_COSINE = 0.95
-MIN_COSINE = 0.75
+# What a conversion must show on the check photos (`check`: the run's first
+# photos and scikit-image's): the median cosine similarity of its vectors to
+# Keras's, and the smallest. A good conversion of Lite0 with this calibration
+# set, every photo of a set (benchmarks/int8_accuracy.py): Caltech-101 train
+# median 0.992, smallest 0.923; flowers128 (4,317 photos of 128 px) 0.970 and
+# 0.588; flowers 32x32 0.967 and 0.601. The floors sit below those, so a
+# good conversion is never refused for a set's odd photo, and far above what
+# a wrong one gives (another network with the same shapes: about 0).
+MIN_MEDIAN_COSINE = 0.9
+MIN_COSINE = 0.5
 
 
 class CalibrationChanged(Exception):
