@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrain.evaluation import calibration, unknown
+from retrain.evaluation import calibration, confidence_metrics, unknown
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +40,7 @@ class Confidence:
         """The detector's settings for metrics.json and the run record; None without one."""
         if self.detector is None:
             return None
-        return {
-            "method": _method(),
-            "k": self.detector.k,
-            "threshold": self.detector.threshold,
-            "acceptance": self.detector.acceptance,
-            "reference_images": len(self.detector.reference),
-        }
+        return confidence_metrics.detector_summary(self.detector)
 
 
 def calibrated(views: dict[str, np.ndarray], validation_labels: np.ndarray) -> Confidence:
@@ -89,9 +83,3 @@ def with_detector(confidence: Confidence, vectors_of, buckets, acceptance: float
         detector,
         scores,
     )
-
-
-def _method() -> str:
-    from retrain.export import unknown_file  # deferred: the export package imports TensorFlow
-
-    return unknown_file.METHOD

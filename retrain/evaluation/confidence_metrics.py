@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrain.evaluation import calibration
+from retrain.evaluation import calibration, unknown
 
-# The detector's method as metrics.json and the record name it: the same word
-# as the sidecar file's (retrain.export.unknown_file.METHOD, which imports TensorFlow).
-METHOD = "cosine_kth_nearest"
+# The score's name (evaluation.unknown.METHOD, also the sidecar file's and TFLite's).
+METHOD = unknown.METHOD
 
 
 def calibration_summary(

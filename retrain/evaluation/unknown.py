@@ -24,6 +24,8 @@ from retrain.data import sampling
 
 logger = logging.getLogger(__name__)
 
+# The score's name in the sidecar file, TFLite metadata, metrics.json and the record.
+METHOD = "cosine_kth_nearest"
 # Neighbours counted: the K-th nearest reference vector decides the score.
 K = 5
 # At most this many training vectors are kept as the reference (spread over

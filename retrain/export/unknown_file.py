@@ -36,7 +36,7 @@ from retrain.files import atomic_write, regular_file
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-METHOD = "cosine_kth_nearest"
+METHOD = unknown.METHOD
 SUFFIX = ".unknown.h5"
 # Bounds checked from metadata before the reference is read: at most this
 # many rows of at most this many floats (2 GiB of float16 at the extreme).
