@@ -280,7 +280,14 @@ def save_model(config: Config, spec, trained, backbone, confidence, buckets, fol
     model_path = export.save_classifier(classifier, folder.place(outputs["output_graph"]))
     if confidence.detector is not None:
         sidecar = unknown_file.unknown_path(outputs["output_graph"])
-        unknown_file.save(confidence.detector, folder.place(sidecar), model_path)
+        try:
+            unknown_file.save(confidence.detector, folder.place(sidecar), model_path)
+        except OSError as error:  # secondary: the model still labels, without "unknown"
+            logger.warning(
+                "Cannot write the unknown detector %s (%s): the model labels without 'unknown'.",
+                sidecar,
+                error.strerror or error,
+            )
     export.write_labels(buckets.class_names, folder.place(outputs["output_labels"]))
     return classifier
 

@@ -473,3 +473,25 @@ def test_sigkill_at_random_moments_leaves_one_complete_run(tmp_path):
     assert done.returncode == 0, done.stderr
     assert one_complete_run(out)[0] not in seen
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "cache", "out", "photos"]
+
+
+def test_an_unknown_detector_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch, caplog):
+    """The sidecar is secondary: a disk that refuses it leaves a run that labels, without
+    'unknown', and says so on one line."""
+    import errno
+    import logging
+
+    from retrain.export import unknown_file
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(unknown_file, "save", disk_full)
+    photos = write_photos(tmp_path / "photos", NAMES[:2])
+    out = tmp_path / "out"
+    argv = ["--image_dir", str(photos), "--bottleneck_dir", str(tmp_path / "cache")]
+    with caplog.at_level(logging.WARNING):
+        assert cli.main([*argv, "--output_dir", str(out), *FAST]) == 0
+    assert "Cannot write the unknown detector" in caplog.text
+    assert "No space left on device" in caplog.text
+    assert (out / "model.keras").is_file() and not (out / "model.unknown.h5").exists()
