@@ -1,4 +1,4 @@
-# retrain: make demo | make test | make cache IMAGE_DIR=... | make train IMAGE_DIR=... | make label IMAGE=... | make bench [BENCH_ARGS=...]
+# retrain: make demo | make test | make wheel-check | make cache IMAGE_DIR=... | make train IMAGE_DIR=... | make label IMAGE=... | make bench [BENCH_ARGS=...]
 #          make report-screenshot [OUTPUT_DIR=...]  (rebuilds OUTPUT_DIR/report.html, renders it to report.png; needs chromium)
 # Every target creates the virtual environment .venv first if it is missing.
 
@@ -6,14 +6,14 @@ PYTHON_SYSTEM ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-IMAGE_DIR ?= examples/digits
+DEMO_DIR ?= output/demo
+IMAGE_DIR ?= $(DEMO_DIR)/digits
 BOTTLENECK_DIR ?= cache
 OUTPUT_DIR ?= output
 ARCHITECTURE ?= efficientnet_lite0
-IMAGE ?= examples/digits/3/digit_0003.png
-DEMO_OUTPUT := output/digits
+IMAGE ?= $(DEMO_DIR)/digits/3/digit_0003.png
 
-.PHONY: venv demo test cache train label report-screenshot bench-exports bench bench-int8 bench-paths bench-unknown bench-memory bench-startup hostile-check clean
+.PHONY: venv demo wheel-check test cache train label report-screenshot bench-exports bench bench-int8 bench-paths bench-unknown bench-memory bench-startup hostile-check clean
 
 venv: $(VENV)/.installed
 
@@ -23,14 +23,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[test,beam]'
 	touch $@
 
-examples/digits/.written: examples/make_digits.py | venv
-	$(PYTHON) examples/make_digits.py examples/digits
-	touch $@
+# The installed package's own demo (retrain/demo.py, also the `retrain-demo` command):
+# writes the digits to DEMO_DIR/digits, trains into DEMO_DIR/output, labels one digit.
+demo: venv
+	$(PYTHON) -m retrain.demo --output_dir $(DEMO_DIR)
 
-demo: venv examples/digits/.written
-	$(PYTHON) -m retrain --config examples/digits.yaml
-	$(PYTHON) -m retrain.label_image --graph $(DEMO_OUTPUT)/model.keras \
-	    --labels $(DEMO_OUTPUT)/labels.txt --image examples/digits/3/digit_0003.png
+# A wheel built from a clean clone of HEAD, installed with its dependencies into a new
+# virtual environment, runs the demo outside the repository (benchmarks/wheel_demo.sh;
+# minutes: it installs TensorFlow; WHEEL_DIR=... keeps the work folder).
+wheel-check:
+	PYTHON=$(PYTHON_SYSTEM) bash benchmarks/wheel_demo.sh $(WHEEL_DIR)
 
 LINTED := retrain tests benchmarks examples
 

@@ -2,36 +2,20 @@
 
     python examples/make_digits.py examples/digits
 
-The 1,797 digits are 8x8 grey images with values 0..16; each becomes an 8x8
-PNG, dark ink on white paper, in `OUT_DIR/<digit>/digit_<index>.png`. The
-backbone resizes them smoothly (antialiased bilinear) to its input size.
+The writer is the installed demo's, `retrain.demo.write_digits` (`retrain-demo`
+writes, trains and labels in one command): the 1,797 digits are 8x8 grey
+images; each becomes an 8x8 PNG, dark ink on white paper, in
+`OUT_DIR/<digit>/digit_<index>.png`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from sklearn.datasets import load_digits
+from retrain.demo import write_digits
 
-
-def write_digits(out_dir: str | Path, classes=range(10), per_class: int | None = None) -> int:
-    """Write the digits of `classes` (at most `per_class` each) as PNGs; return how many."""
-    digits = load_digits()
-    pixels = (255 - digits.images * (255 / 16)).round().astype(np.uint8)  # uint8 [n, 8, 8]
-    out_dir = Path(out_dir)
-    written = 0
-    for digit in classes:
-        folder = out_dir / str(digit)
-        folder.mkdir(parents=True, exist_ok=True)
-        indices = np.flatnonzero(digits.target == digit)[:per_class]
-        for index in indices:
-            Image.fromarray(pixels[index]).save(folder / f"digit_{index:04d}.png")
-        written += len(indices)
-    return written
+__all__ = ["write_digits"]
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
 """The command-line edge every retrain command shares: its argument parser and its exit.
 
-`OneLineErrorParser` makes a usage error one stderr line; `exit_without_teardown`
+`OneLineErrorParser` makes a usage error one stderr line; `add_version` adds the
+`--version` flag every command takes; `exit_without_teardown`
 ends a command's process without Python's slow teardown of TensorFlow.
 Shared by `retrain.cli` (training), `retrain.label_image` and `retrain.beam`,
 so the inference command need not import the training command line.
@@ -11,6 +12,15 @@ import atexit
 import logging
 import os
 import sys
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """`--version`: prints "retrain X.Y.Z" on stdout and exits 0, before TensorFlow is imported."""
+    from retrain import __version__
+
+    parser.add_argument(
+        "--version", action="version", version=f"retrain {__version__}", help="print the version"
+    )
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from retrain import messages
+from retrain.arguments import add_version
 from retrain.errors import RetrainError
 from retrain.files.text_escapes import one_line
 from retrain.report.page import build
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m retrain.report",
         description="Rebuild report.html and its figures from the output folder of a retrain run.",
     )
+    add_version(parser)
     parser.add_argument("output_dir", help="the --output_dir of a finished run")
     parser.add_argument(
         "--screenshot",
