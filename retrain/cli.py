@@ -17,7 +17,7 @@ from dataclasses import fields
 
 from retrain import backbones, messages, presets
 from retrain import config as config_lib
-from retrain.arguments import OneLineErrorParser, exit_without_teardown
+from retrain.arguments import OneLineErrorParser, add_version, exit_without_teardown
 from retrain.errors import RetrainError
 from retrain.quiet_tensorflow import import_tensorflow
 
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from a folder of labelled photos.",
         argument_default=None,
     )
+    add_version(parser)
     parser.add_argument(
         "--config", metavar="FILE.yaml", help="YAML file of settings (flags given here override it)"
     )

@@ -42,7 +42,7 @@ import sys
 from dataclasses import dataclass
 
 from retrain import messages
-from retrain.arguments import OneLineErrorParser, exit_without_teardown
+from retrain.arguments import OneLineErrorParser, add_version, exit_without_teardown
 from retrain.errors import RetrainError
 
 logger = logging.getLogger("retrain.label_image")
@@ -56,6 +56,7 @@ def parse_args(argv):
         prog="python -m retrain.label_image",
         description="Print the top classes of images, using a model exported by retrain.",
     )
+    add_version(parser)
     parser.add_argument(
         "--graph",
         required=True,
