@@ -135,6 +135,55 @@ def test_draft_decoding_keeps_jpeg_sides_at_least_twice_the_target(tmp_path, pho
     assert decode.decode_rgb(png, target_size=224).shape == (1500, 2000, 3)
 
 
+def pillow_pixels(content, target_size):
+    """What Pillow alone decodes (the draft as decode_rgb applies it), uint8 [h, w, 3]."""
+    with Image.open(io.BytesIO(content)) as image:
+        margin = decode.PIXEL_SETTINGS["jpeg_draft_margin"]
+        image.draft(None, (margin * target_size,) * 2)
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0
+def test_simplejpeg_gives_pillows_pixels_at_every_draft_scale(progressive, subsampling):
+    rng = np.random.default_rng(subsampling)
+    for width, height in [(503, 377), (1999, 1001), (2401, 1799)]:
+        buffer = io.BytesIO()
+        big = Image.fromarray(data.astronaut()).resize((width, height))
+        big.save(
+            buffer,
+            "JPEG",
+            quality=int(rng.integers(60, 98)),
+            subsampling=subsampling,
+            progressive=progressive,
+        )
+        content = buffer.getvalue()
+        for target in (32, 224, 1000):
+            expected = pillow_pixels(content, target)
+            decoded = decode.decode_rgb("photo.jpg", target, content=content)
+            assert decoded.shape == expected.shape, (width, height, target)
+            np.testing.assert_array_equal(decoded, expected)
+
+
+def test_a_jpeg_simplejpeg_refuses_is_decoded_or_refused_by_pillow(tmp_path, photo, monkeypatch):
+    # Extraneous bytes between markers: libjpeg warns, simplejpeg (strict) refuses, Pillow decodes.
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, "JPEG", quality=90)
+    content = buffer.getvalue()
+    start_of_scan = content.index(b"\xff\xda")
+    odd = content[:start_of_scan] + b"\x00\x00" + content[start_of_scan:]
+    with pytest.raises(ValueError):
+        decode.simplejpeg.decode_jpeg(odd)
+    np.testing.assert_array_equal(
+        decode.decode_rgb("odd.jpg", content=odd), pillow_pixels(odd, 1 << 20)
+    )
+    # Pillow's decode gets its own, larger budget check on the way.
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg", lambda *args, **kwargs: 1 / 0)
+    turbo = decode.decode_memory.peak_bytes(Image.open(io.BytesIO(content)), len(content))
+    with pytest.raises(decode.ImageDecodeError, match="memory budget"):
+        decode.decode_rgb("x.jpg", content=content, memory_budget=turbo)
+
+
 @pytest.mark.parametrize(
     "name, content, reason",
     [
@@ -299,7 +348,7 @@ def test_a_png_over_the_memory_budget_is_refused_before_decoding(tmp_path):
     # 12000 x 12000 = 144 megapixels: under Pillow's bomb limit, over the budget.
     path = blank_png(tmp_path / "huge.png", 12000, 12000)
     with pytest.raises(
-        decode.ImageDecodeError, match="12000x12000 PNG needs about 1240 MB, the budget is 512 MB"
+        decode.ImageDecodeError, match="12000x12000 PNG needs about 974 MB, the budget is 512 MB"
     ) as raised:
         decode.decode_rgb(path, 224)
     assert raised.value.lasting

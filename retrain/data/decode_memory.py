@@ -35,14 +35,11 @@ HEADER_BYTES = 64 * 1024
 # too). Decoding holds the file's bytes, the image in its mode, a transposed
 # copy while the EXIF orientation is applied, then the uint8 RGB result (3)
 # built a strip of rows at a time (``STRIP_PIXELS``), so conversions never
-# hold a whole-image temporary. The resize then holds the RGB pixels, one
-# band and its float32 copy (3 + 1 + 4, 5.5 measured beyond the pixels).
+# hold a whole-image temporary. A plain colour JPEG is decoded by simplejpeg
+# straight into the RGB result (``turbo_decodes``). The resize then holds
+# the RGB pixels and Pillow's 4-byte copy of them (3 + 4).
 _STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
-_RESIZE_BYTES = 9
-# 32-bit "I" images (no supported format gives one in Pillow 13; a plugin
-# change could): their whole-image int32 buffer left holes the resize could
-# not reuse, 11.3 bytes a pixel measured at the peak.
-_EXTRA_BYTES = {"I": 4}
+_RESIZE_BYTES = 7
 # Decoder state (libjpeg's and zlib's buffers) and small objects: measured
 # 1 to 2 MB beyond the pixels on drafted JPEGs.
 _FIXED_BYTES = 2 * 2**20
@@ -78,7 +75,21 @@ def conversion_kind(image):
     return "other"
 
 
-def peak_bytes(image, file_bytes, full_size=None, target_size=None):
+# EXIF tag of the orientation (``ImageOps.exif_transpose`` applies it).
+ORIENTATION_TAG = 0x0112
+
+
+def turbo_decodes(image):
+    """Whether ``decode`` gives simplejpeg an opened image: a JPEG in colour
+    (YCbCr or RGB, not CMYK or gray) without an EXIF orientation to apply."""
+    return (
+        image.format == "JPEG"
+        and image.mode == "RGB"
+        and image.getexif().get(ORIENTATION_TAG, 1) == 1
+    )
+
+
+def peak_bytes(image, file_bytes, full_size=None, target_size=None, turbo=True):
     """Most bytes ``decode.decode_rgb`` and then ``resizing.resize_to_input`` need for an image.
 
     Args:
@@ -87,6 +98,8 @@ def peak_bytes(image, file_bytes, full_size=None, target_size=None):
       file_bytes: int, the size of the file (held in memory while decoding).
       full_size: (width, height) before the draft, for progressive JPEGs.
       target_size: the side resized to, or None.
+      turbo: whether simplejpeg decodes the image if it can (``turbo_decodes``);
+        False for Pillow's decode.
 
     Returns an int, an upper bound of the peak resident memory measured for
     each mode (see ``_STORED_BYTES``); see ``MEMORY_BUDGET``.
@@ -94,17 +107,22 @@ def peak_bytes(image, file_bytes, full_size=None, target_size=None):
     width, height = image.size
     count = width * height
     stored = _STORED_BYTES.get(image.mode, 4)
-    # The image, then either its transposed copy or the RGB result beside it.
-    decoding = count * (max(2 * stored, stored + 3) + _EXTRA_BYTES.get(image.mode, 0))
-    # A strip's temporaries: see decode._rgb_pixels (a strip is one row at least).
-    decoding += _STRIP_BYTES[conversion_kind(image)] * min(count, max(STRIP_PIXELS, width))
+    if turbo and turbo_decodes(image):
+        decoding = 3 * count  # the RGB result, written by libjpeg-turbo
+    else:
+        # The image, then either its transposed copy or the RGB result beside it.
+        decoding = count * max(2 * stored, stored + 3)
+        # A strip's temporaries: see decode._rgb_pixels (a strip is one row at least).
+        decoding += _STRIP_BYTES[conversion_kind(image)] * min(count, max(STRIP_PIXELS, width))
     if image.format == "WEBP":
         decoding += count * _WEBP_BYTES + file_bytes
     if image.format == "JPEG" and image.info.get("progressive"):
         decoding += _jpeg_coefficient_bytes(image, full_size or image.size)
-    # The resized float32 pixels, and one band's resized image and its copy.
-    resizing = count * _RESIZE_BYTES + (target_size or 0) ** 2 * (12 + 4 + 4)
-    return _FIXED_BYTES + file_bytes + max(decoding, resizing)
+    # Pillow's horizontal pass (4 bytes a pixel), its result and the float32 copy.
+    resizing = count * _RESIZE_BYTES + height * (target_size or 0) * 4
+    resizing += (target_size or 0) ** 2 * (4 + 12)
+    # The file's bytes are let go once decoded (``decode.load`` returns the pixels).
+    return _FIXED_BYTES + max(file_bytes + decoding, resizing)
 
 
 def _jpeg_coefficient_bytes(image, full_size):

@@ -1,8 +1,8 @@
-"""Resizing pixels to the backbone's square input, exactly as the exported model does.
+"""Resizing pixels to the backbone's square input, as the exported model does.
 
 ``resize_to_input`` is the one resize: a tf.Tensor goes through TensorFlow's
 antialiased bilinear resize (the exported model's Resizing layer), a numpy
-array through Pillow's equivalent float resampling (within ``RESIZE_TOLERANCE``).
+array through Pillow's equivalent resampling (within ``RESIZE_TOLERANCE``).
 """
 
 import numpy as np
@@ -13,9 +13,10 @@ from retrain.quiet_tensorflow import import_tensorflow
 
 # Largest |Pillow - TensorFlow| of a resized pixel value (of 255) allowed
 # between the two implementations of the same resampling (see
-# ``resize_to_input``); measured on photos, digits, panoramas and a 1-pixel
-# image: at most 3e-3, float32 rounding.
-RESIZE_TOLERANCE = 0.01
+# ``resize_to_input``): Pillow resamples uint8 pixels in fixed point and
+# rounds to whole levels (measured at most 0.998 on photos, digits,
+# panoramas and a 1-pixel image; float pixels: 3e-3, float32 rounding).
+RESIZE_TOLERANCE = 1.0
 
 
 def resize_to_input(image, size):
@@ -27,12 +28,15 @@ def resize_to_input(image, size):
     widened by the shrink factor. The aspect ratio is squashed, not cropped.
 
     A tf.Tensor (inside tf.function or tf.data) goes through that op. A numpy
-    array goes through Pillow's float resampling of each channel (BILINEAR,
-    which widens the same triangle filter when shrinking): the same pixels
-    within ``RESIZE_TOLERANCE`` (float32 rounding), in less CPU time (2.0
-    against 2.8 ms for a 500x375 photo, ``benchmarks/profile_extraction.py``)
-    and without holding the GIL: a cache fill spent more time in
-    TensorFlow's resize than in decoding the JPEG.
+    array goes through Pillow's BILINEAR resampling, which widens the same
+    triangle filter when shrinking: uint8 pixels in one call over the three
+    bands, in fixed point, rounded to whole levels (within
+    ``RESIZE_TOLERANCE`` of TensorFlow's); float pixels band by band in
+    float32. Every path that feeds a model (extraction, training,
+    ``label_image``) passes uint8 pixels, so they all see the same values.
+    The uint8 resize takes 0.7 ms of CPU for a 500x375 photo against 1.9 ms
+    for the float one (``benchmarks/profile_extraction.py``), without holding
+    the GIL: a cache fill spent more time resizing than decoding the JPEG.
 
     Args:
       image: uint8 or float [height, width, 3] (or [batch, height, width, 3])
@@ -62,20 +66,21 @@ def _resize_with_pillow(pixels, size):
     """float32 [size, size, 3] of one [h, w, 3] image (see ``resize_to_input``)."""
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise RetrainError(f"Pixels must be [height, width, 3]. Received: shape={pixels.shape}")
-    # One band at a time, through one reused uint8 buffer that Pillow maps
-    # rather than copies: float32 copies of all three bands (12 bytes a pixel)
-    # would be the largest buffer of a whole decode; a new buffer per band
-    # left the allocator's holes too small for the next band (9 bytes a pixel
-    # measured, 5.5 now).
     height, width = pixels.shape[:2]
+    if pixels.dtype == np.uint8:
+        # One call over the three bands, in Pillow's fixed-point arithmetic.
+        image = Image.frombuffer(
+            "RGB", (width, height), np.ascontiguousarray(pixels), "raw", "RGB", 0, 1
+        )
+        return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), np.float32)
+    # Float pixels: one band at a time in Pillow's float mode, through one
+    # reused buffer (float32 copies of all three bands would be the largest
+    # buffer of the resize).
     resized = np.empty((size, size, 3), np.float32)
-    band = np.empty((height, width), np.uint8 if pixels.dtype == np.uint8 else np.float32)
+    band = np.empty((height, width), np.float32)
     for channel in range(3):
         band[...] = pixels[..., channel]
-        if band.dtype == np.uint8:  # L, then F: the values Pillow's split gave
-            image = Image.frombuffer("L", (width, height), band, "raw", "L", 0, 1).convert("F")
-        else:
-            image = Image.fromarray(band)
+        image = Image.fromarray(band)
         resized[..., channel] = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
         del image  # before the next band is written into the buffer it may map
     return resized

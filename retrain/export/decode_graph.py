@@ -8,7 +8,8 @@ the pixels training saw:
   the accurate integer IDCT Pillow uses (libjpeg's default; TensorFlow's
   default is the fast one, several levels off): the decoded pixels are
   bit-identical. The resize is TensorFlow's op, which extraction's Pillow
-  resampling matches within `resizing.RESIZE_TOLERANCE` (float rounding).
+  resampling matches within `resizing.RESIZE_TOLERANCE` (one level: Pillow
+  rounds its uint8 result).
   The EXIF orientation (APP1 segment, IFD0 tag 0x0112) is applied as
   `PIL.ImageOps.exif_transpose` does.
 - PNG, BMP, GIF (first frame), WebP: gray becomes RGB, alpha is composited
