@@ -45,6 +45,8 @@ HELP = {
     "image bytes (JPEG, PNG) to this folder",
     "tflite": f"also export TFLite models OUTPUT_DIR/model_<KIND>.tflite, KIND in "
     f"{', '.join(config_lib.TFLITE_KINDS)}",
+    "onnx": "also export OUTPUT_DIR/model.onnx (float32, labels in its metadata), checked with "
+    f"ONNX Runtime against the Keras model; needs {config_lib.ONNX_INSTALL}",
     "summaries_dir": "TensorBoard log folder (default OUTPUT_DIR/summaries)",
     "how_many_training_steps": "most optimizer steps for the new layer (early stopping may end sooner)",
     "learning_rate": "learning rate of the new layer",

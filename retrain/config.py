@@ -11,6 +11,7 @@ produced it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import numbers
 import os
@@ -31,6 +32,10 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 ENGINE_NAMES = ("auto", "keras", "litert", "litert-int8")
 # --preset: the groups of defaults retrain.presets defines.
 PRESET_NAMES = ("fast", "best")
+# --onnx converts with tf2onnx and checks and runs the file with ONNX Runtime: the
+# modules of the optional extra [onnx], and how to install them.
+ONNX_MODULES = ("onnx", "onnxruntime", "tf2onnx")
+ONNX_INSTALL = "pip install 'retrain[onnx]'"
 
 
 @dataclass
@@ -55,6 +60,8 @@ class Config:
     output_labels: Optional[str] = None
     saved_model_dir: Optional[str] = None
     tflite: list[str] = field(default_factory=list)
+    # Also write OUTPUT_DIR/model.onnx (needs the [onnx] extra).
+    onnx: bool = False
     summaries_dir: Optional[str] = None
     how_many_training_steps: int = 4000
     learning_rate: float = 0.003
@@ -115,6 +122,10 @@ class Config:
     def tflite_paths(self) -> dict[str, Path]:
         """kind -> OUTPUT_DIR/model_<kind>.tflite for every --tflite kind, in the order given."""
         return {kind: Path(self.output_dir) / f"model_{kind}.tflite" for kind in self.tflite}
+
+    def onnx_path(self) -> Path:
+        """OUTPUT_DIR/model.onnx, where --onnx writes."""
+        return Path(self.output_dir) / "model.onnx"
 
 
 # none: every image counts the same in the loss; balanced: each class counts
@@ -314,6 +325,8 @@ def validate(config: Config) -> None:
             config.saved_model_dir, [config.output_dir, *config.resolved_outputs().values()]
         )
     check_shard(config.num_shards, config.shard_index)
+    if config.onnx:
+        check_onnx_installed("--onnx")
     if config.num_shards > 1 and not config.cache_only:
         raise RetrainError(
             "--num_shards fills one part of the cache and needs --cache_only; train with a "
@@ -322,6 +335,24 @@ def validate(config: Config) -> None:
     if not config.image_dir:
         raise RetrainError(
             "--image_dir is required: a folder with one sub-folder of images per class."
+        )
+
+
+def missing_onnx_modules() -> list[str]:
+    """The modules of ONNX_MODULES that are not installed (found without importing them)."""
+    return [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
+
+
+def check_onnx_installed(needed_by: str) -> None:
+    """RetrainError saying how to install the [onnx] extra when a module of it is missing.
+
+    Called when the settings are checked, so a run with --onnx stops before any work.
+    """
+    missing = missing_onnx_modules()
+    if missing:
+        raise RetrainError(
+            f"{needed_by} needs the optional ONNX packages ({', '.join(missing)} not installed): "
+            f"install them with {ONNX_INSTALL}"
         )
 
 

@@ -162,7 +162,7 @@ def _train_and_export(
     print(f"Saved model {result.model_path} and labels {result.labels_path}.")
     if page is not None:
         console.print_report_outcome(page.result(), folder.final)
-    if config.saved_model_dir or config.tflite:
+    if config.saved_model_dir or config.tflite or config.onnx:
         from retrain.export import deployment
 
         result.deployment_paths = deployment.export_for_deployment(

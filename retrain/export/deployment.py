@@ -1,9 +1,9 @@
-"""The deployment exports of a run: SavedModel and TFLite, all from one fixed-size classifier.
+"""The deployment exports of a run: SavedModel, TFLite and ONNX, all from one fixed-size classifier.
 
 With an unknown detector that model also computes the unknown score
 (`retrain.export.unknown_graph.deployable`). The int8 TFLite export
 calibrates on a fixed sample of training images, `calibration_entries`,
-spread over the classes.
+spread over the classes; the ONNX export is checked on a few of them.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ def export_for_deployment(
     folder: output_folder.OutputFolder,
     detector=None,
 ) -> dict:
-    """The SavedModel and TFLite exports the Config asks for (--saved_model_dir, --tflite).
+    """The SavedModel, TFLite and ONNX exports the Config asks for (--saved_model_dir,
+    --tflite, --onnx).
 
     classifier: the Keras classifier, uint8/float32 RGB [b, h, w, 3] ->
     float32 [b, num_classes]. detector: the UnknownDetector fitted in its
     bottleneck space, or None (the exports then carry no unknown score).
     They are written where `folder` places them (the staging folder, for
-    paths inside output_dir). Returns {"saved_model" or TFLite kind: final Path}.
+    paths inside output_dir). Returns {"saved_model", a TFLite kind or "onnx": final Path}.
     """
-    from retrain import export  # deferred: these import TensorFlow
-    from retrain.export import saved_model, tflite, unknown_graph
+    from retrain.export import saved_model, unknown_graph  # deferred: these import TensorFlow
 
     fixed = unknown_graph.deployable(classifier, detector)
     detector = detector if unknown_graph.is_scored(fixed) else None
@@ -45,13 +45,38 @@ def export_for_deployment(
         )
         written["saved_model"] = Path(config.saved_model_dir)
         print(f"Saved SavedModel {config.saved_model_dir} (serving_default takes encoded images).")
+    if config.tflite:
+        written.update(
+            _export_tflite(fixed, image_list, training_entries, config, folder, detector)
+        )
+    if config.onnx:
+        from retrain.export import onnx_export
+
+        path = config.onnx_path()
+        pixels = _sample_pixels(
+            image_list, training_entries, onnx_export.CHECK_IMAGES, fixed.inputs[0].shape[1]
+        )
+        staged, difference = onnx_export.save_onnx(
+            fixed, image_list.class_names, folder.place(path), pixels, detector, shown_as=path
+        )
+        written["onnx"] = path
+        print(
+            f"Saved ONNX model {path} ({staged.stat().st_size / 1e6:.1f} MB; outputs within "
+            f"{difference:.1e} of the Keras model's on {len(pixels)} of the run's images)."
+        )
+    return written
+
+
+def _export_tflite(fixed, image_list, training_entries, config, folder, detector) -> dict:
+    """The --tflite kinds, int8 calibrated on CALIBRATION_IMAGES training images: {kind: Path}."""
+    from retrain.export import tflite
+
     calibration = None
     if "int8" in config.tflite:
-        sample = calibration_entries(training_entries, tflite.CALIBRATION_IMAGES)
-        calibration = tflite.calibration_pixels(
-            [image_list.image_dir / entry.relative_path for entry in sample],
-            export.input_size(classifier),
+        calibration = _sample_pixels(
+            image_list, training_entries, tflite.CALIBRATION_IMAGES, fixed.inputs[0].shape[1]
         )
+    written = {}
     for kind, path in config.tflite_paths().items():
         staged = tflite.save_tflite(
             fixed, kind, image_list.class_names, folder.place(path), calibration, detector
@@ -59,6 +84,17 @@ def export_for_deployment(
         written[kind] = path
         print(f"Saved TFLite {kind} model {path} ({staged.stat().st_size / 1e6:.1f} MB).")
     return written
+
+
+def _sample_pixels(image_list, training_entries, count: int, size: int):
+    """float32 [n, size, size, 3]: up to `count` training images spread over the classes,
+    decoded and resized as extraction does (`tflite.calibration_pixels`)."""
+    from retrain.export import tflite
+
+    sample = calibration_entries(training_entries, count)
+    return tflite.calibration_pixels(
+        [image_list.image_dir / entry.relative_path for entry in sample], int(size)
+    )
 
 
 def calibration_entries(training_entries, count: int) -> list:

@@ -1,7 +1,8 @@
 """Any exported classifier behind one interface: resized pixels in, probabilities out.
 
 `load_pixel_classifier(graph, unknown=True)` opens a `.keras` file, a SavedModel
-folder or a `.tflite` file and returns an object with
+folder, a `.tflite` file or a `.onnx` file (run by ONNX Runtime, the [onnx]
+extra) and returns an object with
 
     input_size    int, the square side the pixels must have
     num_classes   int
@@ -23,7 +24,9 @@ Only the `.keras` path is safe for a file from anyone: `keras_file.load_classifi
 checks the archive and loads it with Keras's safe mode, running no code from
 it (a legacy `.h5` model is refused). A SavedModel folder and a `.tflite` file
 are programs by their formats' own rules (graph ops that read and write files,
-custom ops): load them only from a trusted source.
+custom ops): load them only from a trusted source. A `.onnx` file is read once,
+bounded, and refused with custom operators or external data files
+(`onnx_export.read_model`) before ONNX Runtime runs it.
 """
 
 from __future__ import annotations
@@ -86,11 +89,16 @@ def _sidecar_detector(model, path):
 
 
 def model_format(graph) -> str:
-    """ "saved_model" for a folder, "tflite" for a TFLite flatbuffer, otherwise "keras"."""
+    """ "saved_model" for a folder, "onnx" for a name ending in .onnx, "tflite" for a TFLite
+    flatbuffer, otherwise "keras"."""
     from retrain.export import tflite
 
     if os.path.isdir(graph):
         return "saved_model"
+    # ONNX files are protobuf, which has no magic bytes: the name says it, and the
+    # ONNX loader checks the content (and refuses a FIFO without blocking on it).
+    if str(graph).lower().endswith(".onnx"):
+        return "onnx"
     # is_tflite opens the file: only a regular one (opening a FIFO blocks). Anything
     # else goes to the .keras loader, which refuses it without opening it.
     return "tflite" if os.path.isfile(graph) and tflite.is_tflite(graph) else "keras"
@@ -103,14 +111,16 @@ def load_pixel_classifier(graph, unknown=True):
     read, unknown_threshold is None and no warning is given)."""
     if not os.path.exists(graph):
         raise RetrainError(
-            f"Model not found: {graph}. Pass the model.keras, model_<kind>.tflite or "
-            f"SavedModel folder written by a retrain run. Received: graph={graph}"
+            f"Model not found: {graph}. Pass the model.keras, model_<kind>.tflite, model.onnx "
+            f"or SavedModel folder written by a retrain run. Received: graph={graph}"
         )
     kind = model_format(graph)
     if kind == "saved_model":
         from retrain.export.saved_model import PixelClassifier
     elif kind == "tflite":
         from retrain.export.tflite import PixelClassifier
+    elif kind == "onnx":
+        from retrain.export.onnx_export import PixelClassifier
     else:
         PixelClassifier = KerasPixelClassifier
     return PixelClassifier(graph, unknown)
