@@ -20,7 +20,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PYTHON) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[test,beam]'
+	$(PYTHON) -m pip install --quiet -e '.[test,beam,onnx]'
 	touch $@
 
 # The installed package's own demo (retrain/demo.py, also the `retrain-demo` command):
