@@ -11,7 +11,8 @@
 # python3) makes the environments. Each step's wall time is printed; the first
 # failing step stops the script with its status. Not a test: it downloads and
 # installs TensorFlow and the rest (about 2 GB, minutes; pip's cache helps).
-# Only committed work is checked: the clone is of HEAD.
+# Only committed work is checked: the clone is of HEAD. The build's output goes to
+# WORK_DIR/build.log.
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -43,7 +44,7 @@ step "clone HEAD" git clone --quiet "$repo" "$work/clone"
 step "build environment (build from the index)" \
     bash -c "'$python' -m venv '$work/build-env' && '$work/build-env/bin/pip' install --quiet build"
 step "python -m build (sdist, then the wheel)" \
-    "$work/build-env/bin/python" -m build --outdir "$work/dist" "$work/clone"
+    bash -c "'$work/build-env/bin/python' -m build --outdir '$work/dist' '$work/clone' >'$work/build.log'"
 wheel="$(ls "$work"/dist/retrain-*.whl)"
 step "new environment + pip install the wheel" \
     bash -c "'$python' -m venv '$work/env' && '$work/env/bin/pip' install --quiet '$wheel'"

@@ -1,7 +1,8 @@
 """The command-line edge every retrain command shares: its argument parser and its exit.
 
 `OneLineErrorParser` makes a usage error one stderr line; `add_version` adds the
-`--version` flag every command takes; `exit_without_teardown`
+`--version` flag every command takes; `at_least` parses a bounded integer;
+`exit_without_teardown`
 ends a command's process without Python's slow teardown of TensorFlow.
 Shared by `retrain.cli` (training), `retrain.label_image` and `retrain.beam`,
 so the inference command need not import the training command line.
@@ -21,6 +22,22 @@ def add_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--version", action="version", version=f"retrain {__version__}", help="print the version"
     )
+
+
+def at_least(minimum: int, what: str):
+    """An argparse `type`: the text as an int of at least `minimum`, else a usage error
+    saying the value must be `what` (e.g. "a positive integer")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}. Received: {text!r}")
+        return value
+
+    return parse
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 from pathlib import Path
 
-from retrain.arguments import OneLineErrorParser, add_version, exit_without_teardown
+from retrain.arguments import OneLineErrorParser, add_version, at_least, exit_without_teardown
 
 logger = logging.getLogger(__name__)
 
@@ -79,23 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--per_class",
-        type=_at_least_ten,
+        # Fewer than ten a class leaves the 10% test and validation buckets empty.
+        type=at_least(10, "an integer of at least 10"),
         default=None,
         metavar="N",
         help="at most N images per digit, for a quicker look (default: all 1,797 images)",
     )
     return parser.parse_args(argv)
-
-
-def _at_least_ten(text: str) -> int:
-    # Fewer than ten a class leaves the 10% test and validation buckets empty.
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 10:
-        raise argparse.ArgumentTypeError(f"must be an integer of at least 10. Received: {text!r}")
-    return value
 
 
 def demo_argv(output_dir: str | Path) -> list[str]:
@@ -132,12 +123,10 @@ def main(argv=None) -> int:
     if status != 0:
         return status
     output = base / "output"
-    model_flags = [f"--graph={output / 'model.keras'}", f"--labels={output / 'labels.txt'}"]
-    status = label_image.main([*model_flags, f"--image={images / DEMO_IMAGE}"])
+    model = ["--graph", str(output / "model.keras"), "--labels", str(output / "labels.txt")]
+    status = label_image.main([*model, "--image", str(images / DEMO_IMAGE)])
     if status == 0:
-        print(
-            f"Label your own pictures: retrain-label-image {' '.join(model_flags)} --image PICTURE"
-        )
+        print(f"Label your own pictures: retrain-label-image {shlex.join(model)} --image PICTURE")
     return status
 
 

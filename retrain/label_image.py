@@ -42,7 +42,7 @@ import sys
 from dataclasses import dataclass
 
 from retrain import messages
-from retrain.arguments import OneLineErrorParser, add_version, exit_without_teardown
+from retrain.arguments import OneLineErrorParser, add_version, at_least, exit_without_teardown
 from retrain.errors import RetrainError
 
 logger = logging.getLogger("retrain.label_image")
@@ -70,7 +70,12 @@ def parse_args(argv):
     parser.add_argument(
         "--image", required=True, nargs="+", help="image files or folders of images"
     )
-    parser.add_argument("--top_k", type=_positive_int, default=5, help="classes to print per image")
+    parser.add_argument(
+        "--top_k",
+        type=at_least(1, "a positive integer"),
+        default=5,
+        help="classes to print per image",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument(
         "--unknown",
@@ -80,16 +85,6 @@ def parse_args(argv):
         "score past its threshold); --no-unknown only lists the top labels",
     )
     return parser.parse_args(argv)
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer. Received: {text!r}")
-    return value
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,8 @@ CHEAP_COMMANDS = [
     "retrain --help",
     "retrain-label-image --help",
     "retrain-report --help",
+    "retrain-demo --help",
+    "retrain --version",
     "make -n demo",
     "make -n test",
 ]
@@ -43,6 +45,7 @@ ENTRY_MODULES = {
     "report": "retrain.report",
     "beam": "retrain.beam",
     "backbones": "retrain.backbones",
+    "demo": "retrain.demo",
 }
 # Programs that are not ours: their flags are not checked.
 EXTERNAL = ("tensorboard", "pip ", "gcloud", "apt-get", "import ", "serving", "print(")
@@ -175,10 +178,13 @@ def allowed_flags(segment):
         (r"retrain[.-]report", "report"),
         (r"retrain\.beam", "beam"),
         (r"retrain\.backbones", "backbones"),
+        (r"retrain[.-]demo", "demo"),
     ]:
         if re.search(marker, segment):
             return entry_flags(name)
-    return set().union(*(entry_flags(n) for n in ("retrain", "label_image", "report", "beam")))
+    return set().union(
+        *(entry_flags(n) for n in ("retrain", "label_image", "report", "beam", "demo"))
+    )
 
 
 # --- the checks, as functions of a text so that they can be shown to fail -----------
