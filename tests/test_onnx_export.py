@@ -144,11 +144,12 @@ def test_onnx_without_the_extra_exits_2_before_any_work(photo_model, tmp_path, c
     assert list(tmp_path.iterdir()) == []  # no cache, no output folder
 
 
-def tiny_model(path, node=None, initializer=None, size=4):
+def tiny_model(path, node=None, initializer=None, size=4, width=None):
     """A valid ONNX classifier of the shape retrain writes: pixels [n, size, size, 3] ->
     probabilities [n, 3] (a mean over pixels, then softmax), optionally with an extra
     node and initializer. Returns the path."""
-    pixels = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", size, size, 3])
+    shape = ["batch", size, width or size, 3]
+    pixels = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, shape)
     probabilities = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])
     nodes = [
         helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=[1, 2], keepdims=0),
@@ -208,6 +209,10 @@ def hostile_files(folder):
             "external data",
         ),
         "custom op": (tiny_model(folder / "custom.onnx", node=custom), "custom operator"),
+        "not square": (
+            tiny_model(folder / "wide.onnx", width=5),
+            "not a classifier exported by retrain",
+        ),
     }
 
 
@@ -243,3 +248,15 @@ def test_save_onnx_requires_the_detector_exactly_with_the_score(other_model, tmp
     assert not unknown_graph.is_scored(other_model)
     with pytest.raises(ValueError, match="detector must be given"):
         onnx_export.save_onnx(other_model, ["a"], tmp_path / "m.onnx", [], detector=object())
+
+
+def test_a_failing_conversion_is_one_line_and_writes_nothing(other_model, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise ValueError("Unsupported ops: SomeOp\nsecond line")
+
+    monkeypatch.setattr(other_model, "export", fail)
+    target = tmp_path / "model.onnx"
+    with pytest.raises(RetrainError, match="Cannot convert the model to ONNX") as error:
+        onnx_export.save_onnx(other_model, ["a", "b", "c"], target, [])
+    assert str(target) in str(error.value) and "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
