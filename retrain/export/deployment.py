@@ -50,19 +50,8 @@ def export_for_deployment(
             _export_tflite(fixed, image_list, training_entries, config, folder, detector)
         )
     if config.onnx:
-        from retrain.export import onnx_export
-
-        path = config.onnx_path()
-        pixels = _sample_pixels(
-            image_list, training_entries, onnx_export.CHECK_IMAGES, fixed.inputs[0].shape[1]
-        )
-        staged, difference = onnx_export.save_onnx(
-            fixed, image_list.class_names, folder.place(path), pixels, detector, shown_as=path
-        )
-        written["onnx"] = path
-        print(
-            f"Saved ONNX model {path} ({staged.stat().st_size / 1e6:.1f} MB; outputs within "
-            f"{difference:.1e} of the Keras model's on {len(pixels)} of the run's images)."
+        written["onnx"] = _export_onnx(
+            fixed, image_list, training_entries, config, folder, detector
         )
     return written
 
@@ -84,6 +73,24 @@ def _export_tflite(fixed, image_list, training_entries, config, folder, detector
         written[kind] = path
         print(f"Saved TFLite {kind} model {path} ({staged.stat().st_size / 1e6:.1f} MB).")
     return written
+
+
+def _export_onnx(fixed, image_list, training_entries, config, folder, detector) -> Path:
+    """OUTPUT_DIR/model.onnx, checked against `fixed` on CHECK_IMAGES training images."""
+    from retrain.export import onnx_export
+
+    path = config.onnx_path()
+    pixels = _sample_pixels(
+        image_list, training_entries, onnx_export.CHECK_IMAGES, fixed.inputs[0].shape[1]
+    )
+    staged, difference = onnx_export.save_onnx(
+        fixed, image_list.class_names, folder.place(path), pixels, detector, shown_as=path
+    )
+    print(
+        f"Saved ONNX model {path} ({staged.stat().st_size / 1e6:.1f} MB; outputs within "
+        f"{difference:.1e} of the Keras model's on {len(pixels)} of the run's images)."
+    )
+    return path
 
 
 def _sample_pixels(image_list, training_entries, count: int, size: int):
