@@ -22,7 +22,7 @@ stays what the pipeline says.
 import numpy as np
 
 from retrain.data.decode import load
-from retrain.data.resizing import resize_to_input
+from retrain.data.resizing import resize_to_input, resize_uint8
 from retrain.quiet_tensorflow import import_tensorflow
 
 _BATCHES_AHEAD = 2
@@ -38,6 +38,7 @@ def image_batches(
     hash_files=False,
     shuffle_seed=None,
     drop_failed=False,
+    uint8=False,
 ):
     """The one dataset builder: image files -> batches of model-ready pixels.
 
@@ -63,13 +64,19 @@ def image_batches(
       drop_failed: leave images that cannot be read or decoded out of the
         batches (training); otherwise they ride along as black images with
         ``ok`` False (cheaper than re-batching, and the caller can report them).
+      uint8: batches of uint8 pixels (the same values: the resize rounds to
+        whole levels), a quarter of float32's bytes to copy between threads;
+        not with ``distort``.
 
     Returns:
-      tf.data.Dataset of (index int64 [b], pixels float32 [b, input_size,
-      input_size, 3] RGB in [0, 255], ok bool [b]).
+      tf.data.Dataset of (index int64 [b], pixels float32 (or uint8) [b,
+      input_size, input_size, 3] RGB in [0, 255], ok bool [b]).
     """
+    if uint8 and distort is not None:
+        raise ValueError("uint8 batches cannot be distorted (distortions work in float32)")
     tf = import_tensorflow()
     paths = [str(path) for path in paths]
+    dtype = np.uint8 if uint8 else np.float32
 
     def read(index):
         index = int(index)
@@ -77,11 +84,13 @@ def image_batches(
         if outcomes is not None:
             outcomes[index] = outcome
         if pixels is None:
-            return np.zeros((input_size, input_size, 3), np.float32), False
+            return np.zeros((input_size, input_size, 3), dtype), False
+        if uint8:
+            return resize_uint8(pixels, input_size), True
         return resize_to_input(pixels, input_size), True
 
     def prepare(index):
-        pixels, ok = tf.numpy_function(read, [index], [tf.float32, tf.bool])
+        pixels, ok = tf.numpy_function(read, [index], [tf.as_dtype(dtype), tf.bool])
         pixels.set_shape([input_size, input_size, 3])
         ok.set_shape([])
         if distort is not None:

@@ -68,11 +68,7 @@ def _resize_with_pillow(pixels, size):
         raise RetrainError(f"Pixels must be [height, width, 3]. Received: shape={pixels.shape}")
     height, width = pixels.shape[:2]
     if pixels.dtype == np.uint8:
-        # One call over the three bands, in Pillow's fixed-point arithmetic.
-        image = Image.frombuffer(
-            "RGB", (width, height), np.ascontiguousarray(pixels), "raw", "RGB", 0, 1
-        )
-        return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), np.float32)
+        return resize_uint8(pixels, size).astype(np.float32)
     # Float pixels: one band at a time in Pillow's float mode, through one
     # reused buffer (float32 copies of all three bands would be the largest
     # buffer of the resize).
@@ -84,3 +80,19 @@ def _resize_with_pillow(pixels, size):
         resized[..., channel] = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
         del image  # before the next band is written into the buffer it may map
     return resized
+
+
+def resize_uint8(pixels, size):
+    """uint8 [size, size, 3] of uint8 [h, w, 3] RGB pixels: ``resize_to_input``'s
+    values (whole levels), for a consumer that takes uint8 (the cache fill
+    hands batches a quarter the size of float32 ones between threads)."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise RetrainError(
+            f"Pixels must be uint8 [height, width, 3]. Received: {pixels.dtype} {pixels.shape}"
+        )
+    height, width = pixels.shape[:2]
+    # One call over the three bands, in Pillow's fixed-point arithmetic.
+    image = Image.frombuffer(
+        "RGB", (width, height), np.ascontiguousarray(pixels), "raw", "RGB", 0, 1
+    )
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))

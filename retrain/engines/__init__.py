@@ -19,7 +19,7 @@ place where a conversion that fails its check falls back (int8 to float
 LiteRT, LiteRT to Keras).
 ``extraction`` runs an engine over image files.
 
-Every engine takes float32 [batch, input_size, input_size, 3] RGB values in
+Every engine takes float32 or uint8 [batch, input_size, input_size, 3] RGB values in
 [0, 255] (numpy or tf.Tensor) and returns float32 np.ndarray [batch,
 feature_dim]. Engines give slightly different vectors, so the engine's name is
 part of the bottleneck cache's identity.

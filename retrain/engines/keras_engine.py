@@ -29,20 +29,22 @@ class KerasEngine:
         )
 
     def __call__(self, pixels):
-        """float32 [b, size, size, 3] in [0, 255] -> float32 np.ndarray [b, feature_dim]."""
+        """float32 or uint8 [b, size, size, 3] in [0, 255] -> float32 np.ndarray [b, feature_dim]."""
         return in_fixed_batches(self._forward, pixels, self.batch_size, self.feature_dim)
 
 
 def in_fixed_batches(forward, pixels, batch_size, feature_dim):
     """Runs ``forward`` (a fixed-batch function) over any number of images.
 
-    pixels: float32 [b, size, size, 3]; returns float32 np.ndarray [b, feature_dim].
+    pixels: float32 or uint8 [b, size, size, 3] in [0, 255]; returns float32
+    np.ndarray [b, feature_dim]. uint8 pixels become float32 a chunk at a
+    time, while the chunk is in the CPU's cache.
     """
-    pixels = np.asarray(pixels, dtype=np.float32)
+    pixels = np.asarray(pixels)  # a CPU tf.Tensor's own buffer, not a copy
     count = len(pixels)
     vectors = np.empty((count, feature_dim), np.float32)
     for start in range(0, count, batch_size):
-        chunk = pixels[start : start + batch_size]
+        chunk = np.asarray(pixels[start : start + batch_size], np.float32)
         if len(chunk) < batch_size:
             padding = np.zeros((batch_size - len(chunk),) + chunk.shape[1:], np.float32)
             chunk = np.concatenate([chunk, padding])

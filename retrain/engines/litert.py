@@ -155,7 +155,7 @@ class LiteRTEngine:
         self._input, self._output = source["index"], target["index"]
 
     def __call__(self, pixels):
-        """float32 [b, size, size, 3] in [0, 255] -> float32 np.ndarray [b, feature_dim]."""
+        """float32 or uint8 [b, size, size, 3] in [0, 255] -> float32 np.ndarray [b, feature_dim]."""
         return in_fixed_batches(self._invoke, pixels, self.batch_size, self.feature_dim)
 
     def _invoke(self, chunk):
