@@ -5,8 +5,8 @@
 Each stage runs alone, on one thread unless said, over the same photos
 (spread over all classes of ``--data``, ../shared/data/caltech101/train by
 default), and prints milliseconds per image: reading the file, sha256,
-Pillow decoding (JPEG draft mode as extraction does it), the antialiased
-resize (extraction's and TensorFlow's), the ``tf.numpy_function`` hop of the
+decoding (JPEG draft mode as extraction does it; simplejpeg and Pillow), the
+antialiased resize (extraction's uint8, the float one it replaced, TensorFlow's), the ``tf.numpy_function`` hop of the
 tf.data pipeline, the forward pass of each engine at several batch sizes,
 and the cache's journal writes and fold. Then the whole pipeline (``extraction.bottleneck_batches``) with each
 engine, for comparison with its forward-only figure. Stages that overlap in
@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import io
 import os
 import statistics
 import sys
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from retrain import backbones, engines
 from retrain.cache import journal as journal_lib
@@ -57,6 +59,13 @@ def per_image_ms(function, count, repeats=3):
     return 1000 * statistics.median(times) / count
 
 
+def pillow_rgb(content, size):
+    """uint8 [h, w, 3] decoded by Pillow alone (the draft ``decode`` applies)."""
+    with Image.open(io.BytesIO(content)) as image:
+        image.draft(None, (decode.PIXEL_SETTINGS["jpeg_draft_margin"] * size,) * 2)
+        return np.asarray(image.convert("RGB"))
+
+
 def cpu_and_wall_ms(function, count, repeats=3):
     """Medians over ``repeats`` of (process CPU ms, wall ms) per image of ``function()``."""
     cpu, wall = [], []
@@ -74,7 +83,9 @@ def feed_rows(paths, size):
     per image, to set beside the one-thread stages above."""
 
     def feed():
-        for _ in pixel_batches.image_batches(paths, size, 32, outcomes={}, hash_files=True):
+        for _ in pixel_batches.image_batches(
+            paths, size, 32, outcomes={}, hash_files=True, uint8=True
+        ):
             pass
 
     feed()  # builds tf.data's machinery once
@@ -135,7 +146,7 @@ def main(argv=None):
     )
     rows.append(
         (
-            "Pillow decode (draft), to RGB array",
+            "decode (draft; simplejpeg, Pillow if it cannot), to RGB array",
             per_image_ms(
                 lambda: [decode.decode_rgb(p, size, content=c) for p, c in zip(paths, contents)],
                 count,
@@ -152,6 +163,12 @@ def main(argv=None):
             ),
         )
     )
+    rows.append(
+        (
+            "  Pillow alone (draft), to RGB array",
+            per_image_ms(lambda: [pillow_rgb(c, size) for c in contents], count),
+        )
+    )
     sides = [max(a.shape[:2]) for a in decoded]
     resize = tf.function(
         lambda x: resizing.resize_to_input(x, size),
@@ -161,8 +178,15 @@ def main(argv=None):
         resize(array)
     rows.append(
         (
-            "antialiased resize, Pillow float (extraction's)",
-            per_image_ms(lambda: [resizing.resize_to_input(a, size) for a in decoded], count),
+            "antialiased resize, Pillow uint8 (extraction's)",
+            per_image_ms(lambda: [resizing.resize_uint8(a, size) for a in decoded], count),
+        )
+    )
+    floats = [a.astype(np.float32) for a in decoded]
+    rows.append(
+        (
+            "  same filter, Pillow float band by band (until version 2)",
+            per_image_ms(lambda: [resizing.resize_to_input(a, size) for a in floats], count),
         )
     )
     rows.append(
