@@ -34,9 +34,17 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
+
 from retrain.errors import RetrainError
 
 logger = logging.getLogger(__name__)
+
+# A first call of at most this many pictures runs eagerly (op by op):
+# tracing `predict_on_batch`'s graph cost 0.77 s against 0.35 s eager for one
+# picture, but a traced call of 32 pictures then takes 0.65 s against 1.2 s
+# eager, so every later call is traced.
+EAGER_FIRST_CALL = 4
 
 
 class KerasPixelClassifier:
@@ -51,6 +59,7 @@ class KerasPixelClassifier:
         from retrain.export import classifier, keras_file
 
         self._model = keras_file.load_classifier(path)
+        self._called = False
         self.input_size = classifier.input_size(self._model)
         self.num_classes = int(self._model.output_shape[-1])
         self._detector = _sidecar_detector(self._model, path) if unknown else None
@@ -65,13 +74,22 @@ class KerasPixelClassifier:
             )
 
     def predict(self, pixels):
-        return self._model.predict_on_batch(pixels)
+        return self._outputs(self._model, pixels)
 
     def predict_scored(self, pixels):
         if self._detector is None:
             return self.predict(pixels), None
-        probabilities, vectors = self._scored.predict_on_batch(pixels)
+        probabilities, vectors = self._outputs(self._scored, pixels)
         return probabilities, self._detector.scores(vectors)
+
+    def _outputs(self, model, pixels):
+        """`model`'s outputs as numpy for float32 pixels; eager only for a small first call."""
+        first, self._called = not self._called, True
+        if first and len(pixels) <= EAGER_FIRST_CALL:
+            import keras
+
+            return keras.tree.map_structure(np.asarray, model(pixels, training=False))
+        return model.predict_on_batch(pixels)
 
 
 def _sidecar_detector(model, path):
