@@ -108,7 +108,9 @@ def add_config_flags(parser, names=None):
             continue
         default = getattr(defaults, field.name)
         flag = f"--{field.name}"
-        if field.type == "bool":
+        # The fields a preset sets are Optional (None: the preset's value).
+        kind_name = field.type.removeprefix("Optional[").removesuffix("]")
+        if kind_name == "bool":
             parser.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
@@ -121,9 +123,7 @@ def add_config_flags(parser, names=None):
                 flag, nargs="+", metavar="KIND", help=f"{HELP[field.name]} (default: none)"
             )
             continue
-        kind = {"int": int, "float": float}.get(
-            field.type.removeprefix("Optional[").removesuffix("]"), str
-        )
+        kind = {"int": int, "float": float}.get(kind_name, str)
         parser.add_argument(
             flag,
             type=kind,
@@ -134,16 +134,11 @@ def add_config_flags(parser, names=None):
 
 def resolve_config(argv: list[str] | None = None) -> config_lib.Config:
     """Parse argv and merge defaults < preset < YAML < flags into a validated Config."""
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    settings: dict = {}
+    args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config")
-    if config_path:
-        settings.update(config_lib.load_yaml(config_path))
-    settings.update({key: value for key, value in args.items() if value is not None})
-    config = presets.make_config(**settings)
-    config_lib.validate(config)
-    return config
+    # The same path as retrain.train's keyword arguments: presets.config_from.
+    given = {key: value for key, value in args.items() if value is not None}
+    return presets.config_from(given, config_path)
 
 
 class Terminated(KeyboardInterrupt):

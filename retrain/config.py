@@ -40,7 +40,19 @@ ONNX_INSTALL = "pip install 'retrain[onnx]'"
 
 @dataclass
 class Config:
-    """Every setting of a run, with retrain.py's names where they apply."""
+    """Every setting of a run, with retrain.py's names where they apply.
+
+    The fields a preset sets (`retrain.presets.PRESETS`: fine_tune_layers,
+    fine_tune_epochs, flip_left_right, random_crop, random_scale,
+    random_resized_crop, test_time_flip) default to None, "the preset's
+    value": `__post_init__` fills each None from the preset named by
+    `preset`, and keeps every value given. So `Config(preset="best")` is the
+    best preset, and `Config(preset="best", flip_left_right=False)` is best
+    without flips (a value equal to fast's still counts as given). Only
+    construction resolves: `dataclasses.replace(config, preset="best")`
+    passes the resolved values on as given, so it renames the preset
+    without changing them; build a new Config to switch presets.
+    """
 
     image_dir: Optional[str] = None
     # fast (the cached head) or best (the fine-tuning recipe): defaults for a
@@ -75,17 +87,17 @@ class Config:
     class_weights: str = "none"
     report: bool = True
     seed: int = 0
-    flip_left_right: bool = False
-    random_crop: float = 0.0
-    random_scale: float = 0.0
+    flip_left_right: Optional[bool] = None
+    random_crop: Optional[float] = None
+    random_scale: Optional[float] = None
     random_brightness: float = 0.0
-    random_resized_crop: float = 0.0
-    fine_tune_layers: int = 0
+    random_resized_crop: Optional[float] = None
+    fine_tune_layers: Optional[int] = None
     # Fine-tuning defaults, measured on low-resolution photos (README,
     # "Distortions and fine-tuning"): a rate 10x below the head's, decaying
     # along a cosine, gains over the cached head in 3 epochs at batch 32;
     # 1e-3 destroys the ImageNet features.
-    fine_tune_epochs: int = 3
+    fine_tune_epochs: Optional[int] = None
     fine_tune_learning_rate: float = 3e-4
     fine_tune_batch_size: int = 32
     # The fine-tuning recipe (docs/training-paths.md, "The best preset"): a
@@ -97,10 +109,20 @@ class Config:
     fine_tune_weight_decay: float = 0.02
     fine_tune_label_smoothing: float = 0.1
     # The exported model averages the logits of each picture and its mirror.
-    test_time_flip: bool = False
+    test_time_flip: Optional[bool] = None
     # Share of in-distribution validation images the unknown detector accepts;
     # pictures scoring past that threshold are labelled "unknown".
     unknown_acceptance: float = 0.95
+
+    def __post_init__(self):
+        # Deferred: presets imports this module. An unknown preset name is
+        # left for `validate` (or presets.resolve) to refuse with its message.
+        from retrain.presets import PRESETS
+
+        known = isinstance(self.preset, str) and self.preset in PRESETS
+        for name, value in PRESETS[self.preset if known else "fast"].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def distortions(self) -> dict[str, Any]:
         """The distortion settings as keyword arguments of `distortions.distortion_function`."""

@@ -1,20 +1,59 @@
 """What a run prints for the user: the one-line summaries on stdout, the skipped images on stderr.
 
-Results go to stdout; notes about images the run could not use go to stderr.
+Results go to stdout through `result`; notes about images the run could not
+use go to stderr. `shown(results=False, progress=False)` silences the results
+and progress bars of the code it wraps (`retrain.train` unless asked) in that
+thread only: context variables, not a swap of sys.stdout, so prints of other
+threads (a notebook's own) still show.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from retrain.cache import CacheReport
 from retrain.files.text_escapes import one_line
+
+if TYPE_CHECKING:  # an annotation only: the results seam imports no stage
+    from retrain.cache import CacheReport
 
 logger = logging.getLogger(__name__)
 
 # Skipped images a --cache_only run names one by one on stderr.
 SHOWN_SKIPPED = 5
+# What the user sees of a run in this context: its results on stdout, its progress
+# bars on stderr. True unless inside `shown(...)` saying otherwise.
+_RESULTS_SHOWN = contextvars.ContextVar("retrain_results_shown", default=True)
+_PROGRESS_SHOWN = contextvars.ContextVar("retrain_progress_shown", default=True)
+
+
+def result(line: str) -> None:
+    """Prints one result line (accuracy, saved paths...) on stdout, unless silenced here."""
+    if _RESULTS_SHOWN.get():
+        print(line, flush=True)
+
+
+def progress_bars() -> bool:
+    """Whether the stages started in this context show progress bars (on stderr)."""
+    return _PROGRESS_SHOWN.get()
+
+
+@contextlib.contextmanager
+def shown(*, results: bool = True, progress: bool = True):
+    """Within the block, `result` prints only if `results`, and `progress_bars()` is `progress`.
+
+    Context variables: only the calling thread (and tasks it starts with its
+    context) is affected, never another thread's prints.
+    """
+    tokens = (_RESULTS_SHOWN.set(results), _PROGRESS_SHOWN.set(progress))
+    try:
+        yield
+    finally:
+        _PROGRESS_SHOWN.reset(tokens[1])
+        _RESULTS_SHOWN.reset(tokens[0])
 
 
 def cache_summary(report: CacheReport, skipped: int) -> str:
@@ -63,9 +102,9 @@ def print_report_outcome(outcome, final_folder: Path) -> None:
     from retrain import report  # deferred: matplotlib and Jinja2
 
     if outcome.checks is not None:
-        print(report.checks_summary(outcome.checks))
+        result(report.checks_summary(outcome.checks))
     if outcome.page is not None:
-        print(f"Report: {final_folder / outcome.page.name}")
+        result(f"Report: {final_folder / outcome.page.name}")
     if outcome.parts.missing:
         logger.info("%s", outcome.parts.line())
 

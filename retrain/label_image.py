@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 
 from retrain import messages
 from retrain.arguments import OneLineErrorParser, add_version, at_least, exit_without_teardown
@@ -47,7 +46,6 @@ from retrain.errors import RetrainError
 
 logger = logging.getLogger("retrain.label_image")
 
-BATCH_SIZE = 32
 EMPTY_FOLDER = "folder holds no supported images"
 
 
@@ -95,21 +93,26 @@ def main(argv=None) -> int:
 
     # Keras's scikit-learn, pandas and matplotlib hooks cost ~2 s: see quiet_tensorflow.
     import_tensorflow(keras_extras=False)
+    from retrain.api.classifier import load
+    from retrain.data.decode import ImageDecodeError
+
     try:
         paths, failures = image_paths(args.image)
-        labeller = Labeller(args.graph, args.labels, unknown=args.unknown)
+        classifier = load(args.graph, labels=args.labels, unknown=args.unknown)
     except RetrainError as error:
         logger.error("%s", error)
         return 2
     for path, reason in failures:
         logger.error("%s: %s", path, reason)
-    report = Report(args.json, labeller.model.unknown_threshold)
-    for path, outcome in labeller.label(paths, args.top_k):
-        if isinstance(outcome, RetrainError):
-            failures.append((path, str(outcome)))
-            logger.error("%s", outcome)
+    report = Report(args.json, classifier.unknown_threshold)
+    # The one decoding of Classifier.predict (file -> RGB -> resized, as extraction).
+    for prediction in classifier.iter_predict(paths, args.top_k, on_error="keep"):
+        if prediction.error is not None:
+            error = ImageDecodeError(prediction.path, prediction.error)
+            failures.append((prediction.path, str(error)))
+            logger.error("%s", error)
         else:
-            report.add(path, outcome)
+            report.add(prediction.path, prediction)
     # Unreadable: missing files and images that failed to decode, not empty folders.
     unreadable = sum(reason != EMPTY_FOLDER for _, reason in failures)
     summary = None
@@ -119,18 +122,6 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
-@dataclass(frozen=True)
-class Labelled:
-    """One picture's result: its top labels, best first, and its unknown score.
-
-    unknown_score and unknown are None when the model cannot say unknown
-    (or --no-unknown)."""
-
-    predictions: list
-    unknown_score: float | None = None
-    unknown: bool | None = None
-
-
 class Report:
     """Prints each result (text now, or one JSON document at the end) and counts them."""
 
@@ -138,24 +129,23 @@ class Report:
         self.as_json, self.threshold = as_json, threshold
         self.results, self.labelled, self.unknown = [], 0, 0
 
-    def add(self, path, result: Labelled):
+    def add(self, path, result):
+        """Prints or keeps one image's retrain.Prediction."""
         self.unknown += bool(result.unknown)
         self.labelled += not result.unknown
         if self.as_json:
             entry = {
                 "image": path,
-                "predictions": [{"label": label, "score": s} for label, s in result.predictions],
+                "predictions": [{"label": label, "score": s} for label, s in result.top],
             }
             if result.unknown is not None:
-                entry.update(unknown=result.unknown, unknown_score=result.unknown_score)
+                entry.update(unknown=result.unknown, unknown_score=result.score)
             self.results.append(entry)
             return
         lines = [path]
         if result.unknown:
-            lines.append(
-                f"  unknown (score {result.unknown_score:.4f}, threshold {self.threshold:.4f})"
-            )
-        lines.extend(f"  {label} ({score:.5f})" for label, score in result.predictions)
+            lines.append(f"  unknown (score {result.score:.4f}, threshold {self.threshold:.4f})")
+        lines.extend(f"  {label} ({score:.5f})" for label, score in result.top)
         print("\n".join(lines), flush=True)
 
     def summary(self, unreadable: int) -> dict:
@@ -224,66 +214,6 @@ def _sniff(path):
     from retrain.data import images
 
     return images.rejection(path) is None
-
-
-class Labeller:
-    """An exported model (any format) and its labels, applied to image files in batches."""
-
-    def __init__(self, graph, labels, unknown=True):
-        from retrain import export
-        from retrain.export import loaders
-
-        self.class_names = export.read_labels(labels)
-        self.model = loaders.load_pixel_classifier(graph, unknown)
-        self.input_size = self.model.input_size
-        outputs = self.model.num_classes
-        if outputs != len(self.class_names):
-            raise RetrainError(
-                f"The model has {outputs} outputs but {labels} lists "
-                f"{len(self.class_names)} labels: pass the labels file written "
-                f"with this model. Received: graph={graph}, labels={labels}"
-            )
-
-    def label(self, paths, top_k):
-        """Yields (path, Labelled) or (path, RetrainError), in order.
-
-        Pixels come from the same dataset builder as extraction, resized up
-        front as extraction resizes them (``resizing.resize_to_input``, the
-        .keras model's own resizing within float rounding), so images of any
-        size share a batch and every export format sees the same pixels.
-        """
-
-        from retrain.data import decode, pixel_batches
-
-        outcomes = {}
-        batches = pixel_batches.image_batches(paths, self.input_size, BATCH_SIZE, outcomes=outcomes)
-        for indices, pixels, ok in batches:
-            indices, ok = indices.numpy(), ok.numpy()
-            results = iter(self._results(pixels.numpy()[ok], top_k) if ok.any() else [])
-            for index, decoded in zip(indices, ok):
-                outcome = outcomes.pop(int(index))
-                path = paths[index]
-                if not decoded:
-                    yield path, decode.ImageDecodeError(path, outcome.reason)
-                    continue
-                yield path, next(results)
-
-    def _results(self, pixels, top_k) -> list[Labelled]:
-        """A Labelled per picture of float32 [n, size, size, 3] pixels."""
-        import numpy as np
-
-        probabilities, scores = self.model.predict_scored(pixels)
-        threshold = self.model.unknown_threshold
-        results = []
-        for number, row in enumerate(probabilities):
-            best = np.argsort(-row, kind="stable")[:top_k]
-            predictions = [(self.class_names[i], float(row[i])) for i in best]
-            if scores is None:
-                results.append(Labelled(predictions))
-            else:
-                score = float(scores[number])
-                results.append(Labelled(predictions, score, score > threshold))
-        return results
 
 
 def entry_point() -> None:

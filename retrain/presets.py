@@ -2,11 +2,12 @@
 
 A preset is a mapping Config field -> value. Precedence, lowest first:
 Config defaults < the preset's values < the YAML file < command-line flags.
-`make_config(**settings)` is the one path from explicit settings to a Config:
-the command line passes the YAML keys and flags it was given, a notebook its
-keyword arguments (`make_config(image_dir="photos", preset="best")`).
-Constructing `Config(preset="best")` directly records the name only and keeps
-Config's defaults (the fast values).
+`config_from(settings, config_file)` is the one path from explicit settings
+to a checked Config: the command line passes the flags it was given,
+`retrain.train` its keyword arguments, both the `--config` YAML file.
+`Config(preset="best")` built directly is the best preset too: Config leaves
+the fields a preset sets at None until it fills them from its preset (see
+`Config`), so only values given explicitly override the preset's.
 
 At the end of a run on the cached head, `log_best_cost` says in one line what
 `--preset best` would likely cost on the same images, from the extraction
@@ -16,6 +17,7 @@ speed measured on this machine and recorded with the bottleneck cache.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from retrain import config as config_lib
@@ -36,12 +38,19 @@ _BEST = {
     "random_scale": 0.0,
     "test_time_flip": True,
 }
-# "fast" sets the same fields to Config's defaults (derived, so the two
-# cannot drift apart): a YAML file naming it changes nothing else.
-PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {name: getattr(config_lib.Config, name) for name in _BEST},
-    "best": _BEST,
+# "fast" is the head on cached vectors: no fine-tuning, no distortion, no
+# mirrored copy at export. Config's defaults for these fields are None, "the
+# preset's value", so these are the defaults of a run that names no preset.
+_FAST = {
+    "fine_tune_layers": 0,
+    "fine_tune_epochs": 3,
+    "flip_left_right": False,
+    "random_resized_crop": 0.0,
+    "random_crop": 0.0,
+    "random_scale": 0.0,
+    "test_time_flip": False,
 }
+PRESETS: dict[str, dict[str, Any]] = {"fast": _FAST, "best": _BEST}
 
 # Seconds of one fine-tuning image (decode, augment, forward and backward
 # through the whole backbone, AdamW update) per second of one image extracted
@@ -62,6 +71,23 @@ def resolve(settings: dict[str, Any]) -> dict[str, Any]:
     name = settings.get("preset", config_lib.Config.preset)
     config_lib.check_setting("preset", name)
     return {**PRESETS[name], **settings, "preset": name}
+
+
+def config_from(
+    settings: dict[str, Any], config_file: str | os.PathLike | None = None
+) -> config_lib.Config:
+    """The checked Config of `settings` over the YAML file `config_file` (if any).
+
+    Precedence, lowest first: Config defaults < the preset's values < the
+    YAML file < `settings` (the command line's flags, or `retrain.train`'s
+    keyword arguments). Raises RetrainError naming the first bad key or value
+    (`config.load_yaml`, `config.validate`).
+    """
+    merged = dict(config_lib.load_yaml(config_file)) if config_file else {}
+    merged.update(settings)
+    config = make_config(**merged)
+    config_lib.validate(config)
+    return config
 
 
 def make_config(**settings: Any) -> config_lib.Config:

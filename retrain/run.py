@@ -32,11 +32,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    """What a run produced; `evaluation` and paths are None for --cache_only."""
+    """What a run produced; `evaluation` and paths are None for --cache_only.
+
+    validation_accuracy: the exported model's share of validation images
+    labelled right (None without validation images or without training).
+    """
 
     image_list: images.ImageList
     cache_report: CacheReport
     evaluation: object = None
+    validation_accuracy: float | None = None
     model_path: Path | None = None
     labels_path: Path | None = None
     deployment_paths: dict = field(default_factory=dict)  # "saved_model" / TFLite kind -> Path
@@ -118,7 +123,7 @@ def _train_and_export(
     result = RunResult(image_list, filled.report)
     console.write_skipped(filled.skipped, folder.staging / "skipped_images.txt")
     console.print_skipped_count(filled.skipped, folder.final / "skipped_images.txt")
-    print(console.cache_summary(filled.report, len(filled.skipped)))
+    console.result(console.cache_summary(filled.report, len(filled.skipped)))
     export_backbone = None
     if backbone is None and not config.distorted():
         # Built beside everything from here on: a warm rerun otherwise waited
@@ -138,6 +143,7 @@ def _train_and_export(
         assessed.confidence,
         assessed.record,
     )
+    result.validation_accuracy = validation_accuracy(confidence, buckets)
     page = None
     if checks is not None:
         # The figures and the page are drawn while the model is exported.
@@ -159,7 +165,7 @@ def _train_and_export(
             concurrent.futures.wait([page])
     outputs = config.resolved_outputs()
     result.model_path, result.labels_path = outputs["output_graph"], outputs["output_labels"]
-    print(f"Saved model {result.model_path} and labels {result.labels_path}.")
+    console.result(f"Saved model {result.model_path} and labels {result.labels_path}.")
     if page is not None:
         console.print_report_outcome(page.result(), folder.final)
     if config.saved_model_dir or config.tflite or config.onnx:
@@ -170,6 +176,15 @@ def _train_and_export(
         )
     presets.log_best_cost(config, buckets, filled.report.images_per_second)
     return result
+
+
+def validation_accuracy(confidence, buckets: Buckets) -> float | None:
+    """Accuracy of the calibrated probabilities (the exported model's) on the validation bucket."""
+    labels = buckets.validation.labels
+    if not len(labels):
+        return None
+    predicted = confidence.probabilities["validation"].argmax(axis=-1)
+    return float((predicted == labels).mean())
 
 
 def discover(config: Config) -> images.ImageList:
@@ -194,7 +209,9 @@ def _open_cache(config: Config, spec) -> BottleneckCache:
 def fill_cache(config: Config, spec, image_list: images.ImageList) -> FilledCache:
     """Extracts the bottlenecks the cache lacks; reuses the others."""
     cache = _open_cache(config, spec)
-    report = cache.update(image_list, batch_size=config.extraction_batch_size)
+    report = cache.update(
+        image_list, batch_size=config.extraction_batch_size, progress=console.progress_bars()
+    )
     return FilledCache(cache, report, list(image_list.skipped) + list(report.failed))
 
 
@@ -258,7 +275,9 @@ def train(config: Config, spec, cache, buckets: Buckets, folder, backbone, after
     # which a killed run's successor removes.
     checkpoint_root = folder.final.parent / f".{folder.final.name}.checkpoint"
     summaries_dir = folder.place_folder(config.resolved_outputs()["summaries_dir"])
-    options = RunOptions(summaries_dir=str(summaries_dir), class_weights=weights)
+    options = RunOptions(
+        summaries_dir=str(summaries_dir), progress=console.progress_bars(), class_weights=weights
+    )
     training_run = classifier.TrainingRun(
         options, checkpoint_root, backbone, tuple(after_checkpoint)
     )
@@ -299,7 +318,7 @@ def run_cache_only(config: Config, spec, image_list) -> RunResult:
     lists them all in skipped_images.txt).
     """
     filled = fill_cache(config, spec, image_list)
-    print(console.cache_summary(filled.report, len(filled.skipped)))
+    console.result(console.cache_summary(filled.report, len(filled.skipped)))
     console.print_skipped_images(filled.skipped)
     return RunResult(image_list, filled.report)
 
@@ -307,7 +326,11 @@ def run_cache_only(config: Config, spec, image_list) -> RunResult:
 def run_shard(config: Config, spec, image_list) -> RunResult:
     """--num_shards K --shard_index I: extract part I into shard files, merged later."""
     report = _open_cache(config, spec).update_shard(
-        image_list, config.num_shards, config.shard_index, batch_size=config.extraction_batch_size
+        image_list,
+        config.num_shards,
+        config.shard_index,
+        batch_size=config.extraction_batch_size,
+        progress=console.progress_bars(),
     )
-    print(console.shard_summary(report, config.num_shards, config.shard_index))
+    console.result(console.shard_summary(report, config.num_shards, config.shard_index))
     return RunResult(image_list, report)

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from retrain import console
 from retrain.config import Config
 from retrain.data.buckets import Buckets
 from retrain.errors import RetrainError
@@ -107,11 +108,11 @@ def evaluate(config: Config, confidence, summaries: dict, buckets: Buckets, out_
     test_evaluation = evaluation.evaluate(probabilities, testing.labels, buckets.class_names)
     misclassified = evaluation.misclassified(probabilities, testing.entries, buckets.class_names)
     evaluation.write_metrics(test_evaluation, out_dir, misclassified, summaries)
-    print(evaluation.summary(test_evaluation))
+    console.result(evaluation.summary(test_evaluation))
     for line in confidence_metrics.summary_lines(
         summaries.get("calibration"), summaries.get("unknown")
     ):
-        print(line)
+        console.result(line)
     if config.print_misclassified_test_images:
         evaluation.print_misclassified(misclassified)
     return test_evaluation

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 from sklearn import metrics
 
+from retrain import console
 from retrain.errors import RetrainError
 from retrain.files import atomic_write, text_escapes
 from retrain.files.text_escapes import one_line
@@ -155,10 +156,10 @@ def misclassified(probabilities: np.ndarray, entries, class_names: list[str]) ->
 
 def print_misclassified(wrong: list[Mistake]) -> None:
     """Prints misclassified images to stdout like retrain.py: path, then predicted class."""
-    print("=== MISCLASSIFIED TEST IMAGES ===")
+    console.result("=== MISCLASSIFIED TEST IMAGES ===")
     for relative_path, true, predicted, score in wrong:
         # one_line: a path with undecodable bytes would stop a strict UTF-8 stdout.
-        print(f"{one_line(relative_path):>70}  {predicted} ({score:.3f}, true: {true})")
+        console.result(f"{one_line(relative_path):>70}  {predicted} ({score:.3f}, true: {true})")
 
 
 def write_metrics(

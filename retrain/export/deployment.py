@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from retrain import console
 from retrain.data import sampling
 from retrain.files import output_folder
 
@@ -44,7 +45,9 @@ def export_for_deployment(
             None if detector is None else detector.threshold,
         )
         written["saved_model"] = Path(config.saved_model_dir)
-        print(f"Saved SavedModel {config.saved_model_dir} (serving_default takes encoded images).")
+        console.result(
+            f"Saved SavedModel {config.saved_model_dir} (serving_default takes encoded images)."
+        )
     if config.tflite:
         written.update(
             _export_tflite(fixed, image_list, training_entries, config, folder, detector)
@@ -71,7 +74,7 @@ def _export_tflite(fixed, image_list, training_entries, config, folder, detector
             fixed, kind, image_list.class_names, folder.place(path), calibration, detector
         )
         written[kind] = path
-        print(f"Saved TFLite {kind} model {path} ({staged.stat().st_size / 1e6:.1f} MB).")
+        console.result(f"Saved TFLite {kind} model {path} ({staged.stat().st_size / 1e6:.1f} MB).")
     return written
 
 
@@ -86,7 +89,7 @@ def _export_onnx(fixed, image_list, training_entries, config, folder, detector) 
     staged, difference = onnx_export.save_onnx(
         fixed, image_list.class_names, folder.place(path), pixels, detector, shown_as=path
     )
-    print(
+    console.result(
         f"Saved ONNX model {path} ({staged.stat().st_size / 1e6:.1f} MB; outputs within "
         f"{difference:.1e} of the Keras model's on {len(pixels)} of the run's images)."
     )

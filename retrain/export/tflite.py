@@ -103,7 +103,11 @@ def metadata_entry(model: bytes, name: str) -> bytes | None:
 def embedded_labels(model: bytes) -> list[str] | None:
     """The class names in the `retrain_labels` metadata entry, or None without one."""
     content = metadata_entry(model, LABELS_METADATA)
-    return None if content is None else content.decode("utf-8").splitlines()
+    if content is None:
+        return None
+    # Only "\n" ends a name, as in labels.txt (splitlines would also split
+    # at U+2028, \x0b... which a class folder's name may hold).
+    return content.decode("utf-8").removesuffix("\n").split("\n")
 
 
 def unknown_entry(detector) -> bytes:
