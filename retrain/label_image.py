@@ -4,9 +4,11 @@
         --labels output/labels.txt --image photo.jpg [more.jpg folder/ ...]
 
 --graph takes any export of a run: model.keras, model_<kind>.tflite (run by
-LiteRT when ai-edge-litert is installed, TensorFlow's interpreter otherwise)
-or the SavedModel folder. Every format gets the same pixels: decoded with
-Pillow and resized as extraction does.
+LiteRT when ai-edge-litert is installed, TensorFlow's interpreter otherwise),
+the SavedModel folder or model.onnx (ONNX Runtime). The command is a thin
+layer over the Python API, `retrain.load(graph, labels=...).iter_predict(...)`:
+every format gets the same pixels, decoded with Pillow and resized as
+extraction does.
 
 Trust: a .keras file may come from anyone. It is loaded only if it is a zip
 archive holding nothing but the layers retrain exports (no Lambda layer, no
@@ -58,10 +60,10 @@ def parse_args(argv):
     parser.add_argument(
         "--graph",
         required=True,
-        help="the model.keras, model_<kind>.tflite or SavedModel folder written by "
-        "retrain. A .keras file may come from anyone: it is checked and "
+        help="the model.keras, model_<kind>.tflite, SavedModel folder or model.onnx written "
+        "by retrain. A .keras file may come from anyone: it is checked and "
         "loaded running no code from it (legacy .h5 models and Lambda "
-        "layers are refused). A SavedModel or .tflite is a program (its ops "
+        "layers are refused). A SavedModel, .tflite or .onnx is a program (its ops "
         "can read and write files): pass one only from a trusted source.",
     )
     parser.add_argument("--labels", required=True, help="the labels.txt written with the model")
