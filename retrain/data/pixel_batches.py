@@ -1,9 +1,10 @@
 """The one dataset builder: image files -> batches of model-ready pixels (tf.data).
 
 ``image_batches`` reads, decodes (``decode.load``) and resizes
-(``resizing.resize_to_input``) on tf.data's thread pool; cache extraction, the
-distortion and fine-tuning paths, the int8 calibration and ``label_image``
-all take their pixels from it.
+(``resizing.resize_to_input``) on tf.data's thread pool; the distortion and
+fine-tuning paths, the TFLite int8 export's calibration and ``label_image``
+take their pixels from it. The cache fill takes the same pixels, as uint8,
+from ``decoded_batches.BatchDecoder``, which alternates with the forward pass.
 
 ``finished`` gives every tf.data pipeline of ours its options: tf.data's
 autotuner is off. Its model thread wakes up on a doubling period
@@ -22,7 +23,7 @@ stays what the pipeline says.
 import numpy as np
 
 from retrain.data.decode import load
-from retrain.data.resizing import resize_to_input, resize_uint8
+from retrain.data.resizing import resize_to_input
 from retrain.quiet_tensorflow import import_tensorflow
 
 _BATCHES_AHEAD = 2
@@ -38,7 +39,6 @@ def image_batches(
     hash_files=False,
     shuffle_seed=None,
     drop_failed=False,
-    uint8=False,
 ):
     """The one dataset builder: image files -> batches of model-ready pixels.
 
@@ -64,19 +64,13 @@ def image_batches(
       drop_failed: leave images that cannot be read or decoded out of the
         batches (training); otherwise they ride along as black images with
         ``ok`` False (cheaper than re-batching, and the caller can report them).
-      uint8: batches of uint8 pixels (the same values: the resize rounds to
-        whole levels), a quarter of float32's bytes to copy between threads;
-        not with ``distort``.
 
     Returns:
-      tf.data.Dataset of (index int64 [b], pixels float32 (or uint8) [b,
-      input_size, input_size, 3] RGB in [0, 255], ok bool [b]).
+      tf.data.Dataset of (index int64 [b], pixels float32 [b, input_size,
+      input_size, 3] RGB in [0, 255], ok bool [b]).
     """
-    if uint8 and distort is not None:
-        raise ValueError("uint8 batches cannot be distorted (distortions work in float32)")
     tf = import_tensorflow()
     paths = [str(path) for path in paths]
-    dtype = np.uint8 if uint8 else np.float32
 
     def read(index):
         index = int(index)
@@ -84,13 +78,11 @@ def image_batches(
         if outcomes is not None:
             outcomes[index] = outcome
         if pixels is None:
-            return np.zeros((input_size, input_size, 3), dtype), False
-        if uint8:
-            return resize_uint8(pixels, input_size), True
+            return np.zeros((input_size, input_size, 3), np.float32), False
         return resize_to_input(pixels, input_size), True
 
     def prepare(index):
-        pixels, ok = tf.numpy_function(read, [index], [tf.as_dtype(dtype), tf.bool])
+        pixels, ok = tf.numpy_function(read, [index], [tf.float32, tf.bool])
         pixels.set_shape([input_size, input_size, 3])
         ok.set_shape([])
         if distort is not None:

@@ -5,20 +5,20 @@ update, a ``--num_shards`` process, a Beam worker): it hands each batch's
 vectors and failures to a ``write`` callback (the cache's journal or shard
 writer), shows progress and warns about each image it skips.
 
-Three stages run at once, with a bounded number of batches between them:
+Two threads work at once, with a bounded number of batches between them:
 
-* ``pixel_batches.image_batches`` reads, hashes, decodes and resizes on tf.data's
-  thread pool (C++ threads; Pillow, hashlib and the resize release the GIL);
-* one engine thread takes each batch and runs the engine (``retrain.engines``;
-  its forward pass releases the GIL too) and does only per-batch work;
+* the engine thread alternates two steps per batch: ``BatchDecoder`` reads,
+  hashes, decodes and resizes the batch on every core (simplejpeg, Pillow,
+  hashlib and the resize release the GIL), then the engine
+  (``retrain.engines``, whose forward pass also uses every core) turns it
+  into vectors. Decoding beside the forward pass was slower: both want
+  every core (``decoded_batches``);
 * the caller's thread receives ExtractedBatch objects and writes them (the
-  cache journal's fsync), while the engine already runs the next batch.
+  cache journal's fsync), while the engine thread goes on with the next batch.
 
-So the forward pass, the slowest stage, never waits on a file write or on
-per-image Python bookkeeping. In flight at most: ``_QUEUED`` finished batches,
-the batch in the engine and ``image_batches``' own prefetch, whatever the
-number of images. A file that cannot be read or decoded becomes a failure
-with a reason; it never stops the other images.
+In flight at most: ``_QUEUED`` finished batches and the batch being decoded
+or run, whatever the number of images. A file that cannot be read or
+decoded becomes a failure with a reason; it never stops the other images.
 """
 
 import dataclasses
@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from retrain.data import pixel_batches
+from retrain.data import decoded_batches
 from retrain.files import paths as paths_lib
 
 logger = logging.getLogger(__name__)
@@ -68,19 +68,13 @@ def bottleneck_batches(paths, engine, input_size, batch_size=32):
     Args:
       paths: list of image file paths.
       engine: an ``engines`` engine (or any callable): uint8 [batch,
-        input_size, input_size, 3] RGB (a tf.Tensor) -> float32 [batch,
-        feature_dim]. The pixels travel as uint8 (the resize rounds to whole
-        levels): a quarter of float32's bytes to copy between threads.
+        input_size, input_size, 3] RGB -> float32 [batch, feature_dim].
       input_size: int, the model's square input side.
       batch_size: int, images per engine call.
 
     Memory stays bounded by the batch size (see the module docstring).
     Closing the generator early stops the engine thread after its batch.
     """
-    outcomes = {}
-    dataset = pixel_batches.image_batches(
-        paths, input_size, batch_size, outcomes=outcomes, hash_files=True, uint8=True
-    )
     finished = queue.Queue(maxsize=_QUEUED)
     stop = threading.Event()
 
@@ -96,10 +90,13 @@ def bottleneck_batches(paths, engine, input_size, batch_size=32):
 
     def run_engine():
         try:
-            for indices, pixels, decoded in dataset:
-                batch = _forward(engine, indices.numpy(), pixels, decoded.numpy(), outcomes)
-                if not hand_over(batch):
-                    return
+            with decoded_batches.BatchDecoder(input_size, hash_files=True) as decode:
+                for start in range(0, len(paths), batch_size):
+                    files = paths[start : start + batch_size]
+                    pixels, decoded, outcomes = decode(files)
+                    batch = _forward(engine, start, pixels, decoded, outcomes)
+                    if not hand_over(batch):
+                        return
         except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
             hand_over(error)
             return
@@ -117,22 +114,26 @@ def bottleneck_batches(paths, engine, input_size, batch_size=32):
         thread.join()
 
 
-def _forward(engine, indices, pixels, decoded, outcomes):
-    """One batch through the engine: an ExtractedBatch (per-batch numpy work)."""
+def _forward(engine, start, pixels, decoded, outcomes):
+    """One batch through the engine: an ExtractedBatch (per-batch numpy work).
+
+    ``start``: the index in ``paths`` of the batch's first file; ``pixels``,
+    ``decoded`` and ``outcomes``: ``BatchDecoder``'s.
+    """
     if decoded.all():
         vectors = np.asarray(engine(pixels), dtype=np.float32)
     elif decoded.any():
-        vectors = np.asarray(engine(pixels.numpy()[decoded]), dtype=np.float32)
+        vectors = np.asarray(engine(pixels[decoded]), dtype=np.float32)
     else:
         vectors = np.zeros((0, 0), np.float32)
-    results = [outcomes.pop(int(i)) for i in indices]
+    indices = np.arange(start, start + len(outcomes))
     return ExtractedBatch(
         positions=indices[decoded],
         bottlenecks=vectors,
-        states=[outcome.state for outcome, ok in zip(results, decoded) if ok],
+        states=[outcome.state for outcome, ok in zip(outcomes, decoded) if ok],
         failures=[
             (int(i), outcome.reason, outcome.state if outcome.lasting else None)
-            for i, outcome, ok in zip(indices, results, decoded)
+            for i, outcome, ok in zip(indices, outcomes, decoded)
             if not ok
         ],
     )
