@@ -404,9 +404,9 @@ def test_conversion_in_strips_gives_the_pixels_of_the_whole_image(tmp_path, mode
         image.load()
     whole = np.asarray(decode._to_rgb(image))
     monkeypatch.setattr(decode_memory, "STRIP_PIXELS", 100)  # strips of 1 row, the last one shorter
-    assert np.array_equal(decode._rgb_pixels(image), whole)
+    assert np.array_equal(decode.rgb_pixels(image), whole)
     monkeypatch.setattr(decode_memory, "STRIP_PIXELS", 53 * 5)
-    assert np.array_equal(decode._rgb_pixels(image), whole)
+    assert np.array_equal(decode.rgb_pixels(image), whole)
 
 
 MEASURE = """
@@ -446,7 +446,7 @@ Image.fromarray(np.random.default_rng(0).integers(-9, 70000, (1500, 2000), np.in
 def decoded():  # as decode_rgb: the image is gone before the resize
     with Image.open(tiff) as image:
         image.load()
-        return decode._rgb_pixels(image)
+        return decode.rgb_pixels(image)
 
 resizing.resize_to_input(decoded(), size)
 with Image.open(tiff) as image:

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper  # noqa: E402
 from retrain import cli, export, label_image  # noqa: E402
 from retrain.data import decode, resizing  # noqa: E402
 from retrain.errors import RetrainError  # noqa: E402
-from retrain.export import loaders, onnx_export, unknown_graph  # noqa: E402
+from retrain.export import loaders, onnx_export, onnx_file, unknown_graph  # noqa: E402
 
 SIZE = 224
 
@@ -49,7 +49,7 @@ def photo_pixels(photo_model):
 
 def test_run_writes_an_onnx_file_matching_the_keras_model(onnx_run, photo_model):
     model = onnx.load(str(onnx_run / "model.onnx"))
-    metadata = onnx_export.metadata(model)
+    metadata = onnx_file.metadata(model)
     assert json.loads(metadata["labels"]) == photo_model["names"]
     assert metadata["retrain_version"]
     assert [value.name for value in model.graph.input] == ["pixels"]
@@ -193,7 +193,7 @@ def hostile_files(folder):
     (folder / "text.onnx").write_text("just some text, not a protobuf\n")
     os.mkfifo(folder / "fifo.onnx")
     with open(folder / "sparse.onnx", "wb") as handle:  # 2 GiB of holes: refused by its size
-        handle.truncate(onnx_export.MAX_MODEL_BYTES + 1)
+        handle.truncate(onnx_file.MAX_MODEL_BYTES + 1)
     custom = helper.make_node("Evil", ["mean"], ["unused"], domain="com.example.evil")
     return {
         "garbage": (folder / "garbage.onnx", "not a valid ONNX model"),

@@ -110,7 +110,7 @@ def _pil_rgb(image) -> np.ndarray:
     upright = ImageOps.exif_transpose(image)
     # decode's own conversion (alpha on white, 16-bit scaled), so a picture
     # gives the pixels its file gives; it has no public name yet.
-    return decode._rgb_pixels(upright)
+    return decode.rgb_pixels(upright)
 
 
 def _is_pil(image: Any) -> bool:

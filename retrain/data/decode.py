@@ -205,7 +205,7 @@ def _to_rgb(image):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _rgb_pixels(image):
+def rgb_pixels(image):
     """uint8 [h, w, 3] RGB of a loaded image, converted a strip of rows at a time.
 
     Every conversion of ``_to_rgb`` works pixel by pixel, so strips give the
@@ -257,7 +257,7 @@ def _pillow_pixels(image):
     """uint8 [h, w, 3] of an image opened by ``_open_within_budget``, decoded by Pillow."""
     image.load()
     ImageOps.exif_transpose(image, in_place=True)
-    return _rgb_pixels(image)
+    return rgb_pixels(image)
 
 
 def _turbo_jpeg_pixels(image, content):

@@ -112,7 +112,7 @@ def peak_bytes(image, file_bytes, full_size=None, target_size=None, turbo=True):
     else:
         # The image, then either its transposed copy or the RGB result beside it.
         decoding = count * max(2 * stored, stored + 3)
-        # A strip's temporaries: see decode._rgb_pixels (a strip is one row at least).
+        # A strip's temporaries: see decode.rgb_pixels (a strip is one row at least).
         decoding += _STRIP_BYTES[conversion_kind(image)] * min(count, max(STRIP_PIXELS, width))
     if image.format == "WEBP":
         decoding += count * _WEBP_BYTES + file_bytes

@@ -26,7 +26,7 @@ it (a legacy `.h5` model is refused). A SavedModel folder and a `.tflite` file
 are programs by their formats' own rules (graph ops that read and write files,
 custom ops): load them only from a trusted source. A `.onnx` file is read once,
 bounded, and refused with custom operators or external data files
-(`onnx_export.read_model`) before ONNX Runtime runs it.
+(`onnx_file.read_model`) before ONNX Runtime runs it.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def load_pixel_classifier(graph, unknown=True):
     elif kind == "tflite":
         from retrain.export.tflite import PixelClassifier
     elif kind == "onnx":
-        from retrain.export.onnx_export import PixelClassifier
+        from retrain.export.onnx_file import PixelClassifier
     else:
         PixelClassifier = KerasPixelClassifier
     return PixelClassifier(graph, unknown)

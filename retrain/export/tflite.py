@@ -65,7 +65,8 @@ def is_tflite(path) -> bool:
 
 
 def with_metadata(model: bytes, entries: dict[str, bytes]) -> bytes:
-    """`model` with each (name, content) of `entries` added as a metadata entry."""
+    """`model` with each (name, content) of `entries` as a metadata entry, replacing
+    an entry of that name (its old buffer stays, unreferenced)."""
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
@@ -77,12 +78,18 @@ def with_metadata(model: bytes, entries: dict[str, bytes]) -> bytes:
         entry = schema.MetadataT()
         entry.name = name
         entry.buffer = len(content.buffers) - 1
-        content.metadata = [*(content.metadata or []), entry]
+        kept = [old for old in content.metadata or [] if _text(old.name) != name]
+        content.metadata = [*kept, entry]
     return flatbuffer_utils.convert_object_to_bytearray(content)
 
 
+def _text(name) -> str:
+    """A flatbuffer string (bytes from the object API) as str."""
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+
+
 def with_labels(model: bytes, class_names: list[str]) -> bytes:
-    """`model` with the class names added as the `retrain_labels` metadata entry."""
+    """`model` with the class names as its `retrain_labels` metadata entry."""
     return with_metadata(
         model, {LABELS_METADATA: "".join(f"{name}\n" for name in class_names).encode("utf-8")}
     )
