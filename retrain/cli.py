@@ -15,7 +15,7 @@ import signal
 import threading
 from dataclasses import fields
 
-from retrain import backbones, messages, presets
+from retrain import backbones, extras, messages, presets
 from retrain import config as config_lib
 from retrain.arguments import OneLineErrorParser, add_version, exit_without_teardown
 from retrain.errors import RetrainError
@@ -46,7 +46,7 @@ HELP = {
     "tflite": f"also export TFLite models OUTPUT_DIR/model_<KIND>.tflite, KIND in "
     f"{', '.join(config_lib.TFLITE_KINDS)}",
     "onnx": "also export OUTPUT_DIR/model.onnx (float32, labels in its metadata), checked with "
-    f"ONNX Runtime against the Keras model; needs {config_lib.ONNX_INSTALL}",
+    f"ONNX Runtime against the Keras model; needs {extras.ONNX_INSTALL}",
     "summaries_dir": "TensorBoard log folder (default OUTPUT_DIR/summaries)",
     "how_many_training_steps": "most optimizer steps for the new layer (early stopping may end sooner)",
     "learning_rate": "learning rate of the new layer",

@@ -11,7 +11,6 @@ produced it.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import numbers
 import os
@@ -22,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from retrain.errors import RetrainError
+from retrain.extras import check_onnx_installed
 from retrain.files import atomic_write, run_marker
 
 # The TFLite exports --tflite can write, each to OUTPUT_DIR/model_<kind>.tflite.
@@ -32,10 +32,6 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 ENGINE_NAMES = ("auto", "keras", "litert", "litert-int8")
 # --preset: the groups of defaults retrain.presets defines.
 PRESET_NAMES = ("fast", "best")
-# --onnx converts with tf2onnx and checks and runs the file with ONNX Runtime: the
-# modules of the optional extra [onnx], and how to install them.
-ONNX_MODULES = ("onnx", "onnxruntime", "tf2onnx")
-ONNX_INSTALL = "pip install 'retrain[onnx]'"
 
 
 @dataclass
@@ -357,24 +353,6 @@ def validate(config: Config) -> None:
     if not config.image_dir:
         raise RetrainError(
             "--image_dir is required: a folder with one sub-folder of images per class."
-        )
-
-
-def missing_onnx_modules() -> list[str]:
-    """The modules of ONNX_MODULES that are not installed (found without importing them)."""
-    return [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
-
-
-def check_onnx_installed(needed_by: str) -> None:
-    """RetrainError saying how to install the [onnx] extra when a module of it is missing.
-
-    Called when the settings are checked, so a run with --onnx stops before any work.
-    """
-    missing = missing_onnx_modules()
-    if missing:
-        raise RetrainError(
-            f"{needed_by} needs the optional ONNX packages ({', '.join(missing)} not installed): "
-            f"install them with {ONNX_INSTALL}"
         )
 
 

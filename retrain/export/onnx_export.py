@@ -19,7 +19,7 @@ the measured difference.
 
 What the file holds, and how it is read and run: `retrain.export.onnx_file`.
 
-The packages are the optional extra [onnx]; `retrain.config.check_onnx_installed`
+The packages are the optional extra [onnx]; `retrain.extras.check_onnx_installed`
 says how to install it.
 """
 

@@ -25,8 +25,8 @@ import math
 
 import numpy as np
 
-from retrain.config import check_onnx_installed
 from retrain.errors import RetrainError
+from retrain.extras import check_onnx_installed
 from retrain.files import regular_file
 
 logger = logging.getLogger(__name__)
