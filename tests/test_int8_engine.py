@@ -20,7 +20,7 @@ from skimage import data
 
 from retrain import backbones, engines
 from retrain.cache import BottleneckCache
-from retrain.data import images, resizing
+from retrain.data import decode, images, resizing
 from retrain.engines import check, int8
 
 LITE0 = "efficientnet_lite0"
@@ -130,7 +130,7 @@ def test_a_failed_conversion_falls_back_to_float_litert_and_is_remembered(
     assert (report.engine, report.extracted) == ("litert", 4)
     expected = "came out different" if failure == "calibration set changed" else "cosine"
     assert expected in caplog.text
-    assert "-litert-pxf" in report.path.name
+    assert f"-litert-{decode.pixel_settings_id()}-" in report.path.name
     assert not list((home / "backbones").glob("*int8*.tflite")), "failed file kept"
     caplog.clear()
     with caplog.at_level(logging.WARNING):
