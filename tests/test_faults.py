@@ -367,7 +367,7 @@ def test_a_cache_the_user_may_not_read_is_not_set_aside(small_cache):
 def test_out_of_memory_is_not_remembered_and_over_budget_images_are_listed(tmp_path, monkeypatch):
     root = write_photos(tmp_path / "photos", NAMES[:2])
     big = Image.fromarray(data.astronaut()).resize((1000, 1000))
-    big.save(root / NAMES[0] / "big.png")  # no reduced-size decode: 13 MB at full size
+    big.save(root / NAMES[0] / "big.png")  # no reduced-size decode: 12 MB at full size
     big.save(root / NAMES[1] / "big.jpg")  # decoded at 1/2 scale: 6 MB
     Image.fromarray(data.coffee()).resize((333, 222)).save(root / NAMES[1] / "victim.jpg")
     monkeypatch.setattr(decode, "MEMORY_BUDGET", 8 * 2**20)  # the crops need 4-5 MB
@@ -381,16 +381,25 @@ def test_out_of_memory_is_not_remembered_and_over_budget_images_are_listed(tmp_p
         return real_to_rgb(image)
 
     monkeypatch.setattr(decode, "_to_rgb", short_of_memory)
+    real_turbo = decode.simplejpeg.decode_jpeg
+
+    def turbo_short_of_memory(content, *args, min_width=0, **kwargs):
+        if min_width == 333:  # the victim, decoded by simplejpeg (a plain colour JPEG)
+            raise MemoryError
+        return real_turbo(content, *args, min_width=min_width, **kwargs)
+
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg", turbo_short_of_memory)
     found = images.discover(root)
     cache = BottleneckCache(tmp_path / "cache", "efficientnet_lite0")
     first = cache.update(found, progress=False)
     reasons = dict(first.failed)
     assert set(reasons) == {f"{NAMES[0]}/big.png", f"{NAMES[1]}/victim.jpg"}
     assert reasons[f"{NAMES[1]}/victim.jpg"].startswith("out of memory while decoding it")
-    assert "1000x1000 PNG needs about 13 MB, the budget is 8 MB" in reasons[f"{NAMES[0]}/big.png"]
+    assert "1000x1000 PNG needs about 12 MB, the budget is 8 MB" in reasons[f"{NAMES[0]}/big.png"]
     assert first.extracted == len(found.entries) - 2  # big.jpg among them
 
     monkeypatch.setattr(decode, "_to_rgb", real_to_rgb)
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg", real_turbo)
     second = cache.update(found, progress=False)
     assert second.extracted == 1, "the out-of-memory image was remembered as a bad image"
     assert [path for path, _ in second.failed] == [f"{NAMES[0]}/big.png"]

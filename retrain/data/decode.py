@@ -280,6 +280,8 @@ def _turbo_jpeg_pixels(image, content):
         pixels = simplejpeg.decode_jpeg(
             content, "RGB", min_factor=scale, min_height=height, min_width=width
         )
+    except MemoryError:
+        raise  # decode_rgb's: not the file's fault, tried again next run
     except Exception:  # noqa: BLE001 - Pillow's path words the problem
         return None
     return pixels if pixels.shape == (height, width, 3) else None
