@@ -28,7 +28,7 @@ from retrain import cli, demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the sdist is made from (MANIFEST.in and setup.cfg name nothing else).
-SOURCE_FILES = ("setup.cfg", "pyproject.toml", "README.md", "MANIFEST.in")
+SOURCE_FILES = ("setup.cfg", "pyproject.toml", "README.md", "MANIFEST.in", "LICENSE")
 SOURCE_DIRS = ("retrain", "docs", "examples")
 COMMANDS = {
     "retrain": "retrain.cli:entry_point",
@@ -117,6 +117,10 @@ def test_wheel_metadata_version_requirements_and_commands(dist):
     plain = [r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r]
     assert any(r.lower().startswith("scikit-image") for r in plain)
     assert {"tensorflow", "keras", "jinja2"} <= set(requires)
+    # The licence the metadata names, whole, inside the wheel and the sdist.
+    assert metadata["License"] == "Apache-2.0"
+    licence = wheel.read(f"{info}/licenses/LICENSE").decode()
+    assert licence == (ROOT / "LICENSE").read_text() and "Version 2.0, January 2004" in licence
     entry_points = wheel.read(f"{info}/entry_points.txt").decode()
     for command, target in COMMANDS.items():
         assert f"{command} = {target}" in entry_points
@@ -126,7 +130,7 @@ def test_wheel_metadata_version_requirements_and_commands(dist):
 
 def test_sdist_holds_the_guide_and_the_demo_settings(dist):
     names = {name.split("/", 1)[1] for name in tarfile.open(dist[0]).getnames() if "/" in name}
-    assert {"setup.cfg", "pyproject.toml", "README.md", "examples/digits.yaml"} <= names
+    assert {"setup.cfg", "pyproject.toml", "README.md", "LICENSE", "examples/digits.yaml"} <= names
     assert {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")} <= names
     assert "retrain/report/templates/report.html.j2" in names
 
