@@ -38,10 +38,14 @@ def run_python(*arguments):
     return result.returncode, result.stdout, messages, imported
 
 
-@pytest.mark.parametrize("command", [["-m", "retrain"], ["-m", "retrain.label_image"]])
-def test_help_imports_no_heavy_library(command):
-    status, out, messages, imported = run_python(*command, "--help")
-    assert status == 0 and "usage:" in out and messages == []
+@pytest.mark.parametrize(
+    "command", [["-m", "retrain"], ["-m", "retrain.label_image"], ["-m", "retrain.report"]]
+)
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_import_no_heavy_library(command, flag):
+    status, out, messages, imported = run_python(*command, flag)
+    assert status == 0 and ("usage:" in out if flag == "--help" else out.startswith("retrain "))
+    assert messages == []
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
 

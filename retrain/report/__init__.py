@@ -23,18 +23,31 @@ someone else: only regular files of bounded size are read from it
 so a symbolic link at its name is replaced, never written through.
 """
 
-from retrain.report.checks import CHECKS_FILE, DataChecks, checks_summary, find_data_checks
-from retrain.report.page import CONFUSION_FILE, CURVES_FILE, REPORT_FILE, build
-from retrain.report.run_report import write_run_report
+import importlib
 
-__all__ = [
-    "CHECKS_FILE",
-    "CONFUSION_FILE",
-    "CURVES_FILE",
-    "DataChecks",
-    "REPORT_FILE",
-    "build",
-    "checks_summary",
-    "find_data_checks",
-    "write_run_report",
-]
+# Public name -> the module defining it, imported on first use (PEP 562): the
+# data checks bring scikit-learn and cleanlab, the page matplotlib, and
+# `retrain-report --version` or `--help` needs none of them.
+_NAMES = {
+    "CHECKS_FILE": "checks",
+    "DataChecks": "checks",
+    "checks_summary": "checks",
+    "find_data_checks": "checks",
+    "CONFUSION_FILE": "page",
+    "CURVES_FILE": "page",
+    "REPORT_FILE": "page",
+    "build": "page",
+    "write_run_report": "run_report",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES))

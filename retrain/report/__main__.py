@@ -15,7 +15,6 @@ from retrain import messages
 from retrain.arguments import add_version
 from retrain.errors import RetrainError
 from retrain.files.text_escapes import one_line
-from retrain.report.page import build
 from retrain.report.report_parts import ReportParts
 
 logger = logging.getLogger("retrain.report")
@@ -48,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         "--height", type=int, default=3000, help="screenshot height in pixels (default 3000)"
     )
     args = parser.parse_args(argv)
+    # Imported after the arguments: --help and --version need no matplotlib.
+    from retrain.report.page import build
+
     parts = ReportParts()
     try:
         path = build(args.output_dir, parts)
