@@ -34,8 +34,8 @@ def resize_to_input(image, size):
     ``RESIZE_TOLERANCE`` of TensorFlow's); float pixels band by band in
     float32. Every path that feeds a model (extraction, training,
     ``label_image``) passes uint8 pixels, so they all see the same values.
-    The uint8 resize takes 0.7 ms of CPU for a 500x375 photo against 1.9 ms
-    for the float one (``benchmarks/profile_extraction.py``), without holding
+    The uint8 resize takes 1.26 ms for a 500x375 photo against 3.13 ms for
+    the float one (``benchmarks/profile_extraction.py``), without holding
     the GIL: a cache fill spent more time resizing than decoding the JPEG.
 
     Args:
